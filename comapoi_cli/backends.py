@@ -1,0 +1,69 @@
+"""Training backends: what runs a training job (vanilla TRL, Unsloth, ...).
+
+The built-in TRL backend is in ``comapoi_cli/default_plugins/trl_backend.py``; plugins add more
+through the ``register_backends`` hook (the Unsloth backend lives in ``plugins/comapoi-unsloth``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from importlib import metadata
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from comapoi_cli.training.job import TrainingJob
+
+
+class Backend:
+    """Base class of a training backend. Subclass it and set the attributes.
+
+    Attributes:
+        name: the value of ``--backend``, e.g. ``"trl"``.
+        description: one line for ``comapoi plugins list``.
+        requires: human-readable needs, e.g. ``("trl>=1.15", "a CUDA GPU")``.
+        install_hint: what to run to make it usable, shown with the reason when it is not.
+        multi_process: whether it can run under ``accelerate launch`` / ``torchrun`` with more than one process.
+    """
+
+    name: str = ""
+    description: str = ""
+    requires: tuple[str, ...] = ()
+    install_hint: str = ""
+    multi_process: bool = True
+
+    def unusable_reason(self) -> str | None:
+        """Return None if this backend can train on this machine now, else one sentence saying why not.
+
+        Called by ``comapoi env``, ``comapoi plugins list`` and before training; keep it cheap
+        (``importlib.util.find_spec`` before any heavy import).
+        """
+        return None
+
+    def train(self, job: "TrainingJob") -> Any:
+        """Run ``job`` and return its ``TrainingResult``. Raise ``comapoi_cli.errors.ComapoiError`` for user errors."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        reason = self.unusable_reason()
+        return {
+            "name": self.name,
+            "description": self.description,
+            "requires": list(self.requires),
+            "usable": reason is None,
+            "reason": reason,
+            "install_hint": self.install_hint if reason else None,
+            "multi_process": self.multi_process,
+        }
+
+
+def missing_packages(*names: str) -> list[str]:
+    """The import names among ``names`` that cannot be imported here (checked without importing them)."""
+    return [name for name in names if importlib.util.find_spec(name) is None]
+
+
+def installed_version(distribution: str) -> str | None:
+    """The installed version of a distribution, or None (reads metadata only; imports nothing)."""
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None

@@ -1,0 +1,41 @@
+"""``comapoi plugins``: what is installed and what it registered."""
+
+from __future__ import annotations
+
+import typer
+
+from comapoi_cli.cli.render import console, print_json, table
+
+app = typer.Typer(help="Inspect plugins: backends, agent roles, and plugins that failed to load.", no_args_is_help=True)
+
+
+@app.command("list")
+def list_plugins(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """List plugins, the backends (usable here or why not) and the agent roles they register."""
+    from comapoi_cli.plugins import get_registry
+
+    registry = get_registry()
+    backends = [b.describe() for b in registry.backends.values()]
+    roles = [r.describe() for r in registry.roles.values()]
+    plugins = [p.to_dict() for p in registry.plugins]
+    if as_json:
+        print_json({"plugins": plugins, "backends": backends, "roles": roles})
+        return
+    console.print(table(
+        "Plugins", ["plugin", "source", "registers", "status"],
+        [(p["name"], p["source"], ", ".join(p["registered"]) or "-",
+          f"[red]error: {p['error']}[/red]" if p["error"] else "[green]ok[/green]") for p in plugins],
+    ))
+    console.print(table(
+        "Backends", ["backend", "usable", "needs", "description"],
+        [(b["name"],
+          "[green]yes[/green]" if b["usable"] else f"[red]unusable: {b['reason']}[/red]"
+          + (f"\n[dim]install: {b['install_hint']}[/dim]" if b["install_hint"] else ""),
+          ", ".join(b["requires"]), b["description"]) for b in backends],
+    ))
+    console.print(table(
+        "Agent roles (train --type)", ["id", "name", "data file", "description"],
+        [(r["id"], r["display_name"], r["data_file"], r["description"]) for r in roles],
+    ))

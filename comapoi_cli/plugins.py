@@ -1,0 +1,201 @@
+"""The plugin manager: loads built-in and third-party plugins and collects what they register.
+
+Built-in plugins (``DEFAULT_PLUGINS``) and third-party plugins (entry-point group ``comapoi``)
+go through the same hooks. A plugin that fails to import, fails validation (an unknown hook
+name), or raises while registering is recorded in ``Registry.plugins`` with its error and
+skipped; it never breaks another command. ``COMAPOI_PLUGINS`` (a comma list of entry-point
+names) restricts which third-party plugins load; set it to an empty string to load none.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, Callable
+
+import pluggy
+
+from comapoi_cli import hookspecs
+from comapoi_cli.backends import Backend
+from comapoi_cli.errors import UsageError
+from comapoi_cli.roles import MERGED, AgentRole
+
+ENTRY_POINT_GROUP = "comapoi"
+DEFAULT_PLUGINS = (
+    "comapoi_cli.default_plugins.comapoi_roles",
+    "comapoi_cli.default_plugins.trl_backend",
+)
+
+
+@dataclass
+class PluginInfo:
+    """One loaded (or failed) plugin, as ``comapoi plugins list`` shows it."""
+
+    name: str
+    source: str  # "built-in" or "entry point (distribution version)"
+    hooks: list[str] = field(default_factory=list)
+    registered: list[str] = field(default_factory=list)  # e.g. "backend trl", "role agent1"
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "source": self.source,
+            "hooks": self.hooks,
+            "registered": self.registered,
+            "error": self.error,
+        }
+
+
+@dataclass
+class Registry:
+    """Everything the plugins registered."""
+
+    backends: dict[str, Backend] = field(default_factory=dict)
+    roles: dict[str, AgentRole] = field(default_factory=dict)
+    plugins: list[PluginInfo] = field(default_factory=list)
+    manager: pluggy.PluginManager | None = None
+
+    def plugin(self, name: str) -> PluginInfo | None:
+        return next((p for p in self.plugins if p.name == name), None)
+
+    def backend(self, name: str) -> Backend:
+        try:
+            return self.backends[name]
+        except KeyError:
+            raise UsageError(
+                f"Unknown backend '{name}'; registered backends: {', '.join(sorted(self.backends)) or 'none'}."
+            ) from None
+
+    def role(self, role_id: str) -> AgentRole:
+        try:
+            return self.roles[role_id]
+        except KeyError:
+            raise UsageError(
+                f"Unknown agent role '{role_id}'; registered roles: {', '.join(self.roles) or 'none'}."
+            ) from None
+
+    def training_types(self) -> list[str]:
+        """What ``train --type`` accepts: ``merged`` and every registered role."""
+        return [MERGED, *self.roles]
+
+
+def _error_text(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _hookimpls_of(pm: pluggy.PluginManager, plugin: object) -> list[str]:
+    return sorted(impl.name for impl in (pm.get_hookcallers(plugin) or []))
+
+
+def _third_party_entry_points() -> list[metadata.EntryPoint]:
+    allowed = os.environ.get("COMAPOI_PLUGINS")
+    wanted = None if allowed is None else {n.strip() for n in allowed.split(",") if n.strip()}
+    found = []
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if wanted is not None and ep.name not in wanted:
+            continue
+        found.append(ep)
+    # one entry per name (the same distribution can be visible twice on sys.path)
+    unique = {}
+    for ep in found:
+        unique.setdefault(ep.name, ep)
+    return list(unique.values())
+
+
+def build_registry(load_entry_points: bool = True) -> Registry:
+    """Create a plugin manager, load every plugin and collect what they register."""
+    pm = pluggy.PluginManager("comapoi")
+    pm.add_hookspecs(hookspecs)
+    registry = Registry(manager=pm)
+    infos: dict[object, PluginInfo] = {}
+
+    def add(plugin: object, info: PluginInfo) -> None:
+        try:
+            pm.register(plugin, name=info.name)
+            pm.check_pending()
+        except Exception as exc:  # unknown hook names, bad signatures, duplicate names
+            if pm.is_registered(plugin):
+                pm.unregister(plugin)
+            info.error = _error_text(exc)
+        else:
+            info.hooks = _hookimpls_of(pm, plugin)
+            infos[plugin] = info
+        registry.plugins.append(info)
+
+    for module_name in DEFAULT_PLUGINS:
+        module = importlib.import_module(module_name)
+        add(module, PluginInfo(name=module_name.rsplit(".", 1)[1], source="built-in"))
+
+    if load_entry_points:
+        for ep in _third_party_entry_points():
+            dist = getattr(ep, "dist", None)
+            source = f"entry point ({dist.name} {dist.version})" if dist else "entry point"
+            info = PluginInfo(name=ep.name, source=source)
+            try:
+                plugin = ep.load()
+            except Exception as exc:  # a broken plugin must not break the CLI
+                info.error = f"failed to import {ep.value}: {_error_text(exc)}"
+                registry.plugins.append(info)
+                continue
+            add(plugin, info)
+
+    def collect(hook_name: str, store: dict[str, Any], kind: str, key: Callable[[Any], str], base: type) -> None:
+        hook = getattr(pm.hook, hook_name)
+        for impl in hook.get_hookimpls():
+            info = infos.get(impl.plugin)
+            pending: list[tuple[str, Any]] = []
+
+            def register(obj: Any) -> None:
+                if not isinstance(obj, base):
+                    raise TypeError(f"{hook_name} must register {base.__name__} instances, got {type(obj).__name__}")
+                pending.append((key(obj), obj))
+
+            try:
+                impl.function(register)
+                for name, obj in pending:
+                    if not name:
+                        raise ValueError(f"a {kind} without a name")
+                    if name == MERGED and kind == "role":
+                        raise ValueError(f"'{MERGED}' is reserved and cannot be a role id")
+                    if name in store:
+                        raise ValueError(f"{kind} '{name}' is already registered by another plugin")
+            except Exception as exc:
+                if info is not None:
+                    info.error = f"{hook_name} failed: {_error_text(exc)}"
+                continue
+            for name, obj in pending:
+                store[name] = obj
+                if info is not None:
+                    info.registered.append(f"{kind} {name}")
+
+    collect("register_agent_roles", registry.roles, "role", lambda r: r.id, AgentRole)
+    collect("register_backends", registry.backends, "backend", lambda b: b.name, Backend)
+    return registry
+
+
+_registry: Registry | None = None
+
+
+def get_registry() -> Registry:
+    """The process-wide registry, built on first use."""
+    global _registry
+    if _registry is None:
+        _registry = build_registry()
+    return _registry
+
+
+def register_plugin_commands(app: Any) -> None:
+    """Call every plugin's ``register_commands(app)``; a failing plugin is recorded, not fatal."""
+    registry = get_registry()
+    assert registry.manager is not None
+    for impl in registry.manager.hook.register_commands.get_hookimpls():
+        info = registry.plugin(registry.manager.get_name(impl.plugin) or "")
+        try:
+            impl.function(app)
+        except Exception as exc:
+            if info is not None:
+                info.error = f"register_commands failed: {_error_text(exc)}"

@@ -1,0 +1,87 @@
+"""Agent roles: the types of training data (and adapters) that comapoi knows.
+
+A role says where its data lives, what a valid answer looks like, and how to read a prediction
+for evaluation. CoMaPOI's three roles (agent1 Profiler, agent2 Forecaster, agent3
+Final_Predictor) are defined in ``comapoi_cli/default_plugins/comapoi_roles.py``; plugins add
+more through the ``register_agent_roles`` hook.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from comapoi_cli.datasets import DatasetPreset, preset_for
+
+#: ``--type merged`` trains on every role's data together; it is not a role.
+MERGED = "merged"
+
+
+@dataclass(frozen=True)
+class RoleContext:
+    """What a role may use when it judges a record."""
+
+    dataset: str | None = None
+
+    @property
+    def preset(self) -> DatasetPreset | None:
+        return preset_for(self.dataset)
+
+    @property
+    def max_poi_id(self) -> int | None:
+        preset = self.preset
+        return preset.max_poi_id if preset else None
+
+
+class AgentRole:
+    """Base class of an agent role. Subclass it, set the attributes, override what differs.
+
+    Attributes:
+        id: the value of ``--type`` and the serving name, e.g. ``"agent1"``.
+        display_name: e.g. ``"Profiler"``.
+        description: one line for ``comapoi plugins list``.
+        data_file: the training file name inside ``{data_dir}/{dataset}/``; ``{id}`` is replaced.
+    """
+
+    id: str = ""
+    display_name: str = ""
+    description: str = ""
+    data_file: str = "{id}_train_samples.jsonl"
+
+    def data_file_name(self) -> str:
+        return self.data_file.format(id=self.id)
+
+    def check_answer(self, answer: str, record: dict[str, Any], context: RoleContext) -> str | None:
+        """Return None if ``answer`` (the last assistant turn) fits this role, else the reason why not.
+
+        The reason is a short phrase used as the reject reason, e.g. ``"candidate list has 24 ids, expected 25"``.
+        """
+        return None
+
+    def target(self, record: dict[str, Any]) -> str | None:
+        """The label an evaluation compares predictions with (default: the answer text)."""
+        messages = record.get("messages") or []
+        for message in reversed(messages):
+            if message.get("role") == "assistant":
+                return str(message.get("content", "")).strip()
+        return None
+
+    def parse_prediction(self, text: str, context: RoleContext) -> list[Any] | None:
+        """Parse a model output into a ranked list of predictions, or None if it cannot be parsed.
+
+        The default scores by exact match: the stripped text is the one prediction.
+        """
+        text = text.strip()
+        return [text] if text else None
+
+    def group_key(self, record: dict[str, Any]) -> str | None:
+        """The key that ``data split --group-by user`` keeps on one side (default: none)."""
+        return None
+
+    def describe(self) -> dict[str, str]:
+        return {
+            "id": self.id,
+            "display_name": self.display_name,
+            "description": self.description,
+            "data_file": self.data_file_name(),
+        }

@@ -1,0 +1,68 @@
+"""How long `comapoi --help` (and sub-command --help) takes, and what it imports.
+
+    .venv/bin/python bench/bench_cli_startup.py [--runs 20]
+
+Reports, per command: median / min / max wall time of the whole process (interpreter start
+included) over N runs, and the import time of comapoi's CLI measured with `python -X importtime`.
+Target: `comapoi --help` under 0.3 s on the 2-core CI machine, with no torch import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+
+COMMANDS = [["--help"], ["train", "--help"], ["data", "clean", "--help"], ["plugins", "list", "--help"]]
+HEAVY = ("torch", "transformers", "trl", "datasets", "peft")
+
+
+def wall_times(args: list[str], runs: int) -> list[float]:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "comapoi_cli", *args], check=True, capture_output=True)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def import_profile(args: list[str]) -> tuple[float, list[str]]:
+    """Cumulative import time of comapoi_cli.cli.app (seconds) and any heavy package imported."""
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "comapoi_cli", *args],
+                            capture_output=True, text=True, check=True)
+    app_us, heavy = 0, []
+    for line in result.stderr.splitlines():
+        if not line.startswith("import time:") or "|" not in line:
+            continue
+        _, cumulative, name = (part.strip() for part in line[len("import time:"):].split("|"))
+        if name == "comapoi_cli.cli.app":
+            app_us = int(cumulative)
+        if name.split(".")[0] in HEAVY:
+            heavy.append(name)
+    return app_us / 1e6, heavy
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=20)
+    args = parser.parse_args()
+    wall_times(["--help"], 2)  # warm the page cache and the bytecode cache
+    python_only = []
+    for _ in range(args.runs):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+        python_only.append(time.perf_counter() - start)
+    print(f"bare interpreter start: median {statistics.median(python_only):.3f} s")
+    print("| command | median s | min s | max s | import of comapoi_cli.cli.app s | heavy imports |")
+    print("|---|---|---|---|---|---|")
+    for command in COMMANDS:
+        times = wall_times(command, args.runs)
+        app_s, heavy = import_profile(command)
+        print(f"| `comapoi {' '.join(command)}` | {statistics.median(times):.3f} | {min(times):.3f} | "
+              f"{max(times):.3f} | {app_s:.3f} | {', '.join(heavy) or 'none'} |")
+
+
+if __name__ == "__main__":
+    main()

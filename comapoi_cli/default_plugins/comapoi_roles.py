@@ -1,7 +1,22 @@
-"""CoMaPOI's three agent roles: agent1 Profiler, agent2 Forecaster, agent3 Final_Predictor."""
+"""CoMaPOI's three agent roles: agent1 Profiler, agent2 Forecaster, agent3 Final_Predictor.
+
+What a valid answer is, per role (used by ``comapoi data clean``):
+
+- agent1 / agent2 answer either a profile text (any non-empty text) or a candidate list: 25
+  unique POI ids inside the dataset's id range, written as a comma list (``22, 1, 12, ...``),
+  a JSON list, or ``{"next_poi_id": [...]}`` (optionally in a fenced code block).
+- agent3 answers the final prediction: a ranked list of ids (``{"next_poi_id": [22, 5, ...]}``
+  or a single id), the true next POI first. An agent3 answer that is a candidate list (a bare
+  comma list of 25 ids, or a copy of a candidate list from its own prompt) is the original
+  script's mix-up and is flagged as a wrong target (``check_target``).
+
+The user id that ``data split --group-by user`` keeps on one side is read from the prompt
+(``user_id: U``, ``For User_id: U``, ``User ID: U``, ``user_U_subtrajectory_S``).
+"""
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -12,10 +27,17 @@ from comapoi_cli.roles import AgentRole, RoleContext
 CANDIDATES_PER_LIST = 25
 
 _USER_PATTERNS = (
-    re.compile(r"user_id:\s*(\d+)", re.I),
+    re.compile(r"\buser_id:\s*(\d+)", re.I),
     re.compile(r"For User_id:\s*(\d+)", re.I),
-    re.compile(r"user_(\d+)_subtrajectory", re.I),
+    re.compile(r"\bUser ID:\s*(\d+)", re.I),
+    re.compile(r"\buser_(\d+)_subtrajectory", re.I),
+    re.compile(r"\buser (\d+) visit POI ID", re.I),
 )
+_FENCE = re.compile(r"^\s*```[a-zA-Z]*\s*(.*?)\s*```\s*$", re.S)
+_INT_LIST = re.compile(r"-?\d+")
+_LIST_GOES_ON = re.compile(r"['\"]?\s*,\s*['\"]?\d")
+_LIST_CAME_BEFORE = re.compile(r"\d['\"]?\s*,\s*['\"]?$")
+_LIST_KEYS = {"nextpoiid", "nextpoiids", "candidates", "candidatepoiids", "candidatelist", "poiids", "predictedpoiids"}
 
 
 def _answer(record: dict[str, Any]) -> str:
@@ -29,37 +51,113 @@ def _prompt(record: dict[str, Any]) -> str:
     return "\n".join(str(m.get("content", "")) for m in record.get("messages") or [] if m.get("role") == "user")
 
 
-def check_candidate_list(answer: str, context: RoleContext, expected: int = CANDIDATES_PER_LIST) -> str | None:
-    """Reason why a comma-separated candidate list is invalid, or None."""
-    raw = [int(n) for n in re.findall(r"-?\d+", answer)]
+def user_key(record: dict[str, Any]) -> str | None:
+    """The user id stated at the start of a CoMaPOI prompt, or None."""
+    prompt = _prompt(record)
+    head = prompt[:2000]
+    for pattern in _USER_PATTERNS:
+        match = pattern.search(head) or (pattern.search(prompt) if len(prompt) > 2000 else None)
+        if match:
+            return match.group(1)
+    return None
+
+
+def _json_ids(value: Any) -> list[int] | None:
+    """Raw ids of a JSON answer that is a list of ids, or an object holding one under a list key."""
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            if re.sub(r"[^a-z]", "", str(key).lower()) in _LIST_KEYS:
+                return _json_ids(inner)
+        return None
+    if isinstance(value, list) and value:
+        out = []
+        for item in value:
+            if isinstance(item, bool):
+                return None
+            if isinstance(item, int):
+                out.append(item)
+            elif isinstance(item, str) and item.strip().lstrip("-").isdigit():
+                out.append(int(item.strip()))
+            else:
+                return None
+        return out
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return [int(value.strip())]
+    return None
+
+
+def answer_ids(answer: str) -> tuple[list[int] | None, str]:
+    """``(raw ids, form)`` of an answer that is an id list; form is ``"comma"``, ``"json"`` or ``"text"``.
+
+    Raw means duplicates and out-of-range ids are kept, so that a check can count them.
+    """
+    text = answer.strip()
+    fenced = _FENCE.match(text)
+    if fenced:
+        text = fenced.group(1).strip()
+    if is_id_list(text):
+        return [int(n) for n in _INT_LIST.findall(text)], "comma"
+    if text[:1] in "[{\"":
+        try:
+            ids = _json_ids(json.loads(text))
+        except ValueError:
+            ids = None
+        if ids is not None:
+            return ids, "json"
+    return None, "text"
+
+
+def _explicit_label(record: dict[str, Any]) -> str | None:
+    """The true next POI id when the record carries it beside the conversation, e.g. a top-level
+    ``next_poi_id`` (or ``label``), or the same under ``meta`` / ``metadata`` (for evaluation)."""
+    for holder in (record, record.get("meta"), record.get("metadata")):
+        if not isinstance(holder, dict):
+            continue
+        for key in ("next_poi_id", "label", "true_poi_id"):
+            value = holder.get(key)
+            if isinstance(value, bool):
+                continue
+            if isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit()):
+                return str(int(value))
+    return None
+
+
+def check_candidate_list(answer: str | list[int], context: RoleContext, expected: int = CANDIDATES_PER_LIST) -> str | None:
+    """Reason why a candidate list is invalid (count, repeats, range), or None."""
+    raw = answer if isinstance(answer, list) else [int(n) for n in _INT_LIST.findall(answer)]
     if len(raw) != expected:
         return f"candidate list has {len(raw)} ids, expected {expected}"
     if len(set(raw)) != len(raw):
         return f"candidate list repeats ids ({len(raw) - len(set(raw))} duplicates)"
     max_id = context.max_poi_id
-    low = min(raw)
-    if low < 0 or (max_id is not None and max(raw) > max_id):
-        return f"candidate list has ids outside 0..{max_id if max_id is not None else 'max'}"
+    if min(raw) < 0 or (max_id is not None and max(raw) > max_id):
+        bad = [i for i in raw if i < 0 or (max_id is not None and i > max_id)]
+        return f"candidate list has ids outside 0..{max_id if max_id is not None else 'max'} ({', '.join(map(str, bad[:3]))})"
     return None
 
 
 class _CoMaPOIRole(AgentRole):
     def group_key(self, record: dict[str, Any]) -> str | None:
-        prompt = _prompt(record)
-        for pattern in _USER_PATTERNS:
-            match = pattern.search(prompt)
-            if match:
-                return match.group(1)
-        return None
+        return user_key(record)
 
 
 class _ProfileOrCandidates(_CoMaPOIRole):
     """agent1 and agent2 answer either a profile text or a list of 25 candidate ids."""
 
     def check_answer(self, answer: str, record: dict[str, Any], context: RoleContext) -> str | None:
-        if is_id_list(answer):
-            return check_candidate_list(answer, context)
+        ids, _form = answer_ids(answer)
+        if ids is not None:
+            return check_candidate_list(ids, context)
         return None
+
+    answer_kind = "candidates"  # evaluation also reports the recall of the true id in the list
+
+    def target(self, record: dict[str, Any]) -> str | None:
+        # the answer is a profile or a candidate list, not the true id: only a candidate-list
+        # record that carries the true next POI beside the conversation can be scored
+        return _explicit_label(record) if answer_ids(_answer(record))[0] is not None else None
 
     def parse_prediction(self, text: str, context: RoleContext) -> list[Any] | None:
         return parse_ids(text, context.max_poi_id)
@@ -81,18 +179,47 @@ class FinalPredictor(_CoMaPOIRole):
     id = "agent3"
     display_name = "Final_Predictor"
     description = "Ranks the candidates into the final next-POI prediction (true id first)."
+    answer_kind = "poi_ids"
+
+    def check_target(self, answer: str, record: dict[str, Any], context: RoleContext) -> str | None:
+        """Why this answer is a candidate list rather than a final prediction (the original's mix-up), or None."""
+        ids, form = answer_ids(answer)
+        if not ids:
+            return None
+        if form == "comma" and len(ids) == CANDIDATES_PER_LIST:
+            return f"the target is a bare list of {CANDIDATES_PER_LIST} candidate ids, not the final prediction"
+        if len(ids) >= 10:
+            prompt = _prompt(record)
+            texts = [str(i) for i in ids]
+            for joined in (", ".join(texts), ",".join(texts), "', '".join(texts), '", "'.join(texts)):
+                index = prompt.find(joined)
+                while index >= 0:
+                    end = index + len(joined)
+                    # the whole list, not the head or tail of a longer one
+                    if not _LIST_GOES_ON.match(prompt, end) and not _LIST_CAME_BEFORE.search(prompt[max(0, index - 6): index]) \
+                            and not prompt[end:end + 1].isdigit() and not prompt[index - 1: index].isdigit():
+                        return "the target copies a candidate list from the prompt instead of the final prediction"
+                    index = prompt.find(joined, index + 1)
+        return None
 
     def check_answer(self, answer: str, record: dict[str, Any], context: RoleContext) -> str | None:
-        ids = parse_ids(answer)
-        if not ids:
-            return "final prediction holds no POI id"
+        ids, _form = answer_ids(answer)
+        if ids is None:
+            ids = parse_ids(answer)
+            if not ids:
+                return "final prediction holds no POI id"
         max_id = context.max_poi_id
-        if max_id is not None and parse_ids(answer, max_id) != ids:
-            return f"final prediction has ids outside 0..{max_id}"
+        bad = [i for i in ids if i < 0 or (max_id is not None and i > max_id)]
+        if bad:
+            return f"final prediction has ids outside 0..{max_id if max_id is not None else 'max'} ({', '.join(map(str, bad[:3]))})"
+        if len(set(ids)) != len(ids):
+            return f"final prediction repeats ids ({len(ids) - len(set(ids))} duplicates)"
         return None
 
     def target(self, record: dict[str, Any]) -> str | None:
-        ids = parse_ids(_answer(record))
+        ids, _form = answer_ids(_answer(record))
+        if ids is None:
+            ids = parse_ids(_answer(record))
         return str(ids[0]) if ids else None
 
     def parse_prediction(self, text: str, context: RoleContext) -> list[Any] | None:

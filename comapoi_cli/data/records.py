@@ -1,0 +1,409 @@
+"""Reading one JSONL line into a clean chat record, and the checks that judge it.
+
+This module is what the clean step's worker processes import: it is kept free of Rich, Typer,
+torch and transformers. :class:`RecordChecker` turns a block of raw lines into per-line results;
+the clean service (``comapoi_cli/data/clean.py``) adds what needs the whole file (duplicates,
+the rejects file, the summary).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from comapoi_cli.data.policies import DROP, FAIL, KEEP, WARN, default_policies
+from comapoi_cli.roles import AgentRole, RoleContext
+
+ROLE_ALIASES = {
+    "system": "system",
+    "user": "user", "human": "user", "prompter": "user",
+    "assistant": "assistant", "gpt": "assistant", "chatgpt": "assistant", "bot": "assistant", "model": "assistant",
+}
+KNOWN_ROLES = ("system", "user", "assistant")
+_KNOWN_SET = frozenset(KNOWN_ROLES)
+_TEXT_PART_TYPES = {"text", "input_text", "output_text"}
+
+# A prompt that states the label: an explicit "True Next POI Information" section (the original
+# inverse prompts), or a value given for the next POI id ("next POI ID is 22", "next_poi_id": 22).
+# Found by str.find on "next" (fast on long prompts), then small regexes on the text around it.
+_LEAK_BEFORE = re.compile(r"(?:true|actual|real|correct|ground[\s_-]*truth|target)[\s_-]*$")
+_LEAK_AFTER = re.compile(
+    r"next[\s_-]*poi(?:[\s_-]*(?:ids?|information|info))?[\"']?\s*(?:is|was|will\s+be|[:=])\s*[\[\"'{(]*\s*(?:poi[\s_-]*id[\"']?\s*[:=]?\s*)?(\d+)")
+
+
+# "next POI" in its usual spellings, found through the literal prefixes "ext" / "EXT" (the regex
+# engine scans for a literal prefix at memchr speed; a case-insensitive pattern would not).
+_NEXT_POI = (re.compile(r"ext[\s_-]*(?:poi|POI|Poi)"), re.compile(r"EXT[\s_-]*(?:poi|POI|Poi)"))
+
+
+def find_label_leak(prompt: str) -> str | None:
+    """Why ``prompt`` (the system and user turns) gives the answer away, or None.
+
+    Flags an explicit "True Next POI Information" section (or "actual/ground-truth next POI")
+    and a stated next-POI value such as ``next POI ID is 22`` or ``"next_poi_id": 22``.
+    Placeholders such as ``{"next_poi_id": ["value", ...]}`` in output-format instructions are
+    not leaks.
+    """
+    for pattern in _NEXT_POI:
+        for match in pattern.finditer(prompt):
+            index = match.start() - 1
+            if index < 0 or prompt[index] not in "nN":
+                continue
+            after = prompt[index: index + 80].lower()
+            before = prompt[max(0, index - 24): index].lower()
+            marker = _LEAK_BEFORE.search(before)
+            if marker:
+                return f"the prompt contains '{prompt[index - len(marker.group(0)): index + 8].strip()}'"
+            value = _LEAK_AFTER.match(after)
+            if value:
+                return f"the prompt states the next POI id ({prompt[index: index + value.end()].strip()})"
+    return None
+
+
+def find_leak_in_messages(messages: list[dict[str, str]]) -> str | None:
+    """:func:`find_label_leak` over each system and user turn (no joined copy of the prompt)."""
+    for message in messages:
+        if message["role"] != "assistant":
+            found = find_label_leak(message["content"])
+            if found:
+                return found
+    return None
+
+
+def conversation_key(messages: list[dict[str, str]]) -> int:
+    """A key of a conversation (roles and contents): equal keys mean the same conversation.
+
+    Python's string hash (cached on the strings, no copy): keys are comparable within one
+    process, or across processes started with the same ``PYTHONHASHSEED`` (the clean step's
+    workers are).
+    """
+    return hash(tuple([(m["role"], m["content"]) for m in messages]))
+
+
+def last_answer(messages: list[dict[str, Any]]) -> str:
+    for message in reversed(messages):
+        if message.get("role") == "assistant":
+            return str(message.get("content", ""))
+    return ""
+
+
+def prompt_text(messages: list[dict[str, Any]]) -> str:
+    """Everything before the last assistant answer that is not an assistant turn."""
+    return "\n".join(str(m.get("content", "")) for m in messages if m.get("role") in ("system", "user"))
+
+
+def raw_fields(raw: bytes) -> dict[str, Any]:
+    """How a rejected line is stored: its text, plus its bytes in base64 when they are not UTF-8."""
+    try:
+        return {"text": raw.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"text": raw.decode("utf-8", "replace"), "raw_base64": base64.b64encode(raw).decode("ascii")}
+
+
+class Reject(Exception):
+    """Raised inside record processing: the line goes to the rejects file with this reason."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+# Per-line results of ``RecordChecker.process_block``, compact tuples (cheap to send between processes):
+#   kept:     (KEPT, line, key, start, end, new_bytes or None, role or None, warnings or None, tokens or None)
+#   rejected: (REJECTED, line, reason, detail, start, end, fail)
+# ``start:end`` is the line's span in the block (newline excluded; for a kept line whose text is
+# unchanged, the span to copy, CR and BOM excluded). ``new_bytes`` is the re-serialised record
+# (newline excluded) when normalising changed it.
+KEPT, REJECTED = 0, 1
+
+
+@dataclass
+class BlockResult:
+    items: list[tuple] = field(default_factory=list)
+    conversions: dict[str, int] = field(default_factory=dict)
+    over_length: dict[str, int] = field(default_factory=dict)  # answer_lost / answer_cut counts
+
+
+class _PoiContext(RoleContext):
+    """A RoleContext whose POI id range can be set explicitly (``--max-poi-id``)."""
+
+    def __init__(self, dataset: str | None, max_poi_id: int | None):
+        object.__setattr__(self, "dataset", dataset)
+        object.__setattr__(self, "_max_poi_id", max_poi_id)
+
+    @property
+    def max_poi_id(self) -> int | None:  # type: ignore[override]
+        if self._max_poi_id is not None:
+            return self._max_poi_id
+        preset = self.preset
+        return preset.max_poi_id if preset else None
+
+    def __reduce__(self):
+        return (_PoiContext, (self.dataset, self._max_poi_id))
+
+
+def make_context(dataset: str | None = None, max_poi_id: int | None = None) -> RoleContext:
+    return _PoiContext(dataset, max_poi_id) if max_poi_id is not None else RoleContext(dataset=dataset)
+
+
+class RecordChecker:
+    """Judges lines one by one. Picklable, so that worker processes can run it.
+
+    ``role`` fixes the role of every record (cleaning ``agent1_train_samples.jsonl``); without it
+    a record's ``agent`` field picks its role from ``roles`` (a merged file), and a record
+    without one only gets the generic checks.
+    """
+
+    def __init__(
+        self,
+        *,
+        role: AgentRole | None = None,
+        roles: Mapping[str, AgentRole] | None = None,
+        context: RoleContext | None = None,
+        policies: Mapping[str, str] | None = None,
+        tokenizer: str | None = None,
+        seq_length: int | None = None,
+    ):
+        self.role = role
+        self.roles = dict(roles or {})
+        self.context = context or RoleContext()
+        self.policies = dict(default_policies())
+        self.policies.update(policies or {})
+        self.tokenizer_path = tokenizer
+        self.seq_length = seq_length
+        self._counter = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_counter"] = None
+        return state
+
+    # -- helpers -------------------------------------------------------------------------
+    def _issue(self, name: str, detail: str, warnings: list[tuple[str, str]]) -> None:
+        """A keepable check failed: reject, or remember the warning, as its policy says."""
+        policy = self.policies.get(name, DROP)
+        if policy == DROP or policy == FAIL:
+            raise Reject(name, detail)
+        if policy == WARN:
+            warnings.append((name, detail))
+
+    def _fatal(self, name: str, detail: str) -> Reject:
+        return Reject(name, detail)
+
+    def counter(self):
+        if self._counter is None and self.tokenizer_path:
+            from comapoi_cli.data.tokens import TokenCounter
+
+            self._counter = TokenCounter.load(self.tokenizer_path)
+        return self._counter
+
+    # -- one record ----------------------------------------------------------------------
+    def normalise(self, obj: Any, conversions: dict[str, int], warnings: list[tuple[str, str]]) -> tuple[dict[str, Any], bool]:
+        """The record as ``{"messages": [...], "agent"?: str}`` and whether it differs from ``obj``."""
+        if type(obj) is dict:  # fast path: already clean (the common case)
+            messages = obj.get("messages")
+            if type(messages) is list and messages and (len(obj) == 1 or (len(obj) == 2 and type(obj.get("agent")) is str and obj["agent"])):
+                for m in messages:
+                    if type(m) is not dict or len(m) != 2 or type(m.get("content")) is not str or m.get("role") not in _KNOWN_SET:
+                        break
+                else:
+                    return obj, False
+        if not isinstance(obj, dict):
+            raise Reject("no_messages", f"the line is a JSON {type(obj).__name__}, not an object")
+        changed = False
+        messages = obj.get("messages")
+        if messages is None:
+            for key in ("conversations", "conversation"):
+                if isinstance(obj.get(key), list):
+                    messages = obj[key]
+                    conversions["sharegpt"] = conversions.get("sharegpt", 0) + 1
+                    changed = True
+                    break
+        if not isinstance(messages, list):
+            if messages is None:
+                raise Reject("no_messages", "no 'messages' list")
+            raise Reject("no_messages", f"'messages' is a {type(messages).__name__}, not a list")
+        if not messages:
+            raise Reject("no_messages", "'messages' is empty")
+        extra = set(obj) - {"messages", "agent"}
+        if extra:
+            changed = True  # other top-level fields are not carried into the cleaned file
+        out: list[dict[str, str]] = []
+        system = obj.get("system")
+        if changed and isinstance(system, str) and system.strip() and not (
+                isinstance(messages[0], dict) and messages[0].get("role", messages[0].get("from")) == "system"):
+            out.append({"role": "system", "content": system})  # ShareGPT's top-level system prompt
+        for index, message in enumerate(messages, 1):
+            if not isinstance(message, dict):
+                raise Reject("bad_message", f"message {index} is a {type(message).__name__}, not an object")
+            if "role" in message:
+                role = message["role"]
+            elif "from" in message:
+                role = message["from"]
+                changed = True
+            else:
+                raise Reject("bad_message", f"message {index} has no 'role'")
+            if "content" in message:
+                content = message["content"]
+            elif "value" in message:
+                content = message["value"]
+                changed = True
+            elif "text" in message:
+                content = message["text"]
+                changed = True
+            else:
+                raise Reject("bad_message", f"message {index} has no 'content'")
+            if len(message) != 2:
+                changed = True
+            if not isinstance(role, str):
+                raise Reject("bad_message", f"message {index} has a {type(role).__name__} role")
+            canonical = ROLE_ALIASES.get(role) or ROLE_ALIASES.get(role.strip().lower())
+            if canonical is None:
+                self._issue("unknown_role", f"message {index} has role '{role[:40]}'", warnings)
+                canonical = role
+            elif canonical != role:
+                changed = True
+                conversions["role_names"] = conversions.get("role_names", 0) + 1
+            if type(content) is not str:
+                changed = True
+                content = self._content_text(content, index, canonical, conversions, warnings)
+            out.append({"role": canonical, "content": content})
+        record: dict[str, Any] = {"messages": out}
+        agent = obj.get("agent")
+        if isinstance(agent, str) and agent:
+            record["agent"] = agent
+        elif "agent" in obj:
+            changed = True
+        return record, changed
+
+    def _content_text(self, content: Any, index: int, role: str, conversions: dict[str, int],
+                      warnings: list[tuple[str, str]]) -> str:
+        if isinstance(content, bool):
+            pass
+        elif isinstance(content, (int, float)):
+            conversions["numbers_to_text"] = conversions.get("numbers_to_text", 0) + 1
+            return str(content)
+        elif isinstance(content, list) and content and all(
+                isinstance(p, dict) and p.get("type") in _TEXT_PART_TYPES and isinstance(p.get("text"), str) for p in content):
+            conversions["content_parts"] = conversions.get("content_parts", 0) + 1
+            return "".join(p["text"] for p in content)
+        elif content is None and role == "assistant":
+            return ""  # an empty answer; judged by the empty_answer / assistant checks
+        if isinstance(content, list):
+            kinds = sorted({str(p.get("type")) if isinstance(p, dict) else type(p).__name__ for p in content})
+            what = f"a list of {', '.join(kinds) or 'nothing'}"
+        else:
+            what = "null" if content is None else f"a {type(content).__name__}"
+        self._issue("content_type", f"message {index} content is {what}", warnings)
+        return json.dumps(content, ensure_ascii=False)
+
+    def judge(self, record: dict[str, Any], warnings: list[tuple[str, str]]) -> AgentRole | None:
+        messages = record["messages"]
+        has_user = has_assistant = False
+        for m in messages:
+            r = m["role"]
+            if r == "user":
+                has_user = True
+            elif r == "assistant":
+                has_assistant = True
+        if not has_user:
+            raise Reject("no_user", "no user turn")
+        if not has_assistant:
+            raise Reject("no_assistant", "no assistant turn")
+        if messages[-1]["role"] != "assistant":
+            self._issue("assistant_not_last", f"the last turn is '{messages[-1]['role']}', not 'assistant'", warnings)
+        answer = last_answer(messages)
+        if not answer.strip():
+            raise Reject("empty_answer", "the last assistant answer is empty")
+        role = self.role
+        if role is None and "agent" in record:
+            role = self.roles.get(record["agent"])
+        if role is not None:
+            wrong_target = getattr(role, "check_target", None)
+            reason = wrong_target(answer, record, self.context) if wrong_target else None
+            if reason:
+                self._issue("wrong_target", reason, warnings)
+            else:
+                reason = role.check_answer(answer, record, self.context)
+                if reason:
+                    self._issue("wrong_answer", reason, warnings)
+            role_leak = getattr(role, "check_leak", None)
+            leak = role_leak(record, self.context) if role_leak else find_leak_in_messages(messages)
+        else:
+            leak = find_leak_in_messages(messages)
+        if leak:
+            self._issue("label_leak", leak, warnings)
+        return role
+
+    def process_block(self, block: bytes, first_line: int, final: bool, bom: bool = False) -> BlockResult:
+        """Judge every line of ``block`` (whole lines; the last may lack its newline when ``final``)."""
+        result = BlockResult()
+        items = result.items
+        conversions = result.conversions
+        lines = block.split(b"\n")
+        if lines and lines[-1] == b"":
+            lines.pop()
+            unterminated = False
+        else:
+            unterminated = True
+        last_index = len(lines) - 1
+        counter = self.counter() if self.seq_length else None
+        policies = self.policies
+        loads = json.loads
+        position = 0
+        for offset, line in enumerate(lines):
+            lineno = first_line + offset
+            start = position
+            end = position + len(line)
+            position = end + 1
+            if line.endswith(b"\r"):
+                line = line[:-1]
+                end -= 1
+                conversions["crlf"] = conversions.get("crlf", 0) + 1
+            if bom and offset == 0 and line.startswith(b"\xef\xbb\xbf"):
+                line = line[3:]
+                start += 3
+                conversions["bom"] = conversions.get("bom", 0) + 1
+            warnings: list[tuple[str, str]] = []
+            try:
+                try:
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise Reject("invalid_utf8", f"invalid UTF-8 at byte {exc.start}") from None
+                if not text.strip():
+                    raise Reject("blank_line", "empty line")
+                try:
+                    obj = loads(text)
+                except ValueError as exc:
+                    if final and offset == last_index and unterminated:
+                        raise Reject("truncated_line", f"the last line has no newline and is cut off ({exc})") from None
+                    raise Reject("bad_json", str(exc)) from None
+                record, changed = self.normalise(obj, conversions, warnings)
+                role = self.judge(record, warnings)
+                tokens = None
+                if counter is not None:
+                    tokens, prompt_tokens = counter.count(record["messages"])
+                    if tokens > self.seq_length:
+                        where = "answer_lost" if prompt_tokens >= self.seq_length else "answer_cut"
+                        result.over_length[where] = result.over_length.get(where, 0) + 1
+                        what = ("truncation would remove the whole answer" if where == "answer_lost"
+                                else "truncation would cut the end of the answer")
+                        self._issue("too_long", f"{tokens} tokens > {self.seq_length} ({what})", warnings)
+                key = conversation_key(record["messages"])
+            except Reject as rej:
+                items.append((REJECTED, lineno, rej.reason, rej.detail, start, position - 1,
+                              policies.get(rej.reason, DROP) == FAIL))
+                continue
+            new = json.dumps(record, ensure_ascii=False).encode("utf-8") if changed else None
+            items.append((KEPT, lineno, key, start, end, new,
+                          record.get("agent") if role is None else role.id, tuple(warnings) or None, tokens))
+        return result
+
+
+# keep KEEP importable from here for callers that build policy tables
+__all__ = ["RecordChecker", "KEPT", "REJECTED", "BlockResult", "find_label_leak", "find_leak_in_messages", "conversation_key",
+           "make_context", "raw_fields", "KEEP", "WARN", "DROP", "FAIL"]

@@ -1,0 +1,616 @@
+"""``synth_dataset``: deterministic CoMaPOI-format data for the demo, tests and benchmarks.
+
+Two sources of trajectories:
+
+- **real** (``source=FILE``): next-POI trajectories in CoMaPOI's chat format, such as
+  ``nyc_train.jsonl`` (user turn ``<historical trajectory of user_U_subtrajectory_S>`` + check-ins,
+  answer ``{"next_poi_id": N}``);
+- **simulated** (no source): a city from a dataset preset (id range, category names, coordinates
+  in the city's bounding box with its number of decimals, dates in its years with the right
+  weekday), users with home and work areas and favourite places.
+
+From each training trajectory it writes the original layout, ``{out}/{dataset}/``:
+
+- ``agent1_train_samples.jsonl``: 2 records (a long-term profile; 25 candidate ids, true first),
+- ``agent2_train_samples.jsonl``: 2 records (a short-term mobility pattern; 25 candidates refined
+  from a 100-id "Similar POI List", true first),
+- ``agent3_train_samples.jsonl``: 1 record whose target is the final ranked prediction
+  ``{"next_poi_id": [true, ...]}`` (10 ids, true first).
+
+No prompt states the label: the candidate lists shown to agent3 are noisy (the true id is in
+them at a random place, or missing), as at inference. Simulated mode also writes the plain
+next-POI files ``{dataset}_train.jsonl`` / ``{dataset}_test.jsonl`` (one test trajectory per
+user) and ``{dataset}_poi_info.csv``. Output is streamed (constant memory) and identical for the
+same arguments and seed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Iterator
+
+from comapoi_cli.datasets import PRESETS, DatasetPreset, preset_for
+from comapoi_cli.errors import DataError, UsageError
+from comapoi_cli.fileio import atomic_writer
+
+SYSTEM_PROMPT = "You are a helpful assistant."
+PLAIN_SYSTEM = ("Please predict the next one POI ID that user_{u} will visit based on the user's historical "
+                "check-in trajectory data. Only output the value of the POI ID in JSON format "
+                "[ {{{{ 'next POI ID': value }}}} ].")
+CANDIDATES = 25
+SIMILAR = 100
+FINAL_TOP_K = 10
+
+_HEADER = re.compile(r"<historical trajectory of user_(\d+)_subtrajectory_(\d+)>")
+_CHECKIN = re.compile(
+    r"At (\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}), ([A-Za-z]+), user (\d+) visit POI ID (\d+) \((.*?), (-?\d+\.?\d*),(-?\d+\.?\d*)\)\.")
+
+
+@dataclass
+class Checkin:
+    time: datetime
+    poi: int
+    category: str
+    lat: str  # kept as text: the source's own digits
+    lon: str
+
+    def text(self, user: int) -> str:
+        return (f"At {self.time:%Y-%m-%d %H:%M:%S}, {self.time:%A}, user {user} visit POI ID {self.poi} "
+                f"({self.category}, {self.lat},{self.lon}).")
+
+
+@dataclass
+class Trajectory:
+    user: int
+    sub: int
+    checkins: list[Checkin]
+    next_poi: int
+    next_category: str | None = None
+
+
+@dataclass
+class SynthSummary:
+    dataset: str
+    folder: str
+    mode: str                      # "real" or "simulated"
+    source: str | None
+    seed: int
+    trajectories: int = 0
+    users: int = 0
+    test_trajectories: int = 0
+    records: dict[str, int] = field(default_factory=dict)   # file name -> records
+    files: list[str] = field(default_factory=list)
+    skipped_lines: int = 0         # source lines that are not trajectories
+    seconds: float = 0.0
+    bytes_written: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# -- POI world -----------------------------------------------------------------------------
+class PoiWorld:
+    """POIs with categories and coordinates, and a grid to find POIs near a place."""
+
+    def __init__(self, max_id: int, decimals: int):
+        self.max_id = max_id
+        self.decimals = decimals
+        self.info: dict[int, tuple[str, float, float, str, str]] = {}
+        self._grid: dict[tuple[int, int], list[int]] = {}
+        self.cell = 0.02
+
+    def add(self, poi: int, category: str, lat: float, lon: float, lat_text: str | None = None,
+            lon_text: str | None = None) -> None:
+        if poi in self.info:
+            return
+        fmt = f"{{:.{self.decimals}f}}"
+        self.info[poi] = (category, lat, lon, lat_text or fmt.format(lat), lon_text or fmt.format(lon))
+        self._grid.setdefault((int(lat // self.cell), int(lon // self.cell)), []).append(poi)
+
+    def near(self, lat: float, lon: float, rng: random.Random, count: int, exclude: set[int]) -> list[int]:
+        """Up to ``count`` POIs from the cells around (lat, lon), nearest rings first, seeded order."""
+        out: list[int] = []
+        ci, cj = int(lat // self.cell), int(lon // self.cell)
+        for radius in range(0, 12):
+            ring: list[int] = []
+            for di in range(-radius, radius + 1):
+                for dj in range(-radius, radius + 1):
+                    if max(abs(di), abs(dj)) != radius:
+                        continue
+                    ring.extend(self._grid.get((ci + di, cj + dj), ()))
+            rng.shuffle(ring)
+            for poi in ring:
+                if poi not in exclude:
+                    exclude.add(poi)
+                    out.append(poi)
+                    if len(out) >= count:
+                        return out
+        return out
+
+    def checkin(self, poi: int, when: datetime) -> Checkin:
+        category, _lat, _lon, lat_text, lon_text = self.info[poi]
+        return Checkin(when, poi, category, lat_text, lon_text)
+
+
+# -- simulated city ------------------------------------------------------------------------
+def _simulated_world(preset: DatasetPreset, seed: int) -> tuple[PoiWorld, list[tuple[float, float]]]:
+    rng = random.Random(f"{seed}:{preset.name}:world")
+    lat0, lat1, lon0, lon1 = preset.bbox
+    centres = [(rng.uniform(lat0, lat1), rng.uniform(lon0, lon1)) for _ in range(preset.neighbourhoods)]
+    spread = min(lat1 - lat0, lon1 - lon0) / 25
+    weights = [1.0 / (i + 1) ** 0.6 for i in range(len(preset.categories))]
+    world = PoiWorld(preset.max_poi_id, preset.coord_decimals)
+    categories = rng.choices(preset.categories, weights=weights, k=preset.max_poi_id + 1)
+    for poi in range(preset.max_poi_id + 1):
+        clat, clon = centres[rng.randrange(len(centres))]
+        lat = min(max(rng.gauss(clat, spread), lat0), lat1)
+        lon = min(max(rng.gauss(clon, spread), lon0), lon1)
+        world.add(poi, categories[poi], lat, lon)
+    return world, centres
+
+
+def _simulated_users(preset: DatasetPreset, world: PoiWorld, centres, seed: int, trajectories: int,
+                     min_len: int, max_len: int) -> Iterator[tuple[int, list[Trajectory], Trajectory]]:
+    """Yield ``(user, training trajectories, test trajectory)`` until ``trajectories`` training ones."""
+    made = 0
+    user = 0
+    while made < trajectories:
+        rng = random.Random(seed * 1_000_003 + user)
+        home = centres[rng.randrange(len(centres))]
+        work = centres[rng.randrange(len(centres))]
+        favourites = world.near(home[0], home[1], rng, rng.randint(6, 14), set())
+        favourites += world.near(work[0], work[1], rng, rng.randint(4, 10), set(favourites))
+        fav_weights = [1.0 / (i + 1) for i in range(len(favourites))]
+        n_sub = min(rng.randint(2, 6), trajectories - made + 1)
+        year = preset.years[0]
+        when = datetime(year, 1, 1) + timedelta(days=rng.uniform(0, 300), seconds=rng.randrange(86400))
+        subs: list[Trajectory] = []
+        for sub in range(1, n_sub + 1):
+            length = rng.randint(min_len, max_len)
+            visits: list[Checkin] = []
+            lat, lon = home
+            for _ in range(length + 1):
+                when += timedelta(minutes=rng.choice((rng.uniform(8, 240), rng.uniform(240, 1440), rng.uniform(1440, 4320))))
+                if rng.random() < 0.55 and favourites:
+                    poi = rng.choices(favourites, weights=fav_weights)[0]
+                else:
+                    near = world.near(lat, lon, rng, 1, set()) or [rng.randrange(preset.max_poi_id + 1)]
+                    poi = near[0]
+                visits.append(world.checkin(poi, when))
+                lat, lon = world.info[poi][1], world.info[poi][2]
+            target = visits.pop()
+            subs.append(Trajectory(user, sub, visits, target.poi, target.category))
+            when += timedelta(days=rng.uniform(1, 30))
+        train, test = subs[:-1], subs[-1]
+        made += len(train)
+        yield user, train, test
+        user += 1
+
+
+# -- real trajectories -----------------------------------------------------------------------
+def _read_real(source: Path, world: PoiWorld, summary: SynthSummary) -> Iterator[Trajectory]:
+    with open(source, encoding="utf-8-sig") as handle:
+        for line in handle:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                messages = record["messages"]
+                user_text = next(m["content"] for m in messages if m.get("role") == "user")
+                answer = [m["content"] for m in messages if m.get("role") == "assistant"][-1]
+                next_poi = _answer_id(answer)
+                header = _HEADER.search(user_text)
+            except (ValueError, KeyError, TypeError, StopIteration, IndexError):
+                summary.skipped_lines += 1
+                continue
+            checkins = []
+            for match in _CHECKIN.finditer(user_text):
+                stamp, _day, _user, poi, category, lat, lon = match.groups()
+                poi_id = int(poi)
+                world.add(poi_id, category, float(lat), float(lon), lat, lon)
+                checkins.append(Checkin(datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S"), poi_id, category, lat, lon))
+            if header is None or next_poi is None or not checkins:
+                summary.skipped_lines += 1
+                continue
+            yield Trajectory(int(header.group(1)), int(header.group(2)), checkins, next_poi)
+
+
+def _answer_id(answer: Any) -> int | None:
+    try:
+        value = json.loads(answer) if isinstance(answer, str) else answer
+    except ValueError:
+        value = None
+    if isinstance(value, dict):
+        value = next(iter(value.values()), None)
+    if isinstance(value, list) and value:
+        value = value[0]
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    found = re.findall(r"\d+", str(answer))
+    return int(found[0]) if found else None
+
+
+def _read_poi_csv(path: Path, world: PoiWorld) -> None:
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        for row in csv.DictReader(handle):
+            try:
+                world.add(int(row["poi_id"]), row["category"], float(row["lat"]), float(row["lon"]), row["lat"], row["lon"])
+            except (KeyError, ValueError):
+                continue
+
+
+# -- text of the records ---------------------------------------------------------------------
+_HOURS = ((0, 6, "late night"), (6, 10, "morning"), (10, 14, "midday"), (14, 18, "afternoon"), (18, 22, "evening"), (22, 24, "night"))
+
+
+def _period(hour: int) -> str:
+    for start, end, name in _HOURS:
+        if start <= hour < end:
+            return name
+    return "night"
+
+
+class _Stats:
+    """Counts over check-ins: categories, POIs, periods of the day, weekdays, centre and radius."""
+
+    __slots__ = ("categories", "pois", "periods", "days", "lat", "lon", "n", "names")
+
+    def __init__(self) -> None:
+        self.categories: Counter = Counter()
+        self.pois: Counter = Counter()
+        self.periods: Counter = Counter()
+        self.days: Counter = Counter()
+        self.lat = self.lon = 0.0
+        self.n = 0
+        self.names: dict[int, str] = {}
+
+    def add(self, checkins: list[Checkin], world: PoiWorld) -> None:
+        for c in checkins:
+            self.categories[c.category] += 1
+            self.pois[c.poi] += 1
+            self.names[c.poi] = c.category
+            self.periods[_period(c.time.hour)] += 1
+            self.days[c.time.strftime("%A")] += 1
+            info = world.info.get(c.poi)
+            if info:
+                self.lat += info[1]
+                self.lon += info[2]
+            self.n += 1
+
+    def copy(self) -> "_Stats":
+        other = _Stats()
+        other.categories = self.categories.copy()
+        other.pois = self.pois.copy()
+        other.periods = self.periods.copy()
+        other.days = self.days.copy()
+        other.lat, other.lon, other.n = self.lat, self.lon, self.n
+        other.names = dict(self.names)
+        return other
+
+    def centre(self) -> tuple[float, float]:
+        return (self.lat / self.n, self.lon / self.n) if self.n else (0.0, 0.0)
+
+    def share(self, counter: Counter, k: int) -> str:
+        total = sum(counter.values()) or 1
+        return ", ".join(f"{name} ({100 * n / total:.0f}%)" for name, n in counter.most_common(k))
+
+    def block(self, world: PoiWorld, title: str) -> str:
+        lat, lon = self.centre()
+        top_pois = "; ".join(
+            f"POI ID {poi} ({self.names.get(poi, '?')}) x{n}" for poi, n in self.pois.most_common(8))
+        return (f"{title} ({self.n} check-ins):\n"
+                f"- Most visited categories: {self.share(self.categories, 6)}\n"
+                f"- Most visited POIs: {top_pois}\n"
+                f"- Time of day: {self.share(self.periods, 4)}\n"
+                f"- Days of the week: {self.share(self.days, 4)}\n"
+                f"- Activity centre: {lat:.4f}, {lon:.4f}\n"
+                f"- Distinct POIs: {len(self.pois)}")
+
+
+_PROFILE_OPENINGS = ("This user is a {kind} whose check-ins centre on {cats}.",
+                     "A {kind}: most of this user's check-ins are at {cats}.",
+                     "The history shows a {kind} who mostly visits {cats}.")
+_KINDS = ("regular commuter", "routine-driven city resident", "frequent explorer", "weekend-active local",
+          "evening socialiser", "early riser", "student-like visitor", "office worker")
+
+
+def _profile(stats: _Stats, rng: random.Random, next_category: str | None) -> str:
+    cats = [c.strip() for c, _ in stats.categories.most_common(3)]
+    periods = [p for p, _ in stats.periods.most_common(2)]
+    days = [d for d, _ in stats.days.most_common(2)]
+    text = rng.choice(_PROFILE_OPENINGS).format(kind=rng.choice(_KINDS), cats=", ".join(cats) or "varied places")
+    text += (f" Activity peaks in the {' and '.join(periods) or 'day'}, especially on {' and '.join(days) or 'weekdays'}."
+             f" The user returns to a small set of {len(stats.pois)} places and stays within a compact area,"
+             f" so familiar places near the recent check-ins are the most likely next visits.")
+    if next_category:
+        text += f" Places such as a {next_category.strip()} fit this routine well."
+    if rng.random() < 0.5:
+        text += " Occasional visits further away suggest some interest in exploring new places of the same kinds."
+    return text
+
+
+def _mobility(recent: list[Checkin], rng: random.Random, world: PoiWorld) -> str:
+    last = recent[-min(len(recent), 6):]
+    cats = Counter(c.category.strip() for c in last)
+    first, final = last[0], last[-1]
+    hours = (final.time - first.time).total_seconds() / 3600
+    moves = 0.0
+    for a, b in zip(last, last[1:]):
+        ia, ib = world.info.get(a.poi), world.info.get(b.poi)
+        if ia and ib:
+            moves += _km(ia[1], ia[2], ib[1], ib[2])
+    trend = ", then ".join(dict.fromkeys(c.category.strip() for c in last))
+    return (f"Recently the user moved through {trend} over about {hours:.0f} hours, covering roughly {moves:.1f} km. "
+            f"The most recent check-ins favour {', '.join(c for c, _ in cats.most_common(2))}, "
+            f"mostly in the {_period(final.time.hour)} of a {final.time:%A}. "
+            + rng.choice(("The short-term pattern is local and repetitive.",
+                          "The pattern shows a shift between nearby areas.",
+                          "The user tends to chain short trips between familiar places.")))
+
+
+def _km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
+    p = math.pi / 180
+    a = 0.5 - math.cos((lat2 - lat1) * p) / 2 + math.cos(lat1 * p) * math.cos(lat2 * p) * (1 - math.cos((lon2 - lon1) * p)) / 2
+    return 12742 * math.asin(math.sqrt(max(0.0, min(1.0, a))))
+
+
+def _fill(ids: list[int], count: int, rng: random.Random, max_id: int) -> list[int]:
+    seen = set(ids)
+    out = list(ids)
+    while len(out) < count:
+        poi = rng.randint(0, max_id)
+        if poi not in seen:
+            seen.add(poi)
+            out.append(poi)
+    return out[:count]
+
+
+def _noisy_list(pool: list[int], truth: int, rng: random.Random, count: int, hit_rate: float, max_id: int) -> list[int]:
+    """A candidate list as an agent would predict it: the truth somewhere in it, or missing."""
+    ids = [p for p in pool if p != truth][: count]
+    ids = _fill(ids, count, rng, max_id)
+    rng.shuffle(ids)
+    if truth in ids:
+        ids.remove(truth)
+        ids = _fill(ids, count, rng, max_id)
+    if rng.random() < hit_rate:
+        ids[rng.randrange(count)] = truth
+    return ids
+
+
+def _csv(ids: list[int]) -> str:
+    return ", ".join(map(str, ids))
+
+
+class _Writer:
+    def __init__(self, folder: Path, dataset: str):
+        self.folder = folder
+        self.dataset = dataset
+
+    def record(self, user: str, answer: str) -> bytes:
+        return (json.dumps({"messages": [{"role": "system", "content": SYSTEM_PROMPT},
+                                         {"role": "user", "content": user},
+                                         {"role": "assistant", "content": answer}]},
+                           ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def _agent_records(traj: Trajectory, history: _Stats, world: PoiWorld, rng: random.Random,
+                   max_id: int) -> tuple[list[bytes], list[bytes], list[bytes]]:
+    u, s = traj.user, traj.sub
+    head = f"user_id: {u}, subtrajectory_id: {s}"
+    current = f"<historical trajectory of user_{u}_subtrajectory_{s}>\n" + " ".join(c.text(u) for c in traj.checkins)
+    stats = history.copy() if history.n else _Stats()
+    if not history.n:
+        stats.add(traj.checkins, world)
+    recent = _Stats()
+    recent.add(traj.checkins[-min(len(traj.checkins), 12):], world)
+    writer = _Writer(Path("."), "")
+    truth = traj.next_poi
+    next_category = traj.next_category or (world.info.get(truth) or (None,))[0]
+
+    # candidate pools: the user's places, then places near the last check-in
+    last = traj.checkins[-1]
+    last_info = world.info.get(last.poi)
+    own = [p for p, _ in stats.pois.most_common(40)] + [c.poi for c in reversed(traj.checkins)]
+    own = list(dict.fromkeys(own))
+    nearby = world.near(last_info[1], last_info[2], rng, SIMILAR, set(own)) if last_info else []
+
+    profile = _profile(stats, rng, next_category)
+    mobility = _mobility(traj.checkins, rng, world)
+
+    a1_profile_prompt = (
+        f"{head}\n"
+        "You are the Profiler. Build a long-term profile of this user from the historical check-in "
+        "statistics and the current trajectory: the categories the user prefers, when the user is active, "
+        "and the areas the user moves in. Write plain text; do not list POI ids.\n\n"
+        f"{stats.block(world, 'Historical statistics')}\n\n"
+        f"Current trajectory:\n{current}")
+    a1_candidates = _fill([truth] + [p for p in own + nearby if p != truth], CANDIDATES, rng, max_id)
+    a1_list_prompt = (
+        f"{head}\n"
+        "You are the Profiler. From the long-term profile and the current trajectory, list the 25 POI ids this "
+        "user is most likely to visit next, the most likely first. Answer with exactly 25 unique ids separated "
+        f"by commas; every id lies in 0..{max_id}.\n\n"
+        f"Long-term profile:\n{profile}\n\n"
+        f"Current trajectory:\n{current}")
+    a2_pattern_prompt = (
+        f"{head}\n"
+        "You are the Forecaster. Describe the user's recent mobility pattern: how the latest check-ins move "
+        "between categories, times and places, and what that suggests for the next visit. Write plain text.\n\n"
+        f"{recent.block(world, 'Recent distribution')}\n\n"
+        f"Current trajectory:\n{current}")
+    similar = nearby[:SIMILAR]
+    similar = [p for p in similar if p != truth]
+    if rng.random() < 0.7:  # retrieval finds the true POI most of the time, at no fixed place
+        similar.insert(rng.randrange(len(similar) + 1), truth)
+    similar = _fill(similar, SIMILAR, rng, max_id) if len(similar) < SIMILAR else similar[:SIMILAR]
+    a2_candidates = _fill([truth] + [p for p in similar + own if p != truth], CANDIDATES, rng, max_id)
+    a2_list_prompt = (
+        f"{head}\n"
+        "You are the Forecaster. Refine the retrieved POIs into the 25 ids this user is most likely to visit "
+        "next, the most likely first, using the recent mobility pattern and the current trajectory. Answer with "
+        f"exactly 25 unique ids separated by commas; every id lies in 0..{max_id}.\n\n"
+        f"Mobility pattern:\n{mobility}\n\n"
+        f"Similar POI List: {_csv(similar)}\n\n"
+        f"Current trajectory:\n{current}")
+    # agent3 sees the agents' lists as they would predict them: truth anywhere, or missing
+    seen1 = _noisy_list(own + nearby, truth, rng, CANDIDATES, 0.55, max_id)
+    seen2 = _noisy_list(similar + own, truth, rng, CANDIDATES, 0.6, max_id)
+    pool = [p for p in dict.fromkeys(seen1[:12] + seen2[:12] + own) if p != truth]
+    final = _fill([truth] + pool, FINAL_TOP_K, rng, max_id)
+    a3_prompt = (
+        f"For User_id: {u}, Subtrajectory_id: {s}\n"
+        "You are the Final_Predictor. Combine the current trajectory, the long-term profile, the short-term "
+        f"pattern and the two candidate lists into the {FINAL_TOP_K} most likely next POI ids, ranked. "
+        f'Answer in JSON: {{"next_poi_id": [id1, id2, ..., id{FINAL_TOP_K}]}}.\n\n'
+        f"Current trajectory:\n{current}\n\n"
+        f"Long-term profile:\n{profile}\n\n"
+        f"Short-term pattern:\n{mobility}\n\n"
+        f"Candidates from the Profiler: {_csv(seen1)}\n"
+        f"Candidates from the Forecaster: {_csv(seen2)}")
+    return (
+        [writer.record(a1_profile_prompt, profile), writer.record(a1_list_prompt, _csv(a1_candidates))],
+        [writer.record(a2_pattern_prompt, mobility), writer.record(a2_list_prompt, _csv(a2_candidates))],
+        [writer.record(a3_prompt, json.dumps({"next_poi_id": final}))],
+    )
+
+
+def _plain_record(traj: Trajectory) -> bytes:
+    u, s = traj.user, traj.sub
+    user_text = f"<historical trajectory of user_{u}_subtrajectory_{s}>\n" + " ".join(c.text(u) for c in traj.checkins)
+    return (json.dumps({"messages": [{"role": "system", "content": PLAIN_SYSTEM.format(u=u)},
+                                     {"role": "user", "content": user_text},
+                                     {"role": "assistant", "content": json.dumps({"next_poi_id": traj.next_poi})}]},
+                       ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def synth_dataset(
+    dataset: str,
+    out: str | os.PathLike[str] | None = None,
+    *,
+    source: str | os.PathLike[str] | None = None,
+    trajectories: int | None = None,
+    seed: int = 42,
+    preset: str | None = None,
+    poi_info: str | os.PathLike[str] | None = None,
+    min_checkins: int = 12,
+    max_checkins: int = 36,
+    plain: bool = True,
+) -> SynthSummary:
+    """Write ``{out}/{dataset}/agent{1,2,3}_train_samples.jsonl`` (and, simulated, the plain files).
+
+    Args:
+        source: real next-POI trajectories (e.g. ``nyc_train.jsonl``); without it a city is
+            simulated from ``preset`` (default: the dataset's own preset).
+        trajectories: how many training trajectories to use (real: the first N; simulated: N,
+            default 200).
+        poi_info: a ``poi_id,category,lat,lon`` table that widens the candidate pool (real mode).
+    """
+    import time
+
+    started = time.perf_counter()
+    if trajectories is not None and trajectories <= 0:
+        raise UsageError("--trajectories must be at least 1.")
+    if not 2 <= min_checkins <= max_checkins:
+        raise UsageError("Check-ins per trajectory: need 2 <= --min-checkins <= --max-checkins.")
+    folder = Path(out if out is not None else os.environ.get("COMAPOI_DATA_DIR") or "data") / dataset
+    city = preset_for(preset or dataset)
+    if preset and city is None:
+        raise UsageError(f"Unknown city preset '{preset}'; presets: {', '.join(PRESETS)}.")
+    summary = SynthSummary(dataset, str(folder), "real" if source else "simulated", str(source) if source else None, seed)
+
+    if source is not None:
+        src = Path(source)
+        if not src.is_file():
+            raise DataError(f"Cannot find the trajectory file {src}.",
+                            hint="Pass a CoMaPOI next-POI file such as nyc_train.jsonl, or leave --source out to simulate a city.")
+        decimals = city.coord_decimals if city else 8
+        max_id = city.max_poi_id if city else None
+        world = PoiWorld(max_id if max_id is not None else 0, decimals)
+        if poi_info is not None:
+            _read_poi_csv(Path(poi_info), world)
+        trajs = list(_read_real(src, world, summary))
+        if not trajs:
+            raise DataError(f"{src} holds no CoMaPOI trajectories (user turn '<historical trajectory of user_U_subtrajectory_S>' "
+                            "with check-ins, answer {\"next_poi_id\": N}).")
+        if trajectories is not None:
+            trajs = trajs[:trajectories]
+        if max_id is None:
+            max_id = max(max(world.info), max(t.next_poi for t in trajs))
+            world.max_id = max_id
+        groups: Iterator[tuple[int, list[Trajectory], Trajectory | None]] = ((t.user, [t], None) for t in trajs)
+    else:
+        if city is None:
+            raise UsageError(f"No city preset for '{dataset}': pass --preset {'|'.join(PRESETS)} to simulate one, "
+                             "or --source FILE with real trajectories.")
+        max_id = city.max_poi_id
+        world, centres = _simulated_world(city, seed)
+        groups = _simulated_users(city, world, centres, seed, trajectories or 200, min_checkins, max_checkins)
+
+    names = [f"{role}_train_samples.jsonl" for role in ("agent1", "agent2", "agent3")]
+    plain_names = [f"{dataset}_train.jsonl", f"{dataset}_test.jsonl"] if plain and source is None else []
+    counts = {name: 0 for name in names + plain_names}
+    histories: dict[int, _Stats] = {}
+    users: set[int] = set()
+    with atomic_writer(folder / names[0], "wb") as f1, atomic_writer(folder / names[1], "wb") as f2, \
+            atomic_writer(folder / names[2], "wb") as f3:
+        plain_files = None
+        if plain_names:
+            plain_ctx = (atomic_writer(folder / plain_names[0], "wb"), atomic_writer(folder / plain_names[1], "wb"))
+            plain_files = (plain_ctx[0].__enter__(), plain_ctx[1].__enter__())
+        try:
+            for user, train, test in groups:
+                users.add(user)
+                history = histories.setdefault(user, _Stats()) if source is not None else _Stats()
+                for traj in train:
+                    rng = random.Random(seed * 7_919 + traj.user * 104_729 + traj.sub)
+                    r1, r2, r3 = _agent_records(traj, history, world, rng, max_id)
+                    for handle, rows, name in ((f1, r1, names[0]), (f2, r2, names[1]), (f3, r3, names[2])):
+                        handle.write(b"".join(rows))
+                        counts[name] += len(rows)
+                        summary.bytes_written += sum(len(r) for r in rows)
+                    history.add(traj.checkins, world)
+                    summary.trajectories += 1
+                    if plain_files:
+                        row = _plain_record(traj)
+                        plain_files[0].write(row)
+                        counts[plain_names[0]] += 1
+                if plain_files and test is not None:
+                    plain_files[1].write(_plain_record(test))
+                    counts[plain_names[1]] += 1
+                    summary.test_trajectories += 1
+        except BaseException as exc:
+            if plain_files:
+                for ctx in plain_ctx:
+                    ctx.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        if plain_files:
+            for ctx in plain_ctx:
+                ctx.__exit__(None, None, None)
+    if plain_names:
+        csv_path = folder / f"{dataset}_poi_info.csv"
+        with atomic_writer(csv_path) as handle:
+            writer = csv.writer(handle, lineterminator="\n")
+            writer.writerow(["poi_id", "category", "lat", "lon"])
+            for poi in sorted(world.info):
+                category, _lat, _lon, lat_text, lon_text = world.info[poi]
+                writer.writerow([poi, category, lat_text, lon_text])
+        summary.files.append(str(csv_path))
+    summary.records = counts
+    summary.files = [str(folder / n) for n in names + plain_names] + summary.files
+    summary.users = len(users)
+    summary.seconds = time.perf_counter() - started
+    return summary

@@ -1,86 +1,232 @@
 """Reading POI ids out of text: candidate lists, JSON predictions, free model output.
 
 One lenient parser serves data validation (is this answer a candidate list?) and evaluation
-(which ids did the model predict, in which order?).
+(which ids did the model predict, in which order?). The rules, in order:
+
+1. JSON: the whole text, then every JSON object or list embedded in it (a fenced code block,
+   a sentence around it), first to last; single-quoted Python-style literals are read too.
+   Known keys (``next_poi_id``, ``"next POI ID"``, ``predicted_poi_ids``, ``candidates``, ...)
+   are looked up at any depth; a list of ids, a list of ``{"next POI ID": n}`` objects, a bare
+   number or a numeric string all count. The first JSON value that holds an id wins.
+2. A ``key: ids`` phrase such as ``next POI ID: 22`` or ``Candidates: [3, 4]``.
+3. Any id list in the text: the longest comma- (or semicolon-) separated run of integers;
+   failing that, every standalone integer in order. Numbers that are part of dates, times,
+   coordinates, decimals or words (``user_0``, ``2012-04-04``, ``15:36``, ``40.75``) and list
+   markers at the start of a line (``1.``, ``2)``) are not ids.
+
+Then duplicates are dropped (first occurrence kept, so the ranking holds), and ids outside the
+dataset's range (``0..max_id``; negative ids always) are rejected. 0 is a valid id.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass, field
 from typing import Any
 
-_NUMBER = re.compile(r"(?<![\w.])-?\d+(?![\w.])")
-_ID_LIST = re.compile(r"^\s*\[?\s*\d+(\s*,\s*\d+)*\s*,?\s*\]?\s*\.?\s*$")
-_JSON_SPAN = re.compile(r"(\{.*\}|\[.*\])", re.S)
+# is_id_list: nothing but integers separated by commas, optionally in brackets, optionally a final period.
+_ID_LIST = re.compile(r"^\s*\[?\s*-?\d+(\s*,\s*-?\d+)*\s*,?\s*\]?\s*\.?\s*$")
+
+# A standalone integer: not glued to a word, a decimal, a date, a time or a path.
+_NUM = r"(?<![\w.:/\-+])\d+(?![\w]|[.:/\-]\d)"
+_NUMBER = re.compile(_NUM)
+_NUMBER_RUN = re.compile(_NUM + r"(?:\s*[,;]\s*" + _NUM + r")+")
+_LIST_MARKER = re.compile(r"(?m)^(\s*)(?:\(?\d{1,3}[.)](?!\d)|[-*\u2022])[ \t]+")
+_KEY_PHRASE = re.compile(
+    r"(?P<key>next[\s_-]*poi(?:[\s_-]*ids?)?|predicted[\s_-]*poi[\s_-]*ids?|poi[\s_-]*ids?|candidates?"
+    r"(?:[\s_-]*list)?|predictions?|answer)\s*[\"']?\s*(?:is|are|[:=])\s*[\"']?\s*\[?\s*"
+    r"(?P<ids>" + _NUM + r"(?:\s*[,;]\s*" + _NUM + r")*)",
+    re.I,
+)
+
+# JSON keys that hold the prediction, compared after dropping everything but letters.
+_ID_KEYS = (
+    "nextpoiid", "nextpoiids", "nextpoi", "predictedpoiids", "predictedpoiid", "predictedpois",
+    "poiids", "poiid", "candidatepoiids", "candidatepois", "candidatelist", "candidates",
+    "rankedpoiids", "ranking", "topk", "prediction", "predictions", "recommendations", "answer", "ids",
+)
+_MAX_JSON_STARTS = 200  # embedded JSON candidates tried per text (model output is short)
+_decoder = json.JSONDecoder()
 
 
 def is_id_list(text: str) -> bool:
-    """True if ``text`` is nothing but a comma-separated list of integers, e.g. ``"22, 1, 12"``."""
-    return bool(_ID_LIST.match(text))
+    """True if ``text`` is nothing but a comma-separated list of integers, e.g. ``"22, 1, 12"``.
+
+    Negative numbers count as list items (so that a checker can reject them as out of range).
+    """
+    return isinstance(text, str) and bool(_ID_LIST.match(text))
 
 
-def _ids_from_json(value: Any) -> list[int] | None:
+@dataclass
+class IdParse:
+    """What :func:`read_ids` found.
+
+    Attributes:
+        ids: the valid ids, in the text's order, duplicates and out-of-range ids removed.
+        found: every id read before filtering (duplicates and rejected ids included).
+        source: ``"json"``, ``"phrase"``, ``"list"``, ``"numbers"`` or ``"none"``.
+        rejected: ids outside ``0..max_id`` (or negative), in order.
+        duplicates: how many repeated ids were dropped.
+    """
+
+    ids: list[int] = field(default_factory=list)
+    found: list[int] = field(default_factory=list)
+    source: str = "none"
+    rejected: list[int] = field(default_factory=list)
+    duplicates: int = 0
+
+    @property
+    def problem(self) -> str | None:
+        """Why no valid id came out of the text, or None when some did."""
+        if self.ids:
+            return None
+        if not self.found:
+            return "no POI id in the output"
+        return f"every id is outside the dataset's range ({_preview(self.rejected)})"
+
+
+def _preview(ids: list[int], limit: int = 5) -> str:
+    text = ", ".join(str(i) for i in ids[:limit])
+    return text + (", ..." if len(ids) > limit else "")
+
+
+def _norm_key(key: Any) -> str:
+    return re.sub(r"[^a-z]", "", str(key).lower())
+
+
+def _int_of(value: Any) -> int | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
-        return [value]
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return [int(value.strip())]
-    if isinstance(value, list):
-        out: list[int] = []
-        for item in value:
-            got = _ids_from_json(item)
-            if got is None:
-                return None
-            out.extend(got)
-        return out
-    if isinstance(value, dict):
-        for key, inner in value.items():
-            normalised = re.sub(r"[^a-z]", "", str(key).lower())
-            if normalised in {"nextpoiid", "nextpoiids", "predictedpoiids", "poiids", "poiid", "candidates", "prediction", "predictions"}:
-                return _ids_from_json(inner)
-        if len(value) == 1:
-            return _ids_from_json(next(iter(value.values())))
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+        return int(value)
     return None
 
 
-def parse_ids(text: str, max_id: int | None = None) -> list[int] | None:
-    """Parse a ranked list of POI ids out of ``text``; None if no id can be read.
-
-    JSON first (``{"next_poi_id": [3, 1]}``, ``{"next_poi_id": 3}``, ``[3, 1]``), then any
-    integers in the text. Duplicates are dropped (first occurrence kept). With ``max_id``,
-    ids outside ``0..max_id`` are dropped. 0 is a valid id.
-    """
-    if not isinstance(text, str) or not text.strip():
+def _ids_from_json(value: Any, depth: int = 0) -> list[int] | None:
+    """Ids held by a decoded JSON value, or None if it holds none."""
+    if depth > 20:
         return None
-    ids: list[int] | None = None
-    stripped = text.strip()
-    candidates = [stripped]
-    match = _JSON_SPAN.search(stripped)
-    if match and match.group(0) != stripped:
-        candidates.append(match.group(0))
-    for candidate in candidates:
-        for loader in (json.loads, _loads_single_quoted):
+    single = _int_of(value)
+    if single is not None:
+        return [single]
+    if isinstance(value, str):
+        ids = _text_ids(value)[0]
+        return ids or None
+    if isinstance(value, list):
+        out: list[int] = []
+        for item in value:
+            got = _ids_from_json(item, depth + 1)
+            if got:
+                out.extend(got)
+        return out or None
+    if isinstance(value, dict):
+        by_key = {_norm_key(k): v for k, v in value.items()}
+        for key in _ID_KEYS:
+            if key in by_key:
+                got = _ids_from_json(by_key[key], depth + 1)
+                if got:
+                    return got
+        for key, inner in by_key.items():
+            if "poi" in key or "candidate" in key:
+                got = _ids_from_json(inner, depth + 1)
+                if got:
+                    return got
+        if len(value) == 1:
+            return _ids_from_json(next(iter(value.values())), depth + 1)
+    return None
+
+
+def _json_ids(text: str) -> list[int] | None:
+    """Ids from the whole text as JSON, else from the first embedded JSON object/list that holds any."""
+    for variant in (text, text.replace("'", '"')) if "'" in text else (text,):
+        try:
+            got = _ids_from_json(json.loads(variant))
+        except (ValueError, RecursionError):
+            got = None
+        if got:
+            return got
+    starts = [m.start() for m in re.finditer(r"[\[{]", text)][:_MAX_JSON_STARTS]
+    for start in starts:
+        for variant in (text, text.replace("'", '"')) if "'" in text else (text,):
             try:
-                ids = _ids_from_json(loader(candidate))
-            except (ValueError, TypeError):
-                ids = None
-            if ids:
-                break
-        if ids:
-            break
-    if not ids:
-        ids = [int(n) for n in _NUMBER.findall(stripped)]
+                value, _ = _decoder.raw_decode(variant, start)
+            except (ValueError, RecursionError):
+                continue
+            if isinstance(value, (dict, list)):
+                got = _ids_from_json(value)
+                if got:
+                    return got
+    return None
+
+
+def _text_ids(text: str) -> tuple[list[int], str]:
+    """Ids from free text: a ``key: ids`` phrase, else the longest id run, else every standalone integer."""
+    phrases = list(_KEY_PHRASE.finditer(text))
+    if phrases:
+        # "next POI ..." / "predicted POI ids ..." beat "candidates: ..." or "answer: ..."
+        best = next((m for m in phrases if re.match(r"(?i)next|predicted", m.group("key"))), phrases[0])
+        return [int(n) for n in _NUMBER.findall(best.group("ids"))], "phrase"
+    cleaned = _LIST_MARKER.sub(r"\1", text)
+    runs = [m.group(0) for m in _NUMBER_RUN.finditer(cleaned)]
+    if runs:
+        best = max(runs, key=lambda run: len(_NUMBER.findall(run)))  # the first of the longest
+        return [int(n) for n in _NUMBER.findall(best)], "list"
+    numbers = [int(n) for n in _NUMBER.findall(cleaned)]
+    return numbers, "numbers" if numbers else "none"
+
+
+def read_ids(text: Any, max_id: int | None = None) -> IdParse:
+    """Parse a ranked list of POI ids out of ``text`` and say how (see the module's rules)."""
+    if not isinstance(text, str) or not text.strip():
+        return IdParse()
+    stripped = text.strip()
+    found = _json_ids(stripped)
+    source = "json"
+    if not found:
+        found, source = _text_ids(stripped)
+    return _filter(found or [], source, max_id)
+
+
+def _filter(found: list[int], source: str, max_id: int | None) -> IdParse:
+    result = IdParse(found=list(found), source=source if found else "none")
     seen: set[int] = set()
-    out: list[int] = []
-    for poi in ids:
-        if poi in seen or poi < 0 or (max_id is not None and poi > max_id):
+    for poi in found:
+        if poi < 0 or (max_id is not None and poi > max_id):
+            result.rejected.append(poi)
+            continue
+        if poi in seen:
+            result.duplicates += 1
             continue
         seen.add(poi)
-        out.append(poi)
-    return out or None
+        result.ids.append(poi)
+    return result
 
 
-def _loads_single_quoted(text: str) -> Any:
-    return json.loads(text.replace("'", '"'))
+def clean_ids(values: list[Any], max_id: int | None = None) -> IdParse:
+    """Normalise a ready list of ids (e.g. a predictions file's ``predicted_poi_ids``).
+
+    Items may be integers or numeric strings; raises ``ValueError`` naming the first item that
+    is neither. Duplicates are dropped and out-of-range ids rejected, as for parsed text.
+    """
+    found: list[int] = []
+    for item in values:
+        value = _int_of(item)
+        if value is None:
+            raise ValueError(f"{item!r} is not a POI id")
+        found.append(value)
+    return _filter(found, "list", max_id)
+
+
+def parse_ids(text: str, max_id: int | None = None) -> list[int] | None:
+    """Parse a ranked list of POI ids out of ``text``; None if no valid id can be read.
+
+    JSON first (``{"next_poi_id": [3, 1]}``, ``{"next_poi_id": 3}``, ``[3, 1]``), then any id
+    list in the text. Duplicates are dropped (first occurrence kept). Negative ids, and with
+    ``max_id`` ids above it, are rejected. 0 is a valid id.
+    """
+    return read_ids(text, max_id).ids or None

@@ -47,6 +47,13 @@ class AgentRole:
     display_name: str = ""
     description: str = ""
     data_file: str = "{id}_train_samples.jsonl"
+    #: How ``comapoi eval`` compares predictions with ``target()``: ``"text"`` (default: the
+    #: items of ``parse_prediction`` are compared with the target as stripped strings, so the
+    #: default parser gives exact-match scoring), ``"poi_ids"`` (a ranked list of POI ids; the
+    #: target must be an id inside the dataset's range) or ``"candidates"`` (like ``"poi_ids"``,
+    #: and the answer is a candidate list: evaluation also reports the recall of the true id in
+    #: the whole list).
+    answer_kind: str = "text"
 
     def data_file_name(self) -> str:
         return self.data_file.format(id=self.id)

@@ -9,6 +9,7 @@ import typer
 
 from comapoi_cli import __version__
 from comapoi_cli.cli import adapters, data, env, plugins, train
+from comapoi_cli.cli import eval as eval_cli
 from comapoi_cli.cli.render import error
 from comapoi_cli.errors import ComapoiError
 
@@ -37,6 +38,7 @@ def root(
 
 app.add_typer(data.app, name="data")
 train.register(app)
+app.add_typer(eval_cli.app, name="eval")
 app.add_typer(adapters.app, name="adapters")
 app.add_typer(plugins.app, name="plugins")
 env.register(app)

@@ -1,0 +1,73 @@
+"""Writing evaluation results: metrics.json, metrics.csv, and the ``evaluations`` list of run.json.
+
+Everything is written atomically (``comapoi_cli.fileio``): a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from comapoi_cli.errors import ComapoiError
+from comapoi_cli.evaluation.metrics import METRIC_KEYS
+from comapoi_cli.fileio import read_json, write_json_atomic, write_text_atomic
+
+CSV_COLUMNS = ("scope", *METRIC_KEYS)
+
+
+def now_iso() -> str:
+    """The current time, ISO 8601 with the UTC offset, to the second."""
+    return datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+def metrics_csv(metrics: dict[str, Any], by_role: dict[str, dict[str, Any]] | None = None) -> str:
+    """One row ``all`` with the overall metrics, then one row per role (merged runs)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for scope, values in (("all", metrics), *sorted((by_role or {}).items())):
+        writer.writerow([scope, *("" if values.get(k) is None else values[k] for k in METRIC_KEYS)])
+    return buffer.getvalue()
+
+
+def write_metrics(path: str | os.PathLike[str], entry: dict[str, Any]) -> None:
+    """Write ``entry`` (an evaluation entry) as JSON, or its metrics as CSV when ``path`` ends in ``.csv``."""
+    target = Path(path)
+    if target.suffix.lower() == ".csv":
+        write_text_atomic(target, metrics_csv(entry["metrics"], entry.get("by_role")))
+    else:
+        write_json_atomic(target, entry)
+
+
+def append_evaluation(run_json: str | os.PathLike[str], entry: dict[str, Any]) -> None:
+    """Append ``entry`` to the ``evaluations`` list of ``run.json`` (read, extend, atomic rewrite)."""
+    path = Path(run_json)
+    try:
+        run = read_json(path)
+    except FileNotFoundError:
+        raise ComapoiError(f"{path} disappeared while evaluating; metrics.json beside it holds the result.") from None
+    except ValueError as exc:
+        raise ComapoiError(f"{path} is not valid JSON ({exc}); the result is in metrics.json beside it.") from None
+    if not isinstance(run, dict):
+        raise ComapoiError(f"{path} does not hold a JSON object; the result is in metrics.json beside it.")
+    evaluations = run.get("evaluations")
+    if not isinstance(evaluations, list):
+        evaluations = []
+    evaluations.append(entry)
+    run["evaluations"] = evaluations
+    write_json_atomic(path, run)
+
+
+def latest_metrics(run: dict[str, Any]) -> dict[str, Any] | None:
+    """The metrics of a run's latest evaluation (what ``adapters list`` shows), or None."""
+    evaluations = run.get("evaluations") if isinstance(run, dict) else None
+    if not isinstance(evaluations, list):
+        return None
+    for entry in reversed(evaluations):
+        if isinstance(entry, dict) and isinstance(entry.get("metrics"), dict):
+            return entry["metrics"]
+    return None

@@ -1,43 +1,359 @@
-"""``comapoi data``: clean, split, merge, stats, synth."""
+"""``comapoi data``: clean, split, merge, stats, synth.
+
+Commands parse arguments, call the services in ``comapoi_cli.data`` and render the result
+(Rich tables, or ``--json``). Nothing heavy is imported at module level.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any, List, Optional
+
 import typer
 
-from comapoi_cli.errors import ComapoiError
+from comapoi_cli.cli.render import console, print_json, success, table, warn
+from comapoi_cli.errors import DataError, UsageError
 
 app = typer.Typer(help="Prepare CoMaPOI training data: clean, split, merge, stats, synth.", no_args_is_help=True)
 
+_DATA_DIR_HELP = "Folder holding {dataset}/ (default: $COMAPOI_DATA_DIR or ./data)."
+_JSON_HELP = "Print the summary as JSON (for scripts)."
 
-def _not_yet(name: str) -> None:
-    raise ComapoiError(f"'comapoi data {name}' is not yet available.")
+
+def _registry():
+    from comapoi_cli.plugins import get_registry
+
+    return get_registry()
+
+
+def _bar(count: int, largest: int, width: int = 28) -> str:
+    if largest <= 0:
+        return ""
+    cells = count * width / largest
+    full = int(cells)
+    return "█" * full + ("▌" if cells - full >= 0.5 else "")
+
+
+# -- clean -------------------------------------------------------------------------------------
+def _clean_table(summary: dict[str, Any], title: str) -> None:
+    from comapoi_cli.data.policies import CHECKS
+
+    descriptions = {c.name: c.description for c in CHECKS}
+    rows = [("[green]kept[/green]", summary["kept"], "written to the output")]
+    for reason, n in summary["rejected"].items():
+        rows.append((f"[red]{reason}[/red]", n, descriptions.get(reason, "")))
+    console.print(table(title, ["", "lines", ""], rows))
+    total = summary["kept"] + sum(summary["rejected"].values())
+    console.print(f"in {summary['in']} = kept {summary['kept']} + rejected {total - summary['kept']}")
+    for reason, n in summary.get("warnings", {}).items():
+        lines = summary.get("warning_lines", {}).get(reason)
+        where = f" (lines {', '.join(map(str, lines))}{', ...' if n > len(lines) else ''})" if lines else ""
+        warn(f"{n} kept record(s) fail '{reason}'{where}.")
+    over = summary.get("over_length") or {}
+    if over:
+        console.print(f"Over --seq-length: {over.get('answer_lost', 0)} would lose the whole answer if truncated, "
+                      f"{over.get('answer_cut', 0)} the end of it.")
+    converted = summary.get("converted") or {}
+    if converted:
+        console.print("Converted: " + ", ".join(f"{name} {n}" for name, n in converted.items()))
 
 
 @app.command()
-def clean() -> None:
-    """Clean agent files: keep valid records, write every other line to a rejects file with its reason."""
-    _not_yet("clean")
+def clean(
+    input: Optional[Path] = typer.Argument(None, help="JSONL file to clean. Leave out with --dataset to prepare the dataset's files."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Cleaned file (default: INPUT's name + _clean.jsonl)."),
+    rejects: Optional[Path] = typer.Option(None, "--rejects", help="Rejects file (default: OUTPUT's name + .rejects.jsonl)."),
+    type_: Optional[str] = typer.Option(None, "--type", help="Role of the records (agent1, agent2, agent3, ...); with --dataset also 'merged' (the default)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Dataset name (nyc, tky, ca, any): its POI id range, and without INPUT its files."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=_DATA_DIR_HELP),
+    max_poi_id: Optional[int] = typer.Option(None, "--max-poi-id", help="Largest valid POI id (default: the dataset preset's)."),
+    on: Optional[List[str]] = typer.Option(None, "--on", help="Policy of a check: CHECK=drop|warn|keep|fail (repeatable, or comma list; 'all=fail')."),
+    strict: bool = typer.Option(False, "--strict", help="Every check that would drop a record fails instead."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Local Hugging Face tokenizer folder: count tokens with its chat template."),
+    seq_length: Optional[int] = typer.Option(None, "--seq-length", "--seq_length", help="With --tokenizer: records longer than this are 'too_long'."),
+    split: bool = typer.Option(True, "--split/--no-split", help="With --dataset: also write the seeded training/holdout split (the original's _all/_100 files)."),
+    test_size: str = typer.Option("100", "--test-size", help="With --dataset: holdout size, a count or a fraction (0.1, 10%)."),
+    seed: int = typer.Option(42, "--seed", help="With --dataset: split seed."),
+    force: bool = typer.Option(False, "--force", help="With --dataset: rebuild even if the recorded input hashes match."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Processes for large files (default: the usable cores)."),
+    list_checks: bool = typer.Option(False, "--list-checks", help="List the checks and their default policies, and exit."),
+    as_json: bool = typer.Option(False, "--json", help=_JSON_HELP),
+) -> None:
+    """Clean agent files: keep valid records, write every other line to a rejects file with its reason.
+
+    Every input line ends in the output or in the rejects file (line number, reason, original text).
+    With --dataset and no INPUT it does the original's check-and-process step: clean the agent
+    file(s), merge them for --type merged, and split them into the original's _all / _100 files.
+    """
+    from comapoi_cli.data import parse_policy_options
+
+    if list_checks:
+        from comapoi_cli.data.policies import CHECKS
+
+        if as_json:
+            print_json([{"check": c.name, "default": c.default, "can_keep": c.keepable, "original_rule": c.original,
+                         "description": c.description} for c in CHECKS])
+            return
+        console.print(table("Checks (set with --on CHECK=POLICY)", ["check", "default", "can keep", "what it catches"],
+                            [(c.name, c.default, "yes" if c.keepable else "no",
+                              c.description + (" [dim](original rule)[/dim]" if c.original else "")) for c in CHECKS]))
+        return
+    policies = parse_policy_options(on)
+    if input is None:
+        if not dataset:
+            raise UsageError("Give a file to clean, or --dataset NAME to prepare a dataset's agent files.")
+        from comapoi_cli.data import parse_test_size, prepare_training_data
+
+        prepared = prepare_training_data(type_=type_ or "merged", dataset=dataset, data_dir=data_dir, seed=seed,
+                                         test_size=parse_test_size(test_size), split=split, policies=policies,
+                                         strict=strict, tokenizer=tokenizer, seq_length=seq_length,
+                                         max_poi_id=max_poi_id, force=force, workers=workers)
+        summary = prepared.summary
+        if as_json:
+            print_json({"train_path": str(prepared.train_path),
+                        "holdout_path": str(prepared.holdout_path) if prepared.holdout_path else None,
+                        "input_hashes": prepared.input_hashes, **summary})
+            return
+        if summary.get("reused"):
+            success(f"Inputs unchanged since the last run (same hashes): reusing {prepared.train_path}.")
+        else:
+            _clean_table(summary, f"clean {dataset} {type_ or 'merged'}")
+            for rejects_file in summary.get("rejects_files", []):
+                console.print(f"Rejects: {rejects_file}")
+        for note in summary.get("notes", []):
+            warn(note)
+        success(f"Training file: {prepared.train_path} ({summary.get('train')} records)")
+        if prepared.holdout_path:
+            success(f"Holdout: {prepared.holdout_path} ({summary.get('holdout')} records)")
+        return
+
+    from comapoi_cli.data import clean_file
+
+    target = output or input.with_name(f"{input.name[:-6] if input.name.endswith('.jsonl') else input.stem}_clean.jsonl")
+    if target.resolve() == input.resolve():
+        raise UsageError("The output would overwrite the input; pass another --output.")
+    result = clean_file(input, target, rejects, role=type_ if type_ and type_ != "merged" else None, dataset=dataset,
+                        max_poi_id=max_poi_id, policies=policies, strict=strict, tokenizer=tokenizer,
+                        seq_length=seq_length, workers=workers, registry=_registry())
+    data = result.to_dict()
+    data["in"] = data["lines_in"]
+    if as_json:
+        print_json(data)
+    else:
+        _clean_table(data, f"clean {input.name}")
+        console.print(f"Output: {result.output}\nRejects: {result.rejects}")
+        speed = f" ({data['mb_per_s']} MB/s)" if data.get("mb_per_s") else ""
+        console.print(f"[dim]{result.bytes_in / 1e6:.1f} MB in {result.seconds:.2f} s{speed}, {result.workers} process(es)[/dim]")
+    if result.lines_in == 0:
+        raise DataError(f"{input} is empty: there is nothing to clean.")
+    if result.kept == 0:
+        raise DataError(f"No record of {input} survived cleaning.", hint=f"See why in {result.rejects}.")
 
 
+# -- split -------------------------------------------------------------------------------------
 @app.command()
-def split() -> None:
-    """Split a cleaned file into a training file and a seeded holdout."""
-    _not_yet("split")
+def split(
+    input: Optional[Path] = typer.Argument(None, help="JSONL file to split (leave out with --dataset)."),
+    train_out: Optional[Path] = typer.Option(None, "--train-out", help="Training file (default: {stem}_all.jsonl beside INPUT)."),
+    holdout_out: Optional[Path] = typer.Option(None, "--holdout-out", help="Holdout file (default: {stem}_100.jsonl beside INPUT)."),
+    test_size: str = typer.Option("100", "--test-size", help="Holdout size: a count (default 100, as the original) or a fraction (0.1, 10%)."),
+    seed: int = typer.Option(42, "--seed", help="Seed: the same input and seed give byte-identical outputs."),
+    group_by: Optional[str] = typer.Option(None, "--group-by", help="'user': all records of one user land on the same side."),
+    shuffle: bool = typer.Option(False, "--shuffle", help="Shuffle the outputs (seeded); default keeps the input order."),
+    type_: Optional[str] = typer.Option(None, "--type", help="Role of the records (for --group-by); with --dataset the file to split (default merged)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Split {data_dir}/{dataset}/ agentN_train_samples.jsonl (or total_agent_train_samples.jsonl)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=_DATA_DIR_HELP),
+    as_json: bool = typer.Option(False, "--json", help=_JSON_HELP),
+) -> None:
+    """Split a file into a training file and a seeded holdout (the original's _all / _100 names)."""
+    from comapoi_cli.data import parse_test_size, split_file
+    from comapoi_cli.data.layout import MERGED_FILE, dataset_dir
+
+    if input is None:
+        if not dataset:
+            raise UsageError("Give a file to split, or --dataset NAME.")
+        folder = dataset_dir(dataset, data_dir)
+        if not type_ or type_ == "merged":
+            input = folder / MERGED_FILE
+        else:
+            input = folder / _registry().role(type_).data_file_name()
+        if not input.is_file():
+            raise DataError(f"Cannot find {input}.", hint=f"Create it with: comapoi data synth --dataset {dataset}"
+                            + (" and comapoi data merge --dataset " + dataset if input.name == MERGED_FILE else ""))
+    result = split_file(input, train_out, holdout_out, test_size=parse_test_size(test_size), seed=seed,
+                        group_by=group_by, shuffle=shuffle, role=type_ if type_ and type_ != "merged" else None,
+                        registry=_registry())
+    if as_json:
+        print_json(result.to_dict())
+        return
+    rows = [("training", result.train, result.train_path), ("holdout", result.holdout, result.holdout_path)]
+    console.print(table(f"split {input.name} (seed {seed})", ["side", "records", "file"], rows))
+    if result.group_by:
+        console.print(f"Grouped by {result.group_by}: {result.groups} users, {result.holdout_groups} in the holdout.")
+    for note in result.notes:
+        warn(note)
 
 
+# -- merge -------------------------------------------------------------------------------------
 @app.command()
-def merge() -> None:
-    """Merge the agent files into one file tagged with each record's role."""
-    _not_yet("merge")
+def merge(
+    inputs: Optional[List[str]] = typer.Argument(None, help="ROLE=FILE pairs (default: every registered role's file of --dataset)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Merged file (default: {data_dir}/{dataset}/total_agent_train_samples.jsonl)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Merge the agent files of this dataset."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=_DATA_DIR_HELP),
+    shuffle: bool = typer.Option(False, "--shuffle", help="Shuffle the merged records (seeded)."),
+    seed: int = typer.Option(42, "--seed", help="Seed of the shuffle and of fractional weights."),
+    weight: Optional[List[str]] = typer.Option(None, "--weight", help="ROLE=W: up- (2) or down-sample (0.5) a role (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help=_JSON_HELP),
+) -> None:
+    """Merge the agent files into one file, each record tagged with its role (an 'agent' field)."""
+    from comapoi_cli.data import merge_files, parse_weights
+    from comapoi_cli.data.layout import MERGED_FILE, dataset_dir
+
+    registry = _registry()
+    files: dict[str, Path] = {}
+    if inputs:
+        for item in inputs:
+            role_id, sep, path = item.partition("=")
+            if not sep:
+                raise UsageError(f"Expected ROLE=FILE, got '{item}' (e.g. agent1=data/nyc/agent1_train_samples.jsonl).")
+            registry.role(role_id)
+            files[role_id] = Path(path)
+    elif dataset:
+        folder = dataset_dir(dataset, data_dir)
+        for role_id, role in registry.roles.items():
+            path = folder / role.data_file_name()
+            if path.is_file():
+                files[role_id] = path
+        if not files:
+            raise DataError(f"Cannot find any agent training file in {folder}.",
+                            hint=f"Create them with: comapoi data synth --dataset {dataset} --out {folder.parent}")
+    else:
+        raise UsageError("Give ROLE=FILE pairs, or --dataset NAME.")
+    if output is None:
+        if not dataset:
+            raise UsageError("Say where to write the merged file: --output FILE (or --dataset NAME).")
+        output = dataset_dir(dataset, data_dir) / MERGED_FILE
+    result = merge_files(files, output, shuffle=shuffle, seed=seed, weights=parse_weights(weight))
+    if as_json:
+        print_json(result.to_dict())
+        return
+    rows = [(role_id, result.records_in[role_id], result.weights[role_id], result.records_out[role_id], result.inputs[role_id])
+            for role_id in result.inputs]
+    console.print(table(f"merge -> {output.name}", ["role", "records in", "weight", "records out", "file"], rows))
+    success(f"{result.total} records written to {output}" + (" (shuffled)" if shuffle else ""))
+    if result.retagged:
+        warn(f"{result.retagged} record(s) had an 'agent' field naming another role; it was replaced.")
 
 
+# -- stats -------------------------------------------------------------------------------------
 @app.command()
-def stats() -> None:
-    """Per-role statistics: records, lengths, tokens, loss share, duplicates, leaks."""
-    _not_yet("stats")
+def stats(
+    files: Optional[List[Path]] = typer.Argument(None, help="JSONL files (default: every agent file of --dataset)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Describe {data_dir}/{dataset}/agentN_train_samples.jsonl; also sets the POI id range."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=_DATA_DIR_HELP),
+    type_: Optional[str] = typer.Option(None, "--type", help="Role of the records of FILES (default: from the file name, else each record's 'agent')."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Local Hugging Face tokenizer folder: real token counts with its chat template."),
+    seq_length: Optional[int] = typer.Option(None, "--seq-length", "--seq_length", help="Count records longer than this many tokens."),
+    chars_per_token: float = typer.Option(3.2, "--chars-per-token", help="Estimate without --tokenizer."),
+    max_poi_id: Optional[int] = typer.Option(None, "--max-poi-id", help="Largest valid POI id (default: the dataset preset's)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write the length distribution per role to this PNG (matplotlib)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Processes for large files (default: the usable cores)."),
+    as_json: bool = typer.Option(False, "--json", help=_JSON_HELP),
+) -> None:
+    """Per-role statistics: records, lengths, tokens, loss share, duplicates, leaks, wrong targets."""
+    from comapoi_cli.data.stats import compute_stats, dataset_files, plot_lengths
+
+    registry = _registry()
+    if files:
+        selection: Any = [str(f) for f in files]
+    elif dataset:
+        selection = dataset_files(dataset, data_dir, registry)
+    else:
+        raise UsageError("Give files to describe, or --dataset NAME.")
+    report = compute_stats(selection, role=type_ if type_ and type_ != "merged" else None, dataset=dataset,
+                           max_poi_id=max_poi_id, tokenizer=tokenizer, seq_length=seq_length,
+                           chars_per_token=chars_per_token, workers=workers, registry=registry)
+    if plot is not None:
+        plot_lengths(report, plot)
+    if as_json:
+        data = report.to_dict()
+        if plot is not None:
+            data["plot"] = str(plot)
+        print_json(data)
+        return
+    est = "" if report.tokenizer else " (est.)"
+    names = list(report.roles)
+    q = ("p50", "p90", "p99", "max")
+    metrics: list[tuple[str, Any]] = [
+        ("records", lambda s: s.records),
+        ("chars p50/p90/p99/max", lambda s: "/".join(str(s.chars[k]) for k in q)),
+        (f"tokens{est} p50/p90/p99/max", lambda s: "/".join(str(s.tokens[k]) for k in q)),
+    ]
+    if seq_length:
+        metrics.append((f"over {seq_length} tokens", lambda s: f"{s.over_seq_length}" + (
+            f" ({s.answer_lost} lose the whole answer)" if s.answer_lost else "")))
+    metrics += [
+        ("loss share (assistant-only)", lambda s: f"{100 * s.loss_share:.1f}%"),
+        ("duplicates", lambda s: _flag(s.duplicates)),
+        ("label leaks", lambda s: _flag(s.label_leaks)),
+        ("wrong targets", lambda s: _flag(s.wrong_targets)),
+        ("wrong answers", lambda s: _flag(s.wrong_answers)),
+        ("distinct target POIs", lambda s: s.distinct_targets or "-"),
+    ]
+    rows = [[label] + [fn(report.roles[n]) for n in names] for label, fn in metrics]
+    source = f"tokenizer {report.tokenizer} ({report.template})" if report.tokenizer else \
+        f"tokens estimated at {report.chars_per_token} chars/token (pass --tokenizer for real counts)"
+    console.print(table("Data statistics per role", [""] + names, rows, caption=source))
+    for name, s in report.roles.items():
+        hist = s.histogram
+        if not hist.get("counts"):
+            continue
+        largest = max(hist["counts"])
+        console.print(f"[bold]{name}[/bold] tokens{est} per record")
+        edges = hist["edges"]
+        for i, count in enumerate(hist["counts"]):
+            marker = " [red]> seq-length[/red]" if seq_length and edges[i] >= seq_length else ""
+            console.print(f"  {edges[i]:>6}-{edges[i + 1]:<6} {_bar(count, largest):<29} {count}{marker}")
+    if report.unusable:
+        warn("Unusable lines (the clean step rejects them): " + ", ".join(f"{n} {r}" for r, n in report.unusable.items()))
+    if report.tokenizer and report.tokens_per_second:
+        console.print(f"[dim]{sum(s.total_tokens for s in report.roles.values())} tokens in {report.seconds:.2f} s "
+                      f"({report.tokens_per_second:,.0f} tokens/s, {report.workers} process(es))[/dim]")
+    if plot is not None:
+        success(f"Plot written to {plot}")
 
 
+def _flag(n: int) -> str:
+    return f"[red]{n}[/red]" if n else "0"
+
+
+# -- synth -------------------------------------------------------------------------------------
 @app.command()
-def synth() -> None:
-    """Generate CoMaPOI-format data from real trajectories or a simulated city."""
-    _not_yet("synth")
+def synth(
+    dataset: str = typer.Option("nyc", "--dataset", help="Dataset name: its folder, and its city preset (nyc, tky, ca) when simulating."),
+    out: Optional[Path] = typer.Option(None, "--out", "--data-dir", help="Folder that receives {dataset}/ (default: $COMAPOI_DATA_DIR or ./data)."),
+    source: Optional[Path] = typer.Option(None, "--source", help="Real next-POI trajectories (e.g. nyc_train.jsonl); without it a city is simulated."),
+    poi_info: Optional[Path] = typer.Option(None, "--poi-info", help="With --source: a poi_id,category,lat,lon table that widens the candidate pool."),
+    trajectories: Optional[int] = typer.Option(None, "--trajectories", "-n", help="Training trajectories (simulated default 200; real: the first N)."),
+    seed: int = typer.Option(42, "--seed", help="Same seed and options = identical files."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="City to simulate for a dataset name without a preset (nyc, tky, ca)."),
+    min_checkins: int = typer.Option(12, "--min-checkins", help="Simulated: shortest trajectory."),
+    max_checkins: int = typer.Option(36, "--max-checkins", help="Simulated: longest trajectory."),
+    plain: bool = typer.Option(True, "--plain/--no-plain", help="Simulated: also write {dataset}_train/_test.jsonl and {dataset}_poi_info.csv."),
+    as_json: bool = typer.Option(False, "--json", help=_JSON_HELP),
+) -> None:
+    """Generate CoMaPOI-format agent files from real trajectories or a simulated city (deterministic)."""
+    from comapoi_cli.data.synth import synth_dataset
+
+    result = synth_dataset(dataset, out, source=source, trajectories=trajectories, seed=seed, preset=preset,
+                           poi_info=poi_info, min_checkins=min_checkins, max_checkins=max_checkins, plain=plain)
+    if as_json:
+        print_json(result.to_dict())
+        return
+    console.print(table(f"synth {dataset}: {result.mode}, seed {seed}", ["file", "records"],
+                        [(Path(f).name, n) for f, n in result.records.items()]))
+    success(f"{result.trajectories} trajectories of {result.users} users -> {result.folder} "
+            f"({result.bytes_written / 1e6:.1f} MB of agent records in {result.seconds:.2f} s)")
+    if result.skipped_lines:
+        warn(f"{result.skipped_lines} line(s) of {source} are not CoMaPOI trajectories and were skipped.")

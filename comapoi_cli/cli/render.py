@@ -7,6 +7,7 @@ import sys
 from typing import Any, Iterable, Sequence
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 console = Console(highlight=False)
@@ -28,15 +29,17 @@ def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any
     return t
 
 
+# The messages are plain text: escaped, so that brackets in them (an install line such as
+# "./plugins/comapoi-unsloth[unsloth]", a path) print as written instead of as Rich markup.
 def error(message: str, hint: str | None = None) -> None:
-    err_console.print(f"[bold red]Error:[/bold red] {message}", soft_wrap=True)
+    err_console.print(f"[bold red]Error:[/bold red] {escape(message)}", soft_wrap=True)
     if hint:
-        err_console.print(f"[yellow]Hint:[/yellow] {hint}", soft_wrap=True)
+        err_console.print(f"[yellow]Hint:[/yellow] {escape(hint)}", soft_wrap=True)
 
 
 def warn(message: str) -> None:
-    err_console.print(f"[yellow]Warning:[/yellow] {message}", soft_wrap=True)
+    err_console.print(f"[yellow]Warning:[/yellow] {escape(message)}", soft_wrap=True)
 
 
 def success(message: str) -> None:
-    console.print(f"[green]✓[/green] {message}", soft_wrap=True)
+    console.print(f"[green]✓[/green] {escape(message)}", soft_wrap=True)

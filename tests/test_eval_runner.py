@@ -173,7 +173,7 @@ def test_merged_run_scores_each_record_as_its_role(tmp_path, fake_model, registr
     assert set(entry["by_role"]) == {"agent1", "agent3", "poi_ids"}
     assert entry["by_role"]["agent1"]["candidate_recall"] == 100.0 and entry["by_role"]["agent1"]["acc@20"] == 0.0
     assert entry["metrics"]["candidate_recall"] == 100.0 and entry["metrics"]["acc@1"] == pytest.approx(66.6667)
-    assert any("agent2" in note and "no label" in note for note in result.notes)
+    assert any("agent2" in note and "no true next POI id" in note for note in result.notes)
     csv = (run_dir / "metrics.csv").read_text().splitlines()
     assert [row.split(",")[0] for row in csv[1:]] == ["all", "agent1", "agent3", "poi_ids"]
     rescored = score_predictions(run_dir / "predictions.jsonl", registry=registry)

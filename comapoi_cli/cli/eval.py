@@ -38,13 +38,14 @@ def eval_adapter(
         None, "--data", help="Held-out JSONL file. Default: the holdout the run recorded (*_100.jsonl).",
         show_default=False, rich_help_panel="What to evaluate"),
     dataset: Optional[str] = typer.Option(
-        None, "--dataset", help="Dataset name (nyc, tky, ca, any): with --type, prepares and uses its holdout; "
-        "also sets the POI id range. Default: the run's.", show_default=False, rich_help_panel="What to evaluate"),
+        None, "--dataset", help="Dataset name (nyc, tky, ca, any): its POI id range; with --type and no --data, "
+        "evaluate on its holdout. Default: the run's.", show_default=False, rich_help_panel="What to evaluate"),
     type_: Optional[str] = typer.Option(
-        None, "--type", help="merged or a role id (see 'comapoi plugins list'). Default: the run's.",
+        None, "--type", help="merged or a role id (see 'comapoi plugins list'): how records are scored and, without --data, "
+        "which holdout. Default: the run's.",
         show_default=False, rich_help_panel="What to evaluate"),
     data_dir: Optional[Path] = typer.Option(
-        None, "--data-dir", envvar="COMAPOI_DATA_DIR", help="Where --dataset's files live (default ./data).",
+        None, "--data-dir", envvar="COMAPOI_DATA_DIR", help="Where --dataset's files live (default: the run's, else ./data).",
         show_default=False, rich_help_panel="What to evaluate"),
     num_samples: int = typer.Option(
         0, "--num-samples", min=0, help="Evaluate only the first N records (0 = all).", rich_help_panel="What to evaluate"),
@@ -71,6 +72,8 @@ def eval_adapter(
     the tokenizer's chat template, parses each answer with the role's parser and scores it against
     the record's target. Writes predictions.jsonl, metrics.json and metrics.csv beside the adapter
     and appends the result to the run's run.json ("evaluations").
+
+    To score predictions made elsewhere (e.g. by vLLM serving the adapters): comapoi eval score FILE
     """
     if ctx.invoked_subcommand is not None:
         given = [flag for flag, value in (("--adapter", adapter), ("--data", data), ("--dataset", dataset),
@@ -84,8 +87,6 @@ def eval_adapter(
     if adapter is None:
         raise UsageError("Missing option --adapter RUN_DIR (the folder of a trained adapter).",
                          hint="To score a predictions file instead: comapoi eval score FILE")
-    if data is not None and (dataset is not None and type_ is not None):
-        raise UsageError("Give either --data FILE or --dataset with --type, not both.")
     if quant not in ("auto", "4bit", "8bit", "none"):
         raise UsageError(f"--quant must be auto, 4bit, 8bit or none, not '{quant}'.")
 
@@ -101,7 +102,7 @@ def eval_adapter(
         print_json(result.entry)
         return
     _print_metrics(result.entry["metrics"], result.entry.get("by_role") or {},
-                   title=f"{result.entry.get('role') or 'eval'} on {Path(result.entry['data']).name}")
+                   title=f"{result.entry.get('role') or 'eval'} on {result.entry['data']} ({result.entry['metrics']['n']} records)")
     for note in result.notes:
         warn(note)
     for path in result.written:
@@ -190,5 +191,8 @@ def _print_metrics(metrics: dict[str, Any], by_role: dict[str, dict[str, Any]], 
     keys = [k for k in METRIC_KEYS if k in metrics or any(k in m for m in by_role.values())]
     scopes = [("all", metrics), *sorted(by_role.items())]
     labels = {k: (k if k == "n" else f"{k} %") for k in keys}
-    console.print(table(title, ["metric", *(s for s, _ in scopes)],
+    from rich.markup import escape
+
+    console.print(f"[bold]{escape(title)}[/bold]", soft_wrap=True, highlight=False)
+    console.print(table(None, ["metric", *(s for s, _ in scopes)],
                         [(labels[k], *(_fmt(m.get(k)) for _, m in scopes)) for k in keys]))

@@ -64,7 +64,13 @@ class EvalRequest:
 
 @dataclass
 class RunInfo:
-    """A trained adapter and what its run recorded."""
+    """A trained adapter and what its run recorded in run.json (schema: docs/training.md).
+
+    Read: ``job`` (``type``, ``dataset``, ``data_dir``, ``seed``, ``test_size``), ``base_model``
+    (``path``, ``kind``), ``device`` (``quant`` and ``dtype`` as resolved for training) and
+    ``data`` (``train_file``, ``train_sha256``, ``holdout_file``). Without run.json the base
+    model comes from adapter_config.json and everything else from the command line.
+    """
 
     adapter_dir: Path
     run_dir: Path
@@ -72,87 +78,79 @@ class RunInfo:
     run: dict[str, Any]
     is_checkpoint: bool
 
-    def _job(self) -> dict[str, Any]:
-        for key in ("job", "args", "arguments", "options"):
-            value = self.run.get(key)
-            if isinstance(value, dict):
-                return value
-        return {}
+    def _section(self, name: str) -> dict[str, Any]:
+        value = self.run.get(name)
+        return value if isinstance(value, dict) else {}
 
-    def _get(self, *keys: str) -> Any:
-        for holder in (self.run, self._job()):
-            for key in keys:
-                value = holder.get(key)
-                if value not in (None, ""):
-                    return value
-        return None
+    def job_value(self, name: str) -> Any:
+        value = self._section("job").get(name)
+        return None if value in (None, "") else value
 
     @property
     def base_model(self) -> str | None:
-        value = self._get("base_model", "base_model_path", "model_path_resolved")
-        if isinstance(value, dict):
-            value = value.get("path") or value.get("name")
-        if value is None:
-            adapter_config = self.adapter_dir / ADAPTER_CONFIG
+        value: Any = self._section("base_model").get("path") or self.job_value("base_model")
+        if not value:
             try:
-                value = read_json(adapter_config).get("base_model_name_or_path")
+                value = read_json(self.adapter_dir / ADAPTER_CONFIG).get("base_model_name_or_path")
             except (OSError, ValueError, AttributeError):
                 value = None
         return str(value) if value else None
 
     @property
+    def base_model_kind(self) -> str | None:
+        return self._section("base_model").get("kind")
+
+    @property
     def type(self) -> str | None:
-        value = self._get("type", "role")
+        value = self.job_value("type")
         return str(value) if value else None
 
     @property
     def dataset(self) -> str | None:
-        value = self._get("dataset")
+        value = self.job_value("dataset")
         return str(value) if value else None
 
     @property
+    def data_dir(self) -> Path | None:
+        return self._recorded_path(self.job_value("data_dir"))
+
+    @property
     def quant(self) -> str | None:
-        """The quantisation the run trained with (``device.quant``: ``--quant auto`` resolved)."""
-        device = self.run.get("device")
-        value = device.get("quant") if isinstance(device, dict) else None
-        value = value or self._get("quant")
+        """The quantisation the run trained with (``--quant auto`` resolved)."""
+        value = self._section("device").get("quant") or self.job_value("quant")
         return str(value) if value else None
 
     @property
     def dtype(self) -> str | None:
-        """The dtype the base weights were loaded in for training (``device.dtype``), if recorded."""
-        device = self.run.get("device")
-        value = device.get("dtype") if isinstance(device, dict) else None
+        """The dtype the base weights were loaded in for training, if recorded."""
+        value = self._section("device").get("dtype")
         return str(value) if value else None
 
-    def job_value(self, name: str) -> Any:
-        return self._get(name)
+    def _recorded_path(self, value: Any) -> Path | None:
+        """A path run.json records; a relative one is tried from here, then from the folder training ran in."""
+        if not isinstance(value, str) or not value:
+            return None
+        path = Path(value)
+        if path.is_absolute() or path.exists():
+            return path
+        run_dir, output_dir = self.run.get("run_dir"), self.job_value("output_dir")
+        if isinstance(run_dir, str) and isinstance(output_dir, str) and not Path(output_dir).is_absolute():
+            depth = len(Path(output_dir).parts) + 3  # {output_dir}/{tag}/sft-{dataset}/{name}
+            parents = Path(run_dir).parents
+            if len(parents) >= depth and (parents[depth - 1] / path).exists():
+                return parents[depth - 1] / path
+        return path
 
     @property
-    def data_dir(self) -> str | None:
-        value = self._get("data_dir")
-        return str(value) if value else None
+    def train_file(self) -> tuple[Path, str | None] | None:
+        data = self._section("data")
+        path = self._recorded_path(data.get("train_file"))
+        return (path, data.get("train_sha256")) if path else None
 
     @property
     def holdout(self) -> Path | None:
         """The held-out file the run recorded (its ``*_100.jsonl``), if any."""
-        data = self.run.get("data")
-        candidates: list[Any] = []
-        if isinstance(data, dict):
-            candidates += [data.get("holdout_file"), data.get("holdout"), data.get("holdout_path")]
-            files = data.get("files")
-            if isinstance(files, dict):
-                candidates.append(files.get("holdout"))
-        candidates += [self.run.get("holdout"), self.run.get("holdout_path"), self._job().get("holdout")]
-        for value in candidates:
-            if isinstance(value, dict):
-                value = value.get("path")
-            if isinstance(value, str) and value:
-                path = Path(value)
-                if not path.is_absolute() and not path.exists():
-                    path = self.run_dir / path
-                return path
-        return None
+        return self._recorded_path(self._section("data").get("holdout_file"))
 
 
 def locate_run(adapter: str | os.PathLike[str]) -> RunInfo:
@@ -391,25 +389,43 @@ def _resolve_device(device: str) -> str:
 
 
 def resolve_base_model(model: str | None, run: RunInfo) -> str:
-    """The base model folder (or Hugging Face id): ``--model``, else what the run recorded."""
+    """The base model folder (or Hugging Face id): ``--model``, else what the run recorded.
+
+    A run on ``--model tiny`` whose cached model folder is gone gets it rebuilt: the tiny model
+    is a deterministic function of the training file, which run.json records with its hash.
+    """
     name = model or run.base_model
     if not name:
         raise UsageError(f"{run.run_dir} records no base model; pass it with --model DIR.")
-    if name == "tiny":
-        recorded = run.base_model
-        if recorded and recorded != "tiny" and Path(recorded).is_dir():
-            return recorded
-        raise UsageError("--model tiny names a model built from the run's training data; this run records no "
-                         "tiny model folder.", hint="Pass the tiny model's folder with --model DIR.")
+    if name == "tiny" or (model is None and run.base_model_kind == "tiny" and not Path(name).is_dir()):
+        return _tiny_base(run)
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
             raise DataError(f"Base model folder {path} holds no config.json.")
         return str(path)
-    if name.startswith(("/", ".", "~")) or os.sep in name and not _looks_like_hub_id(name):
+    if name.startswith(("/", ".", "~")) or (os.sep in name and not _looks_like_hub_id(name)):
         raise DataError(f"Base model {name} does not exist.",
                         hint="Pass the base model folder with --model DIR (the adapter was trained on it).")
     return name  # a Hugging Face id: transformers resolves it (from its cache when offline)
+
+
+def _tiny_base(run: RunInfo) -> str:
+    recorded = run.base_model
+    if recorded and recorded != "tiny" and Path(recorded).is_dir():
+        return recorded
+    train = run.train_file
+    if run.base_model_kind != "tiny" or train is None:
+        raise UsageError("--model tiny is built from a run's training data, and this run was not trained on it.",
+                         hint="Pass the base model folder with --model DIR.")
+    path, digest = train
+    if not path.is_file() or (digest and sha256_file(path) != digest):
+        raise DataError(f"The tiny base model of this run is gone from the cache and cannot be rebuilt: its "
+                        f"training file {path} is {'missing' if not path.is_file() else 'changed'}.",
+                        hint="Pass the tiny model folder with --model DIR.")
+    from comapoi_cli.training.tiny import ensure_tiny_model
+
+    return str(ensure_tiny_model([path]))
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -603,7 +619,8 @@ def evaluate_adapter(request: EvalRequest, log: Log | None = None, registry: Any
     notes += [f"skipped {count} record{'s' if count != 1 else ''}: {reason}" for reason, count in loaded.skipped.items()]
     if not loaded.records:
         raise DataError(f"Nothing to evaluate in {data_path}: none of its {loaded.total} records has a label "
-                        f"for {type_ or 'its role'}.", hint="; ".join(notes) or None)
+                        f"for {type_ or 'its role'}.",
+                        hint="; ".join([*notes, "docs/evaluation.md says what each role is scored against"]))
     base_model = resolve_base_model(request.model, run)
     if log:
         log(f"loading {base_model} with the adapter {run.adapter_dir}")

@@ -95,6 +95,9 @@ class Scorer:
             ids = read_ids(answer).found if answer else []
             value = ids[0] if ids else None
         if value is None:
+            if self.kind == CANDIDATES:
+                raise LabelError("no true next POI id beside the conversation (a profile text, or a candidate "
+                                 "list without a next_poi_id field)")
             raise LabelError("the record has no label for this role")
         return self.label(value)
 

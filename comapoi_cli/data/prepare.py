@@ -174,7 +174,7 @@ def prepare_training_data(
 
     # -- clean each input (rejects beside it, with its own line numbers) ------------------
     summary: dict[str, Any] = {"in": 0, "kept": 0, "rejected": {}, "warnings": {}, "reused": False,
-                               "rejects_files": [], "files": {}, "notes": [], "over_length": {}}
+                               "rejects_files": [], "files": {}, "notes": [], "over_length": {}, "policies": table}
     cleaned: dict[str, Path] = {}
     temporaries: list[Path] = []
     try:
@@ -189,7 +189,10 @@ def prepare_training_data(
                                 policies=table, tokenizer=tokenizer, seq_length=seq_length, workers=workers,
                                 registry=registry)
             cleaned[key] = tmp
-            summary["files"][str(path)] = result.to_dict()
+            file_summary = result.to_dict()
+            for noisy in ("policies", "output", "input"):  # the table is below; the output was temporary
+                file_summary.pop(noisy, None)
+            summary["files"][str(path)] = file_summary
             summary["rejects_files"].append(str(rejects))
             summary["in"] += result.lines_in
             summary["kept"] += result.kept
@@ -209,6 +212,7 @@ def prepare_training_data(
             merged = folder / MERGED_FILE
             merge_summary = merge_files(cleaned, merged, seed=seed)
             summary["merged"] = merge_summary.to_dict()
+            summary["merged"]["inputs"] = {key: str(inputs[key]) for key in cleaned}  # cleaned from these
             to_split = merged
         else:
             to_split = next(iter(cleaned.values()))

@@ -46,6 +46,7 @@ _ID_KEYS = (
     "poiids", "poiid", "candidatepoiids", "candidatepois", "candidatelist", "candidates",
     "rankedpoiids", "ranking", "topk", "prediction", "predictions", "recommendations", "answer", "ids",
 )
+_RANK_KEY = re.compile(r"\s*(?:rank|top|no\.?)?[\s_-]*(\d+)\s*", re.I)
 _MAX_JSON_STARTS = 200  # embedded JSON candidates tried per text (model output is short)
 _decoder = json.JSONDecoder()
 
@@ -136,6 +137,12 @@ def _ids_from_json(value: Any, depth: int = 0) -> list[int] | None:
                 got = _ids_from_json(inner, depth + 1)
                 if got:
                     return got
+        ranks = [_RANK_KEY.fullmatch(str(k)) for k in value]
+        if value and all(ranks):  # {"1": 22, "2": 35} or {"rank_1": 22, ...}: values in rank order
+            out: list[int] = []
+            for _, inner in sorted(zip((int(m.group(1)) for m in ranks if m), value.values()), key=lambda kv: kv[0]):
+                out.extend(_ids_from_json(inner, depth + 1) or [])
+            return out or None
         if len(value) == 1:
             return _ids_from_json(next(iter(value.values())), depth + 1)
     return None

@@ -122,6 +122,9 @@ def test_no_records():
     ("Based on 12 visits, the ranking is 22, 1, 12, 35", [22, 1, 12, 35]),
     ("1. POI 22\n2. POI 35\n3. POI 7", [22, 35, 7]),
     ("22, 1, 12, 35,", [22, 1, 12, 35]),
+    ('{"2": 35, "1": 22, "3": 7}', [22, 35, 7]),  # rank-keyed objects, in rank order
+    ('[{"poi_id": 22, "score": 0.9}, {"poi_id": 35, "score": 0.5}]', [22, 35]),
+    ('{"next_poi_id": "22, 35, 7"}', [22, 35, 7]),
     ("At 2012-07-06 14:10:22, Friday, POI (40.61740978,-73.95989862) is 28", [28]),
 ])
 def test_parse_ids(text, expected):

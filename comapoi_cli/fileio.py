@@ -27,6 +27,7 @@ def atomic_writer(path: str | os.PathLike[str], mode: str = "w", encoding: str |
     binary = "b" in mode
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp makes 0600; outputs follow the umask like open()
         with os.fdopen(fd, mode, encoding=None if binary else encoding, newline=None if binary else "") as handle:
             yield handle
             handle.flush()
@@ -36,6 +37,12 @@ def atomic_writer(path: str | os.PathLike[str], mode: str = "w", encoding: str |
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:

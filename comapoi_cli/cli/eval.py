@@ -99,7 +99,7 @@ def eval_adapter(
     )
     result = evaluate_adapter(request, log=None if as_json else _log)
     if as_json:
-        print_json(result.entry)
+        print_json({**result.entry, "notes": result.notes, "written": [str(p) for p in result.written]})
         return
     _print_metrics(result.entry["metrics"], result.entry.get("by_role") or {},
                    title=f"{result.entry.get('role') or 'eval'} on {result.entry['data']} ({result.entry['metrics']['n']} records)")

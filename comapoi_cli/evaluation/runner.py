@@ -449,6 +449,19 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
+def plan_device(device: str, quant: str, run: RunInfo) -> tuple[str, str]:
+    """``--device`` and ``--quant`` resolved: auto quantisation is the run's on a GPU, none on the CPU."""
+    device = _resolve_device(device)
+    on_gpu = device.startswith("cuda")
+    if quant == "auto":
+        recorded = (run.quant or "").lower()
+        quant = ("4bit" if recorded in ("", "auto", "4bit") else recorded if recorded in ("8bit", "none") else "none") \
+            if on_gpu else "none"
+    if quant in ("4bit", "8bit") and not on_gpu:
+        raise UsageError(f"--quant {quant} needs a CUDA GPU (bitsandbytes); on the CPU use --quant none.")
+    return device, quant
+
+
 def load_model(base_model: str, run: RunInfo, *, quant: str = "auto", device: str = "auto") -> LoadedModel:
     """Load the base model, apply the adapter with PEFT, and ready the tokenizer for batched generation."""
     _quiet_libraries()
@@ -460,14 +473,8 @@ def load_model(base_model: str, run: RunInfo, *, quant: str = "auto", device: st
     except ImportError:  # pragma: no cover - a dependency
         raise ComapoiError("peft is not installed; it is needed to load an adapter (pip install peft).") from None
 
-    device = _resolve_device(device)
+    device, quant = plan_device(device, quant, run)
     on_gpu = device.startswith("cuda")
-    if quant == "auto":
-        recorded = (run.quant or "").lower()
-        quant = ("4bit" if recorded in ("", "auto", "4bit") else recorded if recorded in ("8bit", "none") else "none") \
-            if on_gpu else "none"
-    if quant in ("4bit", "8bit") and not on_gpu:
-        raise UsageError(f"--quant {quant} needs a CUDA GPU (bitsandbytes); on the CPU use --quant none.")
     if on_gpu:
         recorded_dtype = run.dtype if run.dtype in ("bfloat16", "float16") else None
         dtype = getattr(torch, recorded_dtype) if recorded_dtype else (
@@ -622,9 +629,10 @@ def evaluate_adapter(request: EvalRequest, log: Log | None = None, registry: Any
                         f"for {type_ or 'its role'}.",
                         hint="; ".join([*notes, "docs/evaluation.md says what each role is scored against"]))
     base_model = resolve_base_model(request.model, run)
+    device, quant = plan_device(request.device, request.quant, run)
     if log:
-        log(f"loading {base_model} with the adapter {run.adapter_dir}")
-    model = load_model(base_model, run, quant=request.quant, device=request.device)
+        log(f"loading {base_model} ({device}, quantisation {quant}) with the adapter {run.adapter_dir}")
+    model = load_model(base_model, run, quant=quant, device=device)
     token_ids = render_prompts(model.tokenizer, [r.prompt for r in loaded.records])
     max_new_tokens = request.max_new_tokens or auto_max_new_tokens(
         model.tokenizer, data_path, (r.line for r in loaded.records))

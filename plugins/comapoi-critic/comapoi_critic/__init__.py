@@ -22,6 +22,7 @@ class Critic(AgentRole):
     display_name = "Critic"
     description = "Reranks the Final_Predictor's top-10 list using the recent trajectory (example plugin)."
     data_file = "{id}_train_samples.jsonl"
+    answer_kind = "poi_ids"  # evaluation scores a ranked id list (Acc@k, NDCG@k, MRR), not exact text
 
     def check_answer(self, answer: str, record: dict[str, Any], context: RoleContext) -> str | None:
         try:

@@ -9,7 +9,7 @@ With ``.venv-unsloth`` (``bash scripts/bootstrap_unsloth.sh``: transformers 5.17
 datasets 4.8.5 and Unsloth 2026.10.9 itself, on the CPU through Unsloth's CPU fallback; the
 README's test command creates it in CI when the disk has room): the backend trains through the
 real CLI and its adapter reloads with plain PEFT in the default set; the TRL backend trains on
-that dependency set too; and the tests of comapoi's TRL-1.15 workaround run there. Without the
+that dependency set too; and a subset of the core's tests (``UNSLOTH_SET_SUBSET``) runs there. Without the
 venv these are skipped, saying how to create it.
 """
 
@@ -238,8 +238,14 @@ def test_trl_backend_trains_on_the_unsloth_set(copy_data_dir, tmp_path):
     assert run["status"] == "finished" and losses[-1] < losses[0]
 
 
+#: Tests of the core that run again under the Unsloth set (transformers 5.17, trl 1.15, datasets 4.8.5):
+#: the TRL 1.15 work-around, tokenisation and masks, and train -> eval -> eval score through the CLI.
+UNSLOTH_SET_SUBSET = ("tests/test_trl_compat.py", "tests/test_data_tokens.py", "tests/test_eval_e2e.py")
+
+
 @needs_unsloth_venv
-def test_trl_compat_tests_pass_on_the_unsloth_set():
-    result = run_in(UNSLOTH_PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_trl_compat.py")
+def test_core_subset_passes_on_the_unsloth_set():
+    files = [f for f in UNSLOTH_SET_SUBSET if (REPO / f).is_file()]
+    result = run_in(UNSLOTH_PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files)
     assert result.returncode == 0, result.stdout + result.stderr
     assert " passed" in result.stdout.strip().splitlines()[-1]

@@ -1,10 +1,12 @@
 """``clean_file``: stream a JSONL file into a cleaned file and a rejects file, losing nothing.
 
-The input is read in blocks of whole lines; each block is judged by a :class:`RecordChecker`
-(in worker processes for large files, so both cores work) and the results come back in order.
-The parent process keeps what needs the whole file: duplicate detection (an 8-byte key and
-the first line number per kept conversation), the two output files, and the counts. Memory
-does not grow with the file's size apart from those keys (about 100 bytes per kept record).
+The input is read in blocks of whole lines (``blocks.py``); each block is judged by a
+:class:`RecordChecker` (in worker processes for large files, so every core works) and the
+results come back in order. The parent process keeps what needs the whole file: duplicate
+detection (a :class:`KeyTable`: the 8-byte key and the first line number of each kept
+conversation, 24 to 48 bytes a record), the two output files, and the counts. Kept lines that
+need no change are copied from the input as they are, a run of them in one write. Memory does
+not grow with the file's size apart from the duplicate keys.
 
 Every input line ends in exactly one place: the output (possibly converted, e.g. ShareGPT keys
 or CRLF) or the rejects file, as one JSON object per line::
@@ -17,21 +19,21 @@ a failed run leaves any previous outputs untouched.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
-from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from comapoi_cli.data.blocks import BLOCK_SIZE, default_workers, map_ranges, pool_start_method, read_blocks
 from comapoi_cli.data.policies import CHECK_NAMES, FAIL, KEEP, WARN, resolve_policies
-from comapoi_cli.data.records import KEPT, BlockResult, RecordChecker, make_context, raw_fields
+from comapoi_cli.data.records import BlockResult, KeyTable, RecordChecker, make_context, raw_fields
 from comapoi_cli.errors import DataError, UsageError
 from comapoi_cli.fileio import atomic_writer
 from comapoi_cli.roles import AgentRole, RoleContext
 
-BLOCK_SIZE = 4 << 20            # bytes read (and sent to a worker) at a time
 PARALLEL_MIN_BYTES = 16 << 20   # smaller files are cleaned in-process (no worker start-up cost)
 WARNING_EXAMPLES = 5
 
@@ -68,16 +70,6 @@ class CleanSummary:
         return data
 
 
-def _default_workers() -> int:
-    env = os.environ.get("COMAPOI_DATA_WORKERS")
-    if env and env.strip().isdigit():
-        return max(1, int(env))
-    try:
-        return max(1, min(len(os.sched_getaffinity(0)), 8))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, min(os.cpu_count() or 1, 8))
-
-
 def default_rejects_path(output: Path) -> Path:
     """``x_all.jsonl`` -> ``x_all.rejects.jsonl`` beside it."""
     name = output.name
@@ -85,36 +77,8 @@ def default_rejects_path(output: Path) -> Path:
     return output.with_name(f"{stem}.rejects.jsonl")
 
 
-def _blocks(handle, block_size: int):
-    """Yield ``(block, first_line, final)``: whole lines, the last block possibly unterminated."""
-    carry = b""
-    line = 1
-    while True:
-        chunk = handle.read(block_size)
-        if not chunk:
-            if carry:
-                yield carry, line, True
-            return
-        data = carry + chunk if carry else chunk
-        cut = data.rfind(b"\n")
-        if cut < 0:
-            carry = data
-            continue
-        block, carry = data[: cut + 1], data[cut + 1:]
-        yield block, line, False
-        line += block.count(b"\n")
-
-
 _worker_checker: RecordChecker | None = None
 _worker_file = None
-
-
-def _can_spawn() -> bool:
-    """Spawned workers re-import ``__main__`` from its file: impossible for code read from stdin."""
-    import sys
-
-    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
-    return main_file is None or os.path.exists(main_file)
 
 
 def _init_worker(checker: RecordChecker, path: str) -> None:
@@ -123,37 +87,11 @@ def _init_worker(checker: RecordChecker, path: str) -> None:
     _worker_file = open(path, "rb")
 
 
-def _work(start: int, end: int, final: bool, bom: bool) -> tuple[int, BlockResult]:
+def _work(start: int, end: int, size: int) -> BlockResult:
     """Judge the lines in bytes ``start:end`` of the input (read here: no data crosses the pipe)."""
     assert _worker_checker is not None and _worker_file is not None
     _worker_file.seek(start)
-    block = _worker_file.read(end - start)
-    return block.count(b"\n") + (0 if block.endswith(b"\n") or not block else 1), \
-        _worker_checker.process_block(block, 0, final, bom)
-
-
-def _block_ranges(handle, size: int, block_size: int):
-    """Byte ranges ``(start, end)`` of about ``block_size`` that end just after a newline."""
-    start = 0
-    while start < size:
-        target = start + block_size
-        if target >= size:
-            yield start, size
-            return
-        handle.seek(target)
-        end = None
-        position = target
-        while end is None:
-            piece = handle.read(1 << 16)
-            if not piece:
-                end = size
-                break
-            cut = piece.find(b"\n")
-            if cut >= 0:
-                end = position + cut + 1
-            position += len(piece)
-        yield start, end
-        start = end
+    return _worker_checker.process_block(_worker_file.read(end - start), end >= size, start == 0)
 
 
 def _resolve_role(role: AgentRole | str | None, registry) -> AgentRole | None:
@@ -223,8 +161,8 @@ def clean_file(
                             tokenizer=str(tokenizer) if tokenizer is not None and seq_length is not None else None,
                             seq_length=seq_length)
     size = source.stat().st_size
-    n_workers = workers if workers is not None else _default_workers()
-    parallel = n_workers > 1 and size >= PARALLEL_MIN_BYTES and _can_spawn()
+    n_workers = workers if workers is not None else default_workers()
+    parallel = n_workers > 1 and size >= PARALLEL_MIN_BYTES and pool_start_method() is not None
     summary = CleanSummary(str(source), str(target), str(rejects_path), policies=table,
                            bytes_in=size, workers=n_workers if parallel else 1)
     if checker.tokenizer_path:
@@ -232,137 +170,140 @@ def clean_file(
         summary.tokens = {"tokenizer": checker.tokenizer_path, "template": checker.counter().template,
                           "seq_length": seq_length, "total": 0, "max": 0}
 
-    seen: dict[int, int] = {}
-    dup_policy = table["duplicate"]
-
-    def handle(block: bytes, result: BlockResult, out, rej, base: int = 0) -> None:
-        for name, n in result.conversions.items():
-            summary.converted[name] = summary.converted.get(name, 0) + n
-        for name, n in result.over_length.items():
-            summary.over_length[name] = summary.over_length.get(name, 0) + n
-        out_parts: list[bytes] = []
-        rej_parts: list[bytes] = []
-        roles = summary.roles
-        kept = 0
-        run_start = run_end = -1  # a run of unchanged kept lines, copied from the block in one slice
-        for item in result.items:
-            if item[0] == KEPT:
-                _, line, key, start, end, new, role_name, warnings, tokens = item
-                line += base
-                first = seen.get(key)
-                if first is not None:
-                    detail = f"same conversation as line {first}"
-                    if dup_policy == FAIL:
-                        raise DataError(f"Line {line} of {source} repeats line {first} (check 'duplicate' is set to fail).")
-                    if dup_policy not in (WARN, KEEP):
-                        rej_parts.append(_reject_line(line, "duplicate", detail, block[start:end]))
-                        summary.rejected["duplicate"] = summary.rejected.get("duplicate", 0) + 1
-                        continue
-                    if dup_policy == WARN:
-                        warnings = (warnings or ()) + (("duplicate", detail),)
-                else:
-                    seen[key] = line
-                if new is None and run_end >= 0 and start == run_end + 1:
-                    run_end = end
-                else:
-                    if run_end >= 0:
-                        out_parts.append(block[run_start:run_end])
-                        run_start = run_end = -1
-                    if new is None:
-                        run_start, run_end = start, end
-                    else:
-                        out_parts.append(new)
-                kept += 1
-                role_name = role_name or "-"
-                roles[role_name] = roles.get(role_name, 0) + 1
-                if warnings:
-                    for name, _detail in warnings:
-                        summary.warnings[name] = summary.warnings.get(name, 0) + 1
-                        examples = summary.warning_lines.setdefault(name, [])
-                        if len(examples) < WARNING_EXAMPLES:
-                            examples.append(line)
-                if tokens is not None and summary.tokens is not None:
-                    summary.tokens["total"] += tokens
-                    summary.tokens["max"] = max(summary.tokens["max"], tokens)
-            else:
-                _, line, reason, detail, start, end, fail = item
-                line += base
-                if fail:
-                    raise DataError(f"Line {line} of {source} fails check '{reason}' ({detail}); "
-                                    f"its policy is 'fail', so nothing was written.")
-                rej_parts.append(_reject_line(line, reason, detail, block[start:end]))
-                summary.rejected[reason] = summary.rejected.get(reason, 0) + 1
-        if run_end >= 0:
-            out_parts.append(block[run_start:run_end])
-        summary.lines_in += len(result.items)
-        summary.kept += kept
-        if out_parts:
-            out_parts.append(b"")
-            out.write(b"\n".join(out_parts))
-        if rej_parts:
-            rej.write(b"".join(rej_parts))
-
-    with open(source, "rb") as handle_in, atomic_writer(target, "wb") as out, atomic_writer(rejects_path, "wb") as rej:
+    merge = _Merger(source, summary, table["duplicate"])
+    with atomic_writer(target, "wb") as out, atomic_writer(rejects_path, "wb") as rej:
         if not parallel:
-            first_block = True
-            for block, first_line, final in _blocks(handle_in, BLOCK_SIZE):
-                handle(block, checker.process_block(block, first_line, final, first_block), out, rej)
-                first_block = False
+            for start, end, block in read_blocks(source, size, BLOCK_SIZE):
+                merge.add(block, checker.process_block(block, end >= size, start == 0), out, rej)
         else:
-            _clean_parallel(source, size, checker, n_workers, lambda b, r, base: handle(b, r, out, rej, base))
+            with open(source, "rb") as reader, contextlib.closing(
+                    map_ranges(source, size, n_workers, _init_worker, (checker, str(source)), _work, BLOCK_SIZE)) as results:
+                for start, end, result in results:
+                    reader.seek(start)  # the worker judged these bytes; read them again to copy the kept lines
+                    merge.add(reader.read(end - start), result, out, rej)
     summary.rejected = {name: summary.rejected[name] for name in CHECK_NAMES if name in summary.rejected}
     summary.seconds = time.perf_counter() - started
     assert summary.lines_in == summary.kept + summary.rejected_total
     return summary
 
 
-def _clean_parallel(source: Path, size: int, checker: RecordChecker, n_workers: int, consume) -> None:
-    """Judge byte ranges of ``source`` in ``n_workers`` processes; results are consumed in input order.
+class _Merger:
+    """Adds the blocks' results, in input order, to the outputs and the summary: duplicates
+    across the whole file, line numbers, the rejects file, warnings, counts."""
 
-    Workers read their ranges themselves, and only the compact per-line results come back; the
-    parent re-reads a range (from the page cache) to copy the kept lines. At most
-    ``2 * n_workers`` ranges are in flight, so memory stays bounded. Workers are spawned (never
-    forked: the caller may hold threads, e.g. torch's) with one fixed ``PYTHONHASHSEED`` so that
-    their conversation keys agree.
-    """
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    def __init__(self, source: Path, summary: CleanSummary, dup_policy: str):
+        self.source = source
+        self.summary = summary
+        self.dup_policy = dup_policy
+        self.seen = KeyTable()
+        self.next_line = 1  # the line number of the next block's first line
 
-    ctx = multiprocessing.get_context("spawn")
-    window = n_workers * 2
-    pending: deque = deque()
-    saved = os.environ.get("PYTHONHASHSEED")
-    os.environ["PYTHONHASHSEED"] = "0"
-    base = 1
-    try:
-        with open(source, "rb") as reader, open(source, "rb") as scanner, \
-                ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx, initializer=_init_worker,
-                                    initargs=(checker, str(source))) as pool:
+    def add(self, block: bytes, result: BlockResult, out, rej) -> None:
+        summary = self.summary
+        base = self.next_line
+        self.next_line += result.lines
+        for name, n in result.conversions.items():
+            summary.converted[name] = summary.converted.get(name, 0) + n
+        for name, n in result.over_length.items():
+            summary.over_length[name] = summary.over_length.get(name, 0) + n
 
-            def finish() -> None:
-                nonlocal base
-                start, end, future = pending.popleft()
-                lines, result = future.result()
-                reader.seek(start)
-                consume(reader.read(end - start), result, base)
-                base += lines
+        duplicates = self.seen.add_block(result.keys, result.offsets, base)
+        failed = next((r for r in result.rejected if r[5]), None)
+        if duplicates and self.dup_policy == FAIL:
+            index, first = duplicates[0]
+            line = base + result.offsets[index]
+            if failed is None or line < base + failed[0]:
+                raise DataError(f"Line {line} of {self.source} repeats line {first} (check 'duplicate' is set to fail).")
+        if failed is not None:
+            offset, reason, detail = failed[:3]
+            raise DataError(f"Line {base + offset} of {self.source} fails check '{reason}' ({detail}); "
+                            f"its policy is 'fail', so nothing was written.")
 
-            try:
-                for start, end in _block_ranges(scanner, size, BLOCK_SIZE):
-                    pending.append((start, end, pool.submit(_work, start, end, end >= size, start == 0)))
-                    if len(pending) >= window:
-                        finish()
-                while pending:
-                    finish()
-            except BaseException:
-                for _start, _end, future in pending:
-                    future.cancel()
-                raise
-    finally:
-        if saved is None:
-            os.environ.pop("PYTHONHASHSEED", None)
+        dropped: set[int] = set()
+        extra_warnings: dict[int, tuple] = {}
+        rejects = [(base + offset, _reject_line(base + offset, reason, detail, block[start:end]))
+                   for offset, reason, detail, start, end, _fail in result.rejected]
+        for _offset, reason, *_rest in result.rejected:
+            summary.rejected[reason] = summary.rejected.get(reason, 0) + 1
+        if self.dup_policy != KEEP:
+            for index, first in duplicates:
+                detail = f"same conversation as line {first}"
+                if self.dup_policy == WARN:
+                    extra_warnings[index] = (("duplicate", detail),)
+                    continue
+                dropped.add(index)
+                line = base + result.offsets[index]
+                raw = block[result.spans[2 * index]: result.spans[2 * index + 1]]
+                rejects.append((line, _reject_line(line, "duplicate", detail, raw)))
+                summary.rejected["duplicate"] = summary.rejected.get("duplicate", 0) + 1
+        if rejects:
+            if dropped and result.rejected:
+                rejects.sort(key=lambda item: item[0])  # the rejects file is in input order
+            rej.write(b"".join(entry for _line, entry in rejects))
+
+        summary.lines_in += result.lines
+        summary.kept += len(result.keys) - len(dropped)
+        roles = summary.roles
+        if dropped:
+            for index, name in enumerate(result.roles):
+                if index not in dropped:
+                    roles[name] = roles.get(name, 0) + 1
         else:
-            os.environ["PYTHONHASHSEED"] = saved
+            for name, n in result.role_counts.items():
+                roles[name] = roles.get(name, 0) + n
+        if result.warnings or extra_warnings:
+            self._warnings(result, extra_warnings, dropped, base)
+        if result.tokens is not None and summary.tokens is not None:
+            tokens = [t for i, t in enumerate(result.tokens) if i not in dropped]
+            if tokens:
+                summary.tokens["total"] += sum(tokens)
+                summary.tokens["max"] = max(summary.tokens["max"], max(tokens))
+        _write_kept(block, result, dropped, out)
+
+    def _warnings(self, result: BlockResult, extra: dict[int, tuple], dropped: set[int], base: int) -> None:
+        summary = self.summary
+        for index in sorted(set(result.warnings) | set(extra)):
+            if index in dropped:
+                continue
+            line = base + result.offsets[index]
+            for name, _detail in result.warnings.get(index, ()) + extra.get(index, ()):
+                summary.warnings[name] = summary.warnings.get(name, 0) + 1
+                examples = summary.warning_lines.setdefault(name, [])
+                if len(examples) < WARNING_EXAMPLES:
+                    examples.append(line)
+
+
+def _write_kept(block: bytes, result: BlockResult, dropped: set[int], out) -> None:
+    """Write the kept lines: runs of unchanged lines as slices of ``block`` (with their newlines),
+    re-serialised records as they are; the kept indexes in ``dropped`` are left out."""
+    view = memoryview(block)
+    spans, changed = result.spans, result.changed
+    size = len(block)
+    write = out.write
+    for first, stop in _without(result.runs, dropped) if dropped else result.runs:
+        new = changed.get(first) if changed else None
+        if new is not None:
+            write(new + b"\n")
+            continue
+        start, end = spans[2 * first], spans[2 * stop - 1]
+        if end < size and block[end] == 10:
+            write(view[start:end + 1])
+        else:  # the last line without its newline, or a CRLF line: add a plain newline
+            write(view[start:end])
+            write(b"\n")
+
+
+def _without(runs: list[tuple[int, int]], dropped: set[int]):
+    """``runs`` with the kept indexes in ``dropped`` cut out."""
+    for first, stop in runs:
+        piece = first
+        for index in range(first, stop):
+            if index in dropped:
+                if piece < index:
+                    yield piece, index
+                piece = index + 1
+        if piece < stop:
+            yield piece, stop
 
 
 def _reject_line(line: int, reason: str, detail: str, raw: bytes) -> bytes:

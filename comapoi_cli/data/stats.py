@@ -13,18 +13,17 @@ Large files are read in byte ranges by worker processes (both cores), as in the 
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import time
 from array import array
-from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from comapoi_cli.data.clean import BLOCK_SIZE, _block_ranges, _can_spawn, _default_workers
+from comapoi_cli.data.blocks import BLOCK_SIZE, default_workers, map_ranges, pool_start_method, read_blocks
 from comapoi_cli.data.policies import KEEP, resolve_policies
-from comapoi_cli.data.records import Reject, RecordChecker, find_leak_in_messages, make_context
+from comapoi_cli.data.records import KeyTable, Reject, RecordChecker, conversation_key, find_leak_in_messages, make_context
 from comapoi_cli.data.tokens import DEFAULT_CHARS_PER_TOKEN
 from comapoi_cli.default_plugins.comapoi_roles import answer_ids
 from comapoi_cli.errors import DataError, UsageError
@@ -127,20 +126,15 @@ class _StatsWorker:
         pending: list[list[dict[str, str]]] = []
         pending_rows: list[int] = []
         counter = self.counter()
+        read_record, judge = self.checker.read_record, self.checker.judge
         for index, raw in enumerate(block.split(b"\n")):
             if bom and index == 0 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
             if not raw.strip():
                 continue
             try:
-                try:
-                    obj = json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError:
-                    raise Reject("invalid_utf8", "") from None
-                except ValueError:
-                    raise Reject("bad_json", "") from None
-                record, _changed = self.checker.normalise(obj, {}, [])
-                self.checker.judge(record, [])
+                record, _changed = read_record(raw, {}, [])
+                judge(record, [])
             except Reject as rej:
                 unusable[rej.reason] = unusable.get(rej.reason, 0) + 1
                 continue
@@ -172,7 +166,7 @@ class _StatsWorker:
             else:  # an id answer ({"next_poi_id": 22}, a candidate list): its first id is the true next POI
                 ids, _form = answer_ids(answer)
                 target = ids[0] if ids else None
-            key = hash(tuple([(m["role"], m["content"]) for m in messages]))
+            key = conversation_key(messages)
             rows.append((role_name, chars, len(answer), None, None, key, flags, target))
             if counter is not None:
                 pending.append(messages)
@@ -197,10 +191,10 @@ def _init(worker: _StatsWorker, path: str) -> None:
     worker.counter()
 
 
-def _work(start: int, end: int, bom: bool):
+def _work(start: int, end: int, size: int):
     assert _worker is not None and _worker_file is not None
     _worker_file.seek(start)
-    return _worker.process(_worker_file.read(end - start), bom)
+    return _worker.process(_worker_file.read(end - start), start == 0)
 
 
 # -- aggregation -------------------------------------------------------------------------
@@ -212,7 +206,7 @@ class _Acc:
         self.prompt = array("q")
         self.answer_chars = 0
         self.total_chars = 0
-        self.keys: set[int] = set()
+        self.keys = KeyTable()
         self.duplicates = 0
         self.leaks = self.wrong_targets = self.wrong_answers = 0
         self.targets: set[int] = set()
@@ -225,10 +219,8 @@ class _Acc:
         if tokens is not None:
             self.tokens.append(tokens)
             self.prompt.append(prompt)
-        if key in self.keys:
+        if self.keys.setdefault(key, 0) is not None:
             self.duplicates += 1
-        else:
-            self.keys.add(key)
         if flags & LEAK:
             self.leaks += 1
         if flags & WRONG_TARGET:
@@ -316,7 +308,7 @@ def compute_stats(
 
         report.template = TokenCounter.load(token_path).template  # fails early on a bad folder
     accs: dict[str, _Acc] = {}
-    n_workers = workers if workers is not None else _default_workers()
+    n_workers = workers if workers is not None else default_workers()
 
     def consume(rows: list[tuple], unusable: dict[str, int]) -> None:
         for reason, n in unusable.items():
@@ -338,14 +330,14 @@ def compute_stats(
         worker = _StatsWorker(role_obj, registry.roles, context, token_path)
         size = path.stat().st_size
         report.bytes += size
-        if n_workers > 1 and size >= PARALLEL_MIN_BYTES and _can_spawn():
+        if n_workers > 1 and size >= PARALLEL_MIN_BYTES and pool_start_method() is not None:
             report.workers = n_workers
-            _stats_parallel(path, size, worker, n_workers, consume)
+            with contextlib.closing(map_ranges(path, size, n_workers, _init, (worker, str(path)), _work, BLOCK_SIZE)) as results:
+                for _start, _end, result in results:
+                    consume(*result)
         else:
-            with open(path, "rb") as handle:
-                for start, end in _block_ranges(handle, size, BLOCK_SIZE):
-                    handle.seek(start)
-                    consume(*worker.process(handle.read(end - start), start == 0))
+            for start, _end, block in read_blocks(path, size, BLOCK_SIZE):
+                consume(*worker.process(block, start == 0))
 
     for name in sorted(accs, key=lambda r: (r == "-", r)):
         acc = accs[name]
@@ -374,35 +366,6 @@ def compute_stats(
         report.roles[name] = stats
     report.seconds = time.perf_counter() - started
     return report
-
-
-def _stats_parallel(path: Path, size: int, worker: _StatsWorker, n_workers: int, consume) -> None:
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    ctx = multiprocessing.get_context("spawn")
-    pending: deque = deque()
-    saved = os.environ.get("PYTHONHASHSEED")
-    os.environ["PYTHONHASHSEED"] = "0"
-    try:
-        with open(path, "rb") as scanner, ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx, initializer=_init,
-                                                              initargs=(worker, str(path))) as pool:
-            try:
-                for start, end in _block_ranges(scanner, size, BLOCK_SIZE):
-                    pending.append(pool.submit(_work, start, end, start == 0))
-                    if len(pending) >= 2 * n_workers:
-                        consume(*pending.popleft().result())
-                while pending:
-                    consume(*pending.popleft().result())
-            except BaseException:
-                for future in pending:
-                    future.cancel()
-                raise
-    finally:
-        if saved is None:
-            os.environ.pop("PYTHONHASHSEED", None)
-        else:
-            os.environ["PYTHONHASHSEED"] = saved
 
 
 def dataset_files(dataset: str, data_dir=None, registry=None) -> dict[str, str]:

@@ -1,0 +1,250 @@
+"""Finding and describing training runs (adapters) under output roots.
+
+``scan_runs(roots)`` walks each root and returns one ``AdapterRun`` per run folder: a folder
+holding ``run.json`` (a comapoi run) or ``adapter_config.json`` (a PEFT adapter from elsewhere,
+e.g. the original script's ``finetune/results/...``; described from its JSON files and its folder
+names). ``load_run(folder)`` describes one folder. Only JSON files are read (never
+``training_args.bin``, which is a pickle); a half-written or foreign folder becomes a warning and,
+where it still is an adapter, a row with what could be read. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from comapoi_cli.errors import UsageError
+
+RUN_JSON = "run.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+ENV_OUTPUT_DIR = "COMAPOI_OUTPUT_DIR"
+_SAVE_NAME = re.compile(r"^bs(?P<bs>\d+)-gas(?P<gas>\d+)-ms(?P<ms>\d+)-(?P<type>.+)-lr(?P<lr>[^-]+(?:-\d+)?)$")
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+#: ``--sort`` keys: (field, largest first?)
+SORT_KEYS = {
+    "date": ("date", True), "run": ("run", False), "loss": ("final_loss", False), "steps": ("steps", True),
+    "size": ("size_bytes", True), "acc1": ("acc@1", True), "acc5": ("acc@5", True), "mrr": ("mrr", True),
+}
+
+
+def default_roots() -> list[Path]:
+    return [Path(os.environ.get(ENV_OUTPUT_DIR) or "output")]
+
+
+@dataclass
+class AdapterRun:
+    """One run folder as ``adapters list`` shows it (``to_dict`` is its ``--json`` form)."""
+
+    path: str  #: the run folder
+    run: str  #: the folder relative to its output root
+    status: str  #: finished, interrupted, running, stopped (killed), failed, no run.json, unreadable
+    dataset: str | None = None
+    type: str | None = None
+    backend: str | None = None
+    base_model: str | None = None
+    lora_r: int | None = None
+    lora_alpha: int | None = None
+    steps: int | None = None
+    max_steps: int | None = None
+    final_loss: float | None = None
+    size_bytes: int | None = None  #: the final adapter's weights (None before the run finishes)
+    date: str | None = None  #: finished, else last updated (ISO 8601)
+    checkpoints: list[str] = field(default_factory=list)
+    adapter: bool = False  #: the final adapter is present
+    evaluation: dict[str, Any] | None = None  #: the latest entry of run.json's ``evaluations``
+    warnings: list[str] = field(default_factory=list)
+
+    def metric(self, name: str) -> float | None:
+        metrics = (self.evaluation or {}).get("metrics") or {}
+        value = metrics.get(name)
+        return value if isinstance(value, (int, float)) else None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["acc@1"], data["acc@5"], data["mrr"] = self.metric("acc@1"), self.metric("acc@5"), self.metric("mrr")
+        return data
+
+
+def _read_json(path: Path) -> tuple[Any, str | None]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle), None
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError) as exc:
+        return None, f"{path.name} is unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
+
+
+def _checkpoint_names(folder: Path) -> list[str]:
+    found = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            match = _CHECKPOINT.match(entry.name)
+            if match and entry.is_dir(follow_symlinks=False):
+                found.append((int(match.group(1)), entry.name))
+    return [name for _, name in sorted(found)]
+
+
+def _weights(folder: Path) -> Path | None:
+    return next((folder / n for n in ADAPTER_WEIGHTS if (folder / n).is_file()), None)
+
+
+def _iso_mtime(path: Path) -> str:
+    return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+def _process_alive(pid: Any, host: Any) -> bool | None:
+    """True/False when it can be told (same host), None otherwise."""
+    if not isinstance(pid, int) or host != socket.gethostname():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return None
+    return True
+
+
+def _latest_evaluation(evaluations: Any) -> dict[str, Any] | None:
+    if not isinstance(evaluations, list):
+        return None
+    entries = [e for e in evaluations if isinstance(e, dict) and isinstance(e.get("metrics"), dict)]
+    if not entries:
+        return None
+    return max(enumerate(entries), key=lambda pair: (str(pair[1].get("time") or ""), pair[0]))[1]
+
+
+def _from_names(run: AdapterRun, folder: Path) -> None:
+    """Fill dataset/type/steps from the original's folder names: .../sft-{dataset}/bs..-gas..-ms..-{type}-lr.."""
+    match = _SAVE_NAME.match(folder.name)
+    if match:
+        run.type = run.type or match.group("type")
+        run.max_steps = run.max_steps or int(match.group("ms"))
+    if folder.parent.name.startswith("sft-"):
+        run.dataset = run.dataset or folder.parent.name[4:]
+
+
+def load_run(folder: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> AdapterRun:
+    """Describe one run folder from its JSON files (raises nothing for bad content: see ``warnings``)."""
+    folder = Path(folder)
+    rel = os.path.relpath(folder, root) if root is not None else str(folder)
+    run = AdapterRun(path=str(folder), run=rel, status="no run.json")
+    run.checkpoints = _checkpoint_names(folder)
+    weights = _weights(folder)
+    run.adapter = weights is not None and (folder / ADAPTER_CONFIG).is_file()
+    run.size_bytes = weights.stat().st_size if weights is not None else None
+    record, problem = _read_json(folder / RUN_JSON)
+    if problem:
+        run.warnings.append(f"{problem}; listed from its other files")
+        run.status = "unreadable"
+    if isinstance(record, dict):
+        job = record.get("job") if isinstance(record.get("job"), dict) else {}
+        progress = record.get("progress") if isinstance(record.get("progress"), dict) else {}
+        lora = record.get("lora") if isinstance(record.get("lora"), dict) else {}
+        base = record.get("base_model") if isinstance(record.get("base_model"), dict) else {}
+        backend = record.get("backend")
+        run.status = str(record.get("status") or "unknown")
+        if run.status == "running":
+            alive = _process_alive(record.get("pid"), record.get("host"))
+            if alive is False:
+                run.status = "stopped"
+        run.dataset = job.get("dataset") or (Path(job["data_path"]).stem if job.get("data_path") else None)
+        run.type = job.get("type")
+        run.backend = backend.get("name") if isinstance(backend, dict) else (backend if isinstance(backend, str) else job.get("backend"))
+        run.base_model = base.get("name") or job.get("model")
+        run.lora_r = lora.get("r", job.get("lora_r"))
+        run.lora_alpha = lora.get("alpha", job.get("lora_alpha"))
+        run.steps = progress.get("global_step")
+        run.max_steps = progress.get("max_steps", job.get("max_steps"))
+        run.final_loss = progress.get("final_loss")
+        run.date = record.get("finished") or record.get("updated") or record.get("created")
+        run.evaluation = _latest_evaluation(record.get("evaluations"))
+        if run.status == "finished" and not run.adapter:
+            run.warnings.append("run.json says finished but the adapter files are missing")
+    elif record is not None:
+        run.warnings.append("run.json does not hold a JSON object; listed from its other files")
+        run.status = "unreadable"
+    if not isinstance(record, dict):
+        config, problem = _read_json(folder / ADAPTER_CONFIG)
+        if problem:
+            run.warnings.append(problem)
+        if isinstance(config, dict):
+            base = config.get("base_model_name_or_path")
+            run.base_model = Path(base).name if isinstance(base, str) and base else None
+            run.lora_r, run.lora_alpha = config.get("r"), config.get("lora_alpha")
+        _from_names(run, folder)
+        if run.checkpoints:
+            state, _ = _read_json(folder / run.checkpoints[-1] / "trainer_state.json")
+            if isinstance(state, dict):
+                run.steps = state.get("global_step")
+                losses = [e["loss"] for e in state.get("log_history") or [] if isinstance(e, dict) and "loss" in e]
+                run.final_loss = losses[-1] if losses else None
+        if run.status == "no run.json" and run.adapter:
+            run.status = "finished" if run.steps is None or run.max_steps is None or run.steps >= run.max_steps else "interrupted"
+            run.warnings.append("no run.json (not made by comapoi, or made before it); listed from adapter_config.json and its folder names")
+        run.date = run.date or _iso_mtime(folder)
+    return run
+
+
+def _is_run_folder(names: Iterable[str]) -> bool:
+    names = set(names)
+    return RUN_JSON in names or ADAPTER_CONFIG in names
+
+
+def scan_runs(roots: Sequence[str | os.PathLike[str]]) -> tuple[list[AdapterRun], list[str]]:
+    """Every run folder under ``roots`` (checkpoints are part of their run), and warnings."""
+    runs: list[AdapterRun] = []
+    warnings: list[str] = []
+    seen: set[str] = set()
+    for root in roots:
+        root = Path(root)
+        if not root.is_dir():
+            warnings.append(f"{root}: no such folder")
+            continue
+        for current, dirs, files in os.walk(root, onerror=lambda exc: warnings.append(f"{exc.filename}: {exc.strerror}")):
+            here = Path(current)
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            if not _is_run_folder(files):
+                continue
+            dirs[:] = []  # checkpoints and the rest belong to this run
+            key = str(here.resolve())
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                run = load_run(here, root)
+            except OSError as exc:  # vanished while listing, permissions
+                warnings.append(f"{here}: {exc.strerror or exc}")
+                continue
+            runs.append(run)
+            warnings.extend(f"{run.path}: {w}" for w in run.warnings)
+    return runs, warnings
+
+
+def sort_runs(runs: list[AdapterRun], key: str, reverse: bool = False) -> list[AdapterRun]:
+    """Sort by a ``SORT_KEYS`` name; runs without the value go last."""
+    if key not in SORT_KEYS:
+        raise UsageError(f"--sort must be one of {', '.join(SORT_KEYS)}, got {key!r}.")
+    name, descending = SORT_KEYS[key]
+    descending ^= reverse
+
+    def value(run: AdapterRun) -> Any:
+        if name in ("acc@1", "acc@5", "mrr"):
+            return run.metric(name)
+        return getattr(run, name)
+
+    present = [r for r in runs if value(r) is not None]
+    missing = [r for r in runs if value(r) is None]
+    present.sort(key=lambda r: (value(r), r.run), reverse=descending)
+    return present + sorted(missing, key=lambda r: r.run)

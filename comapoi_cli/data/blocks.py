@@ -1,0 +1,131 @@
+"""Reading a JSONL file in blocks of whole lines, in this process or in worker processes.
+
+``clean`` and ``stats`` both cut the file into byte ranges of about :data:`BLOCK_SIZE` that end
+just after a newline (:func:`block_ranges`), so that a block never splits a line and block
+boundaries do not depend on the number of processes. :func:`map_ranges` runs a function over
+the ranges in worker processes, each reading its own ranges from the file (no data crosses the
+pipe on the way in), and yields the results in input order with at most ``2 * workers`` ranges
+in flight, so memory stays bounded.
+
+Workers are forked when this process has a single thread (the CLI: instant start, and the
+workers share this process's string hashes); otherwise they are spawned (forking a process
+that holds threads, e.g. torch's, can deadlock) with one fixed ``PYTHONHASHSEED`` so that their
+string hashes agree with each other.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import deque
+from typing import Any, Callable, Iterator
+
+BLOCK_SIZE = 4 << 20  # bytes judged at a time (and sent to a worker as one task)
+
+
+def default_workers() -> int:
+    """Processes for large files: env ``COMAPOI_DATA_WORKERS``, else the usable cores (at most 8)."""
+    env = os.environ.get("COMAPOI_DATA_WORKERS")
+    if env and env.strip().isdigit():
+        return max(1, int(env))
+    try:
+        return max(1, min(len(os.sched_getaffinity(0)), 8))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, min(os.cpu_count() or 1, 8))
+
+
+def block_ranges(handle, size: int, block_size: int = BLOCK_SIZE) -> Iterator[tuple[int, int]]:
+    """Byte ranges ``(start, end)`` of about ``block_size`` that end just after a newline
+    (the last one at ``size``, newline or not). ``handle``: the file, opened in binary mode."""
+    start = 0
+    while start < size:
+        target = start + block_size
+        if target >= size:
+            yield start, size
+            return
+        handle.seek(target)
+        end = None
+        position = target
+        while end is None:
+            piece = handle.read(1 << 16)
+            if not piece:
+                end = size
+                break
+            cut = piece.find(b"\n")
+            if cut >= 0:
+                end = position + cut + 1
+            position += len(piece)
+        yield start, end
+        start = end
+
+
+def read_blocks(path, size: int, block_size: int = BLOCK_SIZE) -> Iterator[tuple[int, int, bytes]]:
+    """``(start, end, bytes)`` of each range of :func:`block_ranges`, read in this process."""
+    with open(path, "rb") as scanner, open(path, "rb") as reader:
+        for start, end in block_ranges(scanner, size, block_size):
+            reader.seek(start)
+            yield start, end, reader.read(end - start)
+
+
+def _single_threaded() -> bool:
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:  # not Linux: cannot tell, so assume threads
+        return False
+
+
+def _main_importable() -> bool:
+    """Spawned workers re-import ``__main__`` from its file: impossible for code read from stdin."""
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    return main_file is None or os.path.exists(main_file)
+
+
+def pool_start_method() -> str | None:
+    """``"fork"``, ``"spawn"``, or None when worker processes cannot be started here."""
+    import multiprocessing
+
+    if "fork" in multiprocessing.get_all_start_methods() and _single_threaded():
+        return "fork"
+    return "spawn" if _main_importable() else None
+
+
+def map_ranges(path, size: int, workers: int, initializer: Callable[..., None], initargs: tuple,
+               work: Callable[[int, int, int], Any], block_size: int = BLOCK_SIZE,
+               method: str | None = None) -> Iterator[tuple[int, int, Any]]:
+    """Yield ``(start, end, work(start, end, size))`` for each range of :func:`block_ranges`, in
+    order, computed in ``workers`` processes set up by ``initializer(*initargs)``.
+
+    ``work`` and ``initializer`` must be module-level functions; ``method`` is the start method
+    (default :func:`pool_start_method`).
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    method = method or pool_start_method() or "spawn"
+    context = multiprocessing.get_context(method)
+    pending: deque = deque()
+    saved = os.environ.get("PYTHONHASHSEED")
+    if method != "fork":
+        os.environ["PYTHONHASHSEED"] = "0"
+    try:
+        with open(path, "rb") as scanner, ProcessPoolExecutor(max_workers=workers, mp_context=context,
+                                                              initializer=initializer, initargs=initargs) as pool:
+            try:
+                for start, end in block_ranges(scanner, size, block_size):
+                    pending.append((start, end, pool.submit(work, start, end, size)))
+                    if len(pending) >= 2 * workers:
+                        start, end, future = pending.popleft()
+                        yield start, end, future.result()
+                while pending:
+                    start, end, future = pending.popleft()
+                    yield start, end, future.result()
+            except BaseException:
+                for _start, _end, future in pending:
+                    future.cancel()
+                raise
+    finally:
+        if method != "fork":
+            if saved is None:
+                os.environ.pop("PYTHONHASHSEED", None)
+            else:
+                os.environ["PYTHONHASHSEED"] = saved

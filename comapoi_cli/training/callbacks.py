@@ -1,0 +1,128 @@
+"""Trainer callbacks shared by every backend built on the TRL path: progress, Ctrl-C, run.json.
+
+Imports transformers: import this module only once training starts.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+from transformers import TrainerCallback
+
+from comapoi_cli.training.report import Reporter
+
+
+class ProgressCallback(TrainerCallback):
+    """Feeds the reporter: the bar on every step, a line on every log, a note on every checkpoint."""
+
+    def __init__(self, reporter: Reporter, max_steps: int):
+        self.reporter = reporter
+        self.max_steps = max_steps
+        self.loss: float | None = None
+        self.lr: float | None = None
+        self.start_step = 0  #: the step this process started at (> 0 when resuming)
+        self.start_tokens = 0
+        self._t0: float | None = None
+
+    def train_seconds(self) -> float:
+        """Seconds since training (not set-up) began in this process."""
+        return 0.0 if self._t0 is None else time.monotonic() - self._t0
+
+    def rates(self, state: Any) -> tuple[float | None, float | None]:
+        """(tokens/s, ETA seconds) of this process's part of the run (not counting earlier segments)."""
+        elapsed = self.train_seconds()
+        done = state.global_step - self.start_step
+        if done <= 0 or elapsed <= 0:
+            return None, None
+        tokens = (state.num_input_tokens_seen or 0) - self.start_tokens
+        return (tokens / elapsed if tokens else None), elapsed / done * (self.max_steps - state.global_step)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._t0 = time.monotonic()
+        self.start_step = state.global_step
+        self.start_tokens = state.num_input_tokens_seen or 0
+        self.reporter.progress_start(self.max_steps, state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        tps, eta = self.rates(state)
+        self.reporter.progress_update(state.global_step, loss=self.loss, lr=self.lr, tokens_per_s=tps, eta_s=eta)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" in logs:
+            self.loss = logs["loss"]
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                # seconds since training began in this process, when this step was logged: per-step
+                # times for bench/bench_gpu_train.py (the loss item() before the log synchronises CUDA)
+                state.log_history[-1].setdefault("train_seconds", round(self.train_seconds(), 4))
+        if "learning_rate" in logs:
+            self.lr = logs["learning_rate"]
+        if "loss" in logs or "eval_loss" in logs:
+            tps, eta = self.rates(state)
+            self.reporter.log_line(state.global_step, self.max_steps, logs, tps, eta)
+
+    def on_save(self, args, state, control, **kwargs):
+        self.reporter.info(f"saved checkpoint-{state.global_step}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.reporter.progress_stop()
+
+
+class InterruptCallback(TrainerCallback):
+    """First Ctrl-C (or SIGTERM): finish the current step, save a checkpoint, stop. Second: abort now.
+
+    Under a multi-process launcher every rank receives the terminal's SIGINT and stops at the same
+    step; a signal sent to one rank only (e.g. SIGTERM) would need a broadcast (not done yet).
+    """
+
+    def __init__(self, reporter: Reporter):
+        self.reporter = reporter
+        self.requested: str | None = None
+        self.stopped_at: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def uninstall(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            self.uninstall()
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        self.reporter.warn(f"{self.requested}: stopping after this step and saving a checkpoint "
+                           "(press Ctrl-C again to abort without saving).")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested:
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+
+
+class RecordCallback(TrainerCallback):
+    """Keeps run.json current: after every checkpoint and, at most every ``interval`` seconds, after logs."""
+
+    def __init__(self, write: Callable[[Any], None], interval: float = 15.0):
+        self.write = write
+        self.interval = interval
+        self._last = 0.0
+
+    def on_log(self, args, state, control, **kwargs):
+        if time.monotonic() - self._last >= self.interval:
+            self._last = time.monotonic()
+            self.write(state)
+
+    def on_save(self, args, state, control, **kwargs):
+        self._last = time.monotonic()
+        self.write(state)

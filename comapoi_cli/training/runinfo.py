@@ -1,0 +1,119 @@
+"""run.json: what a run was, how far it got, what it produced (schema in docs/training.md).
+
+``RunRecord`` holds the sections and writes them atomically (``rundir.write_run_json``), keeping
+keys that other tools add (``evaluations``, appended by ``comapoi eval``). It is written when the
+run starts, after every checkpoint, every ~15 s while logging, and when the run ends.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from comapoi_cli import __version__
+from comapoi_cli.backends import installed_version
+from comapoi_cli.training.rundir import RUN_SCHEMA, checkpoints, write_run_json
+
+VERSION_PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "tokenizers")
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+def versions(extra: tuple[str, ...] = ()) -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": sys.version.split()[0], "comapoi": __version__}
+    for name in (*VERSION_PACKAGES, *extra):
+        out[name] = installed_version(name)
+    return out
+
+
+def loss_history(log_history: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The Trainer's log history split into training and evaluation entries (numbers only)."""
+    train, evals = [], []
+    for entry in log_history:
+        if "loss" in entry:
+            train.append({k: entry[k] for k in ("step", "epoch", "loss", "learning_rate", "grad_norm",
+                                                  "mean_token_accuracy", "entropy", "num_input_tokens_seen",
+                                                  "train_seconds")
+                          if k in entry})
+        elif "eval_loss" in entry:
+            evals.append({k: entry[k] for k in ("step", "epoch", "eval_loss", "eval_mean_token_accuracy") if k in entry})
+    return train, evals
+
+
+class RunRecord:
+    """The run.json of one run, section by section."""
+
+    def __init__(self, run_dir: Path, previous: dict[str, Any] | None = None):
+        self.run_dir = run_dir
+        previous = previous or {}
+        self.data: dict[str, Any] = {
+            "schema": RUN_SCHEMA,
+            "comapoi_version": __version__,
+            "status": "running",
+            "error": None,
+            "run_dir": str(run_dir.resolve()),
+            "created": previous.get("created") or now_iso(),
+            "updated": now_iso(),
+            "finished": None,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": ["comapoi", *sys.argv[1:]],
+            "platform": platform.platform(),
+        }
+        self.segments: list[dict[str, Any]] = list(previous.get("segments") or [])
+        self.segment: dict[str, Any] = {"started": now_iso(), "ended": None, "from_step": 0, "to_step": 0,
+                                        "status": "running", "wall_seconds": 0.0, "train_seconds": 0.0,
+                                        "tokens": 0, "pid": os.getpid()}
+        self.segments.append(self.segment)
+
+    def set(self, **sections: Any) -> None:
+        self.data.update(sections)
+
+    def update_progress(self, state: Any, *, max_steps: int, wall_seconds: float, train_seconds: float,
+                        start_tokens: int, peak_memory: dict[str, float]) -> None:
+        """Progress, loss history, throughput from the Trainer's state (all segments of a resumed run)."""
+        train, evals = loss_history(list(state.log_history))
+        tokens = int(state.num_input_tokens_seen or 0)
+        self.segment.update(to_step=state.global_step, wall_seconds=round(wall_seconds, 2),
+                            train_seconds=round(train_seconds, 2), tokens=tokens - start_tokens,
+                            peak_memory=peak_memory)
+        total_train = sum(s.get("train_seconds") or 0.0 for s in self.segments)
+        total_wall = sum(s.get("wall_seconds") or 0.0 for s in self.segments)
+        peaks: dict[str, float] = {}
+        for segment in self.segments:
+            for key, value in (segment.get("peak_memory") or {}).items():
+                peaks[key] = max(peaks.get(key, 0.0), value)
+        self.data["progress"] = {
+            "global_step": state.global_step,
+            "max_steps": max_steps,
+            "epoch": round(state.epoch or 0.0, 4),
+            "first_loss": train[0]["loss"] if train else None,
+            "final_loss": train[-1]["loss"] if train else None,
+            "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
+            "tokens_trained": tokens,
+            "wall_seconds": round(total_wall, 2),
+            "train_seconds": round(total_train, 2),
+            "tokens_per_second": round(tokens / total_train, 1) if total_train > 0 else None,
+            "peak_memory": peaks,
+        }
+        self.data["loss_history"] = train
+        self.data["eval_history"] = evals
+        self.data["checkpoints"] = [folder.name for _, folder in checkpoints(self.run_dir)]
+
+    def end_segment(self, status: str, from_step: int | None = None) -> None:
+        self.segment["ended"] = now_iso()
+        self.segment["status"] = status
+        if from_step is not None:
+            self.segment["from_step"] = from_step
+
+    def write(self) -> None:
+        self.data["updated"] = now_iso()
+        self.data["segments"] = self.segments
+        write_run_json(self.run_dir, self.data)

@@ -1,0 +1,495 @@
+"""The TRL training path: TRL's SFTTrainer with PEFT LoRA / QLoRA, shared by every backend built on it.
+
+``train_with_trl(job)`` runs ``TRLTrainingPath(job).run()``. A backend that only changes how the
+model is loaded and how LoRA is applied (the Unsloth plugin) subclasses ``TRLTrainingPath`` and
+overrides two methods, and inherits everything else: data preparation, tokenisation and masks,
+the SFTConfig, callbacks (progress, Ctrl-C, run.json), checkpoints, resume, the final adapter::
+
+    class UnslothTrainingPath(TRLTrainingPath):
+        backend_name = "unsloth"
+        extra_version_packages = ("unsloth",)
+
+        def load_model_and_tokenizer(self, model_dir, plan):
+            from unsloth import FastLanguageModel
+            return FastLanguageModel.from_pretrained(model_dir, max_seq_length=self.job.seq_length,
+                                                     load_in_4bit=plan.quant == "4bit", dtype=plan.torch_dtype())
+
+        def apply_lora(self, model, plan):
+            from unsloth import FastLanguageModel
+            return FastLanguageModel.get_peft_model(model, r=self.job.lora_r, ...)
+
+Both hooks receive the ``DevicePlan`` (device, precision, resolved ``--quant``). Further hooks:
+``sft_config_kwargs`` (add or change SFTConfig arguments), ``make_trainer`` (another trainer class).
+
+Multi-process (``accelerate launch`` / ``torchrun``): every rank runs ``run()``; data preparation
+and the tiny model build happen on rank 0 first (``main_process_first``), and only rank 0 prints
+(its reporter), writes run.json and the final adapter (the Trainer itself saves checkpoints on
+rank 0 only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from comapoi_cli.errors import ComapoiError
+from comapoi_cli.fileio import sha256_file
+from comapoi_cli.training import chat
+from comapoi_cli.training.devices import DevicePlan, peak_memory, plan_device
+from comapoi_cli.training.distributed import is_main_process, main_process_first, world_size
+from comapoi_cli.training.errors import (ModelNotFoundError, NoLossTokensError, OutOfMemoryError,
+                                         TrainingDataError, UsageError)
+from comapoi_cli.training.job import TrainingJob, TrainingResult
+from comapoi_cli.training.options import locate_model
+from comapoi_cli.training.report import ConsoleReporter, Reporter
+from comapoi_cli.training.rundir import RunStart, checkpoints, prepare_run_dir, remove_interrupt_checkpoints
+from comapoi_cli.training.runinfo import RunRecord, versions
+
+
+def quiet_libraries() -> None:
+    """Keep the console for comapoi's own output: no library progress bars, warnings or info logs."""
+    import logging
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # e.g. "Failed to load CPU gemm_4bit_forward"
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(transformers|trl|peft|accelerate|torch|bitsandbytes)\b")
+    warnings.filterwarnings("ignore", message=r".*(MatMul8bitLt|use_reentrant|is_gradient_checkpointing).*")
+
+
+def require_model(job: TrainingJob) -> None:
+    """Raise ``ModelNotFoundError`` when the job's base model cannot be found (before any heavy work)."""
+    location = locate_model(job.model, job.model_path)
+    if location.problem:
+        raise ModelNotFoundError(location.problem, hint=location.hint)
+
+
+class TRLTrainingPath:
+    """One training run on the TRL path. Subclass to change model loading / LoRA (see the module doc)."""
+
+    backend_name = "trl"
+    #: Extra distributions whose versions go into run.json (e.g. ``("unsloth",)``).
+    extra_version_packages: tuple[str, ...] = ()
+
+    def __init__(self, job: TrainingJob, reporter: Reporter | None = None):
+        self.job = job
+        if not is_main_process():
+            reporter = Reporter()
+        self.reporter = reporter if reporter is not None else ConsoleReporter()
+
+    # -- hooks a backend overrides -------------------------------------------------------------
+    def load_model_and_tokenizer(self, model_dir: str, plan: DevicePlan) -> tuple[Any, Any]:
+        """Load the base model (quantised per ``plan.quant``) and its tokenizer."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+        kwargs: dict[str, Any] = {"dtype": plan.torch_dtype()}
+        if plan.quant == "4bit":
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=plan.torch_dtype())
+        elif plan.quant == "8bit":
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        if plan.quant != "none":
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0")) if plan.type == "cuda" else "cpu"}
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+        return model, tokenizer
+
+    def apply_lora(self, model: Any, plan: DevicePlan) -> Any:
+        """Wrap ``model`` in a PEFT LoRA model (after ``prepare_model_for_kbit_training`` when quantised)."""
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        job = self.job
+        if plan.quant != "none":
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=job.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        targets: Any = "all-linear" if job.target_modules == ("all-linear",) else list(job.target_modules)
+        config = LoraConfig(r=job.lora_r, lora_alpha=job.lora_alpha, lora_dropout=job.lora_dropout, bias="none",
+                            task_type="CAUSAL_LM", target_modules=targets)
+        try:
+            return get_peft_model(model, config)
+        except ValueError as exc:  # e.g. a target module this architecture does not have
+            raise UsageError(f"LoRA cannot be applied: {str(exc).splitlines()[0]}",
+                             hint="Check --target-modules against the model's module names (or use all-linear).") from None
+
+    def sft_config_kwargs(self, plan: DevicePlan, run_dir: Path, has_eval: bool) -> dict[str, Any]:
+        """The SFTConfig arguments (the original's fixed choices are job options)."""
+        job = self.job
+        return dict(
+            output_dir=str(run_dir),
+            max_steps=job.max_steps,
+            per_device_train_batch_size=job.batch_size,
+            per_device_eval_batch_size=job.batch_size,
+            gradient_accumulation_steps=job.gradient_accumulation_steps,
+            learning_rate=job.learning_rate,
+            lr_scheduler_type=job.lr_scheduler,
+            warmup_steps=job.effective_warmup_steps,
+            weight_decay=job.weight_decay,
+            max_grad_norm=job.max_grad_norm,
+            optim=job.optim,
+            logging_steps=job.effective_logging_steps,
+            logging_first_step=True,
+            save_strategy="steps",
+            save_steps=job.save_freq,
+            eval_strategy="steps" if has_eval else "no",
+            eval_steps=job.save_freq if has_eval else None,
+            prediction_loss_only=True,
+            bf16=plan.precision == "bf16",
+            fp16=plan.precision == "fp16",
+            use_cpu=plan.type == "cpu",
+            gradient_checkpointing=job.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False} if job.gradient_checkpointing else None,
+            max_length=job.seq_length,
+            packing=job.packing,
+            neftune_noise_alpha=job.neftune_alpha or None,
+            seed=job.seed,
+            data_seed=job.seed,
+            dataloader_drop_last=True,
+            report_to=["tensorboard"] if job.report_to == "tensorboard" else "none",
+            disable_tqdm=True,
+            include_num_input_tokens_seen="non_padding",
+            # comapoi tokenises and masks itself; TRL only packs (when asked), pads and batches
+            dataset_kwargs=None if job.packing else {"skip_prepare_dataset": True},
+            log_level="error",
+        )
+
+    def make_trainer(self, model: Any, tokenizer: Any, args: Any, train_dataset: Any, eval_dataset: Any,
+                     callbacks: list[Any]) -> Any:
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback as HFProgress
+        from trl import SFTTrainer
+
+        from comapoi_cli.trl_compat import patch_fused_lm_head_for_cpu
+
+        patch_fused_lm_head_for_cpu()  # TRL 1.15 (the Unsloth set) cannot train off the GPU without it
+        trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                             processing_class=tokenizer, callbacks=callbacks)
+        for noisy in (PrinterCallback, HFProgress):  # comapoi's reporter replaces them
+            trainer.remove_callback(noisy)
+        return trainer
+
+    # -- the shared run ---------------------------------------------------------------------------
+    def build_sft_config(self, plan: DevicePlan, run_dir: Path, has_eval: bool) -> Any:
+        from trl import SFTConfig
+
+        return SFTConfig(**self.sft_config_kwargs(plan, run_dir, has_eval))
+
+    def prepare_data(self) -> Any:
+        """Clean and split the job's data with the data services (on the main process first)."""
+        from comapoi_cli.data import prepare_training_data
+
+        job = self.job
+        with main_process_first():
+            return prepare_training_data(type_=job.type, dataset=job.dataset, data_dir=Path(job.data_dir).expanduser(),
+                                         data_path=Path(job.data_path).expanduser() if job.data_path else None,
+                                         seed=job.seed, test_size=job.test_size)
+
+    def model_dir(self, prepared: Any) -> str:
+        if self.job.is_tiny:
+            from comapoi_cli.training.tiny import ensure_tiny_model
+
+            with main_process_first():
+                return str(ensure_tiny_model([prepared.train_path]))
+        return self.job.base_model
+
+    def _start(self) -> RunStart:
+        job = self.job
+        if is_main_process():
+            with main_process_first():
+                return prepare_run_dir(job)
+        with main_process_first():
+            found = checkpoints(job.run_dir) if job.resume else []
+        return RunStart(job.run_dir, found[-1][1] if found else None, None, [])
+
+    def run(self) -> TrainingResult:
+        job, say = self.job, self.reporter
+        t_start = time.monotonic()
+        require_model(job)
+        if job.report_to == "tensorboard":
+            from comapoi_cli.backends import missing_packages
+
+            if missing_packages("tensorboard"):
+                raise UsageError("--report-to tensorboard needs the tensorboard package.", hint="pip install tensorboard")
+        quiet_libraries()
+        plan = plan_device(job)  # before the run folder is touched: a refusal must not cost an --overwrite
+        start = self._start()
+        for note in start.notes:
+            say.info(note)
+        record: RunRecord | None = None
+        try:
+            prepared = self.prepare_data()
+            train_sha = sha256_file(prepared.train_path)
+            self._check_resume_data(start, train_sha)
+            say.info(f"Data: {prepared.summary.get('train', '?')} training records in {prepared.train_path}"
+                     + (f", {prepared.summary.get('holdout')} held out" if prepared.holdout_path else "")
+                     + (" (reused)" if prepared.summary.get("reused") else ""))
+            model_dir = self.model_dir(prepared)
+            say.info(f"Base model: {job.model}" + (f" ({model_dir})" if model_dir != job.model else "")
+                     + f"; {plan.name}, {plan.precision}" + (f", {plan.quant}" if plan.quant != "none" else ""))
+            try:
+                model, tokenizer = self.load_model_and_tokenizer(model_dir, plan)
+            except ComapoiError:
+                raise
+            except OSError as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ModelNotFoundError(f"Could not load the model {job.model}: {first}") from None
+            pad_note = chat.ensure_pad_token(tokenizer, getattr(model, "config", None))
+            fmt = chat.resolve_chat_format(tokenizer, job.loss, job.chat_template, job.model)
+            train_rows, stats = self._tokenize(tokenizer, fmt, prepared.train_path, job.num_samples, "training")
+            eval_rows = self._eval_rows(tokenizer, fmt, prepared)
+            if job.show_labels and train_rows:
+                say.labels("One training sample as the model sees it", chat.label_segments(tokenizer, **train_rows[0]))
+            from transformers import set_seed
+
+            set_seed(job.seed)  # LoRA's A matrices are drawn here: the same seed gives the same run
+            model = self.apply_lora(model, plan)
+            trainable, total = model.get_nb_trainable_parameters()
+            say.info(f"LoRA r={job.lora_r} alpha={job.lora_alpha} dropout={job.lora_dropout} on "
+                     f"{', '.join(job.target_modules)}: {trainable:,} trainable parameters of {total:,} "
+                     f"({100 * trainable / max(total, 1):.3f}%)")
+
+            from datasets import Dataset
+
+            def as_dataset(rows: list[dict[str, list[int]]]) -> Any:
+                return Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]})
+
+            args = self.build_sft_config(plan, start.run_dir, bool(eval_rows))
+            progress = _progress_callback(say, job.max_steps)
+            interrupt = _interrupt_callback(say)
+            record = RunRecord(start.run_dir, start.previous)
+            record.set(
+                backend={"name": self.backend_name, "path": type(self).__module__ + "." + type(self).__qualname__},
+                job=job.to_dict(),
+                versions=versions(self.extra_version_packages),
+                device=plan.to_dict(),
+                base_model=_describe_model(job, model_dir, model),
+                tokenizer=_describe_tokenizer(tokenizer, pad_note),
+                chat_template=fmt.describe(),
+                data={"train_file": str(prepared.train_path), "train_sha256": train_sha,
+                      "holdout_file": str(prepared.holdout_path) if prepared.holdout_path else None,
+                      "input_hashes": prepared.input_hashes, "prepare_summary": _small_summary(prepared.summary),
+                      "tokens": stats.to_dict(), "eval_records": len(eval_rows)},
+                lora={"r": job.lora_r, "alpha": job.lora_alpha, "dropout": job.lora_dropout,
+                      "target_modules": list(job.target_modules), "trainable_parameters": trainable,
+                      "total_parameters": total},
+                adapter=None,
+            )
+
+            def write(state: Any) -> None:
+                if not is_main_process():
+                    return
+                record.segment["from_step"] = progress.start_step
+                record.update_progress(state, max_steps=job.max_steps, wall_seconds=time.monotonic() - t_start,
+                                       train_seconds=progress.train_seconds(), start_tokens=progress.start_tokens,
+                                       peak_memory=peak_memory(plan.type))
+                record.write()
+
+            callbacks = [progress, interrupt, _record_callback(write)]
+            trainer = self.make_trainer(model, tokenizer, args, as_dataset(train_rows),
+                                        as_dataset(eval_rows) if eval_rows else None, callbacks)
+            if is_main_process():
+                record.write()
+            interrupt.install()
+            try:
+                trainer.train(resume_from_checkpoint=str(start.resume_from) if start.resume_from else None)
+            except Exception as exc:
+                if _is_out_of_memory(exc):
+                    raise self._oom_error(plan, trainer.state.global_step) from None
+                raise
+            finally:
+                interrupt.uninstall()
+                progress.reporter.progress_stop()
+            state = trainer.state
+            status = "interrupted" if interrupt.stopped_at is not None and state.global_step < job.max_steps else "finished"
+            result = TrainingResult(run_dir=start.run_dir, status=status, global_step=state.global_step,
+                                    max_steps=job.max_steps, run_json=start.run_dir / "run.json")
+            if is_main_process():
+                if status == "finished":
+                    trainer.save_model(str(start.run_dir))
+                    removed = remove_interrupt_checkpoints(start.run_dir, job.save_freq, job.max_steps)
+                    if removed:
+                        say.info(f"Removed the Ctrl-C checkpoints {', '.join(removed)} (the run finished).")
+                    record.set(adapter=_describe_adapter(start.run_dir), finished=_now())
+                    result.adapter_dir = start.run_dir
+                record.set(status=status)
+                record.end_segment(status)
+                write(state)
+                result.final_loss = (record.data.get("progress") or {}).get("final_loss")
+                result.summary = dict(record.data.get("progress") or {})
+            found = checkpoints(start.run_dir)
+            result.checkpoint = found[-1][1] if found else None
+            return result
+        except BaseException as exc:
+            if record is not None and is_main_process():
+                status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+                record.end_segment(status)
+                record.set(status=status, error=None if status == "interrupted" else
+                           (exc.message if isinstance(exc, ComapoiError) else f"{type(exc).__name__}: {str(exc)[:500]}"))
+                with contextlib.suppress(Exception):
+                    record.write()
+            elif is_main_process() and start.created is not None:
+                _remove_if_empty(start.run_dir, start.created)
+            raise
+
+    # -- pieces ---------------------------------------------------------------------------------
+    def _check_resume_data(self, start: RunStart, train_sha: str) -> None:
+        if start.previous is None or start.resume_from is None:
+            return
+        before = (start.previous.get("data") or {}).get("train_sha256")
+        if before and before != train_sha:
+            raise UsageError("--resume needs the same training data, but the prepared training file changed since the run started.",
+                             hint="Restore the data, or start again with --overwrite.")
+
+    def _tokenize(self, tokenizer: Any, fmt: chat.ChatFormat, path: Path, limit: int, what: str):
+        job, say = self.job, self.reporter
+        records = chat.read_records(path, limit)
+        rows, stats = chat.tokenize_records(tokenizer, fmt, records, job.seq_length)
+        if what == "training":
+            for line in chat.describe_stats(stats, job.seq_length):
+                say.info(line)
+            if stats.truncated_lost_answer:
+                say.warn(f"{stats.truncated_lost_answer:,} records lose their whole answer at --seq-length "
+                         f"{job.seq_length} (longest record: {stats.longest:,} tokens); raise --seq-length to keep them.")
+            if stats.loss_tokens == 0:
+                cause = (f"every answer lies beyond --seq-length {job.seq_length}" if stats.truncated_lost_answer
+                         else "the records have no answer tokens")
+                raise NoLossTokensError(f"No token carries loss, so training would learn nothing: {cause}.",
+                                        hint="Raise --seq-length, or check the data with comapoi data stats.")
+            needed = job.batch_size * max(world_size(), 1)
+            if stats.used < needed:
+                raise TrainingDataError(f"Only {stats.used} training records are usable, fewer than one batch ({needed}).",
+                                        hint="Lower --batch-size, or add data.")
+        return rows, stats
+
+    def _eval_rows(self, tokenizer: Any, fmt: chat.ChatFormat, prepared: Any) -> list[dict[str, list[int]]]:
+        job = self.job
+        if not job.eval_size:
+            return []
+        if not prepared.holdout_path or not Path(prepared.holdout_path).is_file():
+            self.reporter.warn("--eval-size is set but this data has no holdout (with --data_path nothing is held out); no eval loss.")
+            return []
+        rows, _ = chat.tokenize_records(tokenizer, fmt, chat.read_records(prepared.holdout_path, job.eval_size), job.seq_length)
+        return rows
+
+    def _oom_error(self, plan: DevicePlan, step: int) -> OutOfMemoryError:
+        job = self.job
+        where = "CUDA" if plan.type == "cuda" else "The host"
+        options = [f"a smaller --batch_size (with a larger --gradient_accumulation_steps to keep the effective batch {job.batch_size * job.gradient_accumulation_steps})",
+                   f"a shorter --seq_length than {job.seq_length}"]
+        if not job.gradient_checkpointing:
+            options.append("--gradient_checkpointing")
+        if plan.quant == "none" and plan.type == "cuda":
+            options.append("--quant 4bit")
+        return OutOfMemoryError(
+            f"{where} ran out of memory at step {step + 1} of {job.max_steps} (batch {job.batch_size} x up to "
+            f"{job.seq_length} tokens, {plan.precision}, quant {plan.quant}).",
+            hint="Try " + ", ".join(options[:-1]) + f" or {options[-1]}." if len(options) > 1 else f"Try {options[0]}.")
+
+
+def _now() -> str:
+    from comapoi_cli.training.runinfo import now_iso
+
+    return now_iso()
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    try:
+        import torch
+
+        if isinstance(exc, torch.OutOfMemoryError):
+            return True
+    except (ImportError, AttributeError):
+        pass
+    return "CUDA out of memory" in str(exc)
+
+
+def _progress_callback(reporter: Reporter, max_steps: int):
+    from comapoi_cli.training.callbacks import ProgressCallback
+
+    return ProgressCallback(reporter, max_steps)
+
+
+def _interrupt_callback(reporter: Reporter):
+    from comapoi_cli.training.callbacks import InterruptCallback
+
+    return InterruptCallback(reporter)
+
+
+def _record_callback(write):
+    from comapoi_cli.training.callbacks import RecordCallback
+
+    return RecordCallback(write)
+
+
+def _describe_model(job: TrainingJob, model_dir: str, model: Any) -> dict[str, Any]:
+    config = getattr(model, "config", None)
+    return {
+        "name": job.model,
+        "path": model_dir,
+        "kind": "tiny" if job.is_tiny else ("local" if Path(model_dir).is_dir() else "hub"),
+        "architecture": (getattr(config, "architectures", None) or [type(model).__name__])[0],
+        "model_type": getattr(config, "model_type", None),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def _describe_tokenizer(tokenizer: Any, pad_note: str) -> dict[str, Any]:
+    return {
+        "class": type(tokenizer).__name__,
+        "vocab_size": len(tokenizer),
+        "eos_token": tokenizer.eos_token,
+        "pad_token": tokenizer.pad_token,
+        "pad_token_id": tokenizer.pad_token_id,
+        "pad_token_source": pad_note,
+        "bos_token": tokenizer.bos_token,
+        "padding_side": tokenizer.padding_side,
+    }
+
+
+def _small_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    keep = ("in", "kept", "rejected", "warnings", "train", "holdout", "reused", "rejects_files", "notes")
+    out = {k: summary[k] for k in keep if k in summary}
+    if isinstance(summary.get("merged"), dict):
+        out["merged_records"] = summary["merged"].get("records_out")
+    return out
+
+
+def _describe_adapter(run_dir: Path) -> dict[str, Any]:
+    files = sorted(p.name for p in run_dir.iterdir() if p.is_file() and p.name != "run.json")
+    weights = run_dir / "adapter_model.safetensors"
+    return {"path": str(run_dir.resolve()), "files": files,
+            "size_bytes": weights.stat().st_size if weights.is_file() else None,
+            "sha256": sha256_file(weights) if weights.is_file() else None}
+
+
+def _remove_if_empty(run_dir: Path, created: Path) -> None:
+    """Remove the run folder and its parents up to ``created`` (what a failed start made), while empty."""
+    folder = run_dir
+    while True:
+        with contextlib.suppress(OSError):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+            else:
+                return
+        if folder == created or folder == folder.parent:
+            return
+        folder = folder.parent
+
+
+def train_with_trl(job: TrainingJob, reporter: Reporter | None = None) -> TrainingResult:
+    """Run ``job`` on the TRL path (the ``trl`` backend's ``train``)."""
+    return TRLTrainingPath(job, reporter).run()

@@ -248,3 +248,211 @@ def sort_runs(runs: list[AdapterRun], key: str, reverse: bool = False) -> list[A
     missing = [r for r in runs if value(r) is None]
     present.sort(key=lambda r: (value(r), r.run), reverse=descending)
     return present + sorted(missing, key=lambda r: r.run)
+
+
+# -- one run in full: ``adapters show`` ---------------------------------------------------------------
+
+_NOT_A_RUN_HINT = "List the trained runs with: comapoi adapters list"
+
+
+def require_run_folder(folder: str | os.PathLike[str]) -> Path:
+    """``folder`` as a Path when it is a run folder (run.json or adapter_config.json), else one sentence."""
+    path = Path(folder)
+    if not path.exists():
+        raise UsageError(f"{path} does not exist.", hint=_NOT_A_RUN_HINT)
+    if not path.is_dir():
+        raise UsageError(f"{path} is a file, not a training run folder.", hint=_NOT_A_RUN_HINT)
+    if not (path / RUN_JSON).is_file() and not (path / ADAPTER_CONFIG).is_file():
+        raise UsageError(f"{path} is not a training run: it holds neither {RUN_JSON} nor {ADAPTER_CONFIG}.",
+                         hint=_NOT_A_RUN_HINT)
+    return path
+
+
+def safetensors_parameters(path: str | os.PathLike[str]) -> int | None:
+    """The number of values stored in a .safetensors file, read from its JSON header (no torch)."""
+    try:
+        with open(path, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            if not 0 < size < 100 * 1024 * 1024:
+                return None
+            header = json.loads(handle.read(size))
+    except (OSError, ValueError):
+        return None
+    total = 0
+    for name, info in header.items():
+        if name == "__metadata__" or not isinstance(info, dict):
+            continue
+        count = 1
+        for dim in info.get("shape") or []:
+            count *= int(dim)
+        total += count
+    return total
+
+
+def _loss_entries(entries: Any) -> list[dict[str, Any]]:
+    out = []
+    for entry in entries if isinstance(entries, list) else []:
+        if isinstance(entry, dict) and isinstance(entry.get("loss"), (int, float)):
+            out.append({k: v for k, v in entry.items() if isinstance(v, (int, float, str)) or v is None})
+    return out
+
+
+def _trainer_state(folder: Path, checkpoints: list[str]) -> dict[str, Any] | None:
+    """trainer_state.json of a checkpoint folder itself, else of the run's last checkpoint."""
+    for candidate in [folder, *(folder / name for name in reversed(checkpoints))]:
+        state, _ = _read_json(candidate / "trainer_state.json")
+        if isinstance(state, dict):
+            return state
+    return None
+
+
+def describe_run(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """Everything known about one run folder, for ``adapters show`` (JSON-ready).
+
+    The keys are run.json's sections as recorded (job, versions, device, base_model, tokenizer,
+    chat_template, data, lora, adapter, segments, progress, loss_history, eval_history,
+    evaluations, ...) plus: ``path``, ``summary`` (the ``adapters list`` row), ``adapter_config``
+    (the PEFT file as written), ``lora`` completed from adapter_config.json, ``base_model.exists``,
+    ``checkpoints`` (one object per checkpoint-N folder), ``metrics`` (the latest evaluation's) and
+    ``warnings``. A checkpoint folder or a PEFT adapter without run.json is described from its
+    JSON files (its loss history from trainer_state.json). Reads JSON and safetensors headers only.
+    """
+    path = require_run_folder(folder)
+    summary = load_run(path)
+    warnings = list(summary.warnings)
+    record, problem = _read_json(path / RUN_JSON)
+    parent_record = None
+    if record is None and _CHECKPOINT.match(path.name):
+        parent_record, _ = _read_json(path.parent / RUN_JSON)
+        if isinstance(parent_record, dict):
+            warnings = [w for w in warnings if not w.startswith("no run.json")]
+            # the run's sections that describe the checkpoint too (not its progress, final adapter, evaluations)
+            parent_record = {k: v for k, v in parent_record.items()
+                             if k not in ("progress", "adapter", "evaluations", "loss_history", "eval_history",
+                                          "checkpoints", "segments", "status", "finished", "error")}
+            parent_record["checkpoint_of"] = str(path.parent.resolve())
+    source = record if isinstance(record, dict) else parent_record if isinstance(parent_record, dict) else {}
+    config, config_problem = _read_json(path / ADAPTER_CONFIG)
+    if config_problem:
+        warnings.append(config_problem)
+    config = config if isinstance(config, dict) else None
+
+    out: dict[str, Any] = {"path": str(path.resolve())}
+    out.update(source)
+    out["summary"] = summary.to_dict()
+    out["status"] = summary.status
+    out["adapter_config"] = config
+
+    lora = dict(source.get("lora") or {}) if isinstance(source.get("lora"), dict) else {}
+    if config:
+        for key, name in (("r", "r"), ("alpha", "lora_alpha"), ("dropout", "lora_dropout"),
+                          ("target_modules", "target_modules")):
+            if lora.get(key) is None and config.get(name) is not None:
+                lora[key] = config[name]
+        for key in ("peft_type", "bias", "use_rslora", "use_dora", "modules_to_save", "task_type"):
+            if key in config:
+                lora[key] = config[key]
+        if isinstance(lora.get("target_modules"), list):
+            lora["target_modules"] = sorted(lora["target_modules"])
+    weights = _weights(path)
+    if lora.get("trainable_parameters") is None and weights is not None and weights.suffix == ".safetensors":
+        lora["trainable_parameters"] = safetensors_parameters(weights)
+    trainable, total = lora.get("trainable_parameters"), lora.get("total_parameters")
+    if isinstance(trainable, int) and isinstance(total, int) and total > 0:
+        lora["trainable_percent"] = round(100.0 * trainable / total, 4)
+    out["lora"] = lora
+
+    base = dict(source.get("base_model") or {}) if isinstance(source.get("base_model"), dict) else {}
+    if not base and config and config.get("base_model_name_or_path"):
+        base = {"name": Path(str(config["base_model_name_or_path"])).name, "path": config["base_model_name_or_path"]}
+    base_path = base.get("path")
+    if isinstance(base_path, str) and base_path:
+        local = Path(base_path).expanduser()
+        looks_local = local.is_absolute() or base_path.startswith((".", "~")) or local.exists()
+        base["exists"] = local.is_dir() if looks_local else None  # None: a hub id, not checked
+        if base["exists"] is False:
+            warnings.append(f"the base model {base_path} does not exist (moved or deleted); "
+                            "merge needs it (or --model DIR)" + (", or it is rebuilt from the training data for a tiny run"
+                                                                  if base.get("kind") == "tiny" else ""))
+    out["base_model"] = base or None
+
+    history = _loss_entries(source.get("loss_history"))
+    if record is None:  # a checkpoint or a foreign adapter: trainer_state.json
+        state = _trainer_state(path, summary.checkpoints)
+        if state is not None:
+            history = _loss_entries(state.get("log_history"))
+            out["eval_history"] = [e for e in state.get("log_history") or [] if isinstance(e, dict) and "eval_loss" in e]
+            if _CHECKPOINT.match(path.name):
+                step = int(path.name.split("-")[1])
+                history = [e for e in history if not isinstance(e.get("step"), int) or e["step"] <= step]
+    out["loss_history"] = history
+
+    history_by_step = {e.get("step"): e.get("loss") for e in history}
+    checkpoints = []
+    for name in summary.checkpoints:
+        step = int(name.split("-")[1])
+        cp = path / name
+        cp_weights = _weights(cp)
+        checkpoints.append({"name": name, "step": step, "path": str(cp.resolve()),
+                            "adapter": cp_weights is not None and (cp / ADAPTER_CONFIG).is_file(),
+                            "resumable": (cp / "trainer_state.json").is_file() and (cp / "optimizer.pt").is_file(),
+                            "size_bytes": cp_weights.stat().st_size if cp_weights is not None else None,
+                            "loss": history_by_step.get(step)})
+    out["checkpoints"] = checkpoints
+    out["evaluations"] = source.get("evaluations") if isinstance(source.get("evaluations"), list) else []
+    out["metrics"] = (summary.evaluation or {}).get("metrics")
+    out["adapter_files"] = sorted(p.name for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    if problem:
+        warnings.append(problem)
+    out["warnings"] = list(dict.fromkeys(warnings))
+    return out
+
+
+def write_loss_plot(history: Sequence[dict[str, Any]], path: str | os.PathLike[str], title: str = "",
+                    eval_history: Sequence[dict[str, Any]] = ()) -> Path:
+    """Write the loss curve (``loss_history`` entries, plus ``eval_loss`` ones if any) as a PNG, atomically."""
+    from comapoi_cli.errors import ComapoiError
+    from comapoi_cli.fileio import atomic_writer
+
+    points = [(e["step"], e["loss"]) for e in history
+              if isinstance(e.get("step"), (int, float)) and isinstance(e.get("loss"), (int, float))]
+    if not points:
+        raise ComapoiError("The run has no loss history to plot.")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ComapoiError("--plot needs matplotlib, which is not installed (pip install 'comapoi[plot]').") from None
+    target = Path(path)
+    figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
+    try:
+        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o" if len(points) < 40 else None,
+                  markersize=3, label="training loss")
+        evals = [(e["step"], e["eval_loss"]) for e in eval_history
+                 if isinstance(e.get("step"), (int, float)) and isinstance(e.get("eval_loss"), (int, float))]
+        if evals:
+            axes.plot([p[0] for p in evals], [p[1] for p in evals], marker="s", markersize=4, label="holdout loss")
+        from matplotlib.ticker import MaxNLocator
+
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.set_xlabel("step")
+        axes.set_ylabel("loss")
+        axes.grid(True, alpha=0.3)
+        if title:
+            axes.set_title(title, fontsize=9)
+        axes.legend()
+        figure.tight_layout()
+        with atomic_writer(target, "wb") as handle:
+            figure.savefig(handle, format="png")
+    finally:
+        plt.close(figure)
+    return target
+
+
+def filter_runs(runs: Sequence[AdapterRun], *, dataset: str | None = None, type_: str | None = None,
+                role: str | None = None) -> list[AdapterRun]:
+    """The runs on ``dataset`` whose type is ``type_`` and ``role`` (each None = any)."""
+    return [r for r in runs if (dataset is None or r.dataset == dataset) and (type_ is None or r.type == type_)
+            and (role is None or r.type == role)]

@@ -462,8 +462,15 @@ def plan_device(device: str, quant: str, run: RunInfo) -> tuple[str, str]:
     return device, quant
 
 
-def load_model(base_model: str, run: RunInfo, *, quant: str = "auto", device: str = "auto") -> LoadedModel:
-    """Load the base model, apply the adapter with PEFT, and ready the tokenizer for batched generation."""
+def load_model(base_model: str, run: RunInfo, *, quant: str = "auto", device: str = "auto",
+               dtype: str | None = None, dequantize: bool = False) -> LoadedModel:
+    """Load the base model, apply the adapter with PEFT, and ready the tokenizer for batched generation.
+
+    ``dtype`` (bfloat16, float16, float32) overrides the default (the run's 16-bit dtype on a GPU,
+    float32 on the CPU). ``dequantize``: a base model stored quantised (its config.json holds a
+    ``quantization_config``, e.g. a bitsandbytes 4-bit checkpoint) is loaded as stored and
+    dequantised to ``dtype`` before the adapter is applied (``comapoi adapters merge``).
+    """
     _quiet_libraries()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -473,6 +480,7 @@ def load_model(base_model: str, run: RunInfo, *, quant: str = "auto", device: st
     except ImportError:  # pragma: no cover - a dependency
         raise ComapoiError("peft is not installed; it is needed to load an adapter (pip install peft).") from None
 
+    dtype_name = dtype
     device, quant = plan_device(device, quant, run)
     on_gpu = device.startswith("cuda")
     if on_gpu:
@@ -481,7 +489,12 @@ def load_model(base_model: str, run: RunInfo, *, quant: str = "auto", device: st
             torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
     else:
         dtype = torch.float32
+    if dtype_name is not None:
+        dtype = getattr(torch, dtype_name)
     kwargs: dict[str, Any] = {"dtype": dtype}
+    stored_quantised = dequantize and base_is_quantised(base_model)
+    if stored_quantised:
+        kwargs["device_map"] = {"": device if ":" in device or device == "cpu" else f"{device}:0"}
     if quant in ("4bit", "8bit"):
         from transformers import BitsAndBytesConfig
 
@@ -490,8 +503,7 @@ def load_model(base_model: str, run: RunInfo, *, quant: str = "auto", device: st
                                bnb_4bit_compute_dtype=dtype)
             if quant == "4bit" else BitsAndBytesConfig(load_in_8bit=True))
         kwargs["device_map"] = {"": device if ":" in device else f"{device}:0"}
-    tokenizer_dir = run.adapter_dir if _has_tokenizer(run.adapter_dir) else \
-        run.run_dir if _has_tokenizer(run.run_dir) else Path(base_model)
+    tokenizer_dir = tokenizer_folder(run, base_model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir) if isinstance(tokenizer_dir, Path) else tokenizer_dir)
     except Exception as exc:
@@ -501,6 +513,13 @@ def load_model(base_model: str, run: RunInfo, *, quant: str = "auto", device: st
     except OSError as exc:
         raise DataError(f"Cannot load the base model {base_model}: {_first_line(exc)}",
                         hint="Pass the base model folder the adapter was trained on with --model DIR.") from None
+    if stored_quantised:
+        try:
+            model = model.dequantize()
+        except Exception as exc:
+            raise DataError(f"Cannot dequantise the base model {base_model}: {_first_line(exc)}",
+                            hint="Pass its original 16-bit weights with --model DIR.") from None
+        model = model.to(dtype)
     try:
         model = PeftModel.from_pretrained(model, str(run.adapter_dir))
     except Exception as exc:
@@ -517,6 +536,21 @@ def load_model(base_model: str, run: RunInfo, *, quant: str = "auto", device: st
     max_context = getattr(model.config, "max_position_embeddings", None)
     return LoadedModel(model=model, tokenizer=tokenizer, device=device, dtype=str(dtype).replace("torch.", ""),
                        quant=quant, max_context=max_context if isinstance(max_context, int) else None)
+
+
+def tokenizer_folder(run: RunInfo, base_model: str) -> Path | str:
+    """Where the adapter's tokenizer (and chat template) is: saved with the adapter, else the run's, else the base's."""
+    return run.adapter_dir if _has_tokenizer(run.adapter_dir) else \
+        run.run_dir if _has_tokenizer(run.run_dir) else Path(base_model)
+
+
+def base_is_quantised(base_model: str) -> bool:
+    """The base model folder stores quantised weights (config.json holds a ``quantization_config``)."""
+    try:
+        config = read_json(Path(base_model) / "config.json")
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get("quantization_config"), dict)
 
 
 def _has_tokenizer(folder: Path) -> bool:

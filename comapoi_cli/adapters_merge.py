@@ -1,0 +1,278 @@
+"""``comapoi adapters merge``: fold a LoRA adapter into a 16-bit copy of its base model.
+
+:func:`merge_adapter` loads the base model the run recorded (or ``model``) in 16-bit (or 32-bit)
+weights, never quantised, applies the adapter with PEFT (the loaders of ``comapoi eval``: the
+tiny-base rebuild, ``--model`` and a base stored quantised, which is dequantised first), computes
+the logits of a few inputs, merges (``merge_and_unload``), saves the merged model with the run's
+tokenizer and chat template into a temporary sibling of the output folder, reloads it from there
+with plain transformers and compares its logits with the ones before merging; only when they match
+is the folder renamed into place. A QLoRA adapter (trained on a 4-bit base) is merged into the
+original 16-bit weights: merging into 4-bit weights would round the small LoRA update away and a
+4-bit model is no plain model folder to serve.
+
+Only the functions that need them import torch / transformers / peft.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from comapoi_cli.adapters import require_run_folder
+from comapoi_cli.errors import ComapoiError, UsageError
+from comapoi_cli.fileio import _umask, read_json, sha256_file, write_json_atomic
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+MERGE_INFO = "comapoi_merge.json"
+#: Logit tolerance per dtype: ``atol + rtol * max|logit|`` (16-bit weights round W + BA once more).
+TOLERANCE = {"float32": (1e-4, 1e-4), "bfloat16": (1e-2, 6e-2), "float16": (1e-3, 2e-2)}
+CHECK_TOKENS = 128  #: tokens per check input (the end of a training conversation)
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class LogitCheck:
+    """One check input: merged vs base+adapter logits."""
+
+    source: str  #: where the input came from (a data file and line, or "fixed text")
+    tokens: int
+    max_abs_diff: float
+    tolerance: float
+    argmax_agreement: float  #: share of positions whose most likely next token is the same
+    ok: bool
+
+
+@dataclass
+class MergeResult:
+    output: Path
+    run_dir: Path
+    base_model: str
+    dtype: str
+    device: str
+    trained_quant: str | None
+    checks: list[LogitCheck] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["output"], data["run_dir"] = str(self.output), str(self.run_dir)
+        return data
+
+
+def _config_dtype(base_model: str) -> str | None:
+    """The dtype the base model's weights are stored in, as its config.json says."""
+    config: Any = None
+    path = Path(base_model)
+    if path.is_dir():
+        with contextlib.suppress(OSError, ValueError):
+            config = read_json(path / "config.json")
+    else:
+        with contextlib.suppress(Exception):
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(base_model).to_dict()
+    if not isinstance(config, dict):
+        return None
+    value = config.get("dtype") or config.get("torch_dtype")
+    value = str(value).replace("torch.", "") if value else None
+    return value if value in ("bfloat16", "float16", "float32") else None
+
+
+def choose_dtype(requested: str, base_model: str, device: str, recorded: str | None) -> tuple[str, str | None]:
+    """``--dtype`` resolved, and a note when auto chose something other than the stored dtype.
+
+    auto: the dtype the base weights are stored in (config.json); float16 on the CPU becomes
+    float32 (CPU float16 kernels are slow or missing); unknown: the run's 16-bit training dtype,
+    else float32.
+    """
+    if requested not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, not '{requested}'.")
+    if requested != "auto":
+        return requested, None
+    stored = _config_dtype(base_model)
+    if stored == "float16" and not device.startswith("cuda"):
+        return "float32", ("the base is stored in float16, merged and saved in float32 on the CPU (twice the size); "
+                           "pass --dtype float16 to keep 16-bit")
+    if stored:
+        return stored, None
+    if recorded in ("bfloat16", "float16"):
+        return recorded, None
+    return "float32", None
+
+
+def _check_output(output: Path, overwrite: bool, protected: list[Path]) -> None:
+    resolved = output.resolve()
+    for folder in protected:
+        folder = folder.resolve()
+        if resolved == folder or folder.is_relative_to(resolved) or resolved.is_relative_to(folder):
+            raise UsageError(f"--output {output} overlaps {folder}; choose a folder outside the run and the base model.")
+    if output.exists():
+        if not output.is_dir():
+            raise UsageError(f"--output {output} is a file.")
+        if any(output.iterdir()) and not overwrite:
+            raise UsageError(f"--output {output} already exists and is not empty.",
+                             hint="Pass --overwrite to replace it, or choose another folder.")
+
+
+def _check_inputs(tokenizer: Any, run: Any, count: int) -> list[tuple[str, list[int]]]:
+    """``count`` token sequences: the ends of the run's first holdout (else training) conversations."""
+    from comapoi_cli.evaluation.predictions import iter_jsonl
+    from comapoi_cli.evaluation.runner import _messages
+
+    inputs: list[tuple[str, list[int]]] = []
+    train = run.train_file
+    for path in (run.holdout, train[0] if train else None):
+        if path is None or not Path(path).is_file() or len(inputs) >= count:
+            continue
+        for number, value, problem in iter_jsonl(Path(path)):
+            if len(inputs) >= count:
+                break
+            messages = _messages(value) if problem is None else None
+            if not messages:
+                continue
+            try:
+                text = tokenizer.apply_chat_template(messages, tokenize=False)
+            except Exception:
+                continue
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if ids:
+                inputs.append((f"{Path(path).name}:{number}", list(ids[-CHECK_TOKENS:])))
+    fixed = ["User 12 visited POI 345 at 10:00 and POI 678 at 12:30. Which POI will the user visit next?",
+             "The next POI is", "Candidate POIs: 1, 22, 333, 4444."]
+    while len(inputs) < count and fixed:
+        text = fixed.pop(0)
+        inputs.append(("fixed text", list(tokenizer(text, add_special_tokens=False)["input_ids"])[:CHECK_TOKENS]))
+    return inputs
+
+
+def _logits(model: Any, inputs: list[tuple[str, list[int]]]) -> list[Any]:
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for _, ids in inputs:
+            tensor = torch.tensor([ids], device=model.device)
+            out.append(model(input_ids=tensor).logits[0].float().cpu())
+    return out
+
+
+def _swap_into_place(tmp: Path, output: Path) -> None:
+    """Rename the finished temporary folder to ``output``, replacing an existing one only at the end."""
+    old = None
+    if output.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+        os.rmdir(old)
+        os.replace(output, old)
+    try:
+        os.replace(tmp, output)
+    except BaseException:
+        if old is not None:
+            os.replace(old, output)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def merge_adapter(run_dir: str | os.PathLike[str], output: str | os.PathLike[str], *, model: str | None = None,
+                  dtype: str = "auto", device: str = "auto", overwrite: bool = False, check_inputs: int = 3,
+                  log: Log | None = None) -> MergeResult:
+    """Merge the adapter of ``run_dir`` (a run folder or one of its checkpoint-N folders) into its base model.
+
+    Writes ``output`` (config.json, model.safetensors, generation_config.json, the tokenizer
+    files with the chat template, and ``comapoi_merge.json``) only when the merged model's logits
+    match the base model's with the adapter on ``check_inputs`` inputs (0 skips the check).
+    """
+    from comapoi_cli.evaluation.runner import (base_is_quantised, load_model, locate_run, plan_device,
+                                               resolve_base_model, tokenizer_folder)
+
+    folder = require_run_folder(run_dir)
+    run = locate_run(folder)
+    output = Path(output).expanduser().absolute()
+    base = resolve_base_model(model, run)
+    protected = [run.run_dir] + ([Path(base)] if Path(base).is_dir() else [])
+    _check_output(output, overwrite, protected)
+    device, _ = plan_device(device, "none", run)
+    dtype_name, dtype_note = choose_dtype(dtype, base, device, run.dtype)
+    notes = [dtype_note] if dtype_note else []
+    trained_quant = run.quant
+    if trained_quant in ("4bit", "8bit"):
+        notes.append(f"the adapter was trained on a {trained_quant} quantised base (QLoRA); it is merged into the "
+                     f"base's {dtype_name} weights, never into {trained_quant} ones: rounding W + BA back to "
+                     f"{trained_quant} would lose most of the small LoRA update, and a quantised model is no plain "
+                     "model folder to serve")
+    if base_is_quantised(base):
+        notes.append(f"the base model {base} is stored quantised: it is dequantised to {dtype_name} before "
+                     "merging, so the merged model is only as precise as those weights (pass the original "
+                     "16-bit base with --model DIR if you have it)")
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if log:
+        log(f"loading {base} ({device}, {dtype_name}) with the adapter {run.adapter_dir}")
+    loaded = load_model(base, run, quant="none", device=device, dtype=dtype_name, dequantize=True)
+    inputs = _check_inputs(loaded.tokenizer, run, check_inputs) if check_inputs > 0 else []
+    reference = _logits(loaded.model, inputs)
+    if log:
+        log("merging the adapter into the base weights")
+    merged = loaded.model.merge_and_unload()
+    del loaded
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the folder follows the umask like mkdir
+        merged.save_pretrained(str(tmp))
+        tokenizer_dir = tokenizer_folder(run, base)
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        tokenizer.save_pretrained(str(tmp))
+        del merged
+        gc.collect()
+        checks: list[LogitCheck] = []
+        if inputs:
+            if log:
+                log(f"checking the saved model's logits on {len(inputs)} inputs")
+            import torch
+
+            reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=getattr(torch, dtype_name)).to(device).eval()
+            after = _logits(reloaded, inputs)
+            del reloaded
+            atol, rtol = TOLERANCE[dtype_name]
+            for (source, ids), ref, new in zip(inputs, reference, after):
+                diff = float((ref - new).abs().max())
+                tolerance = atol + rtol * float(ref.abs().max())
+                agreement = float((ref.argmax(-1) == new.argmax(-1)).float().mean())
+                checks.append(LogitCheck(source=source, tokens=len(ids), max_abs_diff=diff, tolerance=tolerance,
+                                         argmax_agreement=agreement, ok=diff <= tolerance))
+            bad = [c for c in checks if not c.ok]
+            if bad:
+                worst = max(bad, key=lambda c: c.max_abs_diff / c.tolerance)
+                raise ComapoiError(
+                    f"The merged model's logits differ from the base model with the adapter by {worst.max_abs_diff:.3g} "
+                    f"(tolerance {worst.tolerance:.3g}, input {worst.source}), so {output} was not written.",
+                    hint="Try --dtype float32; report it if it persists.")
+        if (tmp / "config.json").is_file() and isinstance(read_json(tmp / "config.json").get("quantization_config"), dict):
+            raise ComapoiError("The merged model still carries a quantization_config, so it was not written.")
+        adapter_weights = run.adapter_dir / "adapter_model.safetensors"
+        result = MergeResult(output=output, run_dir=run.run_dir, base_model=base, dtype=dtype_name, device=device,
+                             trained_quant=trained_quant, checks=checks, notes=notes)
+        write_json_atomic(tmp / MERGE_INFO, {
+            "adapter": str(run.adapter_dir.resolve()),
+            "adapter_sha256": sha256_file(adapter_weights) if adapter_weights.is_file() else None,
+            "run_type": run.type, "dataset": run.dataset, "base_model": base, "dtype": dtype_name,
+            "trained_quant": trained_quant, "checks": [asdict(c) for c in checks], "notes": notes,
+        })
+        if any(p.name.endswith((".bin", ".pt", ".pth", ".pkl")) for p in tmp.iterdir()):
+            raise ComapoiError("The merged model was saved with pickled weights, so it was not written.")
+        result.files = sorted(p.name for p in tmp.iterdir())
+        _swap_into_place(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result

@@ -12,7 +12,7 @@ from typing import Any, List, Optional
 import typer
 from rich.markup import escape
 
-from comapoi_cli.cli.render import console, err_console, print_json, success, table, warn
+from comapoi_cli.cli.render import console, err_console, fit_columns, print_json, success, table, warn
 
 app = typer.Typer(help="Inspect, merge and export trained adapters for serving.", no_args_is_help=True)
 
@@ -70,9 +70,14 @@ def list_adapters(
         rows.append((r.path, r.dataset, r.type, r.backend, r.base_model, lora, steps, _number(r.final_loss, 4),
                      _size(r.size_bytes), (r.date or "")[:16].replace("T", " "), status,
                      _number(r.metric("acc@1"), 2), _number(r.metric("acc@5"), 2), _number(r.metric("mrr"), 2)))
-    console.print(table(f"Training runs ({len(runs)})",
-                        ["run", "dataset", "type", "backend", "base model", "LoRA r/α", "steps", "final loss",
-                         "size", "date", "status", "acc@1", "acc@5", "mrr"], rows))
+    columns = ["run", "dataset", "type", "backend", "base model", "LoRA r/α", "steps", "final loss",
+               "size", "date", "status", "acc@1", "acc@5", "mrr"]
+    columns, rows = fit_columns(columns, rows, console.width, drop_first=_LIST_DROP_ORDER, keep_wide="run")
+    console.print(table(f"Training runs ({len(runs)})", columns, rows))
+
+
+#: Columns ``adapters list`` leaves out first on a narrow terminal (``--json`` always has them all).
+_LIST_DROP_ORDER = ("base model", "size", "backend", "acc@5", "LoRA r/α", "date", "mrr", "dataset", "acc@1")
 
 
 # -- show --------------------------------------------------------------------------------------------

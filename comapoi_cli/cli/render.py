@@ -23,7 +23,7 @@ def print_json(data: Any) -> None:
 def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]], **kwargs: Any) -> Table:
     t = Table(title=title, title_justify="left", **kwargs)
     for column in columns:
-        t.add_column(column)
+        t.add_column(column, overflow="fold")  # a long path wraps instead of losing its end to "…"
     for row in rows:
         t.add_row(*["" if v is None else str(v) for v in row])
     return t
@@ -43,3 +43,37 @@ def warn(message: str) -> None:
 
 def success(message: str) -> None:
     console.print(f"[green]✓[/green] {escape(message)}", soft_wrap=True)
+
+
+def _cell_width(value: Any) -> int:
+    from rich.text import Text
+
+    return max((Text.from_markup(line).cell_len for line in str(value).splitlines()), default=0)
+
+
+def fit_columns(columns: Sequence[str], rows: Sequence[Sequence[Any]], width: int, *, drop_first: Sequence[str],
+                keep_wide: str | None = None) -> tuple[list[str], list[list[Any]]]:
+    """Leave out columns, in the order ``drop_first`` names them, until the table fits ``width``.
+
+    A table too wide for the terminal squeezes every column to a few characters; dropping the
+    least useful ones keeps the rest readable. ``keep_wide`` (e.g. a path) may wrap: it counts
+    as at most 40 cells.
+    """
+    kept = list(columns)
+
+    def needed() -> int:
+        total = 1  # the table's left border
+        for name in kept:
+            i = columns.index(name)
+            cells = max([_cell_width(name), *(_cell_width(row[i]) for row in rows)])
+            total += min(cells, 40) if name == keep_wide else cells
+            total += 3  # padding and the column's border
+        return total
+
+    for name in drop_first:
+        if needed() <= width:
+            break
+        if name in kept:
+            kept.remove(name)
+    indices = [columns.index(name) for name in kept]
+    return kept, [[row[i] for i in indices] for row in rows]

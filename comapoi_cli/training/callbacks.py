@@ -75,11 +75,20 @@ class InterruptCallback(TrainerCallback):
     """First Ctrl-C (or SIGTERM): finish the current step, save a checkpoint, stop. Second: abort now.
 
     Under a multi-process launcher every rank receives the terminal's SIGINT and stops at the same
-    step; a signal sent to one rank only (e.g. SIGTERM) would need a broadcast (not done yet).
+    step; torchrun then passes the same SIGINT on to every rank, which is ignored for a few seconds
+    (it is not a second Ctrl-C). A signal sent to one rank only (e.g. SIGTERM) would need a
+    broadcast (not done yet).
     """
 
+    #: Under a launcher, a second signal this soon after the first is the launcher passing the first on.
+    echo_seconds = 5.0
+
     def __init__(self, reporter: Reporter):
+        from comapoi_cli.training.distributed import under_launcher
+
         self.reporter = reporter
+        self._launched = under_launcher()
+        self._first = 0.0
         self.requested: str | None = None
         self.stopped_at: int | None = None
         self._previous: dict[int, Any] = {}
@@ -97,8 +106,11 @@ class InterruptCallback(TrainerCallback):
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
+            if self._launched and time.monotonic() - self._first < self.echo_seconds:
+                return  # the launcher (torchrun) forwards the terminal's Ctrl-C: the same request, not a second
             self.uninstall()
             raise KeyboardInterrupt
+        self._first = time.monotonic()
         self.requested = signal.Signals(signum).name
         self.reporter.warn(f"{self.requested}: stopping after this step and saving a checkpoint "
                            "(press Ctrl-C again to abort without saving).")

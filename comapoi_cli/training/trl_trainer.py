@@ -40,7 +40,8 @@ from comapoi_cli.errors import ComapoiError
 from comapoi_cli.fileio import sha256_file
 from comapoi_cli.training import chat
 from comapoi_cli.training.devices import DevicePlan, peak_memory, plan_device
-from comapoi_cli.training.distributed import is_main_process, main_process_first, world_size
+from comapoi_cli.training.distributed import (batch_line, is_main_process, local_rank, main_process_first, rank,
+                                              sharding, world_size)
 from comapoi_cli.training.errors import (ModelNotFoundError, NoLossTokensError, OutOfMemoryError,
                                          TrainingDataError, UsageError)
 from comapoi_cli.training.job import TrainingJob, TrainingResult
@@ -95,14 +96,21 @@ class TRLTrainingPath:
         from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
         kwargs: dict[str, Any] = {"dtype": plan.torch_dtype()}
+        sharded = sharding() in ("fsdp", "deepspeed-zero3")
         if plan.quant == "4bit":
+            extra: dict[str, Any] = {}
+            if sharded:  # FSDP / ZeRO-3 flatten the weights: the 4-bit storage must share the float dtype
+                extra["bnb_4bit_quant_storage"] = plan.torch_dtype()
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=plan.torch_dtype())
+                bnb_4bit_compute_dtype=plan.torch_dtype(), **extra)
         elif plan.quant == "8bit":
+            if sharded:
+                raise UsageError("--quant 8bit cannot be sharded with FSDP or DeepSpeed ZeRO-3.",
+                                 hint="Use --quant 4bit (QLoRA with FSDP / ZeRO-3), or --quant none.")
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-        if plan.quant != "none":
-            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0")) if plan.type == "cuda" else "cpu"}
+        if plan.quant != "none" and not sharded:  # FSDP / ZeRO-3 place the shards themselves
+            kwargs["device_map"] = {"": local_rank() if plan.type == "cuda" else "cpu"}
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
         return model, tokenizer
@@ -112,7 +120,8 @@ class TRLTrainingPath:
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
         job = self.job
-        if plan.quant != "none":
+        if plan.quant != "none" and sharding() not in ("fsdp", "deepspeed-zero3"):
+            # (not when sharded: it casts the unquantised weights to float32, and FSDP needs one dtype)
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=job.gradient_checkpointing,
                 gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -164,6 +173,8 @@ class TRLTrainingPath:
             # comapoi tokenises and masks itself; TRL only packs (when asked), pads and batches
             dataset_kwargs=None if job.packing else {"skip_prepare_dataset": True},
             log_level="error",
+            # every LoRA weight takes part in every forward pass: skip DDP's search for unused ones
+            ddp_find_unused_parameters=False if world_size() > 1 else None,
         )
 
     def make_trainer(self, model: Any, tokenizer: Any, args: Any, train_dataset: Any, eval_dataset: Any,
@@ -299,6 +310,13 @@ class TRLTrainingPath:
             callbacks = [progress, interrupt, _record_callback(write)]
             trainer = self.make_trainer(model, tokenizer, args, as_dataset(train_rows),
                                         as_dataset(eval_rows) if eval_rows else None, callbacks)
+            distributed = describe_distributed(trainer, job)
+            record.set(distributed=distributed)
+            say.info(batch_line(job.batch_size, distributed["world_size"], job.gradient_accumulation_steps)
+                     + (f" ({distributed['mode']}, {distributed['backend']})" if distributed["world_size"] > 1 else ""))
+            self._check_resume_world_size(start, distributed["world_size"])
+            if os.environ.get(DEBUG_SEEN_ENV):
+                _record_seen_samples(trainer, Path(os.environ[DEBUG_SEEN_ENV]), train_rows)
             if is_main_process():
                 record.write()
             interrupt.install()
@@ -315,9 +333,13 @@ class TRLTrainingPath:
             status = "interrupted" if interrupt.stopped_at is not None and state.global_step < job.max_steps else "finished"
             result = TrainingResult(run_dir=start.run_dir, status=status, global_step=state.global_step,
                                     max_steps=job.max_steps, run_json=start.run_dir / "run.json")
+            if status == "finished":
+                # every rank: under FSDP / ZeRO-3 gathering the weights is collective (only rank 0 writes)
+                if getattr(trainer, "is_fsdp_enabled", False):
+                    trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+                trainer.save_model(str(start.run_dir))
             if is_main_process():
                 if status == "finished":
-                    trainer.save_model(str(start.run_dir))
                     removed = remove_interrupt_checkpoints(start.run_dir, job.save_freq, job.max_steps)
                     if removed:
                         say.info(f"Removed the Ctrl-C checkpoints {', '.join(removed)} (the run finished).")
@@ -351,6 +373,14 @@ class TRLTrainingPath:
         if before and before != train_sha:
             raise UsageError("--resume needs the same training data, but the prepared training file changed since the run started.",
                              hint="Restore the data, or start again with --overwrite.")
+
+    def _check_resume_world_size(self, start: RunStart, processes: int) -> None:
+        if start.previous is None or start.resume_from is None:
+            return
+        before = (start.previous.get("distributed") or {}).get("world_size", 1)
+        if before != processes:
+            self.reporter.warn(f"The run started with {before} process{'es' if before != 1 else ''} and resumes with "
+                               f"{processes}: the effective batch and the data order change from here on.")
 
     def _tokenize(self, tokenizer: Any, fmt: chat.ChatFormat, path: Path, limit: int, what: str):
         job, say = self.job, self.reporter
@@ -396,6 +426,67 @@ class TRLTrainingPath:
             f"{where} ran out of memory at step {step + 1} of {job.max_steps} (batch {job.batch_size} x up to "
             f"{job.seq_length} tokens, {plan.precision}, quant {plan.quant}).",
             hint="Try " + ", ".join(options[:-1]) + f" or {options[-1]}." if len(options) > 1 else f"Try {options[0]}.")
+
+
+#: Test-only: when set, every rank appends the records it trains on to ``{value}.rank{N}`` (JSON lines).
+DEBUG_SEEN_ENV = "COMAPOI_DEBUG_SEEN_FILE"
+
+
+def describe_distributed(trainer: Any, job: TrainingJob) -> dict[str, Any]:
+    """How the run is spread over processes (run.json ``distributed``), from the Trainer's accelerator."""
+    state = trainer.accelerator.state
+    processes = int(getattr(state, "num_processes", 1) or 1)
+    kind = str(getattr(state, "distributed_type", "NO")).split(".")[-1]
+    mode = {"NO": "single process", "MULTI_CPU": "DDP", "MULTI_GPU": "DDP", "FSDP": "FSDP"}.get(kind, kind)
+    if kind == "DEEPSPEED":
+        stage = (getattr(trainer, "deepspeed", None) and trainer.deepspeed.config.get("zero_optimization", {}).get("stage"))
+        stage = stage if stage is not None else os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+        mode = f"DeepSpeed ZeRO-{stage}" if stage is not None else "DeepSpeed"
+    return {
+        "world_size": processes,
+        "processes": processes,
+        "mode": mode,
+        "distributed_type": kind,
+        "backend": getattr(state, "backend", None),
+        "machines": max(1, processes // local) if (local := _int_env("LOCAL_WORLD_SIZE", processes)) else 1,
+        "per_device_batch": job.batch_size,
+        "gradient_accumulation_steps": job.gradient_accumulation_steps,
+        "effective_batch": job.batch_size * processes * job.gradient_accumulation_steps,
+    }
+
+
+def _int_env(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    return int(value) if value.isdigit() else default
+
+
+def _record_seen_samples(trainer: Any, path: Path, train_rows: list[dict[str, list[int]]]) -> None:
+    """Test-only (``COMAPOI_DEBUG_SEEN_FILE``): log a hash of every record each rank trains on, per step.
+
+    Rank 0 also writes the hashes of the whole training set, so a test can check that every record
+    is seen once per epoch across the ranks. Hashes cover the record's tokens without padding.
+    """
+    import hashlib
+    import json
+
+    def digest(ids: list[int]) -> str:
+        return hashlib.sha1(",".join(map(str, ids)).encode()).hexdigest()[:16]
+
+    out = Path(f"{path}.rank{rank()}")
+    if is_main_process():
+        with open(f"{path}.dataset", "w", encoding="utf-8") as handle:
+            json.dump([digest(r["input_ids"]) for r in train_rows], handle)
+    original = trainer.training_step
+
+    def training_step(model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+        hashes = [digest([int(t) for t, m in zip(row.tolist(), (mask[i].tolist() if mask is not None else [1] * len(row))) if m])
+                  for i, row in enumerate(ids)]
+        with open(out, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"rank": rank(), "step": trainer.state.global_step, "hashes": hashes}) + "\n")
+        return original(model, inputs, *args, **kwargs)
+
+    trainer.training_step = training_step
 
 
 def _now() -> str:

@@ -20,12 +20,7 @@ HEAVY = ("torch", "transformers", "trl", "datasets", "peft")
 
 
 def wall_times(args: list[str], runs: int) -> list[float]:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "comapoi_cli", *args], check=True, capture_output=True)
-        times.append(time.perf_counter() - start)
-    return times
+    return median_of([sys.executable, "-m", "comapoi_cli", *args], runs)
 
 
 def import_profile(args: list[str]) -> tuple[float, list[str]]:
@@ -44,17 +39,39 @@ def import_profile(args: list[str]) -> tuple[float, list[str]]:
     return app_us / 1e6, heavy
 
 
+#: The floor any Typer + Rich CLI pays: a two-command app with Rich help, nothing else.
+MINIMAL_TYPER_APP = """
+import typer
+app = typer.Typer(rich_markup_mode="rich")
+@app.command()
+def first(x: int = 1):
+    "First."
+@app.command()
+def second(y: int = 1):
+    "Second."
+app()
+"""
+
+
+def median_of(argv: list[str], runs: int) -> list[float]:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(argv, check=True, capture_output=True)
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=20)
     args = parser.parse_args()
     wall_times(["--help"], 2)  # warm the page cache and the bytecode cache
-    python_only = []
-    for _ in range(args.runs):
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "pass"], check=True)
-        python_only.append(time.perf_counter() - start)
+    python_only = median_of([sys.executable, "-c", "pass"], args.runs)
     print(f"bare interpreter start: median {statistics.median(python_only):.3f} s")
+    typer_floor = median_of([sys.executable, "-c", MINIMAL_TYPER_APP, "--help"], args.runs)
+    print(f"minimal Typer app with Rich help (the floor of any Typer CLI), --help: median "
+          f"{statistics.median(typer_floor):.3f} s, min {min(typer_floor):.3f} s")
     print("| command | median s | min s | max s | import of comapoi_cli.cli.app s | heavy imports |")
     print("|---|---|---|---|---|---|")
     for command in COMMANDS:

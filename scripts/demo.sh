@@ -3,7 +3,7 @@
 # pipeline on generated sample data and a tiny model built offline (nothing is downloaded):
 #
 #   data synth -> clean -> split -> merge -> stats -> train (tiny Qwen2, LoRA, TRL + PEFT)
-#   -> adapters list / show -> eval on the holdout -> eval score -> adapters export
+#   -> adapters list / show -> eval on the holdout -> eval score -> adapters export / merge
 #
 # Everything goes to ./demo/ (or $COMAPOI_DEMO_DIR); running it again starts the run afresh.
 # About 2-3 minutes on 2 CPU cores after the set-up.
@@ -32,6 +32,10 @@ run="$demo/output/demo/sft-nyc/bs4-gas1-ms$steps-agent3-lr0.005"
 step adapters list
 step eval --adapter "$run" --max-new-tokens 24
 step eval score "$run/predictions.jsonl" --dataset nyc
+step adapters show "$run"
+# Hand over for serving: as a LoRA module (prints the vLLM command), or merged into a standalone model.
+step adapters export "$run" --to "$demo/serve" --names agent3 --overwrite
+step adapters merge "$run" --output "$demo/merged" --overwrite
 echo
 echo "Done. The adapter, its run.json, predictions and metrics are in $run"
 echo "Try: $comapoi adapters list $demo/output   |   $comapoi train --help"

@@ -72,7 +72,7 @@ MARKER_FILE = "comapoi_tiny.json"
 def cache_root() -> Path:
     """``$COMAPOI_CACHE`` or ``~/.cache/comapoi``."""
     value = os.environ.get(ENV_CACHE)
-    return Path(value).expanduser() if value else Path.home() / ".cache" / "comapoi"
+    return (Path(value).expanduser() if value else Path.home() / ".cache" / "comapoi").absolute()  # recorded in run.json: absolute
 
 
 def tiny_key(corpus_files: Iterable[str | os.PathLike[str]]) -> str:

@@ -98,6 +98,14 @@ def plan_device(job: TrainingJob) -> DevicePlan:
         problem = bitsandbytes_problem(device)
         if problem:
             raise DeviceError(f"--quant {quant} is not possible: {problem}.", hint="Use --quant none.")
+    if job.liger:
+        from comapoi_cli.backends import missing_packages
+
+        if not cuda:
+            raise DeviceError("--liger needs a CUDA GPU: Liger's kernels are Triton GPU kernels.", hint="Drop --liger.")
+        if missing_packages("liger_kernel"):
+            raise DeviceError("--liger needs the liger-kernel package, which is not installed.",
+                              hint="pip install liger-kernel, or drop --liger.")
     precision = "bf16" if job.bf16 else "fp16" if job.fp16 else "fp32"
     dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision]
     return DevicePlan(device, name, count, precision, quant, dtype)

@@ -64,6 +64,7 @@ class TrainingJob:
     seq_length: int = 2048
     loss: str = "assistant"  #: ``assistant`` (answers only) or ``all`` (the original: prompts too)
     packing: bool = False
+    group_by_length: bool = False  #: batches of records of similar length (less padding); not with packing
 
     # -- optimisation (the original's fixed values are options here) -------------------------------
     max_steps: int = 200
@@ -82,6 +83,7 @@ class TrainingJob:
     bf16: bool = False
     gradient_checkpointing: bool = False
     quant: str = "auto"  #: ``auto`` = 4bit where CUDA is present, none on the CPU
+    liger: bool = False  #: Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE) on the TRL path; CUDA only
 
     # -- LoRA -------------------------------------------------------------------------------------
     lora_r: int = 8
@@ -163,6 +165,8 @@ class TrainingJob:
                 raise UsageError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}.")
         if not self.target_modules:
             raise UsageError("--target-modules must name at least one module (or all-linear).")
+        if self.group_by_length and self.packing:
+            raise UsageError("--group-by-length and --packing exclude each other: packed sequences have no padding to save.")
         if self.resume and self.overwrite:
             raise UsageError("--resume and --overwrite exclude each other: continue the run, or start it again.")
         if not self.run_tag:

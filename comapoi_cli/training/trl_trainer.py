@@ -163,6 +163,9 @@ class TRLTrainingPath:
             gradient_checkpointing_kwargs={"use_reentrant": False} if job.gradient_checkpointing else None,
             max_length=job.seq_length,
             packing=job.packing,
+            # LengthGroupedSampler: records of similar length share a batch (transformers computes the lengths)
+            train_sampling_strategy="group_by_length" if job.group_by_length else "random",
+            use_liger_kernel=job.liger,
             neftune_noise_alpha=job.neftune_alpha or None,
             seed=job.seed,
             data_seed=job.seed,
@@ -461,7 +464,8 @@ def _int_env(name: str, default: int) -> int:
 
 
 def _record_seen_samples(trainer: Any, path: Path, train_rows: list[dict[str, list[int]]]) -> None:
-    """Test-only (``COMAPOI_DEBUG_SEEN_FILE``): log a hash of every record each rank trains on, per step.
+    """Test-only (``COMAPOI_DEBUG_SEEN_FILE``): log a hash of every record each rank trains on, per step,
+    with the records' real lengths and the length the batch was padded to.
 
     Rank 0 also writes the hashes of the whole training set, so a test can check that every record
     is seen once per epoch across the ranks. Hashes cover the record's tokens without padding.
@@ -483,7 +487,9 @@ def _record_seen_samples(trainer: Any, path: Path, train_rows: list[dict[str, li
         hashes = [digest([int(t) for t, m in zip(row.tolist(), (mask[i].tolist() if mask is not None else [1] * len(row))) if m])
                   for i, row in enumerate(ids)]
         with open(out, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"rank": rank(), "step": trainer.state.global_step, "hashes": hashes}) + "\n")
+            lengths = [int(m.sum()) for m in mask] if mask is not None else [int(ids.shape[1])] * int(ids.shape[0])
+            handle.write(json.dumps({"rank": rank(), "step": trainer.state.global_step, "hashes": hashes,
+                                     "lengths": lengths, "padded_length": int(ids.shape[1])}) + "\n")
         return original(model, inputs, *args, **kwargs)
 
     trainer.training_step = training_step

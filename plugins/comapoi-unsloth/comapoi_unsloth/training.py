@@ -41,6 +41,9 @@ def check_single_process() -> None:
 def train_with_unsloth(job: Any, reporter: Any = None) -> Any:
     """The ``unsloth`` backend's ``train``: refuse multi-process launches, import Unsloth first, run the path."""
     check_single_process()
+    if getattr(job, "liger", False):
+        raise ComapoiError("--liger is for the trl backend: Unsloth patches the model with its own fused kernels.",
+                           hint="Drop --liger with --backend unsloth.")
     import_unsloth()
     return UnslothTrainingPath(job, reporter).run()
 

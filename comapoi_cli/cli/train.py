@@ -11,7 +11,6 @@ the flags actually given override the config file (``--config``); the real defau
 import enum
 import shlex
 import sys
-from pathlib import Path
 from typing import Any, Optional
 
 import typer
@@ -23,8 +22,6 @@ from comapoi_cli.training.job import LOSS_CHOICES, QUANT_CHOICES, REPORT_TO_CHOI
 DATA, MODEL, TRAINING, LORA, PRECISION, OUTPUT, SCALE = ("Data", "Base model", "Training", "LoRA",
                                                          "Precision and memory", "Outputs and run control",
                                                          "Scale-out (several GPUs or machines)")
-#: The flags that start the launcher; the processes it starts get every other flag unchanged.
-LAUNCH_FLAGS = ("--num-processes", "--num_processes", "--accelerate-config", "--accelerate_config")
 
 
 def _opt(*names: str, panel: str, help: str, default: Any = None, show: str | None = None, **kwargs: Any) -> Any:
@@ -39,84 +36,6 @@ def _choices(name: str, values: tuple[str, ...]) -> type[enum.Enum]:
 def _resume_command(argv: list[str]) -> str:
     args = [a for a in argv if a not in ("--resume", "--overwrite")]
     return shlex.join(["comapoi", *args, "--resume"])
-
-
-def _child_args(argv: list[str]) -> list[str]:
-    """``argv`` (from ``train`` on) without the launch flags and their values."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
-        name = arg.split("=", 1)[0]
-        if name in LAUNCH_FLAGS:
-            skip = "=" not in arg
-            continue
-        out.append(arg)
-    return out
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def launch_args(num_processes: Optional[int], accelerate_config: Optional[str], argv: list[str]) -> list[str]:
-    """The ``accelerate launch`` arguments that run this ``comapoi train`` command in N processes.
-
-    Without CUDA the processes train on the CPU through gloo: accelerate's ``--cpu`` would start a
-    single process (its multi-CPU path needs MPI), so the torchrun path (``--multi_gpu``) is used
-    there too, and comapoi asks accelerate for the CPU state itself.
-    """
-    if "train" not in argv:
-        raise ComapoiError("--num-processes needs the command line of comapoi train (it re-runs it under accelerate launch).")
-    child = _child_args(argv[argv.index("train"):])
-    args: list[str] = []
-    if accelerate_config:
-        args += ["--config_file", accelerate_config]
-        if num_processes:
-            args += ["--num_processes", str(num_processes)]
-    else:
-        args += ["--num_processes", str(num_processes), "--num_machines", "1", "--mixed_precision", "no",
-                 "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
-        if num_processes > 1:
-            args.insert(0, "--multi_gpu")
-    return [*args, "-m", "comapoi_cli", *child]
-
-
-def _launch(args: list[str]) -> int:
-    """Run accelerate's launcher (``accelerate launch ARGS``) here and return the exit code of its processes.
-
-    A failed rank has already said why in one sentence; the launcher's own failure report (a long
-    torch.distributed summary) is reduced to the exit code of the first process that failed.
-    """
-    import subprocess
-
-    from accelerate.commands.launch import launch_command, launch_command_parser
-
-    try:
-        launch_command(launch_command_parser().parse_args(args))
-    except subprocess.CalledProcessError as exc:  # a one-process launch
-        return exc.returncode or 1
-    except Exception as exc:
-        failure = getattr(exc, "get_first_failure", None)
-        if failure is None:
-            if type(exc).__name__ == "SignalException":  # Ctrl-C / SIGTERM reached the launcher
-                return 130
-            raise
-        code = failure()[1].exitcode
-        return code if isinstance(code, int) and code > 0 else 1
-    return 0
-
-
-def refuse_single_process_backend(backend: str, processes: int) -> None:
-    raise ComapoiError(
-        f"The {backend} backend trains on one GPU in one process, but this is a launch of {processes} processes.",
-        hint=f"Run comapoi train --backend {backend} as a single process (no accelerate launch / torchrun / "
-             "--num-processes), or use --backend trl for multi-GPU training (DDP, FSDP, DeepSpeed).")
 
 
 def register(app: typer.Typer) -> None:
@@ -258,24 +177,10 @@ def register(app: typer.Typer) -> None:
         job, location = build_job(given, config_file=config,
                                   registry=registry)
         selected = registry.backend(job.backend)
-        from comapoi_cli.training.distributed import is_main_process, under_launcher, world_size
+        from comapoi_cli.training.distributed import is_main_process
+        from comapoi_cli.training.launch import plan_launch
 
-        launch = None
-        if num_processes is not None or accelerate_config:
-            if num_processes is not None and num_processes < 1:
-                raise ComapoiError(f"--num-processes must be at least 1, got {num_processes}.")
-            if under_launcher():
-                raise ComapoiError("--num-processes / --accelerate-config start a launcher, but this process was "
-                                   "already started by one (accelerate launch or torchrun).",
-                                   hint="Drop --num-processes and --accelerate-config, or run comapoi train directly.")
-            if accelerate_config and not Path(accelerate_config).expanduser().is_file():
-                raise ComapoiError(f"Accelerate config file {accelerate_config} does not exist.")
-            if not selected.multi_process and (num_processes or 1) > 1:
-                refuse_single_process_backend(job.backend, num_processes)
-            if num_processes != 1 or accelerate_config:
-                launch = launch_args(num_processes, accelerate_config, sys.argv)
-        elif world_size() > 1 and not selected.multi_process:
-            refuse_single_process_backend(job.backend, world_size())
+        launch = plan_launch(num_processes, accelerate_config, selected, sys.argv)
         if dry_run:
             problems = [p for p in (location.problem,) if p] + data_problems(job, registry)
             reason = selected.unusable_reason()
@@ -300,7 +205,9 @@ def register(app: typer.Typer) -> None:
             err_console.print(f"[bold]comapoi train[/bold] in {num_processes or 'the configured'} processes: accelerate launch "
                               f"{escape(shlex.join(launch[:launch.index('-m')]))} -m comapoi_cli train ...",
                               highlight=False, soft_wrap=True)
-            code = _launch(launch)
+            from comapoi_cli.training.launch import run_launcher
+
+            code = run_launcher(launch)
             if code:
                 raise typer.Exit(code)
             return

@@ -106,3 +106,13 @@ def batch_line(per_device: int, processes: int, accumulation: int) -> str:
     effective = per_device * processes * accumulation
     return (f"Batch: {per_device} per device x {processes} process{'es' if processes != 1 else ''} x "
             f"{accumulation} accumulation = {effective} records per step")
+
+
+def single_process_refusal(backend: str, processes: int):
+    """The error for a backend that trains in one process (``Backend.multi_process`` False) launched in several."""
+    from comapoi_cli.errors import ComapoiError
+
+    return ComapoiError(
+        f"The {backend} backend trains on one GPU in one process, but this is a launch of {processes} processes.",
+        hint=f"Run comapoi train --backend {backend} as a single process (no accelerate launch / torchrun / "
+             "--num-processes), or use --backend trl for multi-GPU training (DDP, FSDP, DeepSpeed).")

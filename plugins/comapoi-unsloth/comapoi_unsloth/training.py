@@ -28,14 +28,10 @@ def import_unsloth() -> Any:
 
 
 def check_single_process() -> None:
-    from comapoi_cli.training.distributed import world_size
+    from comapoi_cli.training.distributed import single_process_refusal, world_size
 
-    processes = world_size()
-    if processes > 1:
-        raise ComapoiError(
-            f"The unsloth backend trains on one GPU in one process, but this is a launch of {processes} processes.",
-            hint="Run comapoi train --backend unsloth as a single process (no accelerate launch / torchrun / "
-                 "--num-processes), or use --backend trl for multi-GPU training (DDP, FSDP, DeepSpeed).")
+    if world_size() > 1:
+        raise single_process_refusal("unsloth", world_size())
 
 
 def train_with_unsloth(job: Any, reporter: Any = None) -> Any:

@@ -181,6 +181,9 @@ def _render_show(info: dict[str, Any]) -> None:
                     + (f", {progress['tokens_per_second']:,.0f} tok/s" if progress.get("tokens_per_second") else ""))
     if isinstance(job.get("learning_rate"), (int, float)):
         add("learning rate", f"{job['learning_rate']:g}")
+    dist = info.get("distributed") if isinstance(info.get("distributed"), dict) else {}
+    if dist.get("world_size", 1) > 1:
+        add("processes", f"{dist['world_size']} ({dist.get('mode') or 'DDP'}), effective batch {dist.get('effective_batch')}")
     for key, label in (("batch_size", "batch size"),
                        ("gradient_accumulation_steps", "gradient accumulation"), ("seq_length", "sequence length"),
                        ("seed", "seed")):

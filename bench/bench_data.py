@@ -249,7 +249,8 @@ def main() -> None:
     if s:
         print()
         print(f"stats on {s['size_mb']} MB, {s['tokens']} tokens ({s['tokenizer']}):")
-        print(f"| comapoi data stats, 1 process | comapoi, {s['workers']} processes | datasets.map, 1 | datasets.map num_proc={args.workers} (map only) |")
+        print(f"| comapoi data stats, 1 process, tokenizer threads on every core (the default) | comapoi, {s['workers']} processes "
+              f"| datasets.map, 1 process (tokenizer threads) | datasets.map num_proc={args.workers} (map only) |")
         print("|---|---|---|---|")
         print(f"| {s['comapoi_1_tok_s']:,} tok/s | {s['comapoi_n_tok_s']:,} tok/s | {s['datasets_1_tok_s']:,} tok/s | "
               f"{s['datasets_n_tok_s']:,} tok/s ({s['datasets_n_map_only_tok_s']:,}) |")

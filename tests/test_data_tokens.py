@@ -103,6 +103,26 @@ def test_batch_equals_single(tiny_tokenizer):
     assert counter.count_batch(conversations) == [counter.count(c) for c in conversations]
 
 
+def test_a_template_whose_prompt_is_no_prefix_is_counted_separately(tiny_tokenizer, tmp_path):
+    """A template that renders the prompt differently once the answer follows (here: a message count
+    up front) cannot split one rendering at the answer: the prompt is tokenized on its own."""
+    from transformers import AutoTokenizer
+
+    from comapoi_cli.data.tokens import TokenCounter
+
+    hf = AutoTokenizer.from_pretrained(str(tiny_tokenizer))
+    hf.chat_template = ("{{ messages|length }} turns\n{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+                        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    hf.save_pretrained(tmp_path / "tok")
+    counter = TokenCounter.load(tmp_path / "tok")
+    conversations = [json.loads(line)["messages"] for line in real_lines()[:4]]
+    assert all(counter.split_texts(c)[1] == -1 for c in conversations)  # the prompt is not a prefix here
+    for conversation, (total, prompt) in zip(conversations, counter.count_batch(conversations)):
+        assert total == len(hf.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"])
+        assert prompt == len(hf.apply_chat_template(conversation[:-1], tokenize=True, add_generation_prompt=True,
+                                                    return_dict=True)["input_ids"])
+
+
 def test_missing_tokenizer_is_one_sentence(tmp_path):
     from comapoi_cli.data.tokens import TokenCounter
     from comapoi_cli.errors import DataError

@@ -258,7 +258,7 @@ def stats(
     chars_per_token: float = typer.Option(3.2, "--chars-per-token", help="Estimate without --tokenizer."),
     max_poi_id: Optional[int] = typer.Option(None, "--max-poi-id", help="Largest valid POI id (default: the dataset preset's)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write the length distribution per role to this PNG (matplotlib)."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Processes for large files (default: the usable cores)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Processes for large files (default: the usable cores; 1 with --tokenizer, whose own threads use every core)."),
     as_json: bool = typer.Option(False, "--json", help=_JSON_HELP),
 ) -> None:
     """Per-role statistics: records, lengths, tokens, loss share, duplicates, leaks, wrong targets."""

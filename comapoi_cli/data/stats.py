@@ -29,7 +29,7 @@ from comapoi_cli.default_plugins.comapoi_roles import answer_ids
 from comapoi_cli.errors import DataError, UsageError
 
 PARALLEL_MIN_BYTES = 8 << 20
-TOKEN_BATCH = 256
+TOKEN_BATCH = 1024  # conversations per tokenizer call: large batches keep its threads busy
 HISTOGRAM_BINS = 12
 LEAK, WRONG_TARGET, WRONG_ANSWER = 1, 2, 4
 
@@ -186,6 +186,8 @@ _worker_file = None
 
 def _init(worker: _StatsWorker, path: str) -> None:
     global _worker, _worker_file
+    # each worker process tokenizes on one core: the processes are the parallelism
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker = worker
     _worker_file = open(path, "rb")
     worker.counter()
@@ -308,7 +310,9 @@ def compute_stats(
 
         report.template = TokenCounter.load(token_path).template  # fails early on a bad folder
     accs: dict[str, _Acc] = {}
-    n_workers = workers if workers is not None else default_workers()
+    # With a tokenizer, one process by default: tokenizing is most of the work, and the Rust
+    # tokenizer spreads each block's batch over every core itself (threads, no pickling of results).
+    n_workers = workers if workers is not None else 1 if token_path else default_workers()
 
     def consume(rows: list[tuple], unusable: dict[str, int]) -> None:
         for reason, n in unusable.items():

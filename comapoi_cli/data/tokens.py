@@ -39,7 +39,6 @@ class TokenCounter:
         if not folder.exists():
             raise DataError(f"Tokenizer folder {folder} does not exist.",
                             hint="Pass a local Hugging Face model or tokenizer folder (nothing is downloaded).")
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         try:
             from transformers import AutoTokenizer
             from transformers.utils import logging as hf_logging
@@ -91,6 +90,26 @@ class TokenCounter:
             cuts.append(cut)
         fast = getattr(self.tokenizer, "is_fast", False)
         out: list[tuple[int, int]] = []
+        backend = getattr(self.tokenizer, "_tokenizer", None) if fast else None
+        if backend is not None and hasattr(backend, "encode_batch"):
+            # The Rust tokenizer directly: its Encoding objects answer len() and char_to_token() without
+            # building Python lists of ids and offsets (a third of the time through the wrapper).
+            for enc, text, cut, messages in zip(backend.encode_batch(texts, add_special_tokens=False), texts, cuts,
+                                                conversations):
+                total = len(enc)
+                if cut < 0:
+                    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+                    prompt = len(backend.encode(self.render(messages[:last], True), add_special_tokens=False))
+                elif cut >= len(text):
+                    prompt = total
+                else:
+                    index = enc.char_to_token(cut)
+                    if index is None:  # a character no token covers (e.g. dropped by the normaliser)
+                        prompt = _tokens_before(enc.offsets, cut)
+                    else:  # tokens that start before the cut: the one holding it counts if it starts earlier
+                        prompt = index + (enc.token_to_chars(index)[0] < cut)
+                out.append((total, min(prompt, total)))
+            return out
         if fast:
             encoded = self._encode(texts, True)
             for ids, offs, cut, messages in zip(encoded["input_ids"], encoded["offset_mapping"], cuts, conversations):

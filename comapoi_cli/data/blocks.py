@@ -89,6 +89,12 @@ def pool_start_method() -> str | None:
     return "spawn" if _main_importable() else None
 
 
+def _init_worker_process(initializer: Callable[..., None], initargs: tuple) -> None:
+    # the processes are the parallelism: a tokenizer in a worker tokenizes on one core
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    initializer(*initargs)
+
+
 def map_ranges(path, size: int, workers: int, initializer: Callable[..., None], initargs: tuple,
                work: Callable[[int, int, int], Any], block_size: int = BLOCK_SIZE,
                method: str | None = None) -> Iterator[tuple[int, int, Any]]:
@@ -109,7 +115,8 @@ def map_ranges(path, size: int, workers: int, initializer: Callable[..., None], 
         os.environ["PYTHONHASHSEED"] = "0"
     try:
         with open(path, "rb") as scanner, ProcessPoolExecutor(max_workers=workers, mp_context=context,
-                                                              initializer=initializer, initargs=initargs) as pool:
+                                                              initializer=_init_worker_process,
+                                                              initargs=(initializer, initargs)) as pool:
             try:
                 for start, end in block_ranges(scanner, size, block_size):
                     pending.append((start, end, pool.submit(work, start, end, size)))

@@ -186,8 +186,6 @@ _worker_file = None
 
 def _init(worker: _StatsWorker, path: str) -> None:
     global _worker, _worker_file
-    # each worker process tokenizes on one core: the processes are the parallelism
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker = worker
     _worker_file = open(path, "rb")
     worker.counter()

@@ -511,7 +511,9 @@ def _is_out_of_memory(exc: BaseException) -> bool:
             return True
     except (ImportError, AttributeError):
         pass
-    return "CUDA out of memory" in str(exc)
+    text = str(exc)
+    # CUDA's message, and the CPU allocator's (a RuntimeError) when the host runs out
+    return "CUDA out of memory" in text or "DefaultCPUAllocator: can't allocate memory" in text
 
 
 def _progress_callback(reporter: Reporter, max_steps: int):

@@ -255,3 +255,34 @@ def test_parallel_workers_give_identical_outputs(tmp_path, synth_dir, monkeypatc
     assert (tmp_path / "single.jsonl").read_bytes() == (tmp_path / "multi.jsonl").read_bytes()
     assert (tmp_path / "single.rejects.jsonl").read_bytes() == (tmp_path / "multi.rejects.jsonl").read_bytes()
     assert multi.rejected == {"bad_json": 1, "duplicate": 1}
+
+
+def test_the_orjson_fast_path_changes_nothing(tmp_path, monkeypatch):
+    """orjson reads clean records; json stays the reference for everything else. Lines where the two
+    parsers differ (NaN, integers beyond 64 bits, unpaired surrogates, duplicate keys) and broken
+    lines must give byte-identical outputs and rejects with and without orjson."""
+    import comapoi_cli.data.records as records
+
+    assert records.fast_loads is not None, "orjson is a dependency: the fast path must be in use"
+    real = real_lines()
+    lines = [
+        real[0], real[1],
+        '{"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}], "score": NaN}',
+        '{"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": 123456789012345678901234567890}]}',
+        '{"messages": [{"role": "user", "content": "\\ud800 alone"}, {"role": "assistant", "content": "a"}]}',
+        '{"messages": [{"role": "user", "content": "first"}, {"role": "user", "content": "x"}, '
+        '{"role": "assistant", "content": "a", "content": "second"}]}',
+        '{"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]',  # bad_json
+        real[0],  # duplicate
+        "\ufeff" + real[2],  # a BOM inside the file (not its first line) is no JSON
+    ]
+    source = write(tmp_path / "mixed.jsonl", lines, newline="\r\n")
+    outputs = {}
+    for mode in ("orjson", "json"):
+        if mode == "json":
+            monkeypatch.setattr(records, "fast_loads", None)
+        summary = clean_file(source, tmp_path / f"{mode}.jsonl", dataset="nyc", workers=1)
+        outputs[mode] = ((tmp_path / f"{mode}.jsonl").read_bytes(), (tmp_path / f"{mode}.rejects.jsonl").read_bytes(),
+                         summary.kept, summary.rejected)
+    assert outputs["orjson"] == outputs["json"]
+    assert outputs["json"][2] == 6 and outputs["json"][3] == {"bad_json": 2, "duplicate": 1}

@@ -15,14 +15,13 @@ import os
 import re
 import shlex
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from comapoi_cli.adapters import ADAPTER_CONFIG, require_run_folder
 from comapoi_cli.errors import ComapoiError, UsageError
-from comapoi_cli.fileio import _umask, read_json, sha256_file, write_json_atomic
+from comapoi_cli.fileio import atomic_folder, read_json, sha256_file, write_json_atomic
 
 WEIGHTS = "adapter_model.safetensors"
 EXPORT_INFO = "comapoi_export.json"
@@ -210,25 +209,12 @@ def export_adapters(run_dirs: Sequence[str | os.PathLike[str]], to: str | os.Pat
 def _copy_adapter(source: _Source, target: Path, name: str, overwrite: bool) -> ExportedAdapter:
     folder = source.run.adapter_dir
     files = [ADAPTER_CONFIG, WEIGHTS, *(f for f in TOKENIZER_FILES if (folder / f).is_file())]
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=target.parent))
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())
+    with atomic_folder(target) as tmp:
         for file in files:
             shutil.copyfile(folder / file, tmp / file)
         digest = sha256_file(tmp / WEIGHTS)
         if digest != sha256_file(folder / WEIGHTS):
             raise ComapoiError(f"The copy of {folder / WEIGHTS} differs from the original (disk or file changing?).")
-        old = None
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=target.parent))
-            os.rmdir(old)
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ExportedAdapter(name=name, source=str(folder.resolve()), path=str(target), role=source.run.type,
                            dataset=source.run.dataset, rank=_rank(source.config), alpha=source.config.get("lora_alpha"),
                            trained_quant=source.run.quant, files=files, sha256=digest)

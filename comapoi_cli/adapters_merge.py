@@ -18,15 +18,13 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from comapoi_cli.adapters import require_run_folder
 from comapoi_cli.errors import ComapoiError, UsageError
-from comapoi_cli.fileio import _umask, read_json, sha256_file, write_json_atomic
+from comapoi_cli.fileio import atomic_folder, read_json, sha256_file, write_json_atomic
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 MERGE_INFO = "comapoi_merge.json"
@@ -164,23 +162,6 @@ def _logits(model: Any, inputs: list[tuple[str, list[int]]]) -> list[Any]:
     return out
 
 
-def _swap_into_place(tmp: Path, output: Path) -> None:
-    """Rename the finished temporary folder to ``output``, replacing an existing one only at the end."""
-    old = None
-    if output.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-        os.rmdir(old)
-        os.replace(output, old)
-    try:
-        os.replace(tmp, output)
-    except BaseException:
-        if old is not None:
-            os.replace(old, output)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def merge_adapter(run_dir: str | os.PathLike[str], output: str | os.PathLike[str], *, model: str | None = None,
                   dtype: str = "auto", device: str = "auto", overwrite: bool = False, check_inputs: int = 3,
                   log: Log | None = None) -> MergeResult:
@@ -225,9 +206,7 @@ def merge_adapter(run_dir: str | os.PathLike[str], output: str | os.PathLike[str
     del loaded
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the folder follows the umask like mkdir
+    with atomic_folder(output) as tmp:
         merged.save_pretrained(str(tmp))
         tokenizer_dir = tokenizer_folder(run, base)
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
@@ -271,8 +250,4 @@ def merge_adapter(run_dir: str | os.PathLike[str], output: str | os.PathLike[str
         if any(p.name.endswith((".bin", ".pt", ".pth", ".pkl")) for p in tmp.iterdir()):
             raise ComapoiError("The merged model was saved with pickled weights, so it was not written.")
         result.files = sorted(p.name for p in tmp.iterdir())
-        _swap_into_place(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return result

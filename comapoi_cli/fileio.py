@@ -3,7 +3,8 @@
 Every file comapoi writes goes through ``atomic_writer`` (or the helpers built on it): the
 content goes to a temporary file in the same folder, is flushed and fsync'ed, then renamed over
 the target, so a reader never sees a half-written output and an interrupted run leaves the old
-file (or none) in place.
+file (or none) in place. ``atomic_folder`` does the same for a whole folder (a merged model, an
+exported adapter).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator
@@ -36,6 +38,37 @@ def atomic_writer(path: str | os.PathLike[str], mode: str = "w", encoding: str |
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path`` to fill; on success it replaces ``path`` (a folder or
+    file, moved aside first and put back if the swap fails), on error it is deleted."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the folder follows the umask like mkdir
+        yield tmp
+        old = None
+        if target.exists() or target.is_symlink():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.rmdir(old)
+            os.replace(target, old)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            if old is not None:
+                os.replace(old, target)
+            raise
+        if old is not None:
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from comapoi_cli.fileio import atomic_writer, read_json, sha256_file, write_json_atomic
+from comapoi_cli.fileio import atomic_folder, atomic_writer, read_json, sha256_file, write_json_atomic
 
 
 def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
@@ -31,3 +31,22 @@ def test_written_files_follow_the_umask(tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
     assert read_json(path) == {"steps": 3}
     assert len(sha256_file(path)) == 64
+
+
+def test_atomic_folder_replaces_a_folder_only_when_complete(tmp_path):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    try:
+        with atomic_folder(target) as tmp:
+            (tmp / "half.txt").write_text("half")
+            raise RuntimeError("interrupted")
+    except RuntimeError:
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary folder left behind
+    assert sorted(p.name for p in target.iterdir()) == ["old.txt"]  # the old folder untouched
+    with atomic_folder(target) as tmp:
+        (tmp / "new.txt").write_text("new")
+        assert sorted(p.name for p in target.iterdir()) == ["old.txt"]  # nothing visible before the end
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]

@@ -61,20 +61,18 @@ class TokenCounter:
                 pass  # templates that refuse a message order (e.g. system not first) fall back
         return _fallback_render(messages, add_generation_prompt)
 
-    def split_texts(self, messages: Sequence[dict[str, str]]) -> tuple[str, int]:
-        """The rendered conversation and the character offset where the last answer's part begins."""
+    def split_texts(self, messages: Sequence[dict[str, str]]) -> tuple[str, int, str]:
+        """The rendered conversation, the character offset where the last answer's part begins
+        (-1 when the template does not render the prompt as a prefix of it), and the rendered prompt."""
         full = self.render(messages)
         last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
         if last is None:
-            return full, len(full)
+            return full, len(full), full
         prefix = self.render(messages[:last], add_generation_prompt=True)
-        if full.startswith(prefix):
-            return full, len(prefix)
-        return full, -1  # the template does not render the prompt as a prefix: count separately
+        return full, len(prefix) if full.startswith(prefix) else -1, prefix
 
-    def _encode(self, texts: list[str], offsets: bool):
-        return self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=offsets,
-                              return_attention_mask=False, return_token_type_ids=False)
+    def _encode(self, texts: list[str]):
+        return self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False)
 
     def count(self, messages: Sequence[dict[str, str]]) -> tuple[int, int]:
         """``(total tokens, prompt tokens)`` of one conversation."""
@@ -82,24 +80,17 @@ class TokenCounter:
 
     def count_batch(self, conversations: Sequence[Sequence[dict[str, str]]]) -> list[tuple[int, int]]:
         """``(total, prompt)`` token counts of many conversations; one batched tokenizer call."""
-        texts: list[str] = []
-        cuts: list[int] = []
-        for messages in conversations:
-            full, cut = self.split_texts(messages)
-            texts.append(full)
-            cuts.append(cut)
-        fast = getattr(self.tokenizer, "is_fast", False)
+        rendered = [self.split_texts(messages) for messages in conversations]
         out: list[tuple[int, int]] = []
-        backend = getattr(self.tokenizer, "_tokenizer", None) if fast else None
-        if backend is not None and hasattr(backend, "encode_batch"):
+        backend = getattr(self.tokenizer, "_tokenizer", None) if getattr(self.tokenizer, "is_fast", False) else None
+        if backend is not None:
             # The Rust tokenizer directly: its Encoding objects answer len() and char_to_token() without
             # building Python lists of ids and offsets (a third of the time through the wrapper).
-            for enc, text, cut, messages in zip(backend.encode_batch(texts, add_special_tokens=False), texts, cuts,
-                                                conversations):
+            texts = [text for text, _, _ in rendered]
+            for enc, (text, cut, prompt_text) in zip(backend.encode_batch(texts, add_special_tokens=False), rendered):
                 total = len(enc)
-                if cut < 0:
-                    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-                    prompt = len(backend.encode(self.render(messages[:last], True), add_special_tokens=False))
+                if cut < 0:  # the prompt is not a prefix: tokenize it on its own
+                    prompt = len(backend.encode(prompt_text, add_special_tokens=False))
                 elif cut >= len(text):
                     prompt = total
                 else:
@@ -110,28 +101,11 @@ class TokenCounter:
                         prompt = index + (enc.token_to_chars(index)[0] < cut)
                 out.append((total, min(prompt, total)))
             return out
-        if fast:
-            encoded = self._encode(texts, True)
-            for ids, offs, cut, messages in zip(encoded["input_ids"], encoded["offset_mapping"], cuts, conversations):
-                total = len(ids)
-                if cut < 0:
-                    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-                    prompt = len(self._encode([self.render(messages[:last], True)], False)["input_ids"][0])
-                else:
-                    prompt = _tokens_before(offs, cut)
-                out.append((total, min(prompt, total)))
-            return out
-        for text, cut, messages in zip(texts, cuts, conversations):
-            total = len(self._encode([text], False)["input_ids"][0])
-            if cut < 0:
-                last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-                cut_text = self.render(messages[:last], True)
-            else:
-                cut_text = text[:cut]
-            prompt = len(self._encode([cut_text], False)["input_ids"][0])
+        for text, cut, prompt_text in rendered:  # a slow (Python) tokenizer
+            total = len(self._encode([text])["input_ids"][0])
+            prompt = len(self._encode([text[:cut] if cut >= 0 else prompt_text])["input_ids"][0])
             out.append((total, min(prompt, total)))
         return out
-
 
 def _tokens_before(offsets: Sequence[Sequence[int]], cut: int) -> int:
     """How many tokens start before character ``cut`` (binary search over the offsets)."""

@@ -101,6 +101,11 @@ def sharding() -> str | None:
     return None
 
 
+def shards_weights() -> bool:
+    """True when the launcher shards the model's weights across ranks (FSDP or DeepSpeed ZeRO-3)."""
+    return sharding() in ("fsdp", "deepspeed-zero3")
+
+
 def batch_line(per_device: int, processes: int, accumulation: int) -> str:
     """``Batch: 2 per device x 2 processes x 1 accumulation = 4 records per step``."""
     effective = per_device * processes * accumulation

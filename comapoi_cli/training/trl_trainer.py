@@ -41,7 +41,7 @@ from comapoi_cli.fileio import sha256_file
 from comapoi_cli.training import chat
 from comapoi_cli.training.devices import DevicePlan, peak_memory, plan_device
 from comapoi_cli.training.distributed import (batch_line, is_main_process, local_rank, main_process_first, rank,
-                                              sharding, world_size)
+                                              shards_weights, world_size)
 from comapoi_cli.training.errors import (ModelNotFoundError, NoLossTokensError, OutOfMemoryError,
                                          TrainingDataError, UsageError)
 from comapoi_cli.training.job import TrainingJob, TrainingResult
@@ -96,7 +96,7 @@ class TRLTrainingPath:
         from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
         kwargs: dict[str, Any] = {"dtype": plan.torch_dtype()}
-        sharded = sharding() in ("fsdp", "deepspeed-zero3")
+        sharded = shards_weights()
         if plan.quant == "4bit":
             extra: dict[str, Any] = {}
             if sharded:  # FSDP / ZeRO-3 flatten the weights: the 4-bit storage must share the float dtype
@@ -120,7 +120,7 @@ class TRLTrainingPath:
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
         job = self.job
-        if plan.quant != "none" and sharding() not in ("fsdp", "deepspeed-zero3"):
+        if plan.quant != "none" and not shards_weights():
             # (not when sharded: it casts the unquantised weights to float32, and FSDP needs one dtype)
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=job.gradient_checkpointing,

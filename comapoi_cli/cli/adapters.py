@@ -329,14 +329,13 @@ def export(
     the vLLM command line that serves them as LoRA modules."""
     from comapoi_cli.adapters_export import export_adapters
 
-    name_list = [n for n in names.split(",")] if names else None
+    name_list = names.split(",") if names else None
     result = export_adapters(run_dirs, to, name_list, overwrite=overwrite, base_model=model)
     if as_json:
         print_json(result.to_dict())
         return
     exported = table(f"Exported to {result.to}", ["name", "role", "dataset", "rank", "from", "files"],
                      [(a.name, a.role, a.dataset, a.rank, a.source, len(a.files)) for a in result.adapters])
-    exported.columns[4].overflow = "fold"
     console.print(exported)
     for note in result.notes:
         console.print(f"[yellow]Note:[/yellow] {escape(note)}", soft_wrap=True)

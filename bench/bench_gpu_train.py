@@ -105,6 +105,27 @@ def mfu(tokens_per_s: float | None, n_matmul: int, peak_flops: float | None) -> 
     return 4 * n_matmul * tokens_per_s / peak_flops
 
 
+def measure_matmul_peak(size: int = 8192, repeats: int = 20) -> float:
+    """The bf16 matmul rate this GPU reaches (FLOP/s, best of three timings of ``repeats`` square GEMMs)."""
+    import torch
+
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(3):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * size**3 * repeats / best
+
+
 def summarise(steps: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
     """Throughput and step time over the steps after ``warmup`` (all steps when there are no more)."""
     timed = [s for s in steps if s.get("time_s")]
@@ -456,12 +477,16 @@ def run_comapoi(spec: dict[str, Any], python: str, log_file: Path, timeout: floa
         return {**result, "status": "failed",
                 "error": f"{runs[-1]} has no per-step times and token counts (loss_history train_seconds)"}
     peaks = (run.get("progress") or {}).get("peak_memory") or {}
-    job, device = run.get("job") or {}, run.get("device") or {}
+    job, device, fit = run.get("job") or {}, run.get("device") or {}, run.get("fit") or {}
     cuda = "cuda_allocated_gib" in peaks
-    settings = {"batch_size": job.get("batch_size"), "quant": device.get("quant"), "precision": device.get("precision"),
-                "gradient_checkpointing": job.get("gradient_checkpointing"), "packing": job.get("packing"),
-                "loss": job.get("loss")}
-    return {**result, "status": "ok", "steps": steps,
+    # what ran: the --fit plan (micro-batch, accumulation, checkpointing, weights) where there is one
+    settings = {"batch_size": job.get("batch_size"), "micro_batch": fit.get("micro_batch", job.get("batch_size")),
+                "accumulation": fit.get("gradient_accumulation_steps", job.get("gradient_accumulation_steps")),
+                "quant": device.get("quant"), "precision": device.get("precision"),
+                "gradient_checkpointing": fit.get("gradient_checkpointing", job.get("gradient_checkpointing")),
+                "packing": job.get("packing"), "loss": job.get("loss"), "plan": fit.get("source")}
+    estimate = (fit.get("estimate") or {}).get("total")
+    return {**result, "status": "ok", "steps": steps, "estimated_peak_gib": estimate,
             "peak_memory_gib": peaks.get("cuda_allocated_gib" if cuda else "host_rss_gib"),
             "memory_kind": "cuda-allocated" if cuda else "cpu-peak-rss",
             "loss_kind": f"{job.get('loss', 'assistant')} tokens", "run_dir": str(runs[-1].parent),
@@ -515,6 +540,8 @@ def markdown(report: dict[str, Any]) -> str:
         tps = f"{s['tokens_per_s']:,.0f}" if s["tokens_per_s"] else ""
         step = f"{s['step_s_median']:.3f}" if s["step_s_median"] else ""
         peak = f"{row['peak_memory_gib']:.1f} ({row['memory_kind']})" if row.get("peak_memory_gib") is not None else ""
+        if row.get("estimated_peak_gib") is not None:  # --fit's estimate, to check its memory model
+            peak += f"; fit estimated {row['estimated_peak_gib']:.1f}"
         util = f"{row['mfu'] * 100:.1f}%" if row.get("mfu") is not None else "n/a"
         lines.append(f"| {row['config']} | {row.get('settings', {}).get('batch_size', report['batch_size'])} | "
                      f"{settings} | {tps} | {step} | {peak} | {util} | {loss} |")
@@ -568,6 +595,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--python-unsloth", default=sys.executable,
                         help="interpreter for the Unsloth rows (default: this one)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
+    parser.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
+                        help="stop starting rows this long after the start, and cut each row's timeout to what is left "
+                             "(for a device session with a fixed time budget; --json is rewritten after every row)")
+    parser.add_argument("--measure-peak", action="store_true",
+                        help="measure this GPU's bf16 matmul rate first and use it for MFU (instead of --peak-flops)")
     parser.add_argument("--json", dest="json_out", help="write every measured number here")
     parser.add_argument("--markdown", help="write the table here")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
@@ -593,6 +625,11 @@ def main(argv: list[str] | None = None) -> int:
 
     cuda = torch.cuda.is_available()
     peak_flops = args.peak_flops if args.peak_flops else (H100_BF16_PEAK if cuda else None)
+    measured_peak = None
+    if args.measure_peak and cuda:
+        measured_peak = measure_matmul_peak()
+        peak_flops = measured_peak
+        log(f"bf16 matmul peak measured: {measured_peak / 1e12:.0f} TFLOP/s")
     data = make_data(scratch, args.trajectories, args.seed, log)
     model, config = build_model(args.preset, data, scratch, log)
     n_matmul = matmul_params(config)
@@ -600,9 +637,18 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["bench_gpu_train.py", *argv]),
         "preset": args.preset, "model": str(model), "matmul_params": n_matmul, "batch_size": args.batch_size,
         "seq_length": args.seq_length, "steps": args.steps, "warmup": args.warmup, "peak_flops": peak_flops,
+        "peak_flops_source": "measured (--measure-peak)" if measured_peak else
+                             ("--peak-flops" if args.peak_flops else "H100 bf16 rate from ../shared/gpu/README.md" if cuda else None),
         "device": _device_report(), "versions": _versions(), "rows": [],
     }
+    timeout = args.timeout
     for row in rows:
+        if args.deadline is not None:
+            left = args.deadline - (time.perf_counter() - started)
+            if left < 60:
+                report["rows"].append({"config": row.name, "status": "skipped", "error": "--deadline reached"})
+                continue
+            timeout = min(args.timeout, left)
         unsloth_row = row.base in ("unsloth", "comapoi-unsloth")
         python = args.python_unsloth if unsloth_row else sys.executable
         log_file = scratch / "logs" / f"{row.name}.log"
@@ -618,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
                     "output": str(scratch / "runs" / row.name), "batch_size": args.batch_size, "seq_length": args.seq_length,
                     "steps": args.steps, "warmup": args.warmup, "seed": args.seed, "bf16": cuda and torch.cuda.is_bf16_supported(),
                     "extra_args": row.extra}
-            result = run_comapoi(spec, python, log_file, args.timeout, extra_path)
+            result = run_comapoi(spec, python, log_file, timeout, extra_path)
         else:
             spec = {"name": row.name, "config": row.base, "model": str(model), "data": str(data),
                     "batch_size": args.batch_size, "seq_length": args.seq_length, "steps": args.steps,
@@ -630,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
             with open(log_file, "w") as handle:
                 try:
                     subprocess.run([python, str(Path(__file__).resolve()), "--worker", str(spec_file)], stdout=handle,
-                                   stderr=subprocess.STDOUT, cwd=REPO, timeout=args.timeout, env=child_env())
+                                   stderr=subprocess.STDOUT, cwd=REPO, timeout=timeout, env=child_env())
                 except subprocess.TimeoutExpired:
                     pass
             if Path(spec["result"]).is_file():
@@ -643,6 +689,8 @@ def main(argv: list[str] | None = None) -> int:
             result["summary"] = summarise(result["steps"], args.warmup)
             result["mfu"] = mfu(result["summary"]["tokens_per_s"], n_matmul, peak_flops)
         report["rows"].append(result)
+        if args.json_out:  # row by row: what was measured survives a run cut short
+            Path(args.json_out).write_text(json.dumps(report, indent=1))
         log(f"   {result.get('status')}" + (f": {result.get('error')}" if result.get("error") else
                                             f", {result['summary']['tokens_per_s'] or 0:,.0f} real tokens/s"))
     report["wall_s"] = time.perf_counter() - started

@@ -23,6 +23,8 @@ class Backend:
         requires: human-readable needs, e.g. ``("trl>=1.15", "a CUDA GPU")``.
         install_hint: what to run to make it usable, shown with the reason when it is not.
         multi_process: whether it can run under ``accelerate launch`` / ``torchrun`` with more than one process.
+        memory_profile: how ``--fit`` estimates its memory: a key of
+            ``comapoi_cli.training.fit.MEMORY_PROFILES`` (``trl``, the default, or ``unsloth``).
     """
 
     name: str = ""
@@ -30,6 +32,7 @@ class Backend:
     requires: tuple[str, ...] = ()
     install_hint: str = ""
     multi_process: bool = True
+    memory_profile: str = "trl"
 
     def unusable_reason(self) -> str | None:
         """Return None if this backend can train on this machine now, else one sentence saying why not.
@@ -53,6 +56,7 @@ class Backend:
             "reason": reason,
             "install_hint": self.install_hint if reason else None,
             "multi_process": self.multi_process,
+            "memory_profile": self.memory_profile,
         }
 
 

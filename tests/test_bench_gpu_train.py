@@ -71,7 +71,8 @@ def test_tiny_preset_runs_every_configuration_on_the_cpu(tmp_path):
     command = [sys.executable, str(REPO / "bench" / "bench_gpu_train.py"), "--preset", "tiny", "--steps", "2",
                "--warmup", "1", "--batch-size", "1", "--seq-length", "4096", "--trajectories", "6",
                "--scratch", str(tmp_path / "scratch"), "--json", str(out), "--peak-flops", "1e12",
-               "--python-unsloth", str(UNSLOTH_PYTHON if unsloth else sys.executable)]
+               "--python-unsloth", str(UNSLOTH_PYTHON if unsloth else sys.executable),
+               "--trl-args", "--memory-budget 4"]  # a --fit plan on the CPU too: its estimate goes into the row
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(out.read_text())
@@ -91,9 +92,24 @@ def test_tiny_preset_runs_every_configuration_on_the_cpu(tmp_path):
         assert row["peak_memory_gib"] > 0 and row["memory_kind"] == "cpu-peak-rss"
         assert row["mfu"] == pytest.approx(4 * report["matmul_params"] * summary["tokens_per_s"] / 1e12)
     assert rows["comapoi-trl"]["command"].split()[2:4] == ["comapoi_cli", "train"]  # the real CLI
+    planned = rows["comapoi-trl"]
+    assert planned["settings"]["plan"] == "fit" and planned["settings"]["micro_batch"] == 1
+    assert 0 < planned["estimated_peak_gib"] < 4 and "fit estimated" in result.stdout
     assert report["device"]["kind"] == "cpu" and report["versions"]["torch"]
     for name in bench.CONFIGS:
         assert f"| {name} |" in result.stdout  # the Markdown table
+
+
+def test_deadline_skips_the_rows_it_has_no_time_for_and_still_writes_the_report(tmp_path):
+    out = tmp_path / "result.json"
+    command = [sys.executable, str(REPO / "bench" / "bench_gpu_train.py"), "--preset", "tiny", "--trajectories", "6",
+               "--configs", "comapoi-trl,original", "--deadline", "30", "--scratch", str(tmp_path / "scratch"),
+               "--json", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["config"], r["status"], r["error"]) for r in rows] == [
+        ("comapoi-trl", "skipped", "--deadline reached"), ("original", "skipped", "--deadline reached")]
 
 
 def test_merge_reports_prints_one_table(tmp_path, capsys):

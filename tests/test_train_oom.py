@@ -55,7 +55,7 @@ def test_out_of_memory_is_one_sentence_with_the_options(make_error, agent_data_d
     with pytest.raises(OutOfMemoryError) as caught:
         path.run()
     error = caught.value
-    assert error.message.startswith("The host ran out of memory at step 3 of 6 (batch 2 x up to 1536 tokens")
+    assert error.message.startswith("The host ran out of memory at step 3 of 6 (micro-batch 2 x up to 1536 tokens")
     assert "\n" not in error.message
     for option in ("smaller --batch_size", "--gradient_accumulation_steps to keep the effective batch 2",
                    "shorter --seq_length than 1536", "--gradient_checkpointing"):

@@ -45,7 +45,7 @@ def test_seed_usage_examples_parse_as_written(example, tmp_path):
     assert job["dataset"] == "nyc" and job["model"] == "llama3.1-8b-instruct"
     assert job["type"] == args[args.index("--type") + 1]
     assert job["batch_size"] == 16 and job["max_steps"] == 200
-    assert job["bf16"] == ("--bf16" in args)
+    assert job["bf16"] == (True if "--bf16" in args else None)  # None: auto (bf16 on a GPU that has it)
     assert job["backend"] == ("unsloth" if "--unsloth" in args else "trl")
     if "--learning_rate" in args:
         assert job["learning_rate"] == 5e-5 and out["run_dir"].endswith("-lr5e-05")

@@ -114,14 +114,23 @@ def register(app: typer.Typer) -> None:
                                              show="q,k,v,o,gate,up,down _proj",
                                              help="Comma list of module names, or all-linear."),
         # -- precision and memory
-        fp16: Optional[bool] = _opt("--fp16/--no-fp16", panel=PRECISION, show="off", help="float16 mixed precision (CUDA)."),
-        bf16: Optional[bool] = _opt("--bf16/--no-bf16", panel=PRECISION, show="off",
+        fp16: Optional[bool] = _opt("--fp16/--no-fp16", panel=PRECISION, show="auto",
+                                    help="float16 mixed precision (CUDA). Auto: bf16 on a GPU that has it, else fp16; fp32 on the CPU."),
+        bf16: Optional[bool] = _opt("--bf16/--no-bf16", panel=PRECISION, show="auto",
                                     help="bfloat16 mixed precision (recent GPUs, CPUs with bf16 instructions)."),
         gradient_checkpointing: Optional[bool] = _opt(
             "--gradient_checkpointing/--no-gradient-checkpointing", "--gradient-checkpointing", panel=PRECISION,
-            show="off", help="Recompute activations in the backward pass: less memory, about 20-30% slower."),
-        quant: Optional[Quant] = _opt("--quant", panel=PRECISION, show="auto: 4bit with CUDA, none on the CPU",
+            show="auto: --fit chooses on a GPU; off on the CPU",
+            help="Recompute activations in the backward pass: much less memory, about 1.5x the time per step."),
+        quant: Optional[Quant] = _opt("--quant", panel=PRECISION, show="auto: --fit chooses on a GPU; none on the CPU",
                                     help="Load the base model quantised with bitsandbytes: 4bit (NF4), 8bit or none."),
+        fit: Optional[bool] = _opt("--fit/--no-fit", panel=PRECISION, show="on",
+                                   help="Plan the run for the memory budget: micro-batch and accumulation (same effective "
+                                        "batch), checkpointing and, with --quant auto, 16-bit or 4-bit weights."),
+        memory_budget: Optional[float] = _opt("--memory-budget", "--memory_budget", panel=PRECISION, metavar="GIB",
+                                              show="the GPU's free memory; none on the CPU",
+                                              help="GiB the run may use; --fit plans within 90% of it. With --dry-run: "
+                                                   "plan for a GPU of that size."),
         liger: Optional[bool] = _opt("--liger/--no-liger", panel=PRECISION, show="off",
                                      help="Liger's fused kernels (RMSNorm, SwiGLU, RoPE) on the trl backend; needs CUDA and liger-kernel."),
         # -- outputs and run control
@@ -168,7 +177,8 @@ def register(app: typer.Typer) -> None:
             "lr_scheduler": lr_scheduler, "weight_decay": weight_decay, "max_grad_norm": max_grad_norm, "optim": optim,
             "neftune_alpha": neftune_alpha, "lora_r": lora_r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout,
             "target_modules": target_modules, "fp16": fp16, "bf16": bf16,
-            "gradient_checkpointing": gradient_checkpointing, "quant": quant, "liger": liger, "output_dir": output_dir,
+            "gradient_checkpointing": gradient_checkpointing, "quant": quant, "fit": fit, "memory_budget": memory_budget,
+            "liger": liger, "output_dir": output_dir,
             "run_tag": run_tag, "save_freq": save_freq, "logging_steps": logging_steps, "report_to": report_to,
             "resume": resume or None, "overwrite": overwrite or None, "show_labels": show_labels or None,
         }
@@ -187,6 +197,12 @@ def register(app: typer.Typer) -> None:
                 problems.append(f"backend {job.backend} is not usable here: {reason}")
             out = {"job": job.to_dict(), "run_dir": str(job.run_dir),
                    "model": {"kind": location.kind, "ref": location.ref}, "problems": problems}
+            from comapoi_cli.training.fit import FitError, dry_run_plan
+
+            try:
+                out["fit"] = dry_run_plan(job, location, selected.memory_profile)
+            except FitError as exc:
+                problems.append(exc.message)
             if launch is not None:
                 out["launch"] = ["accelerate", "launch", *launch]
             print_json(out)

@@ -82,6 +82,11 @@ def plan_device(job: TrainingJob) -> DevicePlan:
         device, name, count = "cuda", torch.cuda.get_device_name(0), torch.cuda.device_count()
     else:
         device, name, count = "cpu", _cpu_name(), 1
+    if job.bf16 is None and job.fp16 is None and cuda:  # auto: 16-bit mixed precision on a GPU
+        bf16 = torch.cuda.is_bf16_supported()
+        job_precision = "bf16" if bf16 else "fp16"
+    else:
+        job_precision = "bf16" if job.bf16 else "fp16" if job.fp16 else "fp32"
     if job.bf16:
         ok = torch.cuda.is_bf16_supported() if cuda else _cpu_supports("bf16")
         if not ok:
@@ -92,7 +97,7 @@ def plan_device(job: TrainingJob) -> DevicePlan:
         raise DeviceError("--fp16 needs a CUDA GPU: there is none here and this CPU has no fast float16 arithmetic.",
                           hint="Drop --fp16 to train in float32 on the CPU" + (", or use --bf16, which this CPU supports." if _cpu_supports("bf16") else "."))
     quant = job.quant
-    if quant == "auto":
+    if quant == "auto":  # without --fit (which may choose 16-bit): 4-bit on a GPU, as the original
         quant = "4bit" if cuda and bitsandbytes_problem("cuda") is None else "none"
     elif quant != "none":
         problem = bitsandbytes_problem(device)
@@ -106,9 +111,21 @@ def plan_device(job: TrainingJob) -> DevicePlan:
         if missing_packages("liger_kernel"):
             raise DeviceError("--liger needs the liger-kernel package, which is not installed.",
                               hint="pip install liger-kernel, or drop --liger.")
-    precision = "bf16" if job.bf16 else "fp16" if job.fp16 else "fp32"
+    precision = job_precision
     dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision]
     return DevicePlan(device, name, count, precision, quant, dtype)
+
+
+def free_memory_bytes(device: str) -> float | None:
+    """Free memory of this process's GPU now (``torch.cuda.mem_get_info``); None on the CPU."""
+    if device != "cuda":
+        return None
+    import torch
+
+    from comapoi_cli.training.distributed import local_rank
+
+    free, _total = torch.cuda.mem_get_info(local_rank())
+    return float(free)
 
 
 def peak_memory(device: str) -> dict[str, float]:

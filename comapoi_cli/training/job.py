@@ -27,6 +27,8 @@ SCHEDULER_CHOICES = ("cosine", "linear", "constant", "constant_with_warmup")
 RUN_CONTROL_FIELDS = frozenset({
     "resume", "overwrite", "show_labels", "report_to", "config_file", "logging_steps", "output_dir",
     "run_tag", "data_dir", "data_path", "model", "model_path",
+    # how the run executes, not what it trains: a resumed run reuses the plan recorded in run.json
+    "fit", "memory_budget",
 })
 
 
@@ -79,10 +81,12 @@ class TrainingJob:
     neftune_alpha: float = 5.0  #: NEFTune noise (the original: 5); 0 turns it off
 
     # -- precision and memory -------------------------------------------------------------------
-    fp16: bool = False
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    quant: str = "auto"  #: ``auto`` = 4bit where CUDA is present, none on the CPU
+    fp16: bool | None = None  #: None = auto: bf16 on a GPU that has it (else fp16), fp32 on the CPU
+    bf16: bool | None = None
+    gradient_checkpointing: bool | None = None  #: None = auto: ``--fit`` chooses on a GPU; off on the CPU
+    quant: str = "auto"  #: ``auto``: ``--fit`` chooses 16-bit or 4bit on a GPU; none on the CPU
+    fit: bool = True  #: plan micro-batch, checkpointing and ``--quant auto`` from the memory budget
+    memory_budget: float = 0.0  #: GiB the run may use; 0 = the GPU's free memory (no plan on the CPU)
     liger: bool = False  #: Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE) on the TRL path; CUDA only
 
     # -- LoRA -------------------------------------------------------------------------------------
@@ -148,6 +152,8 @@ class TrainingJob:
         for name in ("num_samples", "eval_size", "warmup_steps", "logging_steps"):
             if getattr(self, name) < 0:
                 raise UsageError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}.")
+        if self.memory_budget < 0:
+            raise UsageError(f"--memory-budget must not be negative, got {self.memory_budget}.")
         if not self.learning_rate > 0:
             raise UsageError(f"--learning-rate must be positive, got {self.learning_rate}.")
         if not 0 <= self.lora_dropout < 1:

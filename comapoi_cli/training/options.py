@@ -42,6 +42,13 @@ def _to_bool(value: Any) -> bool:
     raise ValueError(f"expected true or false, got {value!r}")
 
 
+def _to_optional_bool(value: Any) -> bool | None:
+    """``true``/``false`` or ``auto``/empty (None: comapoi decides)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in {"", "auto"}):
+        return None
+    return _to_bool(value)
+
+
 def _to_int(value: Any) -> int:
     if isinstance(value, bool):
         raise ValueError(f"expected a whole number, got {value!r}")
@@ -89,7 +96,8 @@ def parse_target_modules(value: Any) -> tuple[str, ...]:
 def _coercer(f: dataclasses.Field) -> Callable[[Any], Any]:
     special = {"test_size": _to_count_or_fraction, "target_modules": parse_target_modules,
                "dataset": _to_optional_str, "data_path": _to_optional_str, "model_path": _to_optional_str,
-               "chat_template": _to_optional_str}
+               "chat_template": _to_optional_str, "bf16": _to_optional_bool, "fp16": _to_optional_bool,
+               "gradient_checkpointing": _to_optional_bool}
     if f.name in special:
         return special[f.name]
     default = f.default

@@ -39,9 +39,10 @@ from typing import Any
 from comapoi_cli.errors import ComapoiError
 from comapoi_cli.fileio import sha256_file
 from comapoi_cli.training import chat
-from comapoi_cli.training.devices import DevicePlan, peak_memory, plan_device
+from comapoi_cli.training.devices import DevicePlan, bitsandbytes_problem, free_memory_bytes, peak_memory, plan_device
 from comapoi_cli.training.distributed import (batch_line, is_main_process, local_rank, main_process_first, rank,
                                               shards_weights, world_size)
+from comapoi_cli.training.fit import GIB, FitPlan, ModelShape, memory_profile, plan_fit, quant_choices
 from comapoi_cli.training.errors import (ModelNotFoundError, NoLossTokensError, OutOfMemoryError,
                                          TrainingDataError, UsageError)
 from comapoi_cli.training.job import TrainingJob, TrainingResult
@@ -81,6 +82,8 @@ class TRLTrainingPath:
     """One training run on the TRL path. Subclass to change model loading / LoRA (see the module doc)."""
 
     backend_name = "trl"
+    #: How ``--fit`` estimates this path's memory (``comapoi_cli.training.fit.MEMORY_PROFILES``).
+    memory_profile = "trl"
     #: Extra distributions whose versions go into run.json (e.g. ``("unsloth",)``).
     extra_version_packages: tuple[str, ...] = ()
 
@@ -89,6 +92,8 @@ class TRLTrainingPath:
         if not is_main_process():
             reporter = Reporter()
         self.reporter = reporter if reporter is not None else ConsoleReporter()
+        #: How the run executes (micro-batch, accumulation, checkpointing, weights): set by ``plan_execution``.
+        self.execution: FitPlan = FitPlan.as_given(job, job.quant, "")
 
     # -- hooks a backend overrides -------------------------------------------------------------
     def load_model_and_tokenizer(self, model_dir: str, plan: DevicePlan) -> tuple[Any, Any]:
@@ -123,7 +128,7 @@ class TRLTrainingPath:
         if plan.quant != "none" and not shards_weights():
             # (not when sharded: it casts the unquantised weights to float32, and FSDP needs one dtype)
             model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=job.gradient_checkpointing,
+                model, use_gradient_checkpointing=self.execution.gradient_checkpointing,
                 gradient_checkpointing_kwargs={"use_reentrant": False})
         targets: Any = "all-linear" if job.target_modules == ("all-linear",) else list(job.target_modules)
         config = LoraConfig(r=job.lora_r, lora_alpha=job.lora_alpha, lora_dropout=job.lora_dropout, bias="none",
@@ -140,9 +145,9 @@ class TRLTrainingPath:
         return dict(
             output_dir=str(run_dir),
             max_steps=job.max_steps,
-            per_device_train_batch_size=job.batch_size,
-            per_device_eval_batch_size=job.batch_size,
-            gradient_accumulation_steps=job.gradient_accumulation_steps,
+            per_device_train_batch_size=self.execution.micro_batch,
+            per_device_eval_batch_size=self.execution.micro_batch,
+            gradient_accumulation_steps=self.execution.gradient_accumulation_steps,
             learning_rate=job.learning_rate,
             lr_scheduler_type=job.lr_scheduler,
             warmup_steps=job.effective_warmup_steps,
@@ -159,8 +164,8 @@ class TRLTrainingPath:
             bf16=plan.precision == "bf16",
             fp16=plan.precision == "fp16",
             use_cpu=plan.type == "cpu",
-            gradient_checkpointing=job.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False} if job.gradient_checkpointing else None,
+            gradient_checkpointing=self.execution.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False} if self.execution.gradient_checkpointing else None,
             max_length=job.seq_length,
             packing=job.packing,
             # LengthGroupedSampler: records of similar length share a batch (transformers computes the lengths)
@@ -193,6 +198,57 @@ class TRLTrainingPath:
         for noisy in (PrinterCallback, HFProgress):  # comapoi's reporter replaces them
             trainer.remove_callback(noisy)
         return trainer
+
+    def plan_execution(self, plan: DevicePlan, model_dir: str) -> FitPlan:
+        """``--fit``: micro-batch, accumulation, checkpointing and (``--quant auto``) the weights' format.
+
+        Resumed runs keep the plan their checkpoints were made with. Without a budget (the CPU with no
+        ``--memory-budget``, ``--no-fit``, several processes without ``--memory-budget``) the job's
+        values are used as given. Sets ``plan.quant`` to the chosen format.
+        """
+        job = self.job
+        if job.resume:
+            from comapoi_cli.training.rundir import read_run_json
+
+            previous = (read_run_json(job.run_dir) or {}).get("fit")
+            if previous and checkpoints(job.run_dir):
+                execution = FitPlan.from_dict({**previous, "source": "resumed"})
+                plan.quant = execution.quant
+                return execution
+        budget, source = None, None
+        if job.fit and job.memory_budget > 0:
+            budget, source = job.memory_budget * GIB, "--memory-budget"
+        elif job.fit and plan.type == "cuda" and world_size() == 1:
+            budget, source = free_memory_bytes(plan.type), "free GPU memory"
+        if budget is None:
+            why = ("--no-fit" if not job.fit else "no --memory-budget on the CPU" if plan.type != "cuda"
+                   else "several processes: give --memory-budget to plan them alike")
+            return FitPlan.as_given(job, plan.quant, why)
+        try:
+            shape = self.model_shape(model_dir)
+        except (OSError, ValueError) as exc:
+            self.reporter.warn(f"--fit skipped: the model's shape is unknown ({exc}); the job's batch and checkpointing are used.")
+            return FitPlan.as_given(job, plan.quant, "the model's shape is unknown")
+        profile = memory_profile(self.memory_profile)
+        quants = quant_choices(job.quant, profile, plan.type,
+                               plan.type == "cuda" and "4bit" in profile.quant_preference and bitsandbytes_problem("cuda") is None)
+        execution = plan_fit(shape, budget_bytes=budget, budget_source=source, profile=profile, precision=plan.precision,
+                             quants=quants, batch_size=job.batch_size,
+                             gradient_accumulation_steps=job.gradient_accumulation_steps, seq_length=job.seq_length,
+                             gradient_checkpointing=job.gradient_checkpointing if job.gradient_checkpointing is not None
+                             else (None if plan.type == "cuda" else False),
+                             lora_r=job.lora_r, target_modules=job.target_modules, lora_dropout=job.lora_dropout,
+                             device=plan.type)
+        plan.quant = execution.quant
+        return execution
+
+    def model_shape(self, model_dir: str) -> ModelShape:
+        """The base model's shape: its config.json (a local folder), else transformers' ``AutoConfig``."""
+        if Path(model_dir).is_dir():
+            return ModelShape.from_model_folder(model_dir)
+        from transformers import AutoConfig
+
+        return ModelShape.from_config(AutoConfig.from_pretrained(model_dir).to_dict())
 
     # -- the shared run ---------------------------------------------------------------------------
     def build_sft_config(self, plan: DevicePlan, run_dir: Path, has_eval: bool) -> Any:
@@ -238,6 +294,8 @@ class TRLTrainingPath:
                 raise UsageError("--report-to tensorboard needs the tensorboard package.", hint="pip install tensorboard")
         quiet_libraries()
         plan = plan_device(job)  # before the run folder is touched: a refusal must not cost an --overwrite
+        if not job.is_tiny:  # likewise a run that does not fit (the tiny model's shape is known once it is built)
+            self.execution = self.plan_execution(plan, job.base_model)
         start = self._start()
         for note in start.notes:
             say.info(note)
@@ -250,6 +308,9 @@ class TRLTrainingPath:
                      + (f", {prepared.summary.get('holdout')} held out" if prepared.holdout_path else "")
                      + (" (reused)" if prepared.summary.get("reused") else ""))
             model_dir = self.model_dir(prepared)
+            if job.is_tiny:
+                self.execution = self.plan_execution(plan, model_dir)
+            say.info(f"Plan: {self.execution.summary()}" + (f" ({self.execution.reason})" if self.execution.reason else ""))
             say.info(f"Base model: {job.model}" + (f" ({model_dir})" if model_dir != job.model else "")
                      + f"; {plan.name}, {plan.precision}" + (f", {plan.quant}" if plan.quant != "none" else ""))
             try:
@@ -288,6 +349,7 @@ class TRLTrainingPath:
                 job=job.to_dict(),
                 versions=versions(self.extra_version_packages),
                 device=plan.to_dict(),
+                fit=self.execution.to_dict(),
                 base_model=_describe_model(job, model_dir, model),
                 tokenizer=_describe_tokenizer(tokenizer, pad_note),
                 chat_template=fmt.describe(),
@@ -313,9 +375,9 @@ class TRLTrainingPath:
             callbacks = [progress, interrupt, _record_callback(write)]
             trainer = self.make_trainer(model, tokenizer, args, as_dataset(train_rows),
                                         as_dataset(eval_rows) if eval_rows else None, callbacks)
-            distributed = describe_distributed(trainer, job)
+            distributed = describe_distributed(trainer, self.execution)
             record.set(distributed=distributed)
-            say.info(batch_line(job.batch_size, distributed["world_size"], job.gradient_accumulation_steps)
+            say.info(batch_line(self.execution.micro_batch, distributed["world_size"], self.execution.gradient_accumulation_steps)
                      + (f" ({distributed['mode']}, {distributed['backend']})" if distributed["world_size"] > 1 else ""))
             self._check_resume_world_size(start, distributed["world_size"])
             if os.environ.get(DEBUG_SEEN_ENV):
@@ -417,16 +479,23 @@ class TRLTrainingPath:
         return rows
 
     def _oom_error(self, plan: DevicePlan, step: int) -> OutOfMemoryError:
-        job = self.job
+        job, run = self.job, self.execution
         where = "CUDA" if plan.type == "cuda" else "The host"
-        options = [f"a smaller --batch_size (with a larger --gradient_accumulation_steps to keep the effective batch {job.batch_size * job.gradient_accumulation_steps})",
-                   f"a shorter --seq_length than {job.seq_length}"]
-        if not job.gradient_checkpointing:
+        effective = run.micro_batch * run.gradient_accumulation_steps
+        options = []
+        if run.source == "fit" and run.estimate:
+            lower = max(1.0, round(0.8 * (run.budget_gib or 0), 1))
+            options.append(f"--memory-budget {lower:g} (the plan estimated {run.estimate['total']:.1f} GiB; "
+                           "a lower budget makes --fit choose a smaller plan)")
+        if run.micro_batch > 1:
+            options.append(f"a smaller --batch_size (with a larger --gradient_accumulation_steps to keep the effective batch {effective})")
+        options.append(f"a shorter --seq_length than {job.seq_length}")
+        if not run.gradient_checkpointing:
             options.append("--gradient_checkpointing")
         if plan.quant == "none" and plan.type == "cuda":
             options.append("--quant 4bit")
         return OutOfMemoryError(
-            f"{where} ran out of memory at step {step + 1} of {job.max_steps} (batch {job.batch_size} x up to "
+            f"{where} ran out of memory at step {step + 1} of {job.max_steps} (micro-batch {run.micro_batch} x up to "
             f"{job.seq_length} tokens, {plan.precision}, quant {plan.quant}).",
             hint="Try " + ", ".join(options[:-1]) + f" or {options[-1]}." if len(options) > 1 else f"Try {options[0]}.")
 
@@ -435,7 +504,7 @@ class TRLTrainingPath:
 DEBUG_SEEN_ENV = "COMAPOI_DEBUG_SEEN_FILE"
 
 
-def describe_distributed(trainer: Any, job: TrainingJob) -> dict[str, Any]:
+def describe_distributed(trainer: Any, execution: FitPlan) -> dict[str, Any]:
     """How the run is spread over processes (run.json ``distributed``), from the Trainer's accelerator."""
     state = trainer.accelerator.state
     processes = int(getattr(state, "num_processes", 1) or 1)
@@ -452,9 +521,9 @@ def describe_distributed(trainer: Any, job: TrainingJob) -> dict[str, Any]:
         "distributed_type": kind,
         "backend": getattr(state, "backend", None),
         "machines": max(1, processes // local) if (local := _int_env("LOCAL_WORLD_SIZE", processes)) else 1,
-        "per_device_batch": job.batch_size,
-        "gradient_accumulation_steps": job.gradient_accumulation_steps,
-        "effective_batch": job.batch_size * processes * job.gradient_accumulation_steps,
+        "per_device_batch": execution.micro_batch,
+        "gradient_accumulation_steps": execution.gradient_accumulation_steps,
+        "effective_batch": execution.micro_batch * processes * execution.gradient_accumulation_steps,
     }
 
 

@@ -54,6 +54,7 @@ class UnslothBackend(Backend):
     requires = ("unsloth==2026.10.9", "a CUDA GPU (or Unsloth's slow CPU fallback)",
                 "transformers 5.17.0, trl 1.15.0, datasets 4.8.5 (constraints/unsloth.txt)")
     multi_process = False
+    memory_profile = "unsloth"  #: the same as UnslothTrainingPath.memory_profile (--fit's calibration)
 
     @property
     def install_hint(self) -> str:  # type: ignore[override]

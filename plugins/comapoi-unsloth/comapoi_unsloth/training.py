@@ -3,8 +3,8 @@
 ``UnslothTrainingPath`` overrides only what Unsloth changes (see
 ``comapoi_cli.training.trl_trainer``): the base model and tokenizer come from
 ``FastLanguageModel.from_pretrained`` (4-bit, 8-bit or 16-bit per ``--quant``), LoRA from
-``FastLanguageModel.get_peft_model`` with Unsloth's gradient checkpointing when
-``--gradient_checkpointing`` is on (none otherwise). Data preparation, tokenisation and masks,
+``FastLanguageModel.get_peft_model`` with Unsloth's gradient checkpointing when the run's plan
+(``--fit``, or ``--gradient_checkpointing``) has it on (none otherwise). Data preparation, tokenisation and masks,
 the SFTConfig, progress, Ctrl-C, checkpoints, ``--resume``, the final adapter and run.json are the
 TRL path's, so the output layout and ``adapters list`` entry are the same; the adapter is a plain
 PEFT LoRA adapter of the base model.
@@ -46,11 +46,12 @@ def train_with_unsloth(job: Any, reporter: Any = None) -> Any:
 
 class UnslothTrainingPath(TRLTrainingPath):
     backend_name = "unsloth"
+    memory_profile = "unsloth"  #: --fit: Unsloth's own calibration (comapoi_cli.training.fit.MEMORY_PROFILES)
     extra_version_packages = ("unsloth", "unsloth-zoo")
 
     def checkpointing(self) -> Any:
         """Unsloth's gradient checkpointing (offloads activations to the host) with the flag; none without."""
-        return "unsloth" if self.job.gradient_checkpointing else False
+        return "unsloth" if self.execution.gradient_checkpointing else False
 
     def load_model_and_tokenizer(self, model_dir: str, plan: Any) -> tuple[Any, Any]:
         import torch

@@ -9,8 +9,8 @@
 # What it runs (in this order, the most wanted first, each stopped by the deadline):
 #   1. the Qwen2.5-7B table: comapoi-trl and comapoi-unsloth as `comapoi train` runs them by default
 #      (--fit plans micro-batch, checkpointing and 16-bit / 4-bit from the free memory), Unsloth as usually
-#      run, the original recipe; then lever rows (checkpointing forced on; packing; LoRA dropout 0 for
-#      Unsloth's fused LoRA path; Liger kernels); MFU against the bf16 matmul rate measured on the card;
+#      run, the original recipe; then lever rows (length-grouped batches; LoRA dropout 0 for Unsloth's
+#      fused LoRA path; checkpointing forced on; packing; Liger kernels); MFU against the bf16 matmul rate measured on the card;
 #      each comapoi row records --fit's memory estimate next to the measured peak;
 #   2. the Unsloth plugin trains the tiny model through the real CLI on the GPU and the adapter reloads
 #      with plain PEFT and generates.
@@ -44,8 +44,9 @@ EOF
 # 1. the 7B table (leave 100 s for part 2)
 python bench/bench_gpu_train.py --preset "${GPU_SESSION_PRESET:-qwen2.5-7b}" --steps 6 --warmup 2 --measure-peak \
   --configs comapoi-trl,comapoi-unsloth,unsloth,original \
-  --variant "trl-gc=comapoi-trl:--gradient-checkpointing" \
+  --variant "trl-grouped=comapoi-trl:--group-by-length" \
   --variant "uns-nodrop=comapoi-unsloth:--lora-dropout 0" \
+  --variant "trl-gc=comapoi-trl:--gradient-checkpointing" \
   --variant "trl-packing=comapoi-trl:--packing" \
   --variant "trl-liger=comapoi-trl:--liger" \
   --timeout 240 --deadline $((BUDGET - 100 - SECONDS)) --scratch "$SCRATCH" \

@@ -179,6 +179,8 @@ def test_train_runs_the_plan_with_the_same_effective_batch(agent_data_dir, tmp_p
     micro_batches = [json.loads(line) for line in Path(f"{seen}.rank0").read_text().splitlines()]
     assert len(micro_batches) == 6 and all(len(m["hashes"]) == 1 for m in micro_batches)  # 3 steps x 2 x 1 record
     assert run["status"] == "finished"
+    shown = run_comapoi("adapters", "show", str(run_dir))
+    assert "memory plan (--fit)" in shown.stdout and "1 per micro-batch x 2 accumulation" in shown.stdout
 
 
 def test_a_budget_nothing_fits_in_stops_before_training_and_leaves_no_run_folder(agent_data_dir, tmp_path):

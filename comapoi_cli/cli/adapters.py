@@ -188,6 +188,10 @@ def _render_show(info: dict[str, Any]) -> None:
                        ("gradient_accumulation_steps", "gradient accumulation"), ("seq_length", "sequence length"),
                        ("seed", "seed")):
         add(label, job.get(key))
+    if isinstance(info.get("fit"), dict) and info["fit"].get("source") in ("fit", "resumed"):
+        from comapoi_cli.training.fit import FitPlan
+
+        add("memory plan (--fit)", FitPlan.from_dict(info["fit"]).summary())
     if data.get("train_file"):
         add("training data", f"{data['train_file']}\nsha256 {data.get('train_sha256') or '?'}")
     add("holdout", data.get("holdout_file"))

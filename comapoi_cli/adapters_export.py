@@ -28,7 +28,7 @@ EXPORT_INFO = "comapoi_export.json"
 #: Text files copied beside the weights when the run has them (the adapter's tokenizer and chat template).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
-#: The values vLLM accepts for --max-lora-rank.
+#: The values vLLM accepts for --max-lora-rank: ``MaxLoRARanks`` in vllm/config/lora.py (checked against vLLM v0.26.0).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 

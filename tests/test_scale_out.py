@@ -15,15 +15,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
+import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import TRAIN_FAST
 from tests.support import REPO, run_comapoi
+from tests.test_train_run import assert_same_adapter
 
 RECORDS, BATCH, RANKS = 24, 2, 2
 STEPS_PER_EPOCH = RECORDS // (BATCH * RANKS)  # 6
@@ -163,3 +168,95 @@ def test_unsloth_refuses_a_multi_process_launch(how, agent_data_dir, tmp_path):
     assert "The unsloth backend trains on one GPU in one process, but this is a launch of 2 processes." in text
     assert "--backend trl" in text and "Traceback" not in text
     assert not (tmp_path / "out").exists()
+
+
+# -- stopping a multi-process run ------------------------------------------------------------------------
+STOP_STEPS = 2 * STEPS_PER_EPOCH  # 12
+
+
+def start_in_own_group(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """``comapoi ARGS`` as a terminal starts it: its own process group, the launcher's ranks in it."""
+    return subprocess.Popen([sys.executable, "-m", "comapoi_cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO, start_new_session=True)
+
+
+def read_until(proc: subprocess.Popen, marker: str, timeout: float = 300) -> str:
+    timer = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
+    timer.start()
+    text = ""
+    try:
+        for line in proc.stdout:
+            text += line
+            if marker in line:
+                return text
+    finally:
+        timer.cancel()
+    pytest.fail(f"the run ended or hung before {marker!r}:\n{text}")
+
+
+def rank_pid(output: Path, rank: int) -> int:
+    """The pid of the training process of ``rank`` whose command line names ``output``."""
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if str(output).encode() in cmdline and f"RANK={rank}".encode() in environ and b"comapoi_cli" in cmdline:
+            return int(proc.name)
+    pytest.fail(f"no process of rank {rank} found for {output}")
+
+
+def stop_args(data_dir: Path, output: Path) -> list[str]:
+    return ["train", "--dataset", "nyc", "--data-dir", str(data_dir), *TRAIN_FAST, "--num_samples", str(RECORDS),
+            "--max_steps", str(STOP_STEPS), "--save_freq", "100", "--output_dir", str(output), "--num-processes", "2"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks through /proc")
+def test_ctrl_c_under_num_processes_stops_every_rank_and_the_printed_command_resumes(copy_data_dir, tmp_path):
+    reference = run_comapoi(*stop_args(copy_data_dir, tmp_path / "ref"), env=isolated_env(tmp_path), cwd=REPO, timeout=300)
+    assert reference.returncode == 0, reference.stdout + reference.stderr
+    output = tmp_path / "out"
+    proc = start_in_own_group(stop_args(copy_data_dir, output), isolated_env(tmp_path))
+    text = read_until(proc, f"step 3/{STOP_STEPS}")
+    os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: the launcher and both ranks get it
+    text += proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, text
+    run_dir = only_run_dir(output)
+    run = json.loads((run_dir / "run.json").read_text())
+    stopped = run["progress"]["global_step"]
+    assert run["status"] == "interrupted" and 3 <= stopped < STOP_STEPS, text
+    assert [p.name for p in run_dir.glob("checkpoint-*")] == [f"checkpoint-{stopped}"]
+    assert (run_dir / f"checkpoint-{stopped}" / "trainer_state.json").is_file()
+    assert text.count(f"Stopped at step {stopped} of {STOP_STEPS}") == 1, text
+    assert "Traceback" not in text and "death signal" not in text  # no torch.distributed noise either
+    command = re.search(r"Continue with: (comapoi .*--resume)$", text, re.M).group(1)
+    assert "--num-processes 2" in command
+
+    resumed = run_comapoi(*shlex.split(command)[1:], env=isolated_env(tmp_path), cwd=REPO, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["status"] == "finished" and run["progress"]["global_step"] == STOP_STEPS
+    assert [s["status"] for s in run["segments"]] == ["interrupted", "finished"]
+    assert run["distributed"]["world_size"] == 2
+    reference_run = json.loads((only_run_dir(tmp_path / "ref") / "run.json").read_text())
+    assert [e["loss"] for e in run["loss_history"]] == [e["loss"] for e in reference_run["loss_history"]]
+    assert_same_adapter(only_run_dir(tmp_path / "ref"), run_dir)  # as if it had never stopped
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks through /proc")
+def test_sigterm_to_one_rank_stops_both_at_the_same_step(copy_data_dir, tmp_path):
+    output = tmp_path / "out"
+    proc = start_in_own_group(stop_args(copy_data_dir, output), isolated_env(tmp_path))
+    text = read_until(proc, f"step 3/{STOP_STEPS}")
+    os.kill(rank_pid(output, 1), signal.SIGTERM)  # e.g. a scheduler ending one process
+    text += proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, text
+    assert "Another process of this run got a stop signal" in text and "Traceback" not in text
+    run_dir = only_run_dir(output)
+    run = json.loads((run_dir / "run.json").read_text())
+    stopped = run["progress"]["global_step"]
+    assert run["status"] == "interrupted" and 3 <= stopped < STOP_STEPS, text
+    assert (run_dir / f"checkpoint-{stopped}" / "trainer_state.json").is_file()

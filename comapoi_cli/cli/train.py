@@ -33,11 +33,6 @@ def _choices(name: str, values: tuple[str, ...]) -> type[enum.Enum]:
     return enum.Enum(name, {v: v for v in values}, type=str)
 
 
-def _resume_command(argv: list[str]) -> str:
-    args = [a for a in argv if a not in ("--resume", "--overwrite")]
-    return shlex.join(["comapoi", *args, "--resume"])
-
-
 def register(app: typer.Typer) -> None:
     from comapoi_cli.plugins import get_registry
 
@@ -231,9 +226,10 @@ def register(app: typer.Typer) -> None:
             err_console.print(f"[bold]comapoi train[/bold] {job.type} on {job.dataset_label} with {job.backend} "
                               f"-> {job.run_dir}", highlight=False, soft_wrap=True)
         result = selected.train(job)
-        if not main:  # rank 0 reports; the other ranks end quietly
-            if result.status != "finished":
-                raise typer.Exit(130)
+        if not main:
+            # rank 0 reports, and its exit code is the run's. The other ranks end quietly with 0 even
+            # when stopped: torch's launcher ends every rank as soon as one exits non-zero, which
+            # could cut rank 0 short while it writes run.json after a Ctrl-C.
             return
         if as_json:
             print_json({"status": result.status, "run_dir": str(result.run_dir), "global_step": result.global_step,
@@ -253,7 +249,9 @@ def register(app: typer.Typer) -> None:
             else:
                 success(message)
             return
+        from comapoi_cli.training.launch import resume_command
+
         where = f"; checkpoint {result.checkpoint.name} saved" if result.checkpoint else "; no checkpoint was saved"
         warn(f"Stopped at step {result.global_step} of {result.max_steps}{where}. "
-             f"Continue with: {_resume_command(sys.argv[1:])}")
+             f"Continue with: {resume_command(sys.argv[1:])}")
         raise typer.Exit(130)

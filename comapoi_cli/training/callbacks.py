@@ -74,10 +74,11 @@ class ProgressCallback(TrainerCallback):
 class InterruptCallback(TrainerCallback):
     """First Ctrl-C (or SIGTERM): finish the current step, save a checkpoint, stop. Second: abort now.
 
-    Under a multi-process launcher every rank receives the terminal's SIGINT and stops at the same
-    step; torchrun then passes the same SIGINT on to every rank, which is ignored for a few seconds
-    (it is not a second Ctrl-C). A signal sent to one rank only (e.g. SIGTERM) would need a
-    broadcast (not done yet).
+    Under a multi-process launcher the ranks agree at the end of every step (a one-element
+    all-reduce): if any rank got a signal, every rank saves the same checkpoint and stops at the
+    same step, whether the terminal's Ctrl-C reached all of them, or a scheduler's SIGTERM one. The
+    launcher (torchrun) passes the terminal's SIGINT on to every rank once more; that repeat is
+    ignored for a few seconds (it is not a second Ctrl-C).
     """
 
     #: Under a launcher, a second signal this soon after the first is the launcher passing the first on.
@@ -116,10 +117,27 @@ class InterruptCallback(TrainerCallback):
                            "(press Ctrl-C again to abort without saving).")
 
     def on_step_end(self, args, state, control, **kwargs):
+        if any_rank(self.requested is not None, args.device) and not self.requested:
+            self.requested = "a signal to another process"
+            self._first = time.monotonic()
+            self.reporter.warn("Another process of this run got a stop signal: stopping after this step and saving a checkpoint.")
         if self.requested:
             control.should_save = True
             control.should_training_stop = True
             self.stopped_at = state.global_step
+
+
+def any_rank(flag: bool, device: Any) -> bool:
+    """True if ``flag`` is true on any process of the torch.distributed group (just ``flag`` without one)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return flag
+    import torch
+
+    vote = torch.tensor([1 if flag else 0], device=device if dist.get_backend() != "gloo" else "cpu")
+    dist.all_reduce(vote, op=dist.ReduceOp.MAX)
+    return bool(vote.item())
 
 
 class RecordCallback(TrainerCallback):

@@ -17,21 +17,48 @@ from comapoi_cli.training.distributed import single_process_refusal, under_launc
 
 #: The flags that start the launcher; the processes it starts get every other flag unchanged.
 LAUNCH_FLAGS = ("--num-processes", "--num_processes", "--accelerate-config", "--accelerate_config")
+#: Set for the processes ``run_launcher`` starts: the launch flags they were started with (shell words),
+#: so that the command printed to continue an interrupted run has them again.
+LAUNCH_FLAGS_ENV = "COMAPOI_LAUNCH_FLAGS"
 
 
-def child_args(argv: list[str]) -> list[str]:
-    """``argv`` (from ``train`` on) without the launch flags and their values."""
-    out, skip = [], False
+def split_launch_flags(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``argv`` without the launch flags and their values, and those flags with their values."""
+    out, flags, skip = [], [], False
     for arg in argv:
         if skip:
             skip = False
+            flags.append(arg)
             continue
         name = arg.split("=", 1)[0]
         if name in LAUNCH_FLAGS:
             skip = "=" not in arg
+            flags.append(arg)
             continue
         out.append(arg)
-    return out
+    return out, flags
+
+
+def child_args(argv: list[str]) -> list[str]:
+    """``argv`` (from ``train`` on) without the launch flags and their values."""
+    return split_launch_flags(argv)[0]
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command that continues this run: ``comapoi ARGV --resume``, with the launch flags it was started with.
+
+    ``argv`` is this process's ``sys.argv[1:]``. Under a launcher comapoi did not start itself
+    (``accelerate launch`` / ``torchrun``), the command is to be run under that launcher again.
+    """
+    import os
+    import shlex
+
+    args = [a for a in argv if a not in ("--resume", "--overwrite")]
+    flags = shlex.split(os.environ.get(LAUNCH_FLAGS_ENV, ""))
+    command = shlex.join(["comapoi", *args, *flags, "--resume"])
+    if under_launcher() and not flags:
+        command += " (under the same accelerate launch / torchrun command)"
+    return command
 
 
 def free_port() -> int:
@@ -96,10 +123,21 @@ def run_launcher(args: list[str]) -> int:
     A failed rank has already said why in one sentence; the launcher's own failure report (a long
     torch.distributed summary) is reduced to the exit code of the first process that failed.
     """
+    import logging
+    import os
+    import shlex
     import subprocess
+    import sys
 
+    import torch.distributed.elastic.agent.server.api  # noqa: F401  (creates the loggers quieted below)
     from accelerate.commands.launch import launch_command, launch_command_parser
 
+    # torch's elastic agent logs each signal it passes on ("Received 2 death signal, shutting down
+    # workers"): the ranks report what happened themselves
+    for name in [n for n in logging.Logger.manager.loggerDict if n.startswith("torch.distributed.elastic")]:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    os.environ[LAUNCH_FLAGS_ENV] = shlex.join(split_launch_flags(sys.argv[1:])[1])
     try:
         launch_command(launch_command_parser().parse_args(args))
     except subprocess.CalledProcessError as exc:  # a one-process launch

@@ -221,3 +221,24 @@ def test_config_files_spell_auto_and_the_budget():
         from comapoi_cli.training.job import TrainingJob
 
         TrainingJob(memory_budget=-1, run_tag="t").check()
+
+
+def test_on_a_gpu_the_plan_uses_the_free_memory(tmp_path, monkeypatch):
+    # the CUDA branch of plan_execution, with the free memory of an 80 GiB card (no GPU needed)
+    from comapoi_cli.training import trl_trainer
+    from comapoi_cli.training.devices import DevicePlan
+    from comapoi_cli.training.job import TrainingJob
+
+    model = tmp_path / "qwen2.5-7b"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(QWEN25_7B))
+    monkeypatch.setattr(trl_trainer, "free_memory_bytes", lambda device: 79.2 * GIB if device == "cuda" else None)
+    monkeypatch.setattr(trl_trainer, "bitsandbytes_problem", lambda device: None)
+    job = TrainingJob(model=str(model), base_model=str(model), run_tag="t", output_dir=str(tmp_path / "out"))
+    device = DevicePlan("cuda", "H100", 1, "bf16", "4bit", "bfloat16")  # plan_device's --quant auto without --fit
+    execution = trl_trainer.TRLTrainingPath(job).plan_execution(device, str(model))
+    assert (execution.source, execution.budget_source, execution.quant, device.quant) == ("fit", "free GPU memory", "none", "none")
+    assert not execution.gradient_checkpointing and execution.micro_batch * execution.gradient_accumulation_steps == 4
+    job.fit = False
+    as_given = trl_trainer.TRLTrainingPath(job).plan_execution(DevicePlan("cuda", "H100", 1, "bf16", "4bit", "bfloat16"), str(model))
+    assert (as_given.source, as_given.quant, as_given.micro_batch, as_given.reason) == ("as given", "4bit", 4, "--no-fit")

@@ -173,7 +173,7 @@ def test_train_runs_the_plan_with_the_same_effective_batch(agent_data_dir, tmp_p
     assert "Plan: 1 per micro-batch x 2 accumulation, gradient checkpointing off" in result.stderr
     run_dir = next((tmp_path / "out").glob("*/sft-*/bs2-gas1-*"))  # the folder keeps the asked-for batch
     run = json.loads((run_dir / "run.json").read_text())
-    assert run["fit"]["source"] == "fit" and run["fit"]["budget_source"] == "--memory-budget"
+    assert run["fit"]["source"] == "fit" and run["fit"]["budget_source"] == "--memory-budget" and run["fit"]["profile"] == "trl"
     assert (run["distributed"]["per_device_batch"], run["distributed"]["gradient_accumulation_steps"],
             run["distributed"]["effective_batch"]) == (1, 2, 2)
     micro_batches = [json.loads(line) for line in Path(f"{seen}.rank0").read_text().splitlines()]

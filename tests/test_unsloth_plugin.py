@@ -199,8 +199,9 @@ def _train(python: Path, data_dir: Path, output: Path, *flags: str) -> dict:
 
 @needs_unsloth_venv
 def test_unsloth_backend_trains_through_the_cli_and_the_adapter_loads_with_plain_peft(copy_data_dir, tmp_path):
-    run = _train(UNSLOTH_PYTHON, copy_data_dir, tmp_path / "out", "--unsloth")
+    run = _train(UNSLOTH_PYTHON, copy_data_dir, tmp_path / "out", "--unsloth", "--memory-budget", "4")
     run_dir = Path(run["_run_dir"])
+    assert run["fit"]["source"] == "fit" and run["fit"]["profile"] == "unsloth"  # --fit with Unsloth's memory profile
     # the TRL path's layout and run.json, with the backend recorded
     assert run_dir.name == "bs2-gas1-ms6-merged-lr0.003"
     assert run["backend"]["name"] == "unsloth" and run["versions"]["unsloth"] == "2026.10.9"

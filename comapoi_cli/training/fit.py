@@ -251,6 +251,7 @@ class FitPlan:
     estimate: dict[str, float] | None = None
     reason: str = ""
     candidates: list[dict[str, Any]] = field(default_factory=list)
+    profile: str | None = None  #: the memory profile the estimate used (``MEMORY_PROFILES``)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -353,7 +354,7 @@ def plan_fit(shape: ModelShape, *, budget_bytes: float, budget_source: str, prof
                 why.append(f"{effective} records per step do not fit at once")
             why.append(f"the fastest plan within {HEADROOM:.0%} of the budget")
             return FitPlan(micro, effective // micro, gc, q, "fit", round(budget_bytes / GIB, 4), budget_source,
-                           estimate.to_dict(), "; ".join(why), candidates)
+                           estimate.to_dict(), "; ".join(why), candidates, profile.name)
     need = smallest[0] / GIB if smallest else float("nan")
     tried = " or ".join(weights_label(q) for q in quants)
     with_gc = "with" if True in checkpointing else "without"
@@ -391,7 +392,7 @@ def dry_run_plan(job: Any, location: Any, profile_name: str) -> dict[str, Any]:
                     batch_size=job.batch_size, gradient_accumulation_steps=job.gradient_accumulation_steps,
                     seq_length=job.seq_length, gradient_checkpointing=job.gradient_checkpointing, lora_r=job.lora_r,
                     target_modules=job.target_modules, lora_dropout=job.lora_dropout)
-    return {"planned": True, "assumes": f"a CUDA GPU, {precision}", "profile": profile.name, **plan.to_dict()}
+    return {"planned": True, "assumes": f"a CUDA GPU, {precision}", **plan.to_dict()}
 
 
 __all__ = ["ACTIVATION_COEFFICIENTS", "FitError", "FitPlan", "GIB", "HEADROOM", "MEMORY_PROFILES", "MemoryEstimate",

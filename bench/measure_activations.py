@@ -14,6 +14,7 @@ with the largest relative error of the fit. Runs on the CPU in about a minute:
 
     .venv/bin/python bench/measure_activations.py            # 16-bit and fp32, LoRA dropout 0.1 and 0
     .venv/bin/python bench/measure_activations.py --quant 4bit   # the extra of the 4-bit TRL path
+    .venv/bin/python bench/measure_activations.py --padding      # the extra of a padded batch (its mask)
 
 What it cannot see: kernels that differ between the CPU and CUDA (SDPA's CUDA kernels save the
 same output and log-sum-exp as the CPU's flash kernel; a GPU check is ``bench/bench_gpu_train.py``,
@@ -64,8 +65,11 @@ def build_model(hidden: int, intermediate: int, heads: int, kv_heads: int, layer
     return model
 
 
-def saved_bytes(model, tokens: int, autocast: bool) -> int:
-    """Bytes autograd keeps for the backward of one forward pass of the decoder stack (no LM head)."""
+def saved_bytes(model, tokens: int, autocast: bool, padded: bool = False) -> int:
+    """Bytes autograd keeps for the backward of one forward pass of the decoder stack (no LM head).
+
+    ``padded``: a batch of two sequences whose last token is padding (an attention mask is passed).
+    """
     import torch
 
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -77,11 +81,24 @@ def saved_bytes(model, tokens: int, autocast: bool) -> int:
             seen[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
         return tensor
 
-    ids = torch.randint(0, 256, (1, tokens), generator=torch.Generator().manual_seed(0))
+    rows = 2 if padded else 1
+    ids = torch.randint(0, 256, (rows, tokens), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(rows, tokens, dtype=torch.long)
+    if padded:
+        mask[:, -1] = 0
     context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     with context, torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model.get_base_model().model(input_ids=ids)
+        model.get_base_model().model(input_ids=ids, attention_mask=mask if padded else None)
     return sum(seen.values())
+
+
+def padding_mask_bytes(precision: str, tokens: int) -> float:
+    """Extra bytes saved per token and layer when the batch has padding (an attention mask), at ``tokens``."""
+    autocast = precision == "bf16"
+    two, one = (build_model(256, 1344, 4, 2, layers, 0.1, precision) for layers in (2, 1))
+    extra = {padded: saved_bytes(two, tokens, autocast, padded) - saved_bytes(one, tokens, autocast, padded)
+             for padded in (False, True)}
+    return (extra[True] - 2 * extra[False]) / (2 * tokens)
 
 
 def bytes_per_token_layer(hidden: int, intermediate: int, heads: int, kv_heads: int, dropout: float,
@@ -96,6 +113,8 @@ def bytes_per_token_layer(hidden: int, intermediate: int, heads: int, kv_heads: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quant", choices=("none", "4bit"), default="none")
+    parser.add_argument("--padding", action="store_true",
+                        help="measure the extra of a padded batch (the attention mask) at 256, 512 and 1024 tokens")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -104,6 +123,14 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers.utils.logging.set_verbosity_error()
     from comapoi_cli.training.fit import ACTIVATION_COEFFICIENTS, QUANTISED_EXTRA_PER_INTERMEDIATE
+
+    if args.padding:
+        for precision in ("bf16", "fp32"):
+            for tokens in (256, 512, 1024):
+                extra = padding_mask_bytes(precision, tokens)
+                print(f"{precision}, {tokens} tokens: a padded batch saves {extra:,.0f} more bytes per token and layer "
+                      f"({extra / tokens:.2f} x tokens)")
+        return 0
 
     settings = [("bf16", 0.1), ("bf16", 0.0)] if args.quant == "4bit" else [("bf16", 0.1), ("bf16", 0.0), ("fp32", 0.1), ("fp32", 0.0)]
     for precision, dropout in settings:

@@ -28,7 +28,7 @@ TRL, UNSLOTH = MEMORY_PROFILES["trl"], MEMORY_PROFILES["unsloth"]
 def seven_b(**overrides) -> dict:
     """estimate_memory's arguments for the shared README's H100 runs (batch 4 x 2048, LoRA r16, bf16)."""
     return {"precision": "bf16", "micro_batch": 4, "seq_length": 2048, "lora_r": 16, "target_modules": SEVEN,
-            "lora_dropout": 0.0, **overrides}
+            "lora_dropout": 0.0, "padded": False, **overrides}  # those runs used fixed-length random batches
 
 
 def plan(profile=TRL, budget_gib=80.0, **overrides) -> FitPlan:
@@ -80,6 +80,15 @@ def test_activation_coefficients_predict_a_shape_measured_now(precision, dropout
     if quant == "4bit":
         predicted += QUANTISED_EXTRA_PER_INTERMEDIATE * shape.intermediate
     assert predicted == pytest.approx(measured, rel=0.02)
+
+
+@pytest.mark.parametrize("precision, width", [("bf16", 2), ("fp32", 4)])
+def test_a_padded_batch_adds_a_mask_of_the_compute_width_per_token_and_layer(precision, width):
+    # what estimate_memory adds for padded batches: width x seq_length bytes per token and layer; its slope in T
+    from bench.measure_activations import padding_mask_bytes
+
+    slope = (padding_mask_bytes(precision, 1024) - padding_mask_bytes(precision, 512)) / 512
+    assert slope == pytest.approx(width, rel=0.1)
 
 
 # -- the plan ------------------------------------------------------------------------------------------

@@ -21,7 +21,9 @@ T = micro-batch x ``--seq-length`` tokens, the worst case of a batch padded to t
   set of one layer); checkpointing ``L * T * 2h + 2 * T * c`` (each layer's 16-bit input, plus
   one layer recomputed and its backward); Unsloth's checkpointing offloads the layer inputs to
   the host, leaving ``2 * T * c``. On the TRL path with 4/8-bit weights c grows by 6 B per MLP
-  element and the checkpointed inputs are fp32 (``prepare_model_for_kbit_training``).
+  element and the checkpointed inputs are fp32 (``prepare_model_for_kbit_training``). A batch with
+  padding adds the attention's additive mask to every layer: 2 B (fp32: 4 B) x ``--seq-length``
+  per token and layer (``bench/measure_activations.py --padding``; always counted).
 - LM head: TRL's and Unsloth's chunked loss keep the final hidden state (T * h * 6 B), never the
   152k-wide logits.
 - reserve: 0.5 GiB (cuBLAS workspaces, the allocator's rounding).
@@ -208,8 +210,12 @@ class MemoryEstimate:
 
 def estimate_memory(shape: ModelShape, *, profile: MemoryProfile, precision: str, quant: str, micro_batch: int,
                     seq_length: int, gradient_checkpointing: bool, lora_r: int, target_modules: Iterable[str],
-                    lora_dropout: float, device: str = "cuda") -> MemoryEstimate:
-    """Peak memory of training ``shape`` with these settings (see the module doc); no reserve on the CPU."""
+                    lora_dropout: float, device: str = "cuda", padded: bool = True) -> MemoryEstimate:
+    """Peak memory of training ``shape`` with these settings (see the module doc); no reserve on the CPU.
+
+    ``padded``: batches with padding (records of different lengths; what ``comapoi train`` plans for).
+    False for fixed-length batches without an attention mask, as in the shared README's measurements.
+    """
     compute = "fp32" if precision == "fp32" else "16-bit"
     float_bytes = WEIGHT_BYTES[compute]
     layer_weights = shape.layers * shape.layer_matmul_params
@@ -223,6 +229,8 @@ def estimate_memory(shape: ModelShape, *, profile: MemoryProfile, precision: str
     tokens = micro_batch * seq_length
     per_token = shape.activation_bytes_per_token_layer(compute, lora_dropout > 0)
     checkpoint_width = 4 if compute == "fp32" else 2
+    if padded:  # each layer's attention keeps an additive mask of the compute width, T x T per record
+        per_token += checkpoint_width * seq_length
     if quant in ("4bit", "8bit") and profile.upcasts_when_quantised and compute != "fp32":
         per_token += QUANTISED_EXTRA_PER_INTERMEDIATE * shape.intermediate
         checkpoint_width = 4

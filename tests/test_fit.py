@@ -251,3 +251,13 @@ def test_on_a_gpu_the_plan_uses_the_free_memory(tmp_path, monkeypatch):
     job.fit = False
     as_given = trl_trainer.TRLTrainingPath(job).plan_execution(DevicePlan("cuda", "H100", 1, "bf16", "4bit", "bfloat16"), str(model))
     assert (as_given.source, as_given.quant, as_given.micro_batch, as_given.reason) == ("as given", "4bit", 4, "--no-fit")
+
+
+@pytest.mark.parametrize("bf16, fp16, gpu, has_bf16, expected", [
+    (None, None, True, True, "bf16"), (None, None, True, False, "fp16"), (None, None, False, True, "fp32"),
+    (True, None, False, True, "bf16"), (None, True, True, True, "fp16"), (False, None, True, True, "fp32"),
+    (None, False, True, True, "fp32")])
+def test_one_precision_rule_for_training_and_the_dry_run_plan(bf16, fp16, gpu, has_bf16, expected):
+    from comapoi_cli.training.job import TrainingJob
+
+    assert TrainingJob(bf16=bf16, fp16=fp16, run_tag="t").precision(gpu=gpu, gpu_has_bf16=has_bf16) == expected

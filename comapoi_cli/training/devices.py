@@ -82,11 +82,7 @@ def plan_device(job: TrainingJob) -> DevicePlan:
         device, name, count = "cuda", torch.cuda.get_device_name(0), torch.cuda.device_count()
     else:
         device, name, count = "cpu", _cpu_name(), 1
-    if job.bf16 is None and job.fp16 is None and cuda:  # auto: 16-bit mixed precision on a GPU
-        bf16 = torch.cuda.is_bf16_supported()
-        job_precision = "bf16" if bf16 else "fp16"
-    else:
-        job_precision = "bf16" if job.bf16 else "fp16" if job.fp16 else "fp32"
+    precision = job.precision(gpu=cuda, gpu_has_bf16=cuda and torch.cuda.is_bf16_supported())
     if job.bf16:
         ok = torch.cuda.is_bf16_supported() if cuda else _cpu_supports("bf16")
         if not ok:
@@ -111,7 +107,6 @@ def plan_device(job: TrainingJob) -> DevicePlan:
         if missing_packages("liger_kernel"):
             raise DeviceError("--liger needs the liger-kernel package, which is not installed.",
                               hint="pip install liger-kernel, or drop --liger.")
-    precision = job_precision
     dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision]
     return DevicePlan(device, name, count, precision, quant, dtype)
 

@@ -230,9 +230,10 @@ def estimate_memory(shape: ModelShape, *, profile: MemoryProfile, precision: str
     lora_state = 16.0 * shape.lora_params(lora_r, target_modules)
     tokens = micro_batch * seq_length
     per_token = shape.activation_bytes_per_token_layer(compute, lora_dropout > 0)
-    checkpoint_width = 4 if compute == "fp32" else 2
+    compute_width = 4 if compute == "fp32" else 2
     if padded:  # each layer's attention keeps an additive mask of the compute width, T x T per record
-        per_token += checkpoint_width * seq_length
+        per_token += compute_width * seq_length
+    checkpoint_width = compute_width  # each layer's checkpointed input
     if quant in ("4bit", "8bit") and profile.upcasts_when_quantised and compute != "fp32":
         per_token += QUANTISED_EXTRA_PER_INTERMEDIATE * shape.intermediate
         checkpoint_width = 4
@@ -330,7 +331,7 @@ def plan_fit(shape: ModelShape, *, budget_bytes: float, budget_source: str, prof
     quants = list(quants)
     checkpointing = [False, True] if gradient_checkpointing is None else [bool(gradient_checkpointing)]
     candidates: list[dict[str, Any]] = []
-    smallest: tuple[float, str] | None = None
+    smallest: float | None = None  #: the least memory any candidate needs (for the error)
     for q in quants:
         fitting: list[tuple[float, int, bool, MemoryEstimate]] = []
         for gc in checkpointing:
@@ -344,8 +345,7 @@ def plan_fit(shape: ModelShape, *, budget_bytes: float, budget_source: str, prof
                 if fits:
                     fitting.append((speed_score(micro, seq_length, gc), micro, gc, estimate))
                     break  # the largest micro-batch that fits, for this checkpointing choice
-                if smallest is None or estimate.total < smallest[0]:
-                    smallest = (estimate.total, q)
+                smallest = estimate.total if smallest is None else min(smallest, estimate.total)
         if fitting:
             score, micro, gc, estimate = max(fitting, key=lambda c: (c[0], c[1], not c[2]))
             why = []
@@ -365,7 +365,7 @@ def plan_fit(shape: ModelShape, *, budget_bytes: float, budget_source: str, prof
             why.append(f"the fastest plan within {HEADROOM:.0%} of the budget")
             return FitPlan(micro, effective // micro, gc, q, "fit", round(budget_bytes / GIB, 4), budget_source,
                            estimate.to_dict(), "; ".join(why), candidates, profile.name)
-    need = smallest[0] / GIB if smallest else float("nan")
+    need = smallest / GIB if smallest is not None else float("nan")
     tried = " or ".join(weights_label(q) for q in quants)
     with_gc = "with" if True in checkpointing else "without"
     raise FitError(
@@ -373,6 +373,22 @@ def plan_fit(shape: ModelShape, *, budget_bytes: float, budget_source: str, prof
         f"per micro-batch {with_gc} gradient checkpointing and {tried} weights needs about {need:.3g} GiB.",
         hint="Use a shorter --seq-length, --quant 4bit, a smaller --lora-r, more GPU memory (--memory-budget), "
              "or --no-fit to try anyway.")
+
+
+def plan_job(job: Any, shape: ModelShape, *, budget_bytes: float, budget_source: str, profile: MemoryProfile,
+             precision: str, quants: Iterable[str], device: str) -> FitPlan:
+    """``plan_fit`` for a ``TrainingJob``: its batch, accumulation, sequence length and LoRA settings.
+
+    Checkpointing left to comapoi (``--gradient_checkpointing`` not given) is chosen by the plan on a
+    GPU and stays off on the CPU.
+    """
+    checkpointing = job.gradient_checkpointing
+    if checkpointing is None and device != "cuda":
+        checkpointing = False
+    return plan_fit(shape, budget_bytes=budget_bytes, budget_source=budget_source, profile=profile, precision=precision,
+                    quants=quants, batch_size=job.batch_size, gradient_accumulation_steps=job.gradient_accumulation_steps,
+                    seq_length=job.seq_length, gradient_checkpointing=checkpointing, lora_r=job.lora_r,
+                    target_modules=job.target_modules, lora_dropout=job.lora_dropout, device=device)
 
 
 def dry_run_plan(job: Any, location: Any, profile_name: str) -> dict[str, Any]:
@@ -395,15 +411,12 @@ def dry_run_plan(job: Any, location: Any, profile_name: str) -> dict[str, Any]:
             return {"planned": False, "reason": f"the model's shape is unknown ({exc})"}
     else:
         return {"planned": False, "reason": "the model's config.json is not in a local folder; the plan is made at start"}
-    precision = "fp16" if job.fp16 else "bf16" if job.bf16 or job.bf16 is None else "fp32"
+    precision = job.precision(gpu=True, gpu_has_bf16=True)
     profile = memory_profile(profile_name)
-    plan = plan_fit(shape, budget_bytes=job.memory_budget * GIB, budget_source="--memory-budget", profile=profile,
-                    precision=precision, quants=quant_choices(job.quant, profile, "cuda", True),
-                    batch_size=job.batch_size, gradient_accumulation_steps=job.gradient_accumulation_steps,
-                    seq_length=job.seq_length, gradient_checkpointing=job.gradient_checkpointing, lora_r=job.lora_r,
-                    target_modules=job.target_modules, lora_dropout=job.lora_dropout)
+    plan = plan_job(job, shape, budget_bytes=job.memory_budget * GIB, budget_source="--memory-budget", profile=profile,
+                    precision=precision, quants=quant_choices(job.quant, profile, "cuda", True), device="cuda")
     return {"planned": True, "assumes": f"a CUDA GPU, {precision}", **plan.to_dict()}
 
 
 __all__ = ["ACTIVATION_COEFFICIENTS", "FitError", "FitPlan", "GIB", "HEADROOM", "MEMORY_PROFILES", "MemoryEstimate",
-           "MemoryProfile", "ModelShape", "dry_run_plan", "estimate_memory", "memory_profile", "plan_fit", "quant_choices", "speed_score"]
+           "MemoryProfile", "ModelShape", "dry_run_plan", "estimate_memory", "memory_profile", "plan_fit", "plan_job", "quant_choices", "speed_score"]

@@ -133,6 +133,13 @@ class TrainingJob:
     def is_tiny(self) -> bool:
         return self.base_model == TINY
 
+    def precision(self, gpu: bool, gpu_has_bf16: bool) -> str:
+        """``bf16``, ``fp16`` or ``fp32`` for these flags: with neither ``--bf16`` nor ``--fp16`` given (auto),
+        16-bit on a GPU (bf16 where it has it), fp32 on the CPU; otherwise as the flags say."""
+        if self.bf16 is None and self.fp16 is None and gpu:
+            return "bf16" if gpu_has_bf16 else "fp16"
+        return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
+
     @property
     def effective_warmup_steps(self) -> int:
         return min(self.warmup_steps, self.max_steps // 4)

@@ -42,7 +42,7 @@ from comapoi_cli.training import chat
 from comapoi_cli.training.devices import DevicePlan, bitsandbytes_problem, free_memory_bytes, peak_memory, plan_device
 from comapoi_cli.training.distributed import (batch_line, is_main_process, local_rank, main_process_first, rank,
                                               shards_weights, world_size)
-from comapoi_cli.training.fit import GIB, FitPlan, ModelShape, memory_profile, plan_fit, quant_choices
+from comapoi_cli.training.fit import GIB, FitPlan, ModelShape, memory_profile, plan_job, quant_choices
 from comapoi_cli.training.errors import (ModelNotFoundError, NoLossTokensError, OutOfMemoryError,
                                          TrainingDataError, UsageError)
 from comapoi_cli.training.job import TrainingJob, TrainingResult
@@ -232,13 +232,8 @@ class TRLTrainingPath:
         profile = memory_profile(self.memory_profile)
         quants = quant_choices(job.quant, profile, plan.type,
                                plan.type == "cuda" and "4bit" in profile.quant_preference and bitsandbytes_problem("cuda") is None)
-        execution = plan_fit(shape, budget_bytes=budget, budget_source=source, profile=profile, precision=plan.precision,
-                             quants=quants, batch_size=job.batch_size,
-                             gradient_accumulation_steps=job.gradient_accumulation_steps, seq_length=job.seq_length,
-                             gradient_checkpointing=job.gradient_checkpointing if job.gradient_checkpointing is not None
-                             else (None if plan.type == "cuda" else False),
-                             lora_r=job.lora_r, target_modules=job.target_modules, lora_dropout=job.lora_dropout,
-                             device=plan.type)
+        execution = plan_job(job, shape, budget_bytes=budget, budget_source=source, profile=profile,
+                             precision=plan.precision, quants=quants, device=plan.type)
         plan.quant = execution.quant
         return execution
 

@@ -393,8 +393,8 @@ def plan_job(job: Any, shape: ModelShape, *, budget_bytes: float, budget_source:
 
 def dry_run_plan(job: Any, location: Any, profile_name: str) -> dict[str, Any]:
     """What ``comapoi train --dry-run`` shows under ``fit``: with ``--memory-budget`` and a local model
-    folder, the plan for a CUDA GPU of that size (16-bit compute unless ``--fp16``/``--no-bf16`` say
-    otherwise; bitsandbytes assumed to work); otherwise when the plan will be made. Raises ``FitError``."""
+    folder, the plan for a CUDA GPU of that size with bf16 (precision as ``TrainingJob.precision`` chooses
+    there; bitsandbytes assumed to work); otherwise when the plan will be made. Raises ``FitError``."""
     if not job.fit:
         return {"planned": False, "reason": "--no-fit: the batch and checkpointing are used as given"}
     if job.memory_budget <= 0:

@@ -11,6 +11,10 @@ from __future__ import annotations
 import time
 from typing import Any, Sequence
 
+from comapoi_cli.reporting import Reporter
+
+__all__ = ["ConsoleReporter", "Reporter", "Stopwatch"]
+
 
 def _fmt_duration(seconds: float | None) -> str:
     if seconds is None or seconds != seconds or seconds < 0:
@@ -19,27 +23,6 @@ def _fmt_duration(seconds: float | None) -> str:
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
-class Reporter:
-    """Receives what a run has to say; this base class says nothing (non-main ranks, library use)."""
-
-    def info(self, text: str) -> None: ...
-
-    def warn(self, text: str) -> None: ...
-
-    def table(self, title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None: ...
-
-    def labels(self, title: str, segments: Sequence[tuple[str, bool]]) -> None: ...
-
-    def progress_start(self, total: int, done: int) -> None: ...
-
-    def progress_update(self, step: int, *, loss: float | None, lr: float | None, tokens_per_s: float | None,
-                        eta_s: float | None) -> None: ...
-
-    def log_line(self, step: int, total: int, logs: dict[str, Any], tokens_per_s: float | None, eta_s: float | None) -> None: ...
-
-    def progress_stop(self) -> None: ...
 
 
 class ConsoleReporter(Reporter):
@@ -75,7 +58,7 @@ class ConsoleReporter(Reporter):
         self.console.print(f"[bold]{_escape(title)}[/bold]  ([black on green]highlighted[/black on green] tokens carry loss)")
         self.console.print(text, soft_wrap=True)
 
-    def progress_start(self, total: int, done: int) -> None:
+    def progress_start(self, total: int | None, done: int = 0, *, description: str = "", unit: str = "") -> None:
         self._total = total
         if not self.console.is_terminal:
             return
@@ -90,8 +73,9 @@ class ConsoleReporter(Reporter):
         self._progress.start()
         self._task = self._progress.add_task("train", total=total, completed=done, loss="-", lr="-", tps="-", eta="-")
 
-    def progress_update(self, step: int, *, loss: float | None, lr: float | None, tokens_per_s: float | None,
-                        eta_s: float | None) -> None:
+    def progress_update(self, done: int, *, loss: float | None = None, lr: float | None = None,
+                        tokens_per_s: float | None = None, eta_s: float | None = None, **fields: Any) -> None:
+        step = done
         if self._progress is None:
             return
         self._progress.update(

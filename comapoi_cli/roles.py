@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from comapoi_cli.datasets import DatasetPreset, preset_for
+from comapoi_cli.presets import DatasetPreset, preset_for
 
 #: ``--type merged`` trains on every role's data together; it is not a role.
 MERGED = "merged"

@@ -38,7 +38,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Iterator
 
-from comapoi_cli.datasets import PRESETS, DatasetPreset, preset_for
+from comapoi_cli.presets import PRESETS, DatasetPreset, preset_for
 from comapoi_cli.errors import DataError, UsageError
 from comapoi_cli.fileio import atomic_writer
 

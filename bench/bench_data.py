@@ -23,6 +23,8 @@ unless ``--keep``. Prints a Markdown table; ``--json FILE`` writes the raw numbe
 
 from __future__ import annotations
 
+from comapoi_cli.plugins import get_registry as _REGISTRY
+
 import argparse
 import json
 import os
@@ -65,7 +67,7 @@ def child_clean(path: str, workers: int) -> dict:
 
     out = path + ".clean.jsonl"
     started = time.perf_counter()
-    summary = clean_file(path, out, workers=workers, dataset="tky")
+    summary = clean_file(path, out, workers=workers, dataset="tky", registry=_REGISTRY())
     seconds = time.perf_counter() - started
     os.unlink(out)
     os.unlink(summary.rejects)
@@ -78,7 +80,7 @@ def child_stats(path: str, tokenizer: str, workers: int) -> dict:
     from comapoi_cli.data.stats import compute_stats
 
     started = time.perf_counter()
-    report = compute_stats([path], dataset="tky", tokenizer=tokenizer, workers=workers)
+    report = compute_stats([path], dataset="tky", tokenizer=tokenizer, workers=workers, registry=_REGISTRY())
     seconds = time.perf_counter() - started
     tokens = sum(r.total_tokens for r in report.roles.values())
     loss = sum(r.loss_tokens for r in report.roles.values())

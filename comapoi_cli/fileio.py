@@ -5,20 +5,83 @@ content goes to a temporary file in the same folder, is flushed and fsync'ed, th
 the target, so a reader never sees a half-written output and an interrupted run leaves the old
 file (or none) in place. ``atomic_folder`` does the same for a whole folder (a merged model, an
 exported adapter).
+
+Temporary names carry the writer's process id (``.{name}.{pid}-XXXX.tmp``): a run killed with
+``kill -9`` cannot delete its temporary file, so the next write of the same target removes the
+temporaries of writers that no longer run on this machine (:func:`remove_stale_temps`).
+
+``fs_error`` turns an ``OSError`` (read-only folder, full disk, a procfs path, a folder where a
+file was expected) into the one-sentence ``DataError`` the CLI prints.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator
 
 _HASH_CHUNK = 1 << 20
+_STALE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[^.]*\.(?:tmp|clean\.jsonl)$")
+
+
+def temp_prefix(name: str) -> str:
+    """The prefix of this process's temporary files for the target ``name``."""
+    return f".{name}.{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temps(target: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary files and folders left beside ``target`` by writers of it that were
+    killed (their process is gone); return what was removed."""
+    path = Path(target)
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _STALE.match(entry.name)
+        if not match or match.group("name") != path.name or _alive(int(match.group("pid"))):
+            continue
+        stale = Path(entry.path)
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(stale)
+            else:
+                stale.unlink()
+            removed.append(stale)
+        except OSError:
+            pass
+    return removed
+
+
+def fs_error(exc: OSError, path: str | os.PathLike[str] | None = None, action: str = "write"):
+    """The one-sentence ``DataError`` for a filesystem error while reading or writing ``path``."""
+    from comapoi_cli.errors import DataError
+
+    where = exc.filename or path
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if exc.errno == errno.ENOSPC:
+        reason = "no space left on the device"
+    return DataError(f"Cannot {action} {where}: {reason[:1].lower() + reason[1:]}.")
 
 
 @contextlib.contextmanager
@@ -27,7 +90,8 @@ def atomic_writer(path: str | os.PathLike[str], mode: str = "w", encoding: str |
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     binary = "b" in mode
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    remove_stale_temps(target)
+    fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(target.name), suffix=".tmp", dir=target.parent)
     try:
         os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp makes 0600; outputs follow the umask like open()
         with os.fdopen(fd, mode, encoding=None if binary else encoding, newline=None if binary else "") as handle:
@@ -47,7 +111,8 @@ def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
     file, moved aside first and put back if the swap fails), on error it is deleted."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    remove_stale_temps(target)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target.name), suffix=".tmp", dir=target.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the folder follows the umask like mkdir
         yield tmp

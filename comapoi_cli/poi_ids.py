@@ -14,6 +14,10 @@ One lenient parser serves data validation (is this answer a candidate list?) and
    coordinates, decimals or words (``user_0``, ``2012-04-04``, ``15:36``, ``40.75``) and list
    markers at the start of a line (``1.``, ``2)``) are not ids.
 
+A number of more than :data:`MAX_ID_DIGITS` digits is not an id (no dataset has that many
+POIs) and is skipped without being converted: Python refuses to convert integers of more than
+4,300 digits, and one such number in a line must not stop a whole file.
+
 Then duplicates are dropped (first occurrence kept, so the ranking holds), and ids outside the
 dataset's range (``0..max_id``; negative ids always) are rejected. 0 is a valid id.
 """
@@ -21,6 +25,7 @@ dataset's range (``0..max_id``; negative ids always) are rejected. 0 is a valid 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,9 +51,67 @@ _ID_KEYS = (
     "poiids", "poiid", "candidatepoiids", "candidatepois", "candidatelist", "candidates",
     "rankedpoiids", "ranking", "topk", "prediction", "predictions", "recommendations", "answer", "ids",
 )
-_RANK_KEY = re.compile(r"\s*(?:rank|top|no\.?)?[\s_-]*(\d+)\s*", re.I)
+_RANK_KEY = re.compile(r"\s*(?:rank|top|no\.?)?[\s_-]*(\d{1,18})\s*", re.I)
 _MAX_JSON_STARTS = 200  # embedded JSON candidates tried per text (model output is short)
 _decoder = json.JSONDecoder()
+#: Digits of the longest number read as a POI id; longer numbers are skipped, never converted.
+MAX_ID_DIGITS = 18
+
+
+def to_id(text: str) -> int | None:
+    """``int(text)`` for a (possibly signed) digit string of at most :data:`MAX_ID_DIGITS` digits,
+    else None (a number that long is no POI id, and converting one of 4,300+ digits raises)."""
+    digits = text.strip() if isinstance(text, str) else ""
+    body = digits[1:] if digits[:1] in "+-" else digits
+    if not body.isdigit() or not body.isascii():
+        return None
+    if len(body.lstrip("0")) > MAX_ID_DIGITS:
+        return None
+    return int(digits)
+
+
+def oversized_number(text: str) -> int | None:
+    """The digit count of the longest run of digits in ``text`` when it exceeds
+    :data:`MAX_ID_DIGITS` (so it cannot be an id), else None."""
+    longest = max((len(m.group(0)) for m in _DIGIT_RUN.finditer(text)), default=0) if isinstance(text, str) else 0
+    return longest if longest > MAX_ID_DIGITS else None
+
+
+_DIGIT_RUN = re.compile(r"\d{%d,}" % (MAX_ID_DIGITS + 1))
+
+
+_FENCE = re.compile(r"^\s*```[a-zA-Z]*\s*(.*?)\s*```\s*$", re.S)
+
+
+def answer_id_list(text: str) -> list[int] | None:
+    """The ids of an answer that is nothing but an id list, in order (duplicates and out-of-range
+    ids kept), or None: a comma list (``22, 1, 12``), or JSON (``[22, 1]``, ``{"next_poi_id": 22}``),
+    optionally in a fenced code block. Free text is not read (a profile's numbers are no target)."""
+    if not isinstance(text, str):
+        return None
+    body = text.strip()
+    fenced = _FENCE.match(body)
+    if fenced:
+        body = fenced.group(1).strip()
+    if is_id_list(body):
+        return _ints(re.findall(r"-?\d+", body)) or None
+    if body[:1] in "[{":
+        try:
+            value = json.loads(body)
+        except (ValueError, RecursionError):
+            return None
+        return _ids_from_json(value)
+    return None
+
+
+def _ints(numbers: list[str]) -> list[int]:
+    """The numbers that can be ids, converted (longer ones skipped)."""
+    out = []
+    for n in numbers:
+        value = to_id(n)
+        if value is not None:
+            out.append(value)
+    return out
 
 
 def is_id_list(text: str) -> bool:
@@ -100,11 +163,11 @@ def _int_of(value: Any) -> int | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
+        return value if abs(value) < 10 ** MAX_ID_DIGITS else None
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
         return int(value)
     if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
-        return int(value)
+        return to_id(value)
     return None
 
 
@@ -177,13 +240,13 @@ def _text_ids(text: str) -> tuple[list[int], str]:
     if phrases:
         # "next POI ..." / "predicted POI ids ..." beat "candidates: ..." or "answer: ..."
         best = next((m for m in phrases if re.match(r"(?i)next|predicted", m.group("key"))), phrases[0])
-        return [int(n) for n in _NUMBER.findall(best.group("ids"))], "phrase"
+        return _ints(_NUMBER.findall(best.group("ids"))), "phrase"
     cleaned = _LIST_MARKER.sub(r"\1", text)
     runs = [m.group(0) for m in _NUMBER_RUN.finditer(cleaned)]
     if runs:
         best = max(runs, key=lambda run: len(_NUMBER.findall(run)))  # the first of the longest
-        return [int(n) for n in _NUMBER.findall(best)], "list"
-    numbers = [int(n) for n in _NUMBER.findall(cleaned)]
+        return _ints(_NUMBER.findall(best)), "list"
+    numbers = _ints(_NUMBER.findall(cleaned))
     return numbers, "numbers" if numbers else "none"
 
 

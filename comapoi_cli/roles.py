@@ -33,6 +33,13 @@ class RoleContext:
         return preset.max_poi_id if preset else None
 
 
+def _last_answer(record: dict[str, Any]) -> str:
+    for message in reversed(record.get("messages") or []):
+        if isinstance(message, dict) and message.get("role") == "assistant":
+            return str(message.get("content", ""))
+    return ""
+
+
 class AgentRole:
     """Base class of an agent role. Subclass it, set the attributes, override what differs.
 
@@ -65,6 +72,36 @@ class AgentRole:
         """
         return None
 
+    def check_target(self, answer: str, record: dict[str, Any], context: RoleContext) -> str | None:
+        """Return None if ``answer`` is the kind of target this role trains on, else why not.
+
+        ``data clean`` calls it before ``check_answer``; a reason is reported under the
+        ``wrong_target`` check (e.g. CoMaPOI's agent3 records whose target is a candidate list
+        instead of the final prediction). Default: every answer is the right kind of target.
+        """
+        return None
+
+    def check_leak(self, record: dict[str, Any], context: RoleContext) -> str | None:
+        """Return None unless the prompt of ``record`` gives its label away, else how (the detail of
+        the ``label_leak`` check). Default: the generic check, the answer's ids stated in a user turn
+        as the true next POI (``comapoi_cli.data.records.find_leak_in_messages``)."""
+        from comapoi_cli.data.records import find_leak_in_messages
+
+        return find_leak_in_messages(record.get("messages") or [])
+
+    def group_key(self, record: dict[str, Any]) -> str | None:
+        """The key that ``data split --group-by user`` keeps on one side of the split (a user id),
+        or None when the record has none (it is then a group of its own). Default: none."""
+        return None
+
+    def target_ids(self, record: dict[str, Any]) -> list[int] | None:
+        """The POI ids of the record's answer, the true next POI first, or None when its answer is
+        not an id list. ``data stats`` counts the distinct first ids ("distinct target POIs").
+        Default: the answer read as ids by ``comapoi_cli.poi_ids.answer_id_list``."""
+        from comapoi_cli.poi_ids import answer_id_list
+
+        return answer_id_list(_last_answer(record))
+
     def target(self, record: dict[str, Any]) -> str | None:
         """The label an evaluation compares predictions with (default: the answer text)."""
         messages = record.get("messages") or []
@@ -80,10 +117,6 @@ class AgentRole:
         """
         text = text.strip()
         return [text] if text else None
-
-    def group_key(self, record: dict[str, Any]) -> str | None:
-        """The key that ``data split --group-by user`` keeps on one side (default: none)."""
-        return None
 
     def describe(self) -> dict[str, str]:
         return {

@@ -89,7 +89,10 @@ def tiny_model_dir(agent_data_dir) -> Path:
     from comapoi_cli.data import prepare_training_data
     from comapoi_cli.training.tiny import ensure_tiny_model
 
-    prepared = prepare_training_data(type_="merged", dataset="nyc", data_dir=agent_data_dir, seed=42, test_size=4)
+    from comapoi_cli.plugins import get_registry
+
+    prepared = prepare_training_data(type_="merged", dataset="nyc", data_dir=agent_data_dir, seed=42, test_size=4,
+                                     registry=get_registry())
     return ensure_tiny_model([prepared.train_path])
 
 

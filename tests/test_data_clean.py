@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from comapoi_cli.plugins import get_registry as _REGISTRY
+
 import base64
 import json
 from pathlib import Path
@@ -39,7 +41,7 @@ def by_line(summary) -> dict[int, dict]:
 
 def test_real_records_pass_untouched(tmp_path):
     source = write(tmp_path / "nyc_train.jsonl", real_lines())
-    summary = clean_file(source, tmp_path / "out.jsonl", dataset="nyc")
+    summary = clean_file(source, tmp_path / "out.jsonl", dataset="nyc", registry=_REGISTRY())
     assert summary.lines_in == summary.kept == 25 and summary.rejected == {}
     assert (tmp_path / "out.jsonl").read_bytes() == source.read_bytes()  # unchanged lines are copied as they are
     assert (tmp_path / "out.rejects.jsonl").read_text() == ""
@@ -79,7 +81,7 @@ def test_every_broken_line_lands_in_the_rejects_file(tmp_path):
         '{"messages": [{"role": "user", "content": "cut off',  # 18 truncated_line (no newline)
     ]
     source = write(tmp_path / "mixed.jsonl", lines, end=False)
-    summary = clean_file(source, tmp_path / "out.jsonl", dataset="nyc")
+    summary = clean_file(source, tmp_path / "out.jsonl", dataset="nyc", registry=_REGISTRY())
     expected = {2: "blank_line", 3: "invalid_utf8", 4: "bad_json", 5: "no_messages", 6: "no_messages",
                 7: "no_messages", 8: "bad_message", 9: "unknown_role", 10: "content_type", 11: "content_type",
                 12: "no_user", 13: "no_assistant", 14: "assistant_not_last", 15: "empty_answer", 16: "duplicate",
@@ -107,7 +109,7 @@ def test_conversions_bom_crlf_sharegpt_content_parts_numbers(tmp_path):
     number["messages"][2]["content"] = 22
     lines = [b"\xef\xbb\xbf" + real[0].encode(), real[1], line(share), line(parts), line(number)]
     source = write(tmp_path / "in.jsonl", lines, newline="\r\n")
-    summary = clean_file(source, tmp_path / "out.jsonl")
+    summary = clean_file(source, tmp_path / "out.jsonl", registry=_REGISTRY())
     assert summary.kept == 5 and summary.rejected == {}
     assert summary.converted == {"bom": 1, "crlf": 5, "sharegpt": 1, "role_names": 2, "content_parts": 1,
                                  "numbers_to_text": 1}
@@ -123,11 +125,11 @@ def test_conversions_bom_crlf_sharegpt_content_parts_numbers(tmp_path):
 def test_huge_line_and_empty_file(tmp_path):
     big = rec(user="x" * (1 << 20))
     source = write(tmp_path / "big.jsonl", [line(big), real_lines()[0]])
-    summary = clean_file(source, tmp_path / "out.jsonl")
+    summary = clean_file(source, tmp_path / "out.jsonl", registry=_REGISTRY())
     assert summary.kept == 2
     empty = tmp_path / "empty.jsonl"
     empty.write_bytes(b"")
-    summary = clean_file(empty, tmp_path / "out2.jsonl")
+    summary = clean_file(empty, tmp_path / "out2.jsonl", registry=_REGISTRY())
     assert summary.lines_in == 0 and (tmp_path / "out2.jsonl").read_bytes() == b""
 
 
@@ -150,7 +152,7 @@ def test_candidate_lists_must_hold_25_unique_ids_in_range(tmp_path, answer, reas
     record["messages"][1]["content"] = "user_id: 0, subtrajectory_id: 1\nList 25 candidates.\n" + record["messages"][1]["content"]
     record["messages"][2]["content"] = answer
     source = write(tmp_path / "agent1.jsonl", [line(record)])
-    summary = clean_file(source, tmp_path / "out.jsonl", role="agent1", dataset="nyc")
+    summary = clean_file(source, tmp_path / "out.jsonl", role="agent1", dataset="nyc", registry=_REGISTRY())
     if reason is None:
         assert summary.kept == 1
     else:
@@ -161,8 +163,8 @@ def test_candidate_lists_must_hold_25_unique_ids_in_range(tmp_path, answer, reas
 def test_max_poi_id_without_a_preset(tmp_path):
     record = rec(user="user_id: 1, subtrajectory_id: 1", answer=_candidates(range(0, 25)))
     source = write(tmp_path / "a.jsonl", [line(record)])
-    assert clean_file(source, tmp_path / "o.jsonl", role="agent2").kept == 1            # no range known
-    assert clean_file(source, tmp_path / "o.jsonl", role="agent2", max_poi_id=20).kept == 0
+    assert clean_file(source, tmp_path / "o.jsonl", role="agent2", registry=_REGISTRY()).kept == 1            # no range known
+    assert clean_file(source, tmp_path / "o.jsonl", role="agent2", max_poi_id=20, registry=_REGISTRY()).kept == 0
 
 
 def test_label_leak_as_in_the_original_prompts(tmp_path):
@@ -174,11 +176,11 @@ def test_label_leak_as_in_the_original_prompts(tmp_path):
     placeholder = json.loads(real[2])
     placeholder["messages"][1]["content"] += '\nAnswer in JSON: {"next_poi_id": ["value1", "value2"]}'
     source = write(tmp_path / "in.jsonl", [line(leaking), line(stated), line(placeholder)])
-    summary = clean_file(source, tmp_path / "out.jsonl")
+    summary = clean_file(source, tmp_path / "out.jsonl", registry=_REGISTRY())
     assert summary.rejected == {"label_leak": 2} and summary.kept == 1
     rejects = by_line(summary)
     assert "True Next POI" in rejects[1]["detail"] and "40" in rejects[2]["detail"]
-    warned = clean_file(source, tmp_path / "out2.jsonl", policies={"label_leak": "warn"})
+    warned = clean_file(source, tmp_path / "out2.jsonl", policies={"label_leak": "warn"}, registry=_REGISTRY())
     assert warned.kept == 3 and warned.warnings == {"label_leak": 2} and warned.warning_lines == {"label_leak": [1, 2]}
 
 
@@ -193,7 +195,7 @@ def test_agent3_target_that_is_a_candidate_list(tmp_path):
     prefix = rec(user=prompt + "!", answer=json.dumps({"next_poi_id": candidates[:10]}))  # top-10 of a list: fine
     out_of_range = rec(user=prompt + "?", answer=json.dumps({"next_poi_id": [9999]}))
     source = write(tmp_path / "agent3.jsonl", [line(mixed_up), line(copied), line(final), line(prefix), line(out_of_range)])
-    summary = clean_file(source, tmp_path / "out.jsonl", role="agent3", dataset="nyc")
+    summary = clean_file(source, tmp_path / "out.jsonl", role="agent3", dataset="nyc", registry=_REGISTRY())
     reasons = {n: r["reason"] for n, r in by_line(summary).items()}
     assert reasons == {1: "wrong_target", 2: "wrong_target", 5: "wrong_answer"}
     assert summary.kept == 2
@@ -204,7 +206,7 @@ def test_merged_files_use_each_records_agent_field(tmp_path):
     bad_final = rec(user="For User_id: 1, Subtrajectory_id: 1", answer=_candidates(range(25)), agent="agent3")
     fine = rec(user="user_id: 2, subtrajectory_id: 1", answer="profile", agent="agent2")
     source = write(tmp_path / "merged.jsonl", [line(bad_candidates), line(bad_final), line(fine)])
-    summary = clean_file(source, tmp_path / "out.jsonl")
+    summary = clean_file(source, tmp_path / "out.jsonl", registry=_REGISTRY())
     assert summary.rejected == {"wrong_answer": 1, "wrong_target": 1}
     assert summary.roles == {"agent2": 1}
 
@@ -214,29 +216,29 @@ def test_policy_fail_stops_and_writes_nothing(tmp_path):
     target = tmp_path / "out.jsonl"
     target.write_text("previous output\n")
     with pytest.raises(DataError, match="Line 2 .* 'bad_json'"):
-        clean_file(source, target, policies={"bad_json": "fail"})
+        clean_file(source, target, policies={"bad_json": "fail"}, registry=_REGISTRY())
     assert target.read_text() == "previous output\n"  # atomic: the old output survives
     with pytest.raises(DataError):
-        clean_file(source, target, strict=True)
+        clean_file(source, target, strict=True, registry=_REGISTRY())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]  # no temporary left behind
 
 
 def test_bad_policy_options_are_usage_errors(tmp_path):
     source = write(tmp_path / "in.jsonl", [real_lines()[0]])
     with pytest.raises(UsageError, match="Unknown check"):
-        clean_file(source, tmp_path / "o.jsonl", policies={"nope": "drop"})
+        clean_file(source, tmp_path / "o.jsonl", policies={"nope": "drop"}, registry=_REGISTRY())
     with pytest.raises(UsageError, match="cannot be kept"):
-        clean_file(source, tmp_path / "o.jsonl", policies={"bad_json": "keep"})
+        clean_file(source, tmp_path / "o.jsonl", policies={"bad_json": "keep"}, registry=_REGISTRY())
     with pytest.raises(DataError, match="does not exist"):
-        clean_file(tmp_path / "missing.jsonl", tmp_path / "o.jsonl")
+        clean_file(tmp_path / "missing.jsonl", tmp_path / "o.jsonl", registry=_REGISTRY())
 
 
 def test_duplicate_policies(tmp_path):
     real = real_lines()
     reformatted = json.dumps(json.loads(real[0]), indent=None, separators=(",", ":"))  # same conversation, other bytes
     source = write(tmp_path / "in.jsonl", [real[0], reformatted, real[0]])
-    assert clean_file(source, tmp_path / "o.jsonl").rejected == {"duplicate": 2}
-    assert clean_file(source, tmp_path / "o.jsonl", policies={"duplicate": "keep"}).kept == 3
+    assert clean_file(source, tmp_path / "o.jsonl", registry=_REGISTRY()).rejected == {"duplicate": 2}
+    assert clean_file(source, tmp_path / "o.jsonl", policies={"duplicate": "keep"}, registry=_REGISTRY()).kept == 3
 
 
 def test_parallel_workers_give_identical_outputs(tmp_path, synth_dir, monkeypatch):
@@ -247,10 +249,10 @@ def test_parallel_workers_give_identical_outputs(tmp_path, synth_dir, monkeypatc
     lines[5] = "{bad json"
     lines.insert(40, lines[10])  # a duplicate across the block boundary
     source = write(tmp_path / "all.jsonl", lines)
-    single = clean_file(source, tmp_path / "single.jsonl", workers=1, dataset="nyc")
+    single = clean_file(source, tmp_path / "single.jsonl", workers=1, dataset="nyc", registry=_REGISTRY())
     monkeypatch.setattr(clean_module, "PARALLEL_MIN_BYTES", 1)
     monkeypatch.setattr(clean_module, "BLOCK_SIZE", 64 << 10)
-    multi = clean_file(source, tmp_path / "multi.jsonl", workers=2, dataset="nyc")
+    multi = clean_file(source, tmp_path / "multi.jsonl", workers=2, dataset="nyc", registry=_REGISTRY())
     assert multi.workers == 2 and single.workers == 1
     assert (tmp_path / "single.jsonl").read_bytes() == (tmp_path / "multi.jsonl").read_bytes()
     assert (tmp_path / "single.rejects.jsonl").read_bytes() == (tmp_path / "multi.rejects.jsonl").read_bytes()
@@ -281,7 +283,7 @@ def test_the_orjson_fast_path_changes_nothing(tmp_path, monkeypatch):
     for mode in ("orjson", "json"):
         if mode == "json":
             monkeypatch.setattr(records, "fast_loads", None)
-        summary = clean_file(source, tmp_path / f"{mode}.jsonl", dataset="nyc", workers=1)
+        summary = clean_file(source, tmp_path / f"{mode}.jsonl", dataset="nyc", workers=1, registry=_REGISTRY())
         outputs[mode] = ((tmp_path / f"{mode}.jsonl").read_bytes(), (tmp_path / f"{mode}.rejects.jsonl").read_bytes(),
                          summary.kept, summary.rejected)
     assert outputs["orjson"] == outputs["json"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from comapoi_cli.plugins import get_registry as _REGISTRY
+
 import json
 from collections import Counter
 from pathlib import Path
@@ -21,13 +23,13 @@ def _copy(src: Path, dst: Path) -> Path:
 
 def test_split_is_seeded_and_byte_identical(tmp_path, synth_dir):
     source = _copy(synth_dir / "nyc" / "agent1_train_samples.jsonl", tmp_path / "agent1_train_samples.jsonl")
-    first = split_file(source, test_size=30, seed=1)
+    first = split_file(source, test_size=30, seed=1, registry=_REGISTRY())
     assert Path(first.train_path).name == "agent1_train_samples_all.jsonl"
     assert Path(first.holdout_path).name == "agent1_train_samples_100.jsonl"
     train1, hold1 = Path(first.train_path).read_bytes(), Path(first.holdout_path).read_bytes()
-    again = split_file(source, test_size=30, seed=1)
+    again = split_file(source, test_size=30, seed=1, registry=_REGISTRY())
     assert Path(again.train_path).read_bytes() == train1 and Path(again.holdout_path).read_bytes() == hold1
-    other = split_file(source, tmp_path / "t.jsonl", tmp_path / "h.jsonl", test_size=30, seed=2)
+    other = split_file(source, tmp_path / "t.jsonl", tmp_path / "h.jsonl", test_size=30, seed=2, registry=_REGISTRY())
     assert (tmp_path / "h.jsonl").read_bytes() != hold1
     assert (first.records, first.train, first.holdout) == (120, 90, 30) and other.holdout == 30
     # nothing lost, nothing doubled, input order kept on both sides
@@ -41,17 +43,17 @@ def test_split_fraction_shuffle_and_errors(tmp_path):
     lines = real_lines()
     source = tmp_path / "real.jsonl"
     source.write_text("\n".join(lines) + "\n\n", encoding="utf-8")  # a trailing blank line is skipped
-    result = split_file(source, test_size=0.2, seed=3, shuffle=True)
+    result = split_file(source, test_size=0.2, seed=3, shuffle=True, registry=_REGISTRY())
     assert (result.holdout, result.train, result.blank_lines) == (5, 20, 1)
-    again = split_file(source, tmp_path / "a.jsonl", tmp_path / "b.jsonl", test_size=0.2, seed=3, shuffle=True)
+    again = split_file(source, tmp_path / "a.jsonl", tmp_path / "b.jsonl", test_size=0.2, seed=3, shuffle=True, registry=_REGISTRY())
     assert (tmp_path / "b.jsonl").read_bytes() == Path(result.holdout_path).read_bytes()
     assert again.shuffled
     with pytest.raises(UsageError, match="leaves nothing to train on"):
-        split_file(source, test_size=25)
+        split_file(source, test_size=25, registry=_REGISTRY())
     with pytest.raises(UsageError):
-        split_file(source, test_size=-1)
+        split_file(source, test_size=-1, registry=_REGISTRY())
     with pytest.raises(DataError):
-        split_file(tmp_path / "missing.jsonl")
+        split_file(tmp_path / "missing.jsonl", registry=_REGISTRY())
     assert parse_test_size("100") == 100 and parse_test_size("0.1") == 0.1 and parse_test_size("10%") == 0.1
     with pytest.raises(UsageError):
         parse_test_size("ten")
@@ -61,14 +63,14 @@ def test_split_by_user_keeps_users_on_one_side(tmp_path):
     lines = real_lines()  # 25 trajectories of users 0-9
     source = tmp_path / "nyc_train.jsonl"
     source.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    result = split_file(source, test_size=6, seed=5, group_by="user")
+    result = split_file(source, test_size=6, seed=5, group_by="user", registry=_REGISTRY())
     users = lambda path: {user_key(json.loads(x)) for x in Path(path).read_text().splitlines()}  # noqa: E731
     train_users, hold_users = users(result.train_path), users(result.holdout_path)
     assert train_users and hold_users and not (train_users & hold_users)
     assert None not in train_users | hold_users
     assert result.groups == 10 and result.holdout >= 6 and result.ungrouped == 0
     with pytest.raises(UsageError, match="--group-by"):
-        split_file(source, group_by="city")
+        split_file(source, group_by="city", registry=_REGISTRY())
 
 
 def test_user_key_reads_every_comapoi_prompt_style():

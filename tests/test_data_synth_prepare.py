@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from comapoi_cli.plugins import get_registry as _REGISTRY
+
 import json
 import re
 from datetime import datetime
@@ -40,7 +42,7 @@ def test_synth_from_real_trajectories(tmp_path):
     # the clean step finds nothing wrong: no leak, valid candidate lists, agent3 targets are predictions
     for role in ("agent1", "agent2", "agent3"):
         result = clean_file(folder / f"{role}_train_samples.jsonl", tmp_path / f"{role}.jsonl", role=role,
-                            dataset="nyc", strict=True)
+                            dataset="nyc", strict=True, registry=_REGISTRY())
         assert result.rejected == {} and result.warnings == {}
 
 
@@ -69,7 +71,7 @@ def test_synth_simulated_city_is_deterministic_and_realistic(tmp_path):
     assert 1000 < min(lengths) and max(lengths) < 40000  # hundreds to a few thousand tokens
     for role in ("agent1", "agent2", "agent3"):
         result = clean_file(tmp_path / "a" / "tky" / f"{role}_train_samples.jsonl", tmp_path / f"{role}.jsonl",
-                            role=role, dataset="tky", strict=True)
+                            role=role, dataset="tky", strict=True, registry=_REGISTRY())
         assert result.rejected == {}
 
 
@@ -91,7 +93,7 @@ def test_prepare_reuses_only_while_inputs_are_unchanged(tmp_path, synth_dir):
     for i in (1, 2, 3):
         name = f"agent{i}_train_samples.jsonl"
         (data / "nyc" / name).write_bytes((synth_dir / "nyc" / name).read_bytes())
-    first = prepare_training_data(type_="merged", dataset="nyc", data_dir=data)
+    first = prepare_training_data(type_="merged", dataset="nyc", data_dir=data, registry=_REGISTRY())
     assert first.train_path.name == "cleaned_total_agent_train_samples_all.jsonl"
     assert first.holdout_path.name == "cleaned_total_agent_train_samples_100.jsonl"
     assert not first.summary["reused"] and first.summary["in"] == 300 == first.summary["kept"]
@@ -102,19 +104,19 @@ def test_prepare_reuses_only_while_inputs_are_unchanged(tmp_path, synth_dir):
     assert agents == {"agent1", "agent2", "agent3"}
     assert set(first.input_hashes) == {str(data / "nyc" / f"agent{i}_train_samples.jsonl") for i in (1, 2, 3)}
 
-    second = prepare_training_data(type_="merged", dataset="nyc", data_dir=data)
+    second = prepare_training_data(type_="merged", dataset="nyc", data_dir=data, registry=_REGISTRY())
     assert second.summary["reused"] and second.train_path.read_bytes() == first.train_path.read_bytes()
 
     agent3 = data / "nyc" / "agent3_train_samples.jsonl"
     agent3.write_text(agent3.read_text() + "{broken line\n")  # the input changed: rebuild
-    third = prepare_training_data(type_="merged", dataset="nyc", data_dir=data)
+    third = prepare_training_data(type_="merged", dataset="nyc", data_dir=data, registry=_REGISTRY())
     assert not third.summary["reused"] and third.summary["rejected"] == {"bad_json": 1}
     assert third.input_hashes != first.input_hashes
 
-    seeded = prepare_training_data(type_="merged", dataset="nyc", data_dir=data, seed=1)
+    seeded = prepare_training_data(type_="merged", dataset="nyc", data_dir=data, seed=1, registry=_REGISTRY())
     assert not seeded.summary["reused"]  # other options: rebuild
 
-    role = prepare_training_data(type_="agent3", dataset="nyc", data_dir=data)
+    role = prepare_training_data(type_="agent3", dataset="nyc", data_dir=data, registry=_REGISTRY())
     assert role.train_path.name == "agent3_train_samples_all.jsonl" and role.summary["rejects_file"].endswith(
         "agent3_train_samples.rejects.jsonl")
 
@@ -122,43 +124,43 @@ def test_prepare_reuses_only_while_inputs_are_unchanged(tmp_path, synth_dir):
 def test_prepare_explicit_file_and_errors(tmp_path, synth_dir, monkeypatch):
     source = tmp_path / "mine.jsonl"
     source.write_bytes((synth_dir / "nyc" / "agent3_train_samples.jsonl").read_bytes())
-    prepared = prepare_training_data(type_="agent3", data_path=source)
+    prepared = prepare_training_data(type_="agent3", data_path=source, registry=_REGISTRY())
     assert prepared.holdout_path is None and prepared.train_path == tmp_path / "mine_clean.jsonl"
     assert prepared.summary["train"] == 60
-    split = prepare_training_data(type_="agent3", data_path=source, split=True, test_size=10)
+    split = prepare_training_data(type_="agent3", data_path=source, split=True, test_size=10, registry=_REGISTRY())
     assert split.holdout_path == tmp_path / "mine_100.jsonl" and split.summary["holdout"] == 10
 
     monkeypatch.setenv("COMAPOI_DATA_DIR", str(tmp_path / "nowhere"))
     with pytest.raises(DataError) as info:
-        prepare_training_data(type_="agent1", dataset="nyc")
+        prepare_training_data(type_="agent1", dataset="nyc", registry=_REGISTRY())
     assert "nowhere/nyc/agent1_train_samples.jsonl" in info.value.message
     assert "comapoi data synth --dataset nyc" in info.value.hint
     with pytest.raises(DataError, match="Cannot find any agent training file"):
-        prepare_training_data(type_="merged", dataset="nyc")
+        prepare_training_data(type_="merged", dataset="nyc", registry=_REGISTRY())
     with pytest.raises(UsageError, match="Unknown agent role"):
-        prepare_training_data(type_="agent9", dataset="nyc")
+        prepare_training_data(type_="agent9", dataset="nyc", registry=_REGISTRY())
     with pytest.raises(UsageError):
-        prepare_training_data(type_="agent1")
+        prepare_training_data(type_="agent1", registry=_REGISTRY())
 
     leaky = tmp_path / "leaky.jsonl"
     record = json.loads(real_lines()[0])
     record["messages"][1]["content"] += "\nTrue Next POI Information: POI ID 22"
     leaky.write_text(json.dumps(record) + "\n")
     with pytest.raises(DataError, match="No training record survived cleaning \\(1 label_leak\\)") as info:
-        prepare_training_data(type_="agent3", data_path=leaky)
+        prepare_training_data(type_="agent3", data_path=leaky, registry=_REGISTRY())
     assert "--on label_leak=warn" in info.value.hint
 
 
 def test_stats_without_tokenizer(tmp_path, synth_dir):
     from comapoi_cli.data.stats import compute_stats, dataset_files, plot_lengths
 
-    files = dataset_files("nyc", synth_dir)
+    files = dataset_files("nyc", synth_dir, registry=_REGISTRY())
     leaky = tmp_path / "agent1_train_samples.jsonl"
     lines = (synth_dir / "nyc" / "agent1_train_samples.jsonl").read_text().splitlines()
     record = json.loads(lines[0])
     record["messages"][1]["content"] += "\nThe true next POI is 12."
     leaky.write_text("\n".join(lines + [lines[1], json.dumps(record), "{bad"]) + "\n")
-    report = compute_stats(files, dataset="nyc", seq_length=1200)
+    report = compute_stats(files, dataset="nyc", seq_length=1200, registry=_REGISTRY())
     for role, n in (("agent1", 120), ("agent2", 120), ("agent3", 60)):
         stats = report.roles[role]
         assert stats.records == n and stats.tokens_estimated and stats.duplicates == 0
@@ -166,7 +168,7 @@ def test_stats_without_tokenizer(tmp_path, synth_dir):
         assert 0 < stats.loss_share < 0.5 and stats.over_seq_length is not None
         assert sum(stats.histogram["counts"]) == n
     assert report.roles["agent3"].distinct_targets > 10
-    own = compute_stats([leaky], dataset="nyc")
+    own = compute_stats([leaky], dataset="nyc", registry=_REGISTRY())
     assert list(own.roles) == ["agent1"]  # the role comes from the file name
     assert own.roles["agent1"].duplicates == 1 and own.roles["agent1"].label_leaks == 1
     assert own.unusable == {"bad_json": 1}

@@ -7,6 +7,8 @@ as a Hugging Face folder: what ``--tokenizer PATH`` loads with ``AutoTokenizer``
 
 from __future__ import annotations
 
+from comapoi_cli.plugins import get_registry as _REGISTRY
+
 import json
 import os
 import subprocess
@@ -144,7 +146,7 @@ def test_clean_too_long_counts_lost_answers(tmp_path, tiny_tokenizer):
     counter = TokenCounter.load(tiny_tokenizer)
     counts = [counter.count(json.loads(line)["messages"]) for line in lines]
     limit = sorted(total for total, _ in counts)[len(counts) // 2]
-    summary = clean_file(source, tmp_path / "out.jsonl", tokenizer=tiny_tokenizer, seq_length=limit)
+    summary = clean_file(source, tmp_path / "out.jsonl", tokenizer=tiny_tokenizer, seq_length=limit, registry=_REGISTRY())
     too_long = [i + 1 for i, (total, _) in enumerate(counts) if total > limit]
     assert summary.rejected.get("too_long", 0) == len(too_long)
     assert [r["line"] for r in read_rejects(summary.rejects)] == too_long
@@ -154,7 +156,7 @@ def test_clean_too_long_counts_lost_answers(tmp_path, tiny_tokenizer):
     assert summary.tokens["max"] <= limit
 
     kept = clean_file(source, tmp_path / "out2.jsonl", tokenizer=tiny_tokenizer, seq_length=limit,
-                      policies={"too_long": "warn"})
+                      policies={"too_long": "warn"}, registry=_REGISTRY())
     assert kept.kept == len(lines) and kept.warnings["too_long"] == len(too_long)
 
 
@@ -162,8 +164,8 @@ def test_stats_with_tokenizer(tmp_path, tiny_tokenizer, synth_dir):
     from comapoi_cli.data.stats import compute_stats, dataset_files
     from comapoi_cli.data.tokens import TokenCounter
 
-    files = dataset_files("nyc", synth_dir)
-    report = compute_stats(files, dataset="nyc", tokenizer=tiny_tokenizer, seq_length=2000)
+    files = dataset_files("nyc", synth_dir, registry=_REGISTRY())
+    report = compute_stats(files, dataset="nyc", tokenizer=tiny_tokenizer, seq_length=2000, registry=_REGISTRY())
     assert set(report.roles) == {"agent1", "agent2", "agent3"}
     counter = TokenCounter.load(tiny_tokenizer)
     agent3 = [json.loads(line)["messages"] for line in

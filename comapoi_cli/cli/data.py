@@ -26,6 +26,13 @@ def _registry():
     return get_registry()
 
 
+def _reporter():
+    """The console reporter the data services report progress through (on a terminal)."""
+    from comapoi_cli.training.report import ConsoleReporter
+
+    return ConsoleReporter()
+
+
 def _bar(count: int, largest: int, width: int = 28) -> str:
     if largest <= 0:
         return ""
@@ -107,7 +114,7 @@ def clean(
         prepared = prepare_training_data(type_=type_ or "merged", dataset=dataset, data_dir=data_dir, seed=seed,
                                          test_size=parse_test_size(test_size), split=split, policies=policies,
                                          strict=strict, tokenizer=tokenizer, seq_length=seq_length,
-                                         max_poi_id=max_poi_id, force=force, workers=workers)
+                                         max_poi_id=max_poi_id, force=force, workers=workers, registry=_registry())
         summary = prepared.summary
         if as_json:
             print_json({"train_path": str(prepared.train_path),
@@ -134,7 +141,8 @@ def clean(
         raise UsageError("The output would overwrite the input; pass another --output.")
     result = clean_file(input, target, rejects, role=type_ if type_ and type_ != "merged" else None, dataset=dataset,
                         max_poi_id=max_poi_id, policies=policies, strict=strict, tokenizer=tokenizer,
-                        seq_length=seq_length, workers=workers, registry=_registry())
+                        seq_length=seq_length, workers=workers, registry=_registry(), reporter=_reporter(),
+                        require_records=True)
     data = result.to_dict()
     data["in"] = data["lines_in"]
     if as_json:
@@ -213,12 +221,9 @@ def merge(
     registry = _registry()
     files: dict[str, Path] = {}
     if inputs:
-        for item in inputs:
-            role_id, sep, path = item.partition("=")
-            if not sep:
-                raise UsageError(f"Expected ROLE=FILE, got '{item}' (e.g. agent1=data/nyc/agent1_train_samples.jsonl).")
-            registry.role(role_id)
-            files[role_id] = Path(path)
+        from comapoi_cli.data.merge import parse_role_files
+
+        files = parse_role_files(inputs, registry)
     elif dataset:
         folder = dataset_dir(dataset, data_dir)
         for role_id, role in registry.roles.items():
@@ -273,7 +278,7 @@ def stats(
         raise UsageError("Give files to describe, or --dataset NAME.")
     report = compute_stats(selection, role=type_ if type_ and type_ != "merged" else None, dataset=dataset,
                            max_poi_id=max_poi_id, tokenizer=tokenizer, seq_length=seq_length,
-                           chars_per_token=chars_per_token, workers=workers, registry=registry)
+                           chars_per_token=chars_per_token, workers=workers, registry=registry, reporter=_reporter())
     if plot is not None:
         plot_lengths(report, plot)
     if as_json:

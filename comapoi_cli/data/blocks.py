@@ -11,12 +11,21 @@ Workers are forked when this process has a single thread (the CLI: instant start
 workers share this process's string hashes); otherwise they are spawned (forking a process
 that holds threads, e.g. torch's, can deadlock) with one fixed ``PYTHONHASHSEED`` so that their
 string hashes agree with each other.
+
+Workers die with their parent: on Linux each asks the kernel for SIGKILL when its parent dies
+(``prctl(PR_SET_PDEATHSIG)``), and a watch thread in each worker exits it when its parent
+process is gone (also where prctl is not available), so a ``kill -9`` of the command leaves no
+worker holding temporary files or the caller's stdout. :func:`sigterm_as_interrupt` makes
+SIGTERM behave like Ctrl-C (a ``KeyboardInterrupt``: the outputs are left as they were).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+import threading
 from collections import deque
 from typing import Any, Callable, Iterator
 
@@ -89,7 +98,61 @@ def pool_start_method() -> str | None:
     return "spawn" if _main_importable() else None
 
 
-def _init_worker_process(initializer: Callable[..., None], initargs: tuple) -> None:
+PR_SET_PDEATHSIG = 1
+WATCH_INTERVAL_S = 0.5
+
+
+def die_with_parent(parent: int) -> None:
+    """Make this (worker) process end when process ``parent`` ends: prctl on Linux, and a watch
+    thread everywhere (it also covers a parent that died before prctl took effect)."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):  # pragma: no cover - no libc prctl: the thread still watches
+            pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+    def watch() -> None:
+        import time
+
+        while True:
+            time.sleep(WATCH_INTERVAL_S)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="comapoi-parent-watch", daemon=True).start()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While inside, SIGTERM raises ``KeyboardInterrupt`` in the main thread, as Ctrl-C does
+    (elsewhere, e.g. in a worker thread, this does nothing)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):  # pragma: no cover
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _init_worker_process(parent: int, initializer: Callable[..., None], initargs: tuple) -> None:
+    die_with_parent(parent)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker must not inherit the parent's handler
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C reaches the whole group: the parent handles it
     # the processes are the parallelism: a tokenizer in a worker tokenizes on one core
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     initializer(*initargs)
@@ -116,7 +179,7 @@ def map_ranges(path, size: int, workers: int, initializer: Callable[..., None], 
     try:
         with open(path, "rb") as scanner, ProcessPoolExecutor(max_workers=workers, mp_context=context,
                                                               initializer=_init_worker_process,
-                                                              initargs=(initializer, initargs)) as pool:
+                                                              initargs=(os.getpid(), initializer, initargs)) as pool:
             try:
                 for start, end in block_ranges(scanner, size, block_size):
                     pending.append((start, end, pool.submit(work, start, end, size)))

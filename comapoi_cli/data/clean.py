@@ -22,19 +22,25 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import stat
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from comapoi_cli.data.blocks import BLOCK_SIZE, default_workers, map_ranges, pool_start_method, read_blocks
+from comapoi_cli.data.blocks import (BLOCK_SIZE, default_workers, map_ranges, pool_start_method, read_blocks,
+                                     sigterm_as_interrupt)
 from comapoi_cli.data.policies import CHECK_NAMES, FAIL, KEEP, WARN, resolve_policies
 from comapoi_cli.data.records import BlockResult, KeyTable, RecordChecker, make_context, raw_fields
 from comapoi_cli.errors import DataError, UsageError
-from comapoi_cli.fileio import atomic_writer
+from comapoi_cli.fileio import atomic_writer, fs_error, remove_stale_temps, temp_prefix
+from comapoi_cli.reporting import SILENT, Reporter
 from comapoi_cli.roles import AgentRole, RoleContext
 
-PARALLEL_MIN_BYTES = 16 << 20   # smaller files are cleaned in-process (no worker start-up cost)
+PARALLEL_MIN_BYTES = 16 << 20
+PROGRESS_MIN_BYTES = 32 << 20  # larger inputs show progress on a terminal (about 2 s of cleaning)   # smaller files are cleaned in-process (no worker start-up cost)
 WARNING_EXAMPLES = 5
 
 
@@ -97,10 +103,6 @@ def _work(start: int, end: int, size: int) -> BlockResult:
 def _resolve_role(role: AgentRole | str | None, registry) -> AgentRole | None:
     if role is None or isinstance(role, AgentRole):
         return role
-    if registry is None:
-        from comapoi_cli.plugins import get_registry
-
-        registry = get_registry()
     return registry.role(role)
 
 
@@ -118,7 +120,9 @@ def clean_file(
     tokenizer: str | os.PathLike[str] | None = None,
     seq_length: int | None = None,
     workers: int | None = None,
-    registry=None,
+    registry,
+    reporter: Reporter = SILENT,
+    require_records: bool = False,
 ) -> CleanSummary:
     """Clean ``input`` into ``output``; every rejected line goes to ``rejects`` with its reason.
 
@@ -132,6 +136,13 @@ def clean_file(
         tokenizer / seq_length: with both, records longer than ``seq_length`` tokens (the
             tokenizer's chat template) are handled by the ``too_long`` policy.
         workers: processes for large files (default: the usable cores, env ``COMAPOI_DATA_WORKERS``).
+        registry: the plugin registry (its roles judge the records).
+        reporter: receives progress (unit ``"bytes"``) for large files and tokenizer runs.
+        require_records: an empty input, or one of which no record survives, is an error and
+            the previous output is left in place (the rejects file of the failed run says why).
+
+    A pipe, FIFO or ``/dev/stdin`` is read like a file. Filesystem errors (a read-only folder,
+    a full disk) are one-sentence ``DataError``s.
 
     Raises:
         DataError: missing input, or a check whose policy is ``fail`` failed.
@@ -144,45 +155,111 @@ def clean_file(
         raise DataError(f"Input file {source} does not exist.")
     if source.is_dir():
         raise DataError(f"Input {source} is a folder, not a JSONL file.")
+    for what, path in (("output", target), ("rejects file", rejects_path)):
+        if path.is_dir():
+            raise UsageError(f"The {what} {path} is a folder; name a file (e.g. {path / (source.stem + '_clean.jsonl')}).")
     if rejects_path.resolve() in (target.resolve(), source.resolve()):
         raise UsageError(f"The rejects file {rejects_path} must differ from the input and the output.")
     if (tokenizer is None) != (seq_length is None) and seq_length is not None:
         raise UsageError("--seq-length needs --tokenizer (token counts come from the tokenizer's chat template).")
     if seq_length is not None and seq_length <= 0:
         raise UsageError("--seq-length must be a positive number of tokens.")
+    if max_poi_id is not None and max_poi_id < 0:
+        raise UsageError(f"--max-poi-id must be 0 or more, got {max_poi_id}.")
+    if workers is not None and workers < 1:
+        raise UsageError(f"--workers must be 1 or more, got {workers}.")
     table = resolve_policies(policies, strict=strict)
-    if registry is None:
-        from comapoi_cli.plugins import get_registry
+    if tokenizer is not None and seq_length is not None:
+        from comapoi_cli.data.tokens import resolve_tokenizer
 
-        registry = get_registry()
+        tokenizer = resolve_tokenizer(tokenizer, [source])  # "tiny": the tiny model's tokenizer of this data
     role_obj = _resolve_role(role, registry)
     ctx = context or make_context(dataset, max_poi_id)
     checker = RecordChecker(role=role_obj, roles=registry.roles, context=ctx, policies=table,
                             tokenizer=str(tokenizer) if tokenizer is not None and seq_length is not None else None,
                             seq_length=seq_length)
-    size = source.stat().st_size
+    if checker.tokenizer_path:
+        checker.counter()  # load once here: a bad folder fails before any work
+    with sigterm_as_interrupt(), _readable(source, target) as readable:
+        try:
+            summary = _clean(source, readable, target, rejects_path, checker, table, workers, seq_length,
+                             require_records, reporter)
+        except OSError as exc:
+            raise fs_error(exc, target) from None
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+@contextlib.contextmanager
+def _readable(source: Path, target: Path):
+    """``source`` itself when it is a regular file with a size; a pipe, a FIFO, ``/dev/stdin`` or a
+    procfs file (size 0 until read) is first copied into a temporary file beside the output, so
+    that it can be read in byte ranges."""
+    try:
+        info = source.stat()
+    except OSError as exc:
+        raise fs_error(exc, source, "read") from None
+    if stat.S_ISREG(info.st_mode) and info.st_size > 0:
+        yield source
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(target)
+    fd, name = tempfile.mkstemp(prefix=temp_prefix(target.name), suffix=".tmp", dir=target.parent)
+    try:
+        try:
+            with open(source, "rb") as reader, os.fdopen(fd, "wb") as spool:
+                shutil.copyfileobj(reader, spool, 1 << 20)
+        except OSError as exc:
+            raise fs_error(exc, source, "read") from None
+        yield Path(name)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name)
+
+
+def _clean(source: Path, readable: Path, target: Path, rejects_path: Path, checker: RecordChecker, table: dict[str, str],
+           workers: int | None, seq_length: int | None, require_records: bool, reporter: Reporter) -> CleanSummary:
+    size = readable.stat().st_size
     n_workers = workers if workers is not None else default_workers()
     parallel = n_workers > 1 and size >= PARALLEL_MIN_BYTES and pool_start_method() is not None
     summary = CleanSummary(str(source), str(target), str(rejects_path), policies=table,
                            bytes_in=size, workers=n_workers if parallel else 1)
     if checker.tokenizer_path:
-        checker.counter()  # load once here: a bad folder fails before any work
         summary.tokens = {"tokenizer": checker.tokenizer_path, "template": checker.counter().template,
                           "seq_length": seq_length, "total": 0, "max": 0}
 
     merge = _Merger(source, summary, table["duplicate"])
-    with atomic_writer(target, "wb") as out, atomic_writer(rejects_path, "wb") as rej:
-        if not parallel:
-            for start, end, block in read_blocks(source, size, BLOCK_SIZE):
-                merge.add(block, checker.process_block(block, end >= size, start == 0), out, rej)
-        else:
-            with open(source, "rb") as reader, contextlib.closing(
-                    map_ranges(source, size, n_workers, _init_worker, (checker, str(source)), _work, BLOCK_SIZE)) as results:
-                for start, end, result in results:
-                    reader.seek(start)  # the worker judged these bytes; read them again to copy the kept lines
-                    merge.add(reader.read(end - start), result, out, rej)
+    show = size >= PROGRESS_MIN_BYTES or checker.tokenizer_path is not None
+    if show:
+        reporter.progress_start(size, description=f"cleaning {source.name}", unit="bytes")
+    try:
+        with atomic_writer(target, "wb") as out:
+            with atomic_writer(rejects_path, "wb") as rej:
+                if not parallel:
+                    for start, end, block in read_blocks(readable, size, BLOCK_SIZE):
+                        merge.add(block, checker.process_block(block, end >= size, start == 0), out, rej)
+                        if show:
+                            reporter.progress_update(end)
+                else:
+                    with open(readable, "rb") as reader, contextlib.closing(
+                            map_ranges(readable, size, n_workers, _init_worker, (checker, str(readable)), _work,
+                                       BLOCK_SIZE)) as results:
+                        for start, end, result in results:
+                            reader.seek(start)  # the worker judged these bytes; read them again to copy the kept lines
+                            merge.add(reader.read(end - start), result, out, rej)
+                            if show:
+                                reporter.progress_update(end)
+                if require_records and summary.lines_in == 0:
+                    raise DataError(f"{source} is empty: there is nothing to clean; "
+                                    f"{'the previous output is left as it was' if target.exists() else 'nothing was written'}.")
+            if require_records and summary.kept == 0:  # the rejects file says why; the previous output stays
+                raise DataError(f"No record of {source} survived cleaning; "
+                                f"{'the previous output ' + str(target) + ' is left as it was' if target.exists() else 'no output was written'}.",
+                                hint=f"See why in {rejects_path}.")
+    finally:
+        if show:
+            reporter.progress_stop()
     summary.rejected = {name: summary.rejected[name] for name in CHECK_NAMES if name in summary.rejected}
-    summary.seconds = time.perf_counter() - started
     assert summary.lines_in == summary.kept + summary.rejected_total
     return summary
 

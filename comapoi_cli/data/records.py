@@ -442,16 +442,14 @@ class RecordChecker:
         if role is None and "agent" in record:
             role = self.roles.get(record["agent"])
         if role is not None:
-            wrong_target = getattr(role, "check_target", None)
-            reason = wrong_target(answer, record, self.context) if wrong_target else None
+            reason = role.check_target(answer, record, self.context)
             if reason:
                 self._issue("wrong_target", reason, warnings)
             else:
                 reason = role.check_answer(answer, record, self.context)
                 if reason:
                     self._issue("wrong_answer", reason, warnings)
-            role_leak = getattr(role, "check_leak", None)
-            leak = role_leak(record, self.context) if role_leak else find_leak_in_messages(messages)
+            leak = role.check_leak(record, self.context)
         else:
             leak = find_leak_in_messages(messages)
         if leak:

@@ -17,11 +17,11 @@ import random
 from array import array
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from comapoi_cli.data.layout import split_names, stem_of
 from comapoi_cli.errors import DataError, UsageError
-from comapoi_cli.fileio import atomic_writer
+from comapoi_cli.fileio import atomic_writer, read_json, sha256_file, write_json_atomic
 
 GROUP_BY = ("user",)
 
@@ -66,12 +66,16 @@ def parse_test_size(text: str) -> int | float:
     value = text.strip()
     try:
         if value.endswith("%"):
-            return float(value[:-1]) / 100
+            percent = float(value[:-1])
+            if not 0 <= percent < 100:
+                raise UsageError(f"--test-size {value} must be a percentage from 0% to below 100% "
+                                 f"(100% would leave nothing to train on).")
+            return percent / 100
         if any(ch in value for ch in ".eE"):
             number = float(value)
             return int(number) if number >= 1 and number.is_integer() else number
         return int(value)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise UsageError(f"--test-size must be a count (100) or a fraction (0.1 or 10%), got '{text}'.") from None
 
 
@@ -93,9 +97,7 @@ def _index(path: Path) -> tuple[array, array, int]:
 
 
 def _group_keys(path: Path, offsets: array, lengths: array, role, registry) -> list[str | None]:
-    from comapoi_cli.default_plugins.comapoi_roles import user_key
-
-    roles = registry.roles if registry is not None else {}
+    roles = registry.roles
     keys: list[str | None] = []
     with open(path, "rb") as handle:
         for offset, length in zip(offsets, lengths):
@@ -112,9 +114,10 @@ def _group_keys(path: Path, offsets: array, lengths: array, role, registry) -> l
             record_role = role
             if record_role is None and isinstance(record.get("agent"), str):
                 record_role = roles.get(record["agent"])
-            key = record_role.group_key(record) if record_role is not None else None
-            if key is None:
-                key = user_key(record)
+            if record_role is not None:
+                key = record_role.group_key(record)
+            else:  # no role known: the first registered role that finds a key
+                key = next((k for k in (r.group_key(record) for r in roles.values()) if k is not None), None)
             keys.append(None if key is None else str(key))
     return keys
 
@@ -129,13 +132,15 @@ def split_file(
     group_by: str | None = None,
     shuffle: bool = False,
     role=None,
-    registry=None,
+    registry,
     cap_fraction: float | None = None,
+    record: bool = True,
 ) -> SplitSummary:
     """Split ``input`` into ``train_path`` and ``holdout_path`` (default: the original's names beside it).
 
     ``cap_fraction`` (used by ``prepare_training_data``) shrinks a holdout that would take more
-    than that share of the records, with a note, instead of failing.
+    than that share of the records, with a note, instead of failing. ``record`` writes
+    :func:`split_record_path` beside the input (``prepare_training_data`` passes False).
     """
     source = Path(input)
     if not source.is_file():
@@ -151,10 +156,6 @@ def split_file(
     if group_by is not None and group_by not in GROUP_BY:
         raise UsageError(f"--group-by accepts {', '.join(GROUP_BY)}, got '{group_by}'.")
     if role is not None and isinstance(role, str):
-        if registry is None:
-            from comapoi_cli.plugins import get_registry
-
-            registry = get_registry()
         role = registry.role(role)
 
     offsets, lengths, blank = _index(source)
@@ -176,10 +177,6 @@ def split_file(
     if group_by is None:
         holdout = set(rng.sample(range(n), k)) if k else set()
     else:
-        if registry is None:
-            from comapoi_cli.plugins import get_registry
-
-            registry = get_registry()
         keys = _group_keys(source, offsets, lengths, role, registry)
         members: dict[str, list[int]] = {}
         for index, key in enumerate(keys):
@@ -224,4 +221,62 @@ def split_file(
                 index += 1
     summary.train = len(train_order)
     summary.holdout = len(holdout_order)
+    if record:
+        write_json_atomic(split_record_path(source), {
+            "input": str(source.resolve()), "input_sha256": sha256_file(source),
+            "train_path": str(train_target.resolve()), "holdout_path": str(holdout_target.resolve()),
+            "train_sha256": sha256_file(train_target), "holdout_sha256": sha256_file(holdout_target),
+            "seed": seed, "test_size": test_size, "group_by": group_by, "shuffled": shuffle,
+            "train": summary.train, "holdout": summary.holdout})
     return summary
+
+
+def split_record_path(input: str | os.PathLike[str]) -> Path:
+    """``agent1_train_samples.jsonl`` -> ``agent1_train_samples.split.json`` beside it: what
+    ``data split`` made of this file (``train`` uses that split while it is current)."""
+    return Path(input).with_name(f"{stem_of(input)}.split.json")
+
+
+def current_split(input: str | os.PathLike[str], derived: Mapping[str, str] | None = None) -> tuple[dict[str, Any] | None, str]:
+    """The record of the ``data split`` of ``input`` when it still holds (same input bytes, both
+    outputs unchanged, or replaced by the files ``derived`` names: ``{file name: sha256}`` of
+    what preparation made of them), else None; and why not, in words."""
+    path = split_record_path(input)
+    if not path.is_file():
+        return None, "no split made by data split"
+    try:
+        meta = read_json(path)
+        if meta.get("input_sha256") != sha256_file(input):
+            return None, f"{Path(input).name} changed since data split"
+        for side in ("train", "holdout"):
+            digest = sha256_file(meta[f"{side}_path"])
+            if digest != meta.get(f"{side}_sha256") and digest != (derived or {}).get(Path(meta[f"{side}_path"]).name):
+                return None, f"the split's {side} file {meta[f'{side}_path']} changed since data split"
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, f"the split record {path} cannot be read or its files are gone"
+    return meta, "current"
+
+
+def split_by_membership(input: str | os.PathLike[str], train_path: str | os.PathLike[str],
+                        holdout_path: str | os.PathLike[str], holdout_source: str | os.PathLike[str],
+                        keys_of) -> tuple[int, int]:
+    """Split ``input`` so that its records whose conversation is in ``holdout_source`` (an
+    earlier split's holdout) form the holdout, in input order; ``keys_of(raw_line)`` gives a
+    line's conversation key (or None). Returns (train, holdout) record counts."""
+    held = set()
+    with open(holdout_source, "rb") as handle:
+        for line in handle:
+            key = keys_of(line.rstrip(b"\r\n")) if line.strip() else None
+            if key is not None:
+                held.add(key)
+    counts = [0, 0]
+    with open(input, "rb") as handle, atomic_writer(train_path, "wb") as train_out, \
+            atomic_writer(holdout_path, "wb") as hold_out:
+        for line in handle:
+            body = line.rstrip(b"\r\n")
+            if not body.strip():
+                continue
+            side = 1 if keys_of(body) in held else 0
+            (hold_out if side else train_out).write(body + b"\n")
+            counts[side] += 1
+    return counts[0], counts[1]

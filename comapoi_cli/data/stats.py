@@ -21,14 +21,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from comapoi_cli.data.blocks import BLOCK_SIZE, default_workers, map_ranges, pool_start_method, read_blocks
+from comapoi_cli.data.blocks import (BLOCK_SIZE, default_workers, map_ranges, pool_start_method, read_blocks,
+                                     sigterm_as_interrupt)
 from comapoi_cli.data.policies import KEEP, resolve_policies
 from comapoi_cli.data.records import KeyTable, Reject, RecordChecker, conversation_key, find_leak_in_messages, make_context
 from comapoi_cli.data.tokens import DEFAULT_CHARS_PER_TOKEN
-from comapoi_cli.default_plugins.comapoi_roles import answer_ids
 from comapoi_cli.errors import DataError, UsageError
+from comapoi_cli.poi_ids import answer_id_list, to_id
+from comapoi_cli.reporting import SILENT, Reporter
 
 PARALLEL_MIN_BYTES = 8 << 20
+PROGRESS_MIN_BYTES = 64 << 20  # larger files (or any tokenizer run) show progress on a terminal
 TOKEN_BATCH = 1024  # conversations per tokenizer call: large batches keep its threads busy
 HISTOGRAM_BINS = 12
 LEAK, WRONG_TARGET, WRONG_ANSWER = 1, 2, 4
@@ -147,24 +150,23 @@ class _StatsWorker:
             answer = messages[last]["content"]
             chars = sum(len(m["content"]) for m in messages)
             flags = 0
-            leak_check = getattr(role, "check_leak", None) if role is not None else None
-            if (leak_check(record, self.context) if leak_check else find_leak_in_messages(messages)):
+            if (role.check_leak(record, self.context) if role is not None else find_leak_in_messages(messages)):
                 flags |= LEAK
             target = None
             if role is not None:
-                check_target = getattr(role, "check_target", None)
-                if check_target and check_target(answer, record, self.context):
+                if role.check_target(answer, record, self.context):
                     flags |= WRONG_TARGET
                 elif role.check_answer(answer, record, self.context):
                     flags |= WRONG_ANSWER
                 try:
-                    target = role.target(record)
-                except Exception:
+                    target = to_id(role.target(record) or "")
+                except Exception:  # a plugin's target() that cannot read this record
                     target = None
-            if isinstance(target, str) and target.isdigit():
-                target = int(target)
-            else:  # an id answer ({"next_poi_id": 22}, a candidate list): its first id is the true next POI
-                ids, _form = answer_ids(answer)
+                if target is None:  # an id answer ({"next_poi_id": 22}, a candidate list): its first id is the true next POI
+                    ids = role.target_ids(record)
+                    target = ids[0] if ids else None
+            else:
+                ids = answer_id_list(answer)
                 target = ids[0] if ids else None
             key = conversation_key(messages)
             rows.append((role_name, chars, len(answer), None, None, key, flags, target))
@@ -280,7 +282,8 @@ def compute_stats(
     seq_length: int | None = None,
     chars_per_token: float = DEFAULT_CHARS_PER_TOKEN,
     workers: int | None = None,
-    registry=None,
+    registry,
+    reporter: Reporter = SILENT,
 ) -> StatsReport:
     """Statistics of ``files`` per role.
 
@@ -288,10 +291,6 @@ def compute_stats(
     value, ``role``, the registered role whose data file it is, else each record's ``agent`` field.
     """
     started = time.perf_counter()
-    if registry is None:
-        from comapoi_cli.plugins import get_registry
-
-        registry = get_registry()
     if chars_per_token <= 0:
         raise UsageError("--chars-per-token must be positive.")
     if seq_length is not None and seq_length <= 0:
@@ -300,7 +299,9 @@ def compute_stats(
     if not items:
         raise UsageError("No file to describe.")
     context = make_context(dataset, max_poi_id)
-    token_path = str(tokenizer) if tokenizer else None
+    from comapoi_cli.data.tokens import resolve_tokenizer
+
+    token_path = resolve_tokenizer(tokenizer, [f for f, _r in items]) if tokenizer else None
     report = StatsReport(files={}, tokenizer=token_path, seq_length=seq_length,
                          chars_per_token=None if token_path else chars_per_token)
     if token_path:
@@ -322,25 +323,48 @@ def compute_stats(
                 acc = accs[row[0]] = _Acc(row[0])
             acc.add(row)
 
-    for path_like, file_role in items:
-        path = Path(path_like)
-        if not path.is_file():
-            raise DataError(f"Cannot find {path}.", hint="Create sample data with: comapoi data synth --dataset nyc")
-        role_id = file_role or role or _role_of_file(path, registry)
-        role_obj = registry.role(role_id) if role_id else None
-        report.files[str(path)] = role_id or "-"
-        worker = _StatsWorker(role_obj, registry.roles, context, token_path)
-        size = path.stat().st_size
-        report.bytes += size
+    total_bytes = sum(Path(f).stat().st_size for f, _r in items if Path(f).is_file())
+    show = bool(token_path) or total_bytes >= PROGRESS_MIN_BYTES
+    done_bytes = 0
+    if show:
+        reporter.progress_start(total_bytes, description="tokenizing" if token_path else "reading", unit="bytes")
+    try:
+        for path_like, file_role in items:
+            done_bytes += _describe_file(Path(path_like), file_role, role, registry, context, token_path, n_workers,
+                                         report, consume, reporter if show else None, done_bytes)
+    finally:
+        if show:
+            reporter.progress_stop()
+    return _finish(report, accs, token_path, chars_per_token, seq_length, started)
+
+
+def _describe_file(path: Path, file_role, role, registry, context, token_path, n_workers, report, consume,
+                   reporter, done_before: int) -> int:
+    if not path.is_file():
+        raise DataError(f"Cannot find {path}.", hint="Create sample data with: comapoi data synth --dataset nyc")
+    role_id = file_role or role or _role_of_file(path, registry)
+    role_obj = registry.role(role_id) if role_id else None
+    report.files[str(path)] = role_id or "-"
+    worker = _StatsWorker(role_obj, registry.roles, context, token_path)
+    size = path.stat().st_size
+    report.bytes += size
+    with sigterm_as_interrupt():
         if n_workers > 1 and size >= PARALLEL_MIN_BYTES and pool_start_method() is not None:
             report.workers = n_workers
             with contextlib.closing(map_ranges(path, size, n_workers, _init, (worker, str(path)), _work, BLOCK_SIZE)) as results:
-                for _start, _end, result in results:
+                for _start, end, result in results:
                     consume(*result)
+                    if reporter is not None:
+                        reporter.progress_update(done_before + end)
         else:
-            for start, _end, block in read_blocks(path, size, BLOCK_SIZE):
+            for start, end, block in read_blocks(path, size, BLOCK_SIZE):
                 consume(*worker.process(block, start == 0))
+                if reporter is not None:
+                    reporter.progress_update(done_before + end)
+    return size
 
+
+def _finish(report, accs, token_path, chars_per_token, seq_length, started) -> StatsReport:
     for name in sorted(accs, key=lambda r: (r == "-", r)):
         acc = accs[name]
         stats = RoleStats(name, records=len(acc.chars), tokens_estimated=not token_path)
@@ -370,14 +394,10 @@ def compute_stats(
     return report
 
 
-def dataset_files(dataset: str, data_dir=None, registry=None) -> dict[str, str]:
+def dataset_files(dataset: str, data_dir, registry) -> dict[str, str]:
     """``{path: role}`` of the registered roles' training files that exist for ``dataset``."""
     from comapoi_cli.data.layout import dataset_dir
 
-    if registry is None:
-        from comapoi_cli.plugins import get_registry
-
-        registry = get_registry()
     folder = dataset_dir(dataset, data_dir)
     found = {str(folder / r.data_file_name()): role_id for role_id, r in registry.roles.items()
              if (folder / r.data_file_name()).is_file()}

@@ -27,6 +27,23 @@ def _fallback_render(messages: Sequence[dict[str, str]], add_generation_prompt: 
     return text + ("assistant: " if add_generation_prompt else "")
 
 
+#: ``--tokenizer tiny``: the tokenizer of comapoi's tiny model (``train --model tiny``), trained
+#: on the data files at hand (built offline and cached, as ``train`` does).
+TINY = "tiny"
+
+
+def resolve_tokenizer(name: str | os.PathLike[str] | None, corpus_files) -> str | None:
+    """A tokenizer folder for ``--tokenizer``: ``tiny`` builds (or reuses) the tiny model of
+    ``corpus_files`` and gives its folder; anything else is a local folder, as given."""
+    if name is None or str(name) != TINY:
+        return None if name is None else str(name)
+    if Path(TINY).exists():  # a folder really named "tiny" in the current directory wins
+        return TINY
+    from comapoi_cli.training.tiny import ensure_tiny_model
+
+    return str(ensure_tiny_model([str(f) for f in corpus_files]))
+
+
 @dataclass
 class TokenCounter:
     tokenizer: Any

@@ -21,7 +21,7 @@ import re
 from typing import Any
 
 from comapoi_cli.hookspecs import hookimpl
-from comapoi_cli.poi_ids import is_id_list, parse_ids
+from comapoi_cli.poi_ids import MAX_ID_DIGITS, is_id_list, oversized_number, parse_ids, to_id
 from comapoi_cli.roles import AgentRole, RoleContext
 
 CANDIDATES_PER_LIST = 25
@@ -74,17 +74,18 @@ def _json_ids(value: Any) -> list[int] | None:
         for item in value:
             if isinstance(item, bool):
                 return None
-            if isinstance(item, int):
+            if isinstance(item, int) and abs(item) < 10 ** MAX_ID_DIGITS:
                 out.append(item)
-            elif isinstance(item, str) and item.strip().lstrip("-").isdigit():
-                out.append(int(item.strip()))
+            elif isinstance(item, str) and item.strip().lstrip("-").isdigit() and to_id(item) is not None:
+                out.append(to_id(item))
             else:
                 return None
         return out
-    if isinstance(value, int) and not isinstance(value, bool):
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 10 ** MAX_ID_DIGITS:
         return [value]
     if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return [int(value.strip())]
+        single = to_id(value)
+        return None if single is None else [single]
     return None
 
 
@@ -98,7 +99,11 @@ def answer_ids(answer: str) -> tuple[list[int] | None, str]:
     if fenced:
         text = fenced.group(1).strip()
     if is_id_list(text):
-        return [int(n) for n in _INT_LIST.findall(text)], "comma"
+        numbers = _INT_LIST.findall(text)
+        ids = [to_id(n) for n in numbers]
+        if any(i is None for i in ids):
+            return None, "text"  # a number too long to be an id: not an id list
+        return [i for i in ids if i is not None], "comma"
     if text[:1] in "[{\"":
         try:
             ids = _json_ids(json.loads(text))
@@ -120,13 +125,15 @@ def _explicit_label(record: dict[str, Any]) -> str | None:
             if isinstance(value, bool):
                 continue
             if isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit()):
-                return str(int(value))
+                label = to_id(str(value)) if isinstance(value, str) else value
+                if label is not None and abs(label) < 10 ** MAX_ID_DIGITS:
+                    return str(label)
     return None
 
 
 def check_candidate_list(answer: str | list[int], context: RoleContext, expected: int = CANDIDATES_PER_LIST) -> str | None:
     """Reason why a candidate list is invalid (count, repeats, range), or None."""
-    raw = answer if isinstance(answer, list) else [int(n) for n in _INT_LIST.findall(answer)]
+    raw = answer if isinstance(answer, list) else [i for i in (to_id(n) for n in _INT_LIST.findall(answer)) if i is not None]
     if len(raw) != expected:
         return f"candidate list has {len(raw)} ids, expected {expected}"
     if len(set(raw)) != len(raw):
@@ -138,15 +145,57 @@ def check_candidate_list(answer: str | list[int], context: RoleContext, expected
     return None
 
 
+def _number_problem(answer: str) -> str | None:
+    """Why an answer's numbers cannot be POI ids: one too long to convert, a JSON number that is
+    not a whole non-negative integer (``NaN``, ``Infinity``, ``1e400``, ``1.5``), or ``-0``; else None."""
+    digits = oversized_number(answer)
+    if digits is not None:
+        return f"the answer holds a number of {digits} digits, which is no POI id"
+    text = answer.strip()
+    fenced = _FENCE.match(text)
+    if fenced:
+        text = fenced.group(1).strip()
+    bad: list[str] = []
+    if text[:1] in "[{":
+        def _flag(raw: str) -> float:
+            bad.append(raw)
+            return 0.0
+
+        def _int(raw: str) -> int:
+            if raw.startswith("-") and raw.strip("-0") == "":
+                bad.append(raw)
+            return 0
+
+        try:
+            json.loads(text, parse_float=_flag, parse_constant=_flag, parse_int=_int)
+        except (ValueError, RecursionError):
+            return None
+    elif is_id_list(text):
+        bad.extend(m.group(0) for m in _NEGATIVE_ZERO.finditer(text))
+    if bad:
+        return f"the answer holds {', '.join(bad[:3])}, which {'is' if len(bad) == 1 else 'are'} not POI ids (ids are whole numbers >= 0)"
+    return None
+
+
+_NEGATIVE_ZERO = re.compile(r"(?<![\d.])-0+(?![\d.])")
+
+
 class _CoMaPOIRole(AgentRole):
     def group_key(self, record: dict[str, Any]) -> str | None:
         return user_key(record)
+
+    def target_ids(self, record: dict[str, Any]) -> list[int] | None:
+        ids, _form = answer_ids(_answer(record))
+        return ids or None
 
 
 class _ProfileOrCandidates(_CoMaPOIRole):
     """agent1 and agent2 answer either a profile text or a list of 25 candidate ids."""
 
     def check_answer(self, answer: str, record: dict[str, Any], context: RoleContext) -> str | None:
+        digits = oversized_number(answer)
+        if digits is not None and (answer_ids(answer)[1] != "text" or is_id_list(answer.strip())):
+            return f"candidate list holds a number of {digits} digits, which is no POI id"
         ids, _form = answer_ids(answer)
         if ids is not None:
             return check_candidate_list(ids, context)
@@ -203,6 +252,9 @@ class FinalPredictor(_CoMaPOIRole):
         return None
 
     def check_answer(self, answer: str, record: dict[str, Any], context: RoleContext) -> str | None:
+        problem = _number_problem(answer)
+        if problem:
+            return problem
         ids, _form = answer_ids(answer)
         if ids is None:
             ids = parse_ids(answer)

@@ -237,7 +237,9 @@ def _prepared_holdout(request: EvalRequest, run: RunInfo, type_: str, dataset: s
         value = run.job_value(name)
         if value is not None:
             kwargs[name] = value
-    prepared = prepare_training_data(**kwargs)
+    from comapoi_cli.plugins import get_registry
+
+    prepared = prepare_training_data(registry=get_registry(), **kwargs)
     if prepared.holdout_path is None or not Path(prepared.holdout_path).is_file():
         raise DataError(f"Preparing {dataset}/{type_} produced no holdout file.",
                         hint="Pass a held-out file with --data FILE.")

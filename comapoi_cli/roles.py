@@ -83,8 +83,9 @@ class AgentRole:
 
     def check_leak(self, record: dict[str, Any], context: RoleContext) -> str | None:
         """Return None unless the prompt of ``record`` gives its label away, else how (the detail of
-        the ``label_leak`` check). Default: the generic check, the answer's ids stated in a user turn
-        as the true next POI (``comapoi_cli.data.records.find_leak_in_messages``)."""
+        the ``label_leak`` check). Default: the generic check, a system or user turn that states the
+        true next POI ("True Next POI Information", "next POI ID is 22", ``"next_poi_id": 22``;
+        ``comapoi_cli.data.records.find_leak_in_messages``)."""
         from comapoi_cli.data.records import find_leak_in_messages
 
         return find_leak_in_messages(record.get("messages") or [])

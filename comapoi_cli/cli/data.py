@@ -260,7 +260,7 @@ def stats(
     type_: Optional[str] = typer.Option(None, "--type", help="Role of the records of FILES (default: from the file name, else each record's 'agent')."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Local Hugging Face tokenizer folder: real token counts with its chat template."),
     seq_length: Optional[int] = typer.Option(None, "--seq-length", "--seq_length", help="Count records longer than this many tokens."),
-    chars_per_token: float = typer.Option(3.2, "--chars-per-token", help="Estimate without --tokenizer."),
+    chars_per_token: float = typer.Option(1.8, "--chars-per-token", help="Estimate without --tokenizer (measured on the synth data; docs/data.md)."),
     max_poi_id: Optional[int] = typer.Option(None, "--max-poi-id", help="Largest valid POI id (default: the dataset preset's)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write the length distribution per role to this PNG (matplotlib)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Processes for large files (default: the usable cores; 1 with --tokenizer, whose own threads use every core)."),

@@ -17,9 +17,11 @@ from typing import Any, Sequence
 
 from comapoi_cli.errors import DataError
 
-#: Estimated characters per token without a tokenizer (measured on CoMaPOI-style prompts with
-#: the Qwen2.5 / Llama-3 tokenizers: ids, coordinates and timestamps make them dense).
-DEFAULT_CHARS_PER_TOKEN = 3.2
+#: Estimated characters (of message content) per token without a tokenizer: measured 1.72-1.87
+#: with the tiny tokenizer on the default ``data synth`` data (docs/data.md, "Token counts"). The
+#: prompts are mostly ids, coordinates and timestamps; tokenizers that split numbers into single
+#: digits, as Qwen2.5's does, spend a token per digit on them.
+DEFAULT_CHARS_PER_TOKEN = 1.8
 
 
 def _fallback_render(messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> str:

@@ -158,6 +158,8 @@ def clean_file(
     for what, path in (("output", target), ("rejects file", rejects_path)):
         if path.is_dir():
             raise UsageError(f"The {what} {path} is a folder; name a file (e.g. {path / (source.stem + '_clean.jsonl')}).")
+        if path.exists() and not path.is_file():
+            raise UsageError(f"The {what} {path} is not a regular file (a device or a pipe); name a file to write.")
     if rejects_path.resolve() in (target.resolve(), source.resolve()):
         raise UsageError(f"The rejects file {rejects_path} must differ from the input and the output.")
     if (tokenizer is None) != (seq_length is None) and seq_length is not None:
@@ -185,7 +187,8 @@ def clean_file(
             summary = _clean(source, readable, target, rejects_path, checker, table, workers, seq_length,
                              require_records, reporter)
         except OSError as exc:
-            raise fs_error(exc, target) from None
+            reading = exc.filename is not None and Path(exc.filename) in (source, readable)
+            raise fs_error(exc, source if reading else target, "read" if reading else "write") from None
     summary.seconds = time.perf_counter() - started
     return summary
 

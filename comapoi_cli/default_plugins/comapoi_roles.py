@@ -173,7 +173,7 @@ def _number_problem(answer: str) -> str | None:
     elif is_id_list(text):
         bad.extend(m.group(0) for m in _NEGATIVE_ZERO.finditer(text))
     if bad:
-        return f"the answer holds {', '.join(bad[:3])}, which {'is' if len(bad) == 1 else 'are'} not POI ids (ids are whole numbers >= 0)"
+        return f"the answer holds {', '.join(bad[:3])}, {'which is not a POI id' if len(bad) == 1 else 'which are not POI ids'} (ids are whole numbers >= 0)"
     return None
 
 

@@ -81,12 +81,21 @@ def _reusable(meta_path: Path, expected: dict[str, Any], outputs: list[Path]) ->
     old, new = meta.get("options") or {}, expected["options"]
     changed = [k for k in new if old.get(k) != new[k]]
     if changed:
-        return None, "other options (" + ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed[:3]) + ")"
+        return None, "the options changed (" + "; ".join(f"{k} {_show(old.get(k))} -> {_show(new[k])}"
+                                                       for k in changed[:3]) + ")"
     recorded = meta.get("output_hashes") or {}
     for path in outputs:
         if recorded.get(path.name) != sha256_file(path):
             return None, f"{path.name} was changed since (e.g. by data split)"
     return meta, "reused"
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in value.items()) or "none"
+    return str(value)
 
 
 def prepare_training_data(
@@ -396,8 +405,8 @@ def describe_prepared(summary: Mapping[str, Any]) -> list[str]:
     if over:
         lines.append(f"Over --seq-length: {over.get('answer_lost', 0)} record(s) would lose the whole answer and "
                      f"{over.get('answer_cut', 0)} the end of it; raise --seq-length to keep them.")
-    if lost:
-        lines.append("Rejects: " + ", ".join(summary.get("rejects_files") or []) + ".")
+    if summary.get("rejects_files"):
+        lines.append(("Rejects: " if lost else "Rejects (none this time): ") + ", ".join(summary["rejects_files"]) + ".")
     roles = summary.get("train_roles")
     if roles:
         lines.append("Training records per role: " + ", ".join(f"{k} {v}" for k, v in roles.items())

@@ -23,8 +23,6 @@ unless ``--keep``. Prints a Markdown table; ``--json FILE`` writes the raw numbe
 
 from __future__ import annotations
 
-from comapoi_cli.plugins import get_registry as _REGISTRY
-
 import argparse
 import json
 import os
@@ -35,6 +33,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from comapoi_cli.plugins import get_registry as _REGISTRY
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -30,8 +30,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from comapoi_cli.data.blocks import (BLOCK_SIZE, default_workers, map_ranges, pool_start_method, read_blocks,
-                                     sigterm_as_interrupt)
+from comapoi_cli.data.blocks import (
+    BLOCK_SIZE,
+    default_workers,
+    map_ranges,
+    pool_start_method,
+    read_blocks,
+    sigterm_as_interrupt,
+)
 from comapoi_cli.data.policies import CHECK_NAMES, FAIL, KEEP, WARN, resolve_policies
 from comapoi_cli.data.records import BlockResult, KeyTable, RecordChecker, make_context, raw_fields
 from comapoi_cli.errors import DataError, UsageError

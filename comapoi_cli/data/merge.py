@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from comapoi_cli.errors import DataError, UsageError
-from comapoi_cli.fileio import (atomic_writer, fs_error, remove_stale_temps, sha256_file, temp_prefix,
-                               write_json_atomic)
+from comapoi_cli.fileio import atomic_writer, fs_error, remove_stale_temps, sha256_file, temp_prefix, write_json_atomic
 
 
 @dataclass
@@ -169,8 +168,6 @@ def merge_files(
 
 
 def _write(inputs, target: Path, weights, shuffle: bool, rng: random.Random, summary: MergeSummary) -> None:
-    offsets, lengths = array("q"), array("q")
-    position = 0
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(target)
     first_target = target.with_name(f"{temp_prefix(target.name)}unshuffled.tmp") if shuffle else target

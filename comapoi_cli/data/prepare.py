@@ -20,8 +20,7 @@ from typing import Any, Mapping
 
 from comapoi_cli import __version__
 from comapoi_cli.data.clean import clean_file, default_rejects_path
-from comapoi_cli.data.layout import (MERGED_CLEAN_STEM, MERGED_FILE, dataset_dir, missing_input, split_names,
-                                     stem_of)
+from comapoi_cli.data.layout import MERGED_CLEAN_STEM, MERGED_FILE, dataset_dir, missing_input, split_names, stem_of
 from comapoi_cli.data.merge import check_weight, merge_files, merge_record_path, role_counts, weight_file
 from comapoi_cli.data.policies import resolve_policies
 from comapoi_cli.data.records import RecordChecker

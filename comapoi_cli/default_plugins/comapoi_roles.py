@@ -76,8 +76,11 @@ def _json_ids(value: Any) -> list[int] | None:
                 return None
             if isinstance(item, int) and abs(item) < 10 ** MAX_ID_DIGITS:
                 out.append(item)
-            elif isinstance(item, str) and item.strip().lstrip("-").isdigit() and to_id(item) is not None:
-                out.append(to_id(item))
+            elif isinstance(item, str) and item.strip().lstrip("-").isdigit():
+                value_id = to_id(item)
+                if value_id is None:
+                    return None
+                out.append(value_id)
             else:
                 return None
         return out

@@ -108,3 +108,37 @@ def test_the_token_estimate_is_within_a_quarter_of_the_tiny_tokenizer(tmp_path):
                           str(tmp_path / "a3.jsonl"), "--tokenizer", "tiny", "--seq-length", "100000", "--json", env=env)
     assert cleaned.returncode == 0, cleaned.stderr
     assert json.loads(cleaned.stdout)["tokens"]["total"] > 0
+
+
+class _Recorder:
+    """A reporter that keeps what it was told (the services' side of the protocol)."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: self.calls.append((name, args, kwargs))
+
+
+def test_services_report_progress_through_the_reporter(tmp_path, agent_data_dir, tiny_model_dir, monkeypatch):
+    from comapoi_cli.data import clean_file
+    from comapoi_cli.data import synth as synth_module
+    from comapoi_cli.data.stats import compute_stats
+    from comapoi_cli.plugins import get_registry
+
+    source = agent_data_dir / "nyc" / "agent3_train_samples.jsonl"
+    for run in (lambda r: compute_stats([source], tokenizer=tiny_model_dir, registry=get_registry(), reporter=r),
+                lambda r: clean_file(source, tmp_path / "c.jsonl", tokenizer=tiny_model_dir, seq_length=4096,
+                                     registry=get_registry(), reporter=r)):
+        recorder = _Recorder()
+        run(recorder)
+        names = [c[0] for c in recorder.calls]
+        assert names[0] == "progress_start" and names[-1] == "progress_stop" and "progress_update" in names
+        assert recorder.calls[0][2]["unit"] == "bytes" and recorder.calls[0][1][0] == source.stat().st_size
+        assert [c[1][0] for c in recorder.calls if c[0] == "progress_update"][-1] == source.stat().st_size
+    monkeypatch.setattr(synth_module, "PROGRESS_MIN_TRAJECTORIES", 5)
+    recorder = _Recorder()
+    synth_module.synth_dataset("nyc", tmp_path / "s", trajectories=200, seed=1, plain=False, reporter=recorder)
+    starts = [c for c in recorder.calls if c[0] == "progress_start"]
+    assert starts and starts[0][2]["unit"] == "trajectories" and starts[0][1][0] == 200
+    assert [c[1][0] for c in recorder.calls if c[0] == "progress_update"][-1] == 200

@@ -352,7 +352,8 @@ def synth(
     from comapoi_cli.data.synth import synth_dataset
 
     result = synth_dataset(dataset, out, source=source, trajectories=trajectories, seed=seed, preset=preset,
-                           poi_info=poi_info, min_checkins=min_checkins, max_checkins=max_checkins, plain=plain)
+                           poi_info=poi_info, min_checkins=min_checkins, max_checkins=max_checkins, plain=plain,
+                           reporter=_reporter())
     if as_json:
         print_json(result.to_dict())
         return

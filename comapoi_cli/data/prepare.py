@@ -215,8 +215,9 @@ def prepare_training_data(
                "tokenizer": str(tokenizer) if tokenizer else None, "seq_length": seq_length,
                "max_poi_id": max_poi_id, "dataset": dataset, "rules_version": RULES_VERSION,
                "holdout_cap_fraction": HOLDOUT_CAP_FRACTION, "weights": weights or None,
-               "split_from": user_split.get("holdout_sha256") if user_split else None,
-               "rejects_tag": rejects_tag}
+               "split_from": user_split.get("holdout_sha256") if user_split else None}
+    # rejects_tag is not an option of the outputs: train reuses what data clean --dataset prepared
+    # (and the reverse), and its summary names the rejects files of the run that wrote them
 
     train_path = folder / train_name
     holdout_path = folder / holdout_name if holdout_name else None

@@ -41,6 +41,7 @@ from typing import Any, Iterator
 from comapoi_cli.errors import DataError, UsageError
 from comapoi_cli.fileio import atomic_writer
 from comapoi_cli.presets import PRESETS, DatasetPreset, preset_for
+from comapoi_cli.reporting import SILENT, Reporter
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 PLAIN_SYSTEM = ("Please predict the next one POI ID that user_{u} will visit based on the user's historical "
@@ -49,6 +50,8 @@ PLAIN_SYSTEM = ("Please predict the next one POI ID that user_{u} will visit bas
 CANDIDATES = 25
 SIMILAR = 100
 FINAL_TOP_K = 10
+#: Runs of this many trajectories and more report progress (about 2 s of writing).
+PROGRESS_MIN_TRAJECTORIES = 2000
 
 _HEADER = re.compile(r"<historical trajectory of user_(\d+)_subtrajectory_(\d+)>")
 _CHECKIN = re.compile(
@@ -509,6 +512,7 @@ def synth_dataset(
     min_checkins: int = 12,
     max_checkins: int = 36,
     plain: bool = True,
+    reporter: Reporter = SILENT,
 ) -> SynthSummary:
     """Write ``{out}/{dataset}/agent{1,2,3}_train_samples.jsonl`` (and, simulated, the plain files).
 
@@ -518,6 +522,8 @@ def synth_dataset(
         trajectories: how many training trajectories to use (real: the first N; simulated: N,
             default 200).
         poi_info: a ``poi_id,category,lat,lon`` table that widens the candidate pool (real mode).
+        reporter: hears the progress (unit ``"trajectories"``) of runs of
+            :data:`PROGRESS_MIN_TRAJECTORIES` trajectories and more.
     """
     import time
 
@@ -552,6 +558,7 @@ def synth_dataset(
             max_id = max(max(world.info), max(t.next_poi for t in trajs))
             world.max_id = max_id
         groups: Iterator[tuple[int, list[Trajectory], Trajectory | None]] = ((t.user, [t], None) for t in trajs)
+        planned = len(trajs)
     else:
         if city is None:
             raise UsageError(f"No city preset for '{dataset}': pass --preset {'|'.join(PRESETS)} to simulate one, "
@@ -559,6 +566,10 @@ def synth_dataset(
         max_id = city.max_poi_id
         world, centres = _simulated_world(city, seed)
         groups = _simulated_users(city, world, centres, seed, trajectories or 200, min_checkins, max_checkins)
+        planned = trajectories or 200
+    show = planned >= PROGRESS_MIN_TRAJECTORIES
+    if show:
+        reporter.progress_start(planned, description=f"synth {dataset}", unit="trajectories")
 
     names = [f"{role}_train_samples.jsonl" for role in ("agent1", "agent2", "agent3")]
     plain_names = [f"{dataset}_train.jsonl", f"{dataset}_test.jsonl"] if plain and source is None else []
@@ -584,6 +595,8 @@ def synth_dataset(
                         summary.bytes_written += sum(len(r) for r in rows)
                     history.add(traj.checkins, world)
                     summary.trajectories += 1
+                    if show and summary.trajectories % 100 == 0:
+                        reporter.progress_update(summary.trajectories)
                     if plain_files:
                         row = _plain_record(traj)
                         plain_files[0].write(row)
@@ -593,6 +606,8 @@ def synth_dataset(
                     counts[plain_names[1]] += 1
                     summary.test_trajectories += 1
         except BaseException as exc:
+            if show:
+                reporter.progress_stop()
             if plain_files:
                 for ctx in plain_ctx:
                     ctx.__exit__(type(exc), exc, exc.__traceback__)
@@ -600,6 +615,9 @@ def synth_dataset(
         if plain_files:
             for ctx in plain_ctx:
                 ctx.__exit__(None, None, None)
+    if show:
+        reporter.progress_update(summary.trajectories)
+        reporter.progress_stop()
     if plain_names:
         csv_path = folder / f"{dataset}_poi_info.csv"
         with atomic_writer(csv_path) as handle:

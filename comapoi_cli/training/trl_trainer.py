@@ -455,7 +455,8 @@ class TRLTrainingPath:
                 say.info(line)
             if stats.truncated_lost_answer:
                 say.warn(f"{stats.truncated_lost_answer:,} records lose their whole answer at --seq-length "
-                         f"{job.seq_length} (longest record: {stats.longest:,} tokens); raise --seq-length to keep them.")
+                         f"{job.seq_length} (longest record: {stats.longest:,} tokens): the prompts are long, as CoMaPOI prompts "
+                         f"of long trajectories are (docs/data.md, token counts); raise --seq-length to keep them.")
             if stats.loss_tokens == 0:
                 cause = (f"every answer lies beyond --seq-length {job.seq_length}" if stats.truncated_lost_answer
                          else "the records have no answer tokens")

@@ -11,6 +11,7 @@ from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
+    from comapoi_cli.reporting import Reporter
     from comapoi_cli.training.job import TrainingJob
 
 
@@ -42,12 +43,17 @@ class Backend:
         """
         return None
 
-    def train(self, job: "TrainingJob") -> Any:
-        """Run ``job`` and return its ``TrainingResult``. Raise ``comapoi_cli.errors.ComapoiError`` for user errors."""
+    def train(self, job: "TrainingJob", reporter: "Reporter | None" = None) -> Any:
+        """Run ``job`` and return its ``TrainingResult``; say what happens through ``reporter``.
+
+        Raise ``comapoi_cli.errors.ComapoiError`` for user errors. A backend that does not reuse the
+        TRL path (``comapoi_cli.training.trl_trainer.TRLTrainingPath``) writes the run folder itself and
+        returns a ``comapoi_cli.training.job.TrainingResult`` (see docs/plugins.md).
+        """
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
-        reason = self.unusable_reason()
+        reason = unusable_reason(self)
         return {
             "name": self.name,
             "description": self.description,
@@ -58,6 +64,19 @@ class Backend:
             "multi_process": self.multi_process,
             "memory_profile": self.memory_profile,
         }
+
+
+def unusable_reason(backend: Backend) -> str | None:
+    """``backend.unusable_reason()``, where a check that itself fails (plugin code raising, even
+    ``SystemExit``) is the reason instead of an error: a broken backend never breaks a command."""
+    try:
+        reason = backend.unusable_reason()
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return f"its usability check failed ({type(exc).__name__}{': ' + text if text else ''})"
+    return None if reason is None else str(reason)
 
 
 def missing_packages(*names: str) -> list[str]:

@@ -82,7 +82,15 @@ class Registry:
         return [MERGED, *self.roles]
 
 
+def _plugin_failure(exc: BaseException) -> None:
+    """Re-raise what must stop comapoi itself (Ctrl-C); anything else from plugin code is the plugin's failure."""
+    if isinstance(exc, KeyboardInterrupt):
+        raise exc
+
+
 def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"SystemExit({exc.code!r}): the plugin tried to end the program"
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
@@ -117,7 +125,8 @@ def build_registry(load_entry_points: bool = True) -> Registry:
         try:
             pm.register(plugin, name=info.name)
             pm.check_pending()
-        except Exception as exc:  # unknown hook names, bad signatures, duplicate names
+        except BaseException as exc:  # unknown hook names, bad signatures, duplicate names
+            _plugin_failure(exc)
             if pm.is_registered(plugin):
                 pm.unregister(plugin)
             info.error = _error_text(exc)
@@ -137,7 +146,8 @@ def build_registry(load_entry_points: bool = True) -> Registry:
             info = PluginInfo(name=ep.name, source=source)
             try:
                 plugin = ep.load()
-            except Exception as exc:  # a broken plugin must not break the CLI
+            except BaseException as exc:  # a broken plugin (even one calling sys.exit) must not break the CLI
+                _plugin_failure(exc)
                 info.error = f"failed to import {ep.value}: {_error_text(exc)}"
                 registry.plugins.append(info)
                 continue
@@ -163,7 +173,8 @@ def build_registry(load_entry_points: bool = True) -> Registry:
                         raise ValueError(f"'{MERGED}' is reserved and cannot be a role id")
                     if name in store:
                         raise ValueError(f"{kind} '{name}' is already registered by another plugin")
-            except Exception as exc:
+            except BaseException as exc:
+                _plugin_failure(exc)
                 if info is not None:
                     info.error = f"{hook_name} failed: {_error_text(exc)}"
                 continue
@@ -181,21 +192,44 @@ _registry: Registry | None = None
 
 
 def get_registry() -> Registry:
-    """The process-wide registry, built on first use."""
+    """The process-wide registry, built on first use. Only the command line calls this; it passes the
+    registry to every service explicitly (services take ``registry`` as an argument)."""
     global _registry
     if _registry is None:
         _registry = build_registry()
     return _registry
 
 
-def register_plugin_commands(app: Any) -> None:
-    """Call every plugin's ``register_commands(app)``; a failing plugin is recorded, not fatal."""
-    registry = get_registry()
-    assert registry.manager is not None
+def _command_names(commands: list[Any], groups: list[Any]) -> list[str]:
+    """The names of Typer's registered commands (``CommandInfo``) and groups (``TyperInfo``)."""
+    from typer.main import get_command_name
+
+    names = [info.name or get_command_name(getattr(info.callback, "__name__", "") or "") for info in commands]
+    names += [info.name or getattr(getattr(info.typer_instance, "info", None), "name", None) or "" for info in groups]
+    return names
+
+
+def register_plugin_commands(app: Any, registry: Registry, reserved: frozenset[str] | set[str] = frozenset()) -> None:
+    """Call every plugin's ``register_commands(app)``; a failing plugin is recorded against it, never fatal.
+
+    A command whose name is in ``reserved`` (the built-in commands) or was already added by another
+    plugin is removed again and recorded as that plugin's error: a plugin cannot replace a command.
+    """
+    if registry.manager is None:
+        return
     for impl in registry.manager.hook.register_commands.get_hookimpls():
         info = registry.plugin(registry.manager.get_name(impl.plugin) or "")
+        commands, groups = list(app.registered_commands), list(app.registered_groups)
+        taken = set(reserved) | set(_command_names(commands, groups))
         try:
             impl.function(app)
-        except Exception as exc:
+            new_names = _command_names(app.registered_commands[len(commands):], app.registered_groups[len(groups):])
+            clashes = sorted(set(new_names) & taken)
+            if clashes:
+                raise ValueError(f"command {', '.join(repr(c) for c in clashes)} is already a comapoi command; "
+                                 "a plugin cannot replace it")
+        except BaseException as exc:
+            _plugin_failure(exc)
+            app.registered_commands[:], app.registered_groups[:] = commands, groups
             if info is not None:
                 info.error = f"register_commands failed: {_error_text(exc)}"

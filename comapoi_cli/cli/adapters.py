@@ -12,7 +12,7 @@ from typing import Any, List, Optional
 import typer
 from rich.markup import escape
 
-from comapoi_cli.cli.render import console, err_console, fit_columns, print_json, success, table, warn
+from comapoi_cli.cli.render import console, err_console, fit_columns, markup, print_json, success, table, warn
 
 app = typer.Typer(help="Inspect, merge and export trained adapters for serving.", no_args_is_help=True)
 
@@ -65,7 +65,7 @@ def list_adapters(
     for r in runs:
         steps = "" if r.steps is None else f"{r.steps}/{r.max_steps}" if r.max_steps else str(r.steps)
         style = _STATUS_STYLE.get(r.status)
-        status = f"[{style}]{r.status}[/{style}]" if style else r.status
+        status = markup(f"[{style}]{escape(str(r.status))}[/{style}]") if style else r.status
         lora = "" if r.lora_r is None else f"{r.lora_r}/{r.lora_alpha}"
         rows.append((r.path, r.dataset, r.type, r.backend, r.base_model, lora, steps, _number(r.final_loss, 4),
                      _size(r.size_bytes), (r.date or "")[:16].replace("T", " "), status,
@@ -152,7 +152,7 @@ def _render_show(info: dict[str, Any]) -> None:
     if base.get("path") and base.get("path") != base.get("name"):
         base_text += f"\n{base['path']}"
     if base.get("exists") is False:
-        base_text += "\n[red]missing[/red]"
+        base_text = markup(escape(base_text) + "\n[red]missing[/red]")
     if base_text:
         rows.append(("base model", base_text))
     add("architecture", " ".join(str(x) for x in (base.get("architecture"), f"{base['parameters']:,} parameters"

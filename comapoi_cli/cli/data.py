@@ -11,7 +11,9 @@ from typing import Any, List, Optional
 
 import typer
 
-from comapoi_cli.cli.render import console, print_json, success, table, warn
+from rich.markup import escape
+
+from comapoi_cli.cli.render import console, markup, print_json, success, table, warn
 from comapoi_cli.errors import DataError, UsageError
 
 app = typer.Typer(help="Prepare CoMaPOI training data: clean, split, merge, stats, synth.", no_args_is_help=True)
@@ -39,9 +41,9 @@ def _clean_table(summary: dict[str, Any], title: str) -> None:
     from comapoi_cli.data.policies import CHECKS
 
     descriptions = {c.name: c.description for c in CHECKS}
-    rows = [("[green]kept[/green]", summary["kept"], "written to the output")]
+    rows: list[tuple[Any, ...]] = [(markup("[green]kept[/green]"), summary["kept"], "written to the output")]
     for reason, n in summary["rejected"].items():
-        rows.append((f"[red]{reason}[/red]", n, descriptions.get(reason, "")))
+        rows.append((markup(f"[red]{escape(str(reason))}[/red]"), n, descriptions.get(reason, "")))
     console.print(table(title, ["", "lines", ""], rows))
     total = summary["kept"] + sum(summary["rejected"].values())
     console.print(f"in {summary['in']} = kept {summary['kept']} + rejected {total - summary['kept']}")
@@ -96,7 +98,8 @@ def clean(
             return
         console.print(table("Checks (set with --on CHECK=POLICY)", ["check", "default", "can keep", "what it catches"],
                             [(c.name, c.default, "yes" if c.keepable else "no",
-                              c.description + (" [dim](original rule)[/dim]" if c.original else "")) for c in CHECKS]))
+                              markup(escape(c.description) + (" [dim](original rule)[/dim]" if c.original else "")))
+                             for c in CHECKS]))
         return
     policies = parse_policy_options(on)
     if input is None:
@@ -310,7 +313,7 @@ def stats(
         if not hist.get("counts"):
             continue
         largest = max(hist["counts"])
-        console.print(f"[bold]{name}[/bold] tokens{est} per record")
+        console.print(f"[bold]{escape(str(name))}[/bold] tokens{escape(str(est))} per record")
         edges = hist["edges"]
         for i, count in enumerate(hist["counts"]):
             marker = " [red]> seq-length[/red]" if seq_length and edges[i] >= seq_length else ""
@@ -325,7 +328,7 @@ def stats(
 
 
 def _flag(n: int) -> str:
-    return f"[red]{n}[/red]" if n else "0"
+    return markup(f"[red]{n}[/red]") if n else "0"
 
 
 # -- synth -------------------------------------------------------------------------------------

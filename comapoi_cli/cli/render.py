@@ -20,12 +20,29 @@ def print_json(data: Any) -> None:
     sys.stdout.flush()
 
 
+class markup(str):
+    """Text written by the CLI itself with Rich markup (``markup("[red]missing[/red]")``): printed as markup.
+
+    Every other string a table or message shows (from data, plugins, paths, hints) is escaped, so that
+    brackets in it (``./plugins/comapoi-unsloth[unsloth]``) print as written.
+    """
+
+
+def literal(value: Any) -> str:
+    """``value`` as text safe to embed in markup: a ``markup`` string as is, anything else escaped."""
+    if value is None:
+        return ""
+    return value if isinstance(value, markup) else escape(str(value))
+
+
 def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]], **kwargs: Any) -> Table:
-    t = Table(title=title, title_justify="left", **kwargs)
+    if isinstance(kwargs.get("caption"), str):
+        kwargs["caption"] = literal(kwargs["caption"])
+    t = Table(title=literal(title) if title else None, title_justify="left", **kwargs)
     for column in columns:
-        t.add_column(column, overflow="fold")  # a long path wraps instead of losing its end to "…"
+        t.add_column(literal(column), overflow="fold")  # a long path wraps instead of losing its end to "…"
     for row in rows:
-        t.add_row(*["" if v is None else str(v) for v in row])
+        t.add_row(*[literal(v) for v in row])
     return t
 
 

@@ -47,7 +47,7 @@ from comapoi_cli.training.errors import (ModelNotFoundError, NoLossTokensError, 
                                          TrainingDataError, UsageError)
 from comapoi_cli.training.job import TrainingJob, TrainingResult
 from comapoi_cli.training.options import locate_model
-from comapoi_cli.training.report import ConsoleReporter, Reporter
+from comapoi_cli.reporting import Reporter
 from comapoi_cli.training.rundir import RunStart, checkpoints, prepare_run_dir, remove_interrupt_checkpoints
 from comapoi_cli.training.runinfo import RunRecord, versions
 
@@ -91,7 +91,7 @@ class TRLTrainingPath:
         self.job = job
         if not is_main_process():
             reporter = Reporter()
-        self.reporter = reporter if reporter is not None else ConsoleReporter()
+        self.reporter = reporter if reporter is not None else Reporter()  # the CLI passes its console reporter
         #: How the run executes (micro-batch, accumulation, checkpointing, weights): set by ``plan_execution``.
         self.execution: FitPlan = FitPlan.as_given(job, job.quant, "")
 
@@ -259,7 +259,8 @@ class TRLTrainingPath:
         with main_process_first():
             return prepare_training_data(type_=job.type, dataset=job.dataset, data_dir=Path(job.data_dir).expanduser(),
                                          data_path=Path(job.data_path).expanduser() if job.data_path else None,
-                                         seed=job.seed, test_size=job.test_size)
+                                         seed=job.seed, test_size=job.test_size,
+                                         policies=job.policies or None, strict=job.strict)
 
     def model_dir(self, prepared: Any) -> str:
         if self.job.is_tiny:

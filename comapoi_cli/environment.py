@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from comapoi_cli.backends import installed_version, unusable_reason
+from comapoi_cli.backends import installed_version
 
 PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "unsloth", "liger-kernel")
 

@@ -108,7 +108,7 @@ def _third_party_entry_points() -> list[metadata.EntryPoint]:
             continue
         found.append(ep)
     # one entry per name (the same distribution can be visible twice on sys.path)
-    unique = {}
+    unique: dict[str, metadata.EntryPoint] = {}
     for ep in found:
         unique.setdefault(ep.name, ep)
     return list(unique.values())
@@ -159,14 +159,14 @@ def build_registry(load_entry_points: bool = True) -> Registry:
             info = infos.get(impl.plugin)
             pending: list[tuple[str, Any]] = []
 
-            def register(obj: Any) -> None:
+            def register(obj: Any, pending: list[tuple[str, Any]] = pending) -> None:
                 if not isinstance(obj, base):
                     raise TypeError(f"{hook_name} must register {base.__name__} instances, got {type(obj).__name__}")
                 pending.append((key(obj), obj))
 
             try:
                 impl.function(register)
-                for name, obj in pending:
+                for name, _ in pending:
                     if not name:
                         raise ValueError(f"a {kind} without a name")
                     if name == MERGED and kind == "role":

@@ -139,9 +139,10 @@ def test_reason_no_gpu(backend, monkeypatch):
 
 
 def test_multi_process_launch_is_refused(monkeypatch):
+    from comapoi_unsloth.training import train_with_unsloth
+
     from comapoi_cli.errors import ComapoiError
     from comapoi_cli.training.job import TrainingJob
-    from comapoi_unsloth.training import train_with_unsloth
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ComapoiError) as caught:

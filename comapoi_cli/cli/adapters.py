@@ -124,19 +124,24 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def _mapping(info: dict[str, Any], key: str) -> dict[str, Any]:
+    value = info.get(key)
+    return value if isinstance(value, dict) else {}
+
+
 def _render_show(info: dict[str, Any]) -> None:
     summary = info.get("summary") or {}
-    job = info.get("job") if isinstance(info.get("job"), dict) else {}
+    job = _mapping(info, "job")
     base = info.get("base_model") or {}
     lora = info.get("lora") or {}
-    device = info.get("device") if isinstance(info.get("device"), dict) else {}
-    progress = info.get("progress") if isinstance(info.get("progress"), dict) else {}
-    data = info.get("data") if isinstance(info.get("data"), dict) else {}
-    template = info.get("chat_template") if isinstance(info.get("chat_template"), dict) else {}
-    adapter = info.get("adapter") if isinstance(info.get("adapter"), dict) else {}
-    versions = info.get("versions") if isinstance(info.get("versions"), dict) else {}
+    device = _mapping(info, "device")
+    progress = _mapping(info, "progress")
+    data = _mapping(info, "data")
+    template = _mapping(info, "chat_template")
+    adapter = _mapping(info, "adapter")
+    versions = _mapping(info, "versions")
 
-    rows: list[tuple[str, str]] = []
+    rows: list[tuple[str, Any]] = []
 
     def add(key: str, value: Any) -> None:
         text = _fmt(value)
@@ -181,7 +186,7 @@ def _render_show(info: dict[str, Any]) -> None:
                     + (f", {progress['tokens_per_second']:,.0f} tok/s" if progress.get("tokens_per_second") else ""))
     if isinstance(job.get("learning_rate"), (int, float)):
         add("learning rate", f"{job['learning_rate']:g}")
-    dist = info.get("distributed") if isinstance(info.get("distributed"), dict) else {}
+    dist = _mapping(info, "distributed")
     if dist.get("world_size", 1) > 1:
         add("processes", f"{dist['world_size']} ({dist.get('mode') or 'DDP'}), effective batch {dist.get('effective_batch')}")
     for key, label in (("batch_size", "batch size"),

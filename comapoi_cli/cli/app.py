@@ -15,7 +15,6 @@ import os
 import sys
 from typing import Any
 
-import click
 import typer
 from typer.core import TyperCommand, TyperGroup
 
@@ -35,7 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def load_command(name: str) -> click.Command:
+def load_command(name: str) -> Any:
     """Import the module of built-in command ``name`` and return its Click command."""
     from comapoi_cli.plugins import get_registry
 
@@ -55,18 +54,18 @@ class LazyGroup(TyperGroup):
 
     _listing = False
 
-    def list_commands(self, ctx: click.Context) -> list[str]:
+    def list_commands(self, ctx: Any) -> list[str]:
         plugin_commands = [n for n in super().list_commands(ctx) if n not in COMMANDS]
         return [*COMMANDS, *plugin_commands]
 
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
         if cmd_name in COMMANDS:
             if self._listing:  # `comapoi --help`: the one-line help is enough
                 return TyperCommand(cmd_name, help=COMMANDS[cmd_name][1])
             return load_command(cmd_name)
         return super().get_command(ctx, cmd_name)
 
-    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+    def format_help(self, ctx: Any, formatter: Any) -> None:
         self._listing = True
         try:
             super().format_help(ctx, formatter)

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
-
 from rich.markup import escape
 
 from comapoi_cli.cli.render import console, markup, print_json, success, table, warn

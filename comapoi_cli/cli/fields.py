@@ -128,12 +128,11 @@ def _annotation_and_parser(f: "dataclasses.Field[Any]", flag: str, choices: "lis
         return Optional[bool], None
     if kind.startswith("tuple") and md.get("metavar"):
         return Optional[List[str]], None
-    bounds = {"minimum": 1} if md.get("positive") else {"minimum": 0} if md.get("nonnegative") else {}
+    minimum = 0 if md.get("nonnegative") else None
     if kind in ("int", "int|None"):
-        return Optional[int], Number(flag, whole=True, **bounds)
+        return Optional[int], Number(flag, whole=True, minimum=1 if md.get("positive") else minimum)
     if kind == "float":
-        bounds = {"above": 0} if md.get("positive") else {"minimum": 0} if md.get("nonnegative") else {}
-        return Optional[float], Number(flag, **bounds)
+        return Optional[float], Number(flag, minimum=minimum, above=0 if md.get("positive") else None)
     return Optional[str], None
 
 

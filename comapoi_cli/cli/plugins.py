@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import typer
+from typing import Any
 
+import typer
 from rich.markup import escape
 
 from comapoi_cli.cli.render import console, markup, print_json, table
@@ -23,7 +24,7 @@ def list_plugins(
     roles = [r.describe() for r in registry.roles.values()]
     plugins = [p.to_dict() for p in registry.plugins]
     if as_json:
-        out = {"plugins": plugins, "backends": backends, "roles": roles}
+        out: dict[str, Any] = {"plugins": plugins, "backends": backends, "roles": roles}
         if "unsloth" not in registry.backends:
             from comapoi_cli.environment import unsloth_install_line
 

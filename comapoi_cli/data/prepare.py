@@ -20,8 +20,7 @@ from typing import Any, Mapping
 
 from comapoi_cli import __version__
 from comapoi_cli.data.clean import clean_file, default_rejects_path
-from comapoi_cli.data.layout import (MERGED_CLEAN_STEM, MERGED_FILE, dataset_dir, missing_input, split_names,
-                                     stem_of)
+from comapoi_cli.data.layout import MERGED_CLEAN_STEM, MERGED_FILE, dataset_dir, missing_input, split_names, stem_of
 from comapoi_cli.data.merge import merge_files
 from comapoi_cli.data.policies import resolve_policies
 from comapoi_cli.data.split import split_file

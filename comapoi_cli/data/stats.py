@@ -23,7 +23,14 @@ from typing import Any, Iterable, Mapping
 
 from comapoi_cli.data.blocks import BLOCK_SIZE, default_workers, map_ranges, pool_start_method, read_blocks
 from comapoi_cli.data.policies import KEEP, resolve_policies
-from comapoi_cli.data.records import KeyTable, Reject, RecordChecker, conversation_key, find_leak_in_messages, make_context
+from comapoi_cli.data.records import (
+    KeyTable,
+    RecordChecker,
+    Reject,
+    conversation_key,
+    find_leak_in_messages,
+    make_context,
+)
 from comapoi_cli.data.tokens import DEFAULT_CHARS_PER_TOKEN
 from comapoi_cli.default_plugins.comapoi_roles import answer_ids
 from comapoi_cli.errors import DataError, UsageError

@@ -38,9 +38,9 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Iterator
 
-from comapoi_cli.presets import PRESETS, DatasetPreset, preset_for
 from comapoi_cli.errors import DataError, UsageError
 from comapoi_cli.fileio import atomic_writer
+from comapoi_cli.presets import PRESETS, DatasetPreset, preset_for
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 PLAIN_SYSTEM = ("Please predict the next one POI ID that user_{u} will visit based on the user's historical "
@@ -562,7 +562,7 @@ def synth_dataset(
 
     names = [f"{role}_train_samples.jsonl" for role in ("agent1", "agent2", "agent3")]
     plain_names = [f"{dataset}_train.jsonl", f"{dataset}_test.jsonl"] if plain and source is None else []
-    counts = {name: 0 for name in names + plain_names}
+    counts = dict.fromkeys(names + plain_names, 0)
     histories: dict[int, _Stats] = {}
     users: set[int] = set()
     with atomic_writer(folder / names[0], "wb") as f1, atomic_writer(folder / names[1], "wb") as f2, \

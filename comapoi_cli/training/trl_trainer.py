@@ -38,16 +38,28 @@ from typing import Any
 
 from comapoi_cli.errors import ComapoiError
 from comapoi_cli.fileio import sha256_file
+from comapoi_cli.reporting import Reporter
 from comapoi_cli.training import chat
 from comapoi_cli.training.devices import DevicePlan, bitsandbytes_problem, free_memory_bytes, peak_memory, plan_device
-from comapoi_cli.training.distributed import (batch_line, is_main_process, local_rank, main_process_first, rank,
-                                              shards_weights, world_size)
+from comapoi_cli.training.distributed import (
+    batch_line,
+    is_main_process,
+    local_rank,
+    main_process_first,
+    rank,
+    shards_weights,
+    world_size,
+)
+from comapoi_cli.training.errors import (
+    ModelNotFoundError,
+    NoLossTokensError,
+    OutOfMemoryError,
+    TrainingDataError,
+    UsageError,
+)
 from comapoi_cli.training.fit import GIB, FitPlan, ModelShape, memory_profile, plan_job, quant_choices
-from comapoi_cli.training.errors import (ModelNotFoundError, NoLossTokensError, OutOfMemoryError,
-                                         TrainingDataError, UsageError)
 from comapoi_cli.training.job import TrainingJob, TrainingResult
 from comapoi_cli.training.options import locate_model
-from comapoi_cli.reporting import Reporter
 from comapoi_cli.training.rundir import RunStart, checkpoints, prepare_run_dir, remove_interrupt_checkpoints
 from comapoi_cli.training.runinfo import RunRecord, versions
 
@@ -187,7 +199,8 @@ class TRLTrainingPath:
 
     def make_trainer(self, model: Any, tokenizer: Any, args: Any, train_dataset: Any, eval_dataset: Any,
                      callbacks: list[Any]) -> Any:
-        from transformers.trainer_callback import PrinterCallback, ProgressCallback as HFProgress
+        from transformers.trainer_callback import PrinterCallback
+        from transformers.trainer_callback import ProgressCallback as HFProgress
         from trl import SFTTrainer
 
         from comapoi_cli.trl_compat import patch_fused_lm_head_for_cpu

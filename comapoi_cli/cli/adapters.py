@@ -12,6 +12,7 @@ from typing import Any, List, Optional
 import typer
 from rich.markup import escape
 
+from comapoi_cli.cli.fields import number_option, trust_kwargs, trust_remote_code_option
 from comapoi_cli.cli.render import console, err_console, fit_columns, markup, print_json, success, table, warn
 
 app = typer.Typer(help="Inspect, merge and export trained adapters for serving.", no_args_is_help=True)
@@ -291,9 +292,10 @@ def merge(
     dtype: str = typer.Option("auto", "--dtype", help="auto (the base's stored dtype; float16 becomes float32 on the CPU), "
                               "bfloat16, float16 or float32. Never 4-bit."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    check_inputs: int = typer.Option(3, "--check-inputs", min=0, help="Inputs on which the saved model's logits must match "
+    check_inputs: int = number_option(3, "--check-inputs", whole=True, minimum=0, help="Inputs on which the saved model's logits must match "
                                      "the base model with the adapter (0 = no check)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output folder."),
+    trust_remote_code: bool = trust_remote_code_option(),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Merge the adapter into a 16-bit copy of its base model and save a standalone model folder
@@ -304,7 +306,8 @@ def merge(
         err_console.print(f"[dim]{escape(message)}[/dim]", soft_wrap=True)
 
     result = merge_adapter(run_dir, output, model=model, dtype=dtype, device=device, overwrite=overwrite,
-                           check_inputs=check_inputs, log=None if as_json else log)
+                           check_inputs=check_inputs, log=None if as_json else log,
+                           **trust_kwargs(merge_adapter, trust_remote_code))
     if as_json:
         print_json(result.to_dict())
         return

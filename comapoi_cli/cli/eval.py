@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 import typer
 
+from comapoi_cli.cli.fields import number_option, trust_kwargs, trust_remote_code_option
 from comapoi_cli.cli.render import console, err_console, print_json, success, table, warn
 from comapoi_cli.errors import UsageError
 
@@ -47,15 +48,13 @@ def eval_adapter(
     data_dir: Optional[Path] = typer.Option(
         None, "--data-dir", envvar="COMAPOI_DATA_DIR", help="Where --dataset's files live (default: the run's, else ./data).",
         show_default=False, rich_help_panel="What to evaluate"),
-    num_samples: int = typer.Option(
-        0, "--num-samples", min=0, help="Evaluate only the first N records (0 = all).", rich_help_panel="What to evaluate"),
+    num_samples: int = number_option(0, "--num-samples", whole=True, minimum=0, help="Evaluate only the first N records (0 = all).", rich_help_panel="What to evaluate"),
     model: Optional[str] = typer.Option(
         None, "--model", help="Base model folder (or 'tiny'). Default: the base model recorded in run.json.",
         show_default=False, rich_help_panel="Generation"),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Prompts per generation batch.",
+    batch_size: int = number_option(8, "--batch-size", whole=True, minimum=1, help="Prompts per generation batch.",
                                    rich_help_panel="Generation"),
-    max_new_tokens: Optional[int] = typer.Option(
-        None, "--max-new-tokens", min=1, help="Tokens to generate per answer. Default: 1.5 x the longest "
+    max_new_tokens: Optional[int] = number_option(None, "--max-new-tokens", whole=True, minimum=1, help="Tokens to generate per answer. Default: 1.5 x the longest "
         "reference answer + 16 (at most 512).", show_default=False, rich_help_panel="Generation"),
     quant: str = typer.Option(
         "auto", "--quant", help="auto (the run's quantisation on a GPU, none on the CPU), 4bit, 8bit or none.",
@@ -64,6 +63,7 @@ def eval_adapter(
     output_dir: Optional[Path] = typer.Option(
         None, "--output-dir", help="Where predictions.jsonl, metrics.json and metrics.csv go (default: the adapter folder).",
         show_default=False, rich_help_panel="Output"),
+    trust_remote_code: bool = trust_remote_code_option(rich_help_panel="Generation"),
     as_json: bool = typer.Option(False, "--json", help="Print the evaluation entry as JSON.", rich_help_panel="Output"),
 ) -> None:
     """Score an adapter on held-out records with CoMaPOI's metrics (Acc@k, NDCG@k, MRR).
@@ -95,7 +95,7 @@ def eval_adapter(
     request = EvalRequest(
         adapter=adapter, data=data, dataset=dataset, type=type_, data_dir=data_dir, num_samples=num_samples,
         model=model, batch_size=batch_size, max_new_tokens=max_new_tokens, quant=quant, device=device,
-        output_dir=output_dir, progress=not as_json,
+        output_dir=output_dir, progress=not as_json, **trust_kwargs(EvalRequest, trust_remote_code),
     )
     result = evaluate_adapter(request, log=None if as_json else _log)
     if as_json:

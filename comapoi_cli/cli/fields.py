@@ -92,7 +92,8 @@ class Number:
 def number_option(default: Any, *flags: str, whole: bool = False, minimum: "float | None" = None,
                   above: "float | None" = None, **kwargs: Any) -> Any:
     """A ``typer.Option`` for a number, checked by ``Number`` (finite; ``minimum`` / ``above`` bounds)."""
-    parser = Number(flags[0] if flags else "the value", whole=whole, minimum=minimum, above=above)
+    long_flags = [f for f in flags if f.startswith("--")]
+    parser = Number(long_flags[0] if long_flags else "the value", whole=whole, minimum=minimum, above=above)
     kwargs.setdefault("metavar", parser.metavar)
     return typer.Option(default, *flags, parser=parser, **kwargs)
 
@@ -182,6 +183,32 @@ def with_signature(function: Callable[..., Any], params: "list[inspect.Parameter
     return function
 
 
+TRUST_REMOTE_CODE_HELP = ("Run the Python code a model or tokenizer folder (or hub repository) ships with it; "
+                          "only for models you trust.")
+
+
+def trust_remote_code_option(**kwargs: Any) -> Any:
+    """``--trust-remote-code`` (``--trust_remote_code``), off by default, for every command that loads a model or tokenizer."""
+    return typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP, **kwargs)
+
+
+def trust_kwargs(service: Callable[..., Any], value: bool) -> "dict[str, bool]":
+    """``{"trust_remote_code": value}`` for a service (function or request class) that takes it.
+
+    Every service that loads a model or tokenizer takes ``trust_remote_code: bool = False``; one that
+    does not yet is called without it, and asking it for remote code is a usage error, not a silent no-op.
+    """
+    try:
+        accepted = "trust_remote_code" in inspect.signature(service).parameters
+    except (TypeError, ValueError):
+        accepted = False
+    if accepted:
+        return {"trust_remote_code": value}
+    if value:
+        raise _usage("--trust-remote-code is not supported by this command yet.")
+    return {}
+
+
 def _display_type_rich(self: TyperOption, ctx: Any) -> "str | None":
     """Typer's help shows a ``<bool>`` type after every flag; a flag takes no value, so show none."""
     if getattr(self, "is_flag", False) or getattr(self, "count", False):
@@ -198,5 +225,5 @@ def normalise_token(token: str) -> str:
     return token.replace("_", "-")
 
 
-__all__ = ["Number", "Words", "normalise_token", "number_option", "options_from_fields", "shown_default",
-           "with_signature"]
+__all__ = ["TRUST_REMOTE_CODE_HELP", "Number", "Words", "normalise_token", "number_option", "options_from_fields",
+           "shown_default", "trust_kwargs", "trust_remote_code_option", "with_signature"]

@@ -45,8 +45,7 @@ class ConsoleReporter(Reporter):
     def table(self, title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         from comapoi_cli.cli.render import table
 
-        self.console.print(table(escape(title) if title else title, [escape(c) for c in columns],
-                                 [[escape("" if v is None else str(v)) for v in row] for row in rows]))
+        self.console.print(table(title, columns, rows))  # table() prints every cell literally
 
     def labels(self, title: str, segments: Sequence[tuple[str, bool]]) -> None:
         from rich.text import Text

@@ -192,7 +192,7 @@ def trust_remote_code_option(**kwargs: Any) -> Any:
     return typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP, **kwargs)
 
 
-def trust_kwargs(service: Callable[..., Any], value: bool) -> "dict[str, bool]":
+def trust_kwargs(service: Callable[..., Any], value: bool) -> "dict[str, Any]":
     """``{"trust_remote_code": value}`` for a service (function or request class) that takes it.
 
     Every service that loads a model or tokenizer takes ``trust_remote_code: bool = False``; one that

@@ -12,7 +12,7 @@ from typing import Any, List, Optional
 import typer
 from rich.markup import escape
 
-from comapoi_cli.cli.fields import number_option, trust_kwargs, trust_remote_code_option
+from comapoi_cli.cli.fields import number_option, old_spelling, one_of, trust_kwargs, trust_remote_code_option
 from comapoi_cli.cli.render import console, err_console, fit_columns, markup, print_json, success, table, warn
 
 app = typer.Typer(help="Inspect, merge and export trained adapters for serving.", no_args_is_help=True)
@@ -285,8 +285,9 @@ def show(
 @app.command("merge")
 def merge(
     run_dir: Path = typer.Argument(..., help="A run folder (or one of its checkpoint-N folders).", show_default=False),
-    output: Path = typer.Option(..., "--output", "-o", help="Folder for the merged model (must not exist or be empty).",
-                                show_default=False),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Folder for the merged model (must not exist or "
+                                              "be empty). Required.", show_default=False),
+    output_old: Optional[Path] = old_spelling("--output", "-o"),
     model: Optional[str] = typer.Option(None, "--model", help="Base model folder or hub id [default: the one run.json "
                                         "records; a tiny base is rebuilt if gone].", show_default=False),
     dtype: str = typer.Option("auto", "--dtype", help="auto (the base's stored dtype; float16 becomes float32 on the CPU), "
@@ -294,13 +295,15 @@ def merge(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     check_inputs: int = number_option(3, "--check-inputs", whole=True, minimum=0, help="Inputs on which the saved model's logits must match "
                                      "the base model with the adapter (0 = no check)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output-dir folder."),
     trust_remote_code: bool = trust_remote_code_option(),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Merge the adapter into a 16-bit copy of its base model and save a standalone model folder
     (weights in safetensors, tokenizer, chat template) that plain transformers or vLLM load."""
     from comapoi_cli.adapters_merge import merge_adapter
+
+    output = one_of(output_dir, output_old, "--output-dir", required=True)
 
     def log(message: str) -> None:
         err_console.print(f"[dim]{escape(message)}[/dim]", soft_wrap=True)
@@ -328,18 +331,21 @@ def merge(
 @app.command("export")
 def export(
     run_dirs: List[Path] = typer.Argument(..., help="Run folders (or checkpoint-N folders) to export.", show_default=False),
-    to: Path = typer.Option(..., "--to", help="Folder to copy the adapters into (one sub-folder per serving name).",
-                            show_default=False),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Folder to copy the adapters into (one "
+                                              "sub-folder per serving name). Required.", show_default=False),
+    to_old: Optional[Path] = old_spelling("--to"),
     names: Optional[str] = typer.Option(None, "--names", help="Comma list of serving names, one per run in order "
                                         "[default: each run's role, e.g. agent1,agent2,agent3].", show_default=False),
     model: Optional[str] = typer.Option(None, "--model", help="Base model for the printed command (e.g. its path on the "
                                         "serving machine) [default: the recorded one].", show_default=False),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing TO/NAME folders."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing OUTPUT_DIR/NAME folders."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Copy adapters (safetensors only) under serving names, check they share one base model, and print
     the vLLM command line that serves them as LoRA modules."""
     from comapoi_cli.adapters_export import export_adapters
+
+    to = one_of(output_dir, to_old, "--output-dir", required=True)
 
     name_list = names.split(",") if names else None
     result = export_adapters(run_dirs, to, name_list, overwrite=overwrite, base_model=model)

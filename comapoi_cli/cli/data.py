@@ -12,7 +12,7 @@ from typing import Any, List, Optional
 import typer
 from rich.markup import escape
 
-from comapoi_cli.cli.fields import number_option, trust_kwargs, trust_remote_code_option
+from comapoi_cli.cli.fields import number_option, old_spelling, one_of, trust_kwargs, trust_remote_code_option
 from comapoi_cli.cli.render import console, markup, print_json, success, table, warn
 from comapoi_cli.errors import DataError, UsageError
 
@@ -340,7 +340,8 @@ def _flag(n: int) -> str:
 @app.command()
 def synth(
     dataset: str = typer.Option("nyc", "--dataset", help="Dataset name: its folder, and its city preset (nyc, tky, ca) when simulating."),
-    out: Optional[Path] = typer.Option(None, "--out", "--data-dir", help="Folder that receives {dataset}/ (default: $COMAPOI_DATA_DIR or ./data)."),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Folder that receives {dataset}/ (default: $COMAPOI_DATA_DIR or ./data)."),
+    out_old: Optional[Path] = old_spelling("--out", "--data-dir"),
     source: Optional[Path] = typer.Option(None, "--source", help="Real next-POI trajectories (e.g. nyc_train.jsonl); without it a city is simulated."),
     poi_info: Optional[Path] = typer.Option(None, "--poi-info", help="With --source: a poi_id,category,lat,lon table that widens the candidate pool."),
     trajectories: Optional[int] = number_option(None, "--trajectories", "-n", whole=True, minimum=1, help="Training trajectories (simulated default 200; real: the first N)."),
@@ -353,6 +354,8 @@ def synth(
 ) -> None:
     """Generate CoMaPOI-format agent files from real trajectories or a simulated city (deterministic)."""
     from comapoi_cli.data.synth import synth_dataset
+
+    out = one_of(output_dir, out_old, "--output-dir")
 
     result = synth_dataset(dataset, out, source=source, trajectories=trajectories, seed=seed, preset=preset,
                            poi_info=poi_info, min_checkins=min_checkins, max_checkins=max_checkins, plain=plain)

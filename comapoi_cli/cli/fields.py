@@ -183,6 +183,21 @@ def with_signature(function: Callable[..., Any], params: "list[inspect.Parameter
     return function
 
 
+def old_spelling(*names: str) -> Any:
+    """A hidden option for the former spellings of an output option (they keep working, help shows the new one)."""
+    return typer.Option(None, *names, hidden=True, show_default=False)
+
+
+def one_of(new: Any, old: Any, flag: str, *, required: bool = False) -> Any:
+    """The value of an option given under its new spelling or a hidden old one (not both)."""
+    if new is not None and old is not None and new != old:
+        raise _usage(f"{flag} was given twice (under an old spelling too); give it once.")
+    value = new if new is not None else old
+    if value is None and required:
+        raise _usage(f"Missing option {flag}.")
+    return value
+
+
 TRUST_REMOTE_CODE_HELP = ("Run the Python code a model or tokenizer folder (or hub repository) ships with it; "
                           "only for models you trust.")
 
@@ -225,5 +240,6 @@ def normalise_token(token: str) -> str:
     return token.replace("_", "-")
 
 
-__all__ = ["TRUST_REMOTE_CODE_HELP", "Number", "Words", "normalise_token", "number_option", "options_from_fields",
+__all__ = ["TRUST_REMOTE_CODE_HELP", "Number", "Words", "normalise_token", "number_option", "old_spelling", "one_of",
+           "options_from_fields",
            "shown_default", "trust_kwargs", "trust_remote_code_option", "with_signature"]

@@ -84,3 +84,16 @@ def test_training_with_a_backend_whose_check_raises_is_one_sentence(tmp_path):
     assert result.returncode == 1
     assert "Backend fragile is not usable here: its usability check failed (SystemExit" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_plugin_installed_after_a_run_is_found(tmp_path):
+    """The entry-point cache follows what is installed: a new distribution on sys.path is seen at once."""
+    site = tmp_path / "site"
+    site.mkdir()
+    env = {"PYTHONPATH": str(site), "COMAPOI_CACHE_DIR": str(tmp_path / "cache")}
+    first = json.loads(run_comapoi("plugins", "list", "--json", env=env).stdout)
+    assert "late" not in {p["name"] for p in first["plugins"]}
+    assert (tmp_path / "cache" / "entry-points.json").is_file()
+    make_entry_point_plugin(site, "late", "")
+    second = json.loads(run_comapoi("plugins", "list", "--json", env=env).stdout)
+    assert "late" in {p["name"] for p in second["plugins"]}

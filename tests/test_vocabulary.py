@@ -4,12 +4,14 @@ the user's words."""
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from pathlib import Path
 
 from tests.support import run_comapoi
 
-WIDE = {"COLUMNS": "400"}  # so that a table cell holds the whole install line on one line
+WIDE = {"COLUMNS": "400"}
+TAG = re.compile(r"(?<!\\)\[[a-z#/@][^\[]*?\]")  # what Rich reads as a markup tag (not escaped with a backslash)  # so that a table cell holds the whole install line on one line
 
 
 def install_line(text: str) -> list[str]:
@@ -96,3 +98,27 @@ def test_trust_remote_code_is_on_every_command_that_loads_a_model():
         assert "--trust-remote-code" in run_comapoi(*command, "--help", env=WIDE).stdout, command
     job = json.loads(run_comapoi("train", "--trust_remote_code", "--dry-run").stdout)["job"]
     assert job["trust_remote_code"] is True
+
+
+def test_no_help_text_has_brackets_rich_would_eat():
+    """Help is rendered as Rich markup: a `[...]` in a help text would vanish (use show_default for defaults)."""
+    import typer
+
+    from comapoi_cli.cli.app import app
+    from tests.test_hint_flags import command_options  # noqa: F401  (the same walk of the real app)
+
+    bad = []
+
+    def walk(command, prefix):
+        for param in getattr(command, "params", []):
+            if TAG.search(getattr(param, "help", None) or ""):
+                bad.append(f"{' '.join(prefix)} {param.opts}: {param.help}")
+        if hasattr(command, "list_commands"):
+            ctx = command.context_class(command)
+            for name in command.list_commands(ctx):
+                walk(command.get_command(ctx, name), [*prefix, name])
+
+    walk(typer.main.get_command(app), ["comapoi"])
+    assert not bad, bad
+    merge_help = run_comapoi("adapters", "merge", "--help", env=WIDE).stdout
+    assert "the one run.json records" in merge_help

@@ -38,8 +38,8 @@ _STATUS_STYLE = {"finished": "green", "interrupted": "yellow", "running": "cyan"
 
 @app.command("list")
 def list_adapters(
-    roots: Optional[List[Path]] = typer.Argument(None, help="Output roots to scan [default: $COMAPOI_OUTPUT_DIR or ./output].",
-                                                show_default=False),
+    roots: Optional[List[Path]] = typer.Argument(None, help="Output roots to scan.",
+                                                show_default="$COMAPOI_OUTPUT_DIR or ./output"),
     sort: str = typer.Option("date", "--sort", help="date (newest first), run, loss, steps, size, acc1, acc5 or mrr."),
     reverse: bool = typer.Option(False, "--reverse", help="Reverse the order."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Only runs on this dataset."),
@@ -257,7 +257,7 @@ def show(
     as_json: bool = typer.Option(False, "--json", help="Print everything as JSON (run.json's sections, adapter_config.json, "
                                  "loss history, checkpoints, metrics)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Also write the loss curve to this PNG file (needs matplotlib: "
-                                        "pip install 'comapoi[plot]').", show_default=False),
+                                        "pip install 'comapoi\\[plot]').", show_default=False),
 ) -> None:
     """Show one run: base model, role, backend, LoRA settings, target modules, trainable parameters, data hashes,
     the loss curve, evaluations and checkpoints."""
@@ -288,8 +288,8 @@ def merge(
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Folder for the merged model (must not exist or "
                                               "be empty). Required.", show_default=False),
     output_old: Optional[Path] = old_spelling("--output", "-o"),
-    model: Optional[str] = typer.Option(None, "--model", help="Base model folder or hub id [default: the one run.json "
-                                        "records; a tiny base is rebuilt if gone].", show_default=False),
+    model: Optional[str] = typer.Option(None, "--model", help="Base model folder or hub id.",
+                                        show_default="the one run.json records; a tiny base is rebuilt if gone"),
     dtype: str = typer.Option("auto", "--dtype", help="auto (the base's stored dtype; float16 becomes float32 on the CPU), "
                               "bfloat16, float16 or float32. Never 4-bit."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
@@ -334,10 +334,10 @@ def export(
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Folder to copy the adapters into (one "
                                               "sub-folder per serving name). Required.", show_default=False),
     to_old: Optional[Path] = old_spelling("--to"),
-    names: Optional[str] = typer.Option(None, "--names", help="Comma list of serving names, one per run in order "
-                                        "[default: each run's role, e.g. agent1,agent2,agent3].", show_default=False),
+    names: Optional[str] = typer.Option(None, "--names", help="Comma list of serving names, one per run in order.",
+                                        show_default="each run's role, e.g. agent1,agent2,agent3"),
     model: Optional[str] = typer.Option(None, "--model", help="Base model for the printed command (e.g. its path on the "
-                                        "serving machine) [default: the recorded one].", show_default=False),
+                                        "serving machine).", show_default="the recorded one"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing OUTPUT_DIR/NAME folders."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:

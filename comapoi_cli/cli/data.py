@@ -57,7 +57,7 @@ def _clean_table(summary: dict[str, Any], title: str) -> None:
                       f"{over.get('answer_cut', 0)} the end of it.")
     converted = summary.get("converted") or {}
     if converted:
-        console.print("Converted: " + ", ".join(f"{name} {n}" for name, n in converted.items()))
+        console.print("Converted: " + ", ".join(f"{name} {n}" for name, n in converted.items()), markup=False)
 
 
 @app.command()
@@ -124,7 +124,7 @@ def clean(
         else:
             _clean_table(summary, f"clean {dataset} {type_ or 'merged'}")
             for rejects_file in summary.get("rejects_files", []):
-                console.print(f"Rejects: {rejects_file}")
+                console.print(f"Rejects: {rejects_file}", markup=False, soft_wrap=True)
         for note in summary.get("notes", []):
             warn(note)
         success(f"Training file: {prepared.train_path} ({summary.get('train')} records)")
@@ -147,7 +147,7 @@ def clean(
         print_json(data)
     else:
         _clean_table(data, f"clean {input.name}")
-        console.print(f"Output: {result.output}\nRejects: {result.rejects}")
+        console.print(f"Output: {result.output}\nRejects: {result.rejects}", markup=False, soft_wrap=True)
         speed = f" ({data['mb_per_s']} MB/s)" if data.get("mb_per_s") else ""
         console.print(f"[dim]{result.bytes_in / 1e6:.1f} MB in {result.seconds:.2f} s{speed}, {result.workers} process(es)[/dim]")
     if result.lines_in == 0:
@@ -195,7 +195,8 @@ def split(
     rows = [("training", result.train, result.train_path), ("holdout", result.holdout, result.holdout_path)]
     console.print(table(f"split {input.name} (seed {seed})", ["side", "records", "file"], rows))
     if result.group_by:
-        console.print(f"Grouped by {result.group_by}: {result.groups} users, {result.holdout_groups} in the holdout.")
+        console.print(f"Grouped by {result.group_by}: {result.groups} users, {result.holdout_groups} in the holdout.",
+                      markup=False)
     for note in result.notes:
         warn(note)
 

@@ -97,7 +97,9 @@ def eval_adapter(
         model=model, batch_size=batch_size, max_new_tokens=max_new_tokens, quant=quant, device=device,
         output_dir=output_dir, progress=not as_json, **trust_kwargs(EvalRequest, trust_remote_code),
     )
-    result = evaluate_adapter(request, log=None if as_json else _log)
+    from comapoi_cli.plugins import get_registry
+
+    result = evaluate_adapter(request, log=None if as_json else _log, registry=get_registry())
     if as_json:
         print_json({**result.entry, "notes": result.notes, "written": [str(p) for p in result.written]})
         return
@@ -137,7 +139,10 @@ def score(
     from comapoi_cli.fileio import sha256_file
 
     try:
-        report = score_predictions(file, role=type_, dataset=dataset, reparse=reparse, skip_invalid=skip_invalid)
+        from comapoi_cli.plugins import get_registry
+
+        report = score_predictions(file, role=type_, dataset=dataset, reparse=reparse, skip_invalid=skip_invalid,
+                                   registry=get_registry())
     except PredictionsFileError as exc:
         _print_problems(exc.problems, MAX_SHOWN_PROBLEMS)
         raise
@@ -165,7 +170,9 @@ def score(
 
 
 def _log(message: str) -> None:
-    err_console.print(f"[dim]{message}[/dim]", soft_wrap=True, highlight=False)
+    from rich.markup import escape
+
+    err_console.print(f"[dim]{escape(message)}[/dim]", soft_wrap=True, highlight=False)
 
 
 def _print_problems(problems: list[Any], limit: int, heading: str | None = None) -> None:
@@ -174,7 +181,7 @@ def _print_problems(problems: list[Any], limit: int, heading: str | None = None)
     for problem in problems[:limit]:
         err_console.print(f"  {problem}", soft_wrap=True, markup=False)
     if len(problems) > limit:
-        err_console.print(f"  ... and {len(problems) - limit} more", soft_wrap=True)
+        err_console.print(f"  ... and {len(problems) - limit} more", soft_wrap=True, markup=False)
 
 
 def _fmt(value: Any) -> str:

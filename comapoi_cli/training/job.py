@@ -95,7 +95,7 @@ class TrainingJob:
                             help="Holdout records whose loss is computed at every checkpoint.")
     seed: int = option(42, panel=DATA, help="Seed of the split, LoRA init, data order, dropout.")
     on: tuple[str, ...] = option((), panel=DATA, metavar="CHECK=POLICY", note="each check's default policy",
-                                 help="A data check's policy, as `comapoi data clean --on` takes it (repeatable).")
+                                 help="A data check's policy, as `comapoi data clean --on` takes it (repeatable, or a comma list).")
     strict: bool = option(False, panel=DATA, switch="on",
                           help="Refuse the data on any rejected record (as `comapoi data clean --strict`).")
 
@@ -243,9 +243,10 @@ class TrainingJob:
                 raise UsageError(f"{flag} must be {least}, got {value}.")
             if f.metadata.get("nonnegative") and value < 0:
                 raise UsageError(f"{flag} must not be negative, got {value}.")
-        for item in self.on:
-            if "=" not in item or not item.split("=", 1)[0].strip() or not item.split("=", 1)[1].strip():
-                raise UsageError(f"--on takes CHECK=POLICY (as `comapoi data clean --on`), got {item!r}.")
+        if self.on or self.strict:
+            from comapoi_cli.data.policies import resolve_policies
+
+            resolve_policies(self.policies, strict=self.strict)  # an unknown check or policy: one sentence now
         if not 0 <= self.lora_dropout < 1:
             raise UsageError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}.")
         if not (self.test_size >= 1 and float(self.test_size).is_integer()) and not 0 <= self.test_size < 1:
@@ -268,8 +269,11 @@ class TrainingJob:
 
     @property
     def policies(self) -> dict[str, str]:
-        """``--on CHECK=POLICY`` as the mapping ``prepare_training_data(policies=...)`` takes."""
-        return {k.strip(): v.strip() for k, v in (item.split("=", 1) for item in self.on)}
+        """``--on CHECK=POLICY`` (repeatable, or comma lists) as the mapping ``prepare_training_data(policies=...)``
+        takes, parsed as ``comapoi data clean --on`` parses it."""
+        from comapoi_cli.data.policies import parse_policy_options
+
+        return parse_policy_options(self.on)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -92,7 +92,7 @@ def dry_run_report(plan: TrainingPlan, registry: Any) -> dict[str, Any]:
         "job": job.to_dict(),
         "resolved": {"warmup_steps": job.effective_warmup_steps, "logging_steps": job.effective_logging_steps,
                      "learning_rate": job.learning_rate, "effective_batch": job.batch_size * job.gradient_accumulation_steps,
-                     "device": device},
+                     "device": device, "data_policies": job.policies, "strict": job.strict},
         "run_dir": str(job.run_dir),
         "model": {"kind": location.kind, "ref": location.ref},
         "problems": problems,

@@ -34,10 +34,10 @@ def unsloth_install_line() -> str:
     return f'pip install -c {constraints} "{plugin}[unsloth]" "torch=={torch_pin}"'
 
 
-def unsloth_hint() -> str:
+def unsloth_hint(what: str = "the plugin") -> str:
     """How to get the Unsloth backend here: first that it needs an NVIDIA GPU when none is visible, then the install line."""
     gpu = "" if nvidia_gpu_visible() else "Unsloth needs an NVIDIA GPU, and none is visible here. "
-    return f"{gpu}Install the plugin with: {unsloth_install_line()}"
+    return f"{gpu}Install {what} with: {unsloth_install_line()}"
 
 
 def environment_report(probe_cuda: bool = True, *, registry: Any) -> dict[str, Any]:

@@ -63,7 +63,12 @@ class UnslothBackend(Backend):
 
     @property
     def install_hint(self) -> str:  # type: ignore[override]
-        return install_line()
+        """The install line; on a machine without an NVIDIA GPU, first that Unsloth needs one."""
+        try:
+            from comapoi_cli.environment import unsloth_hint
+        except ImportError:  # an older comapoi
+            return install_line()
+        return unsloth_hint("Unsloth")
 
     def unusable_reason(self) -> str | None:
         if missing_packages("unsloth"):

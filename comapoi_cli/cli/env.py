@@ -38,7 +38,9 @@ def env(as_json: bool = typer.Option(False, "--json", help="Print JSON instead o
                           "" if b["usable"] else f"{b['reason']}" + (f"\ninstall: {b['install_hint']}" if b["install_hint"] else ""))
                          for b in report["backends"]]))
     if report.get("unsloth_install"):
-        console.print(f"Unsloth backend (a plugin, not installed): {escape(report['unsloth_install'])}",
+        from comapoi_cli.environment import unsloth_hint
+
+        console.print(f"The unsloth backend is a plugin, not installed here. {escape(unsloth_hint())}",
                       soft_wrap=True, highlight=False)
     for p in report["plugin_errors"]:
         console.print(f"[red]Plugin {escape(p['name'])} failed:[/red] {escape(str(p['error']))}", soft_wrap=True)

@@ -50,7 +50,7 @@ def list_plugins(
         [(r["id"], r["display_name"], r["data_file"], r["description"]) for r in roles],
     ))
     if "unsloth" not in registry.backends:
-        from comapoi_cli.environment import unsloth_install_line
+        from comapoi_cli.environment import unsloth_hint
 
-        console.print(f"Unsloth backend (a plugin, not installed): {escape(unsloth_install_line())}",
+        console.print(f"The unsloth backend is a plugin, not installed here. {escape(unsloth_hint())}",
                       soft_wrap=True, highlight=False)

@@ -65,7 +65,8 @@ def success(message: str) -> None:
 def _cell_width(value: Any) -> int:
     from rich.text import Text
 
-    return max((Text.from_markup(line).cell_len for line in str(value).splitlines()), default=0)
+    make = Text.from_markup if isinstance(value, markup) else Text  # what table() prints: markup only when marked
+    return max((make(line).cell_len for line in str(value).splitlines()), default=0)
 
 
 def fit_columns(columns: Sequence[str], rows: Sequence[Sequence[Any]], width: int, *, drop_first: Sequence[str],

@@ -171,8 +171,14 @@ def merge_adapter(run_dir: str | os.PathLike[str], output: str | os.PathLike[str
     files with the chat template, and ``comapoi_merge.json``) only when the merged model's logits
     match the base model's with the adapter on ``check_inputs`` inputs (0 skips the check).
     """
-    from comapoi_cli.evaluation.runner import (base_is_quantised, load_model, locate_run, plan_device,
-                                               resolve_base_model, tokenizer_folder)
+    from comapoi_cli.evaluation.runner import (
+        base_is_quantised,
+        load_model,
+        locate_run,
+        plan_device,
+        resolve_base_model,
+        tokenizer_folder,
+    )
 
     folder = require_run_folder(run_dir)
     run = locate_run(folder)

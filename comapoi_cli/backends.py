@@ -7,10 +7,10 @@ through the ``register_backends`` hook (the Unsloth backend lives in ``plugins/c
 from __future__ import annotations
 
 import importlib.util
-from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
+    from comapoi_cli.reporting import Reporter
     from comapoi_cli.training.job import TrainingJob
 
 
@@ -42,12 +42,17 @@ class Backend:
         """
         return None
 
-    def train(self, job: "TrainingJob") -> Any:
-        """Run ``job`` and return its ``TrainingResult``. Raise ``comapoi_cli.errors.ComapoiError`` for user errors."""
+    def train(self, job: "TrainingJob", reporter: "Reporter | None" = None) -> Any:
+        """Run ``job`` and return its ``TrainingResult``; say what happens through ``reporter``.
+
+        Raise ``comapoi_cli.errors.ComapoiError`` for user errors. A backend that does not reuse the
+        TRL path (``comapoi_cli.training.trl_trainer.TRLTrainingPath``) writes the run folder itself and
+        returns a ``comapoi_cli.training.job.TrainingResult`` (see docs/plugins.md).
+        """
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
-        reason = self.unusable_reason()
+        reason = unusable_reason(self)
         return {
             "name": self.name,
             "description": self.description,
@@ -60,6 +65,19 @@ class Backend:
         }
 
 
+def unusable_reason(backend: Backend) -> str | None:
+    """``backend.unusable_reason()``, where a check that itself fails (plugin code raising, even
+    ``SystemExit``) is the reason instead of an error: a broken backend never breaks a command."""
+    try:
+        reason = backend.unusable_reason()
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return f"its usability check failed ({type(exc).__name__}{': ' + text if text else ''})"
+    return None if reason is None else str(reason)
+
+
 def missing_packages(*names: str) -> list[str]:
     """The import names among ``names`` that cannot be imported here (checked without importing them)."""
     return [name for name in names if importlib.util.find_spec(name) is None]
@@ -67,6 +85,8 @@ def missing_packages(*names: str) -> list[str]:
 
 def installed_version(distribution: str) -> str | None:
     """The installed version of a distribution, or None (reads metadata only; imports nothing)."""
+    from importlib import metadata  # here, not at import: importing it costs about 0.1 s of every start
+
     try:
         return metadata.version(distribution)
     except metadata.PackageNotFoundError:

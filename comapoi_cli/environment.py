@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import sys
+from pathlib import Path
 from typing import Any
 
 from comapoi_cli.backends import installed_version
@@ -11,13 +12,39 @@ from comapoi_cli.backends import installed_version
 PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "unsloth", "liger-kernel")
 
 
-def environment_report(probe_cuda: bool = True) -> dict[str, Any]:
-    """Versions, CUDA and GPUs, and which backends are usable (and why not).
+def checkout_root() -> Path | None:
+    """The comapoi checkout this package runs from (editable install), or None for an installed wheel."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "constraints" / "unsloth.txt").is_file() and (root / "plugins").is_dir() else None
+
+
+def nvidia_gpu_visible() -> bool:
+    """Whether an NVIDIA GPU is visible here, checked on the device files (imports no torch)."""
+    return any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def unsloth_install_line() -> str:
+    """The line that installs the Unsloth backend plugin, keeping the installed torch, with absolute paths
+    (it works from any folder) when comapoi runs from its checkout."""
+    root = checkout_root()
+    constraints = root / "constraints" / "unsloth.txt" if root else Path("constraints/unsloth.txt")
+    plugin = root / "plugins" / "comapoi-unsloth" if root else Path("./plugins/comapoi-unsloth")
+    torch = installed_version("torch")
+    torch_pin = torch.split("+")[0] if torch else "<your torch version>"
+    return f'pip install -c {constraints} "{plugin}[unsloth]" "torch=={torch_pin}"'
+
+
+def unsloth_hint(what: str = "the plugin") -> str:
+    """How to get the Unsloth backend here: first that it needs an NVIDIA GPU when none is visible, then the install line."""
+    gpu = "" if nvidia_gpu_visible() else "Unsloth needs an NVIDIA GPU, and none is visible here. "
+    return f"{gpu}Install {what} with: {unsloth_install_line()}"
+
+
+def environment_report(probe_cuda: bool = True, *, registry: Any) -> dict[str, Any]:
+    """Versions, CUDA and GPUs, and which backends of ``registry`` are usable (and why not).
 
     ``probe_cuda`` imports torch to ask for CUDA (about a second); without it CUDA is not reported.
     """
-    from comapoi_cli.plugins import get_registry
-
     report: dict[str, Any] = {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
@@ -43,7 +70,8 @@ def environment_report(probe_cuda: bool = True) -> dict[str, Any]:
                         "capability": f"{props.major}.{props.minor}",
                         "bf16": bool(torch.cuda.is_bf16_supported()),
                     })
-    registry = get_registry()
     report["backends"] = [b.describe() for b in registry.backends.values()]
     report["plugin_errors"] = [p.to_dict() for p in registry.plugins if p.error]
+    if "unsloth" not in registry.backends:
+        report["unsloth_install"] = unsloth_install_line()
     return report

@@ -3,7 +3,8 @@
 A plugin is a module (or any object) with functions decorated by ``comapoi_cli.hookimpl``
 whose names are the hooks below. Third-party plugins are found through the entry-point group
 ``comapoi``; the built-in TRL backend and the three CoMaPOI roles are plugins too, loaded through
-the same hooks (see ``comapoi_cli/default_plugins/``). docs/plugins.md documents every hook.
+the same hooks (see ``comapoi_cli/default_plugins/``). docs/plugins.md documents every hook, and
+tests/test_hookspecs.py requires a test for each.
 
 Hooks run when the plugin manager loads, also for ``comapoi --help``: keep their module
 imports light (no torch, transformers or trl at module level) and import heavy packages inside
@@ -12,36 +13,48 @@ the methods that need them.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Callable
+
 from pluggy import HookimplMarker, HookspecMarker
+
+if TYPE_CHECKING:  # pragma: no cover - typing only (no import cost at start-up)
+    import typer
+
+    from comapoi_cli.backends import Backend
+    from comapoi_cli.roles import AgentRole
 
 hookspec = HookspecMarker("comapoi")
 hookimpl = HookimplMarker("comapoi")
 
 
 @hookspec
-def register_backends(register):
-    """Register training backends.
+def register_backends(register: Callable[[Backend], None]) -> None:
+    """Register training backends (what ``comapoi train --backend NAME`` runs).
 
-    Call ``register(backend)`` once per backend, where ``backend`` is an instance of a
-    subclass of ``comapoi_cli.backends.Backend`` (a name, what it needs, how to check that it
-    is usable here, and how to run a training job).
+    :param register: call it once per backend with an instance of a subclass of
+        ``comapoi_cli.backends.Backend``: its ``name`` (the ``--backend`` value), what it needs
+        (``requires``), how to check that it is usable here (``unusable_reason``, cheap: no heavy
+        import), and how to run a job (``train(job, reporter)``, returning a ``TrainingResult``).
+        A name another plugin already registered is refused and reported against this plugin.
     """
 
 
 @hookspec
-def register_agent_roles(register):
-    """Register agent roles (the types that ``comapoi train --type`` accepts).
+def register_agent_roles(register: Callable[[AgentRole], None]) -> None:
+    """Register agent roles (the types that ``comapoi train --type`` and ``comapoi eval --type`` accept).
 
-    Call ``register(role)`` once per role, where ``role`` is an instance of a subclass of
-    ``comapoi_cli.roles.AgentRole`` (an id such as ``agent1``, a display name such as
-    ``Profiler``, its data file name, how to validate a record's answer and, optionally, how
-    to parse predictions for evaluation).
+    :param register: call it once per role with an instance of a subclass of
+        ``comapoi_cli.roles.AgentRole``: an ``id`` such as ``agent1`` (``merged`` is reserved), a
+        ``display_name`` such as ``Profiler``, its data file name, how to validate a record's answer
+        and, optionally, how to parse predictions for evaluation.
     """
 
 
 @hookspec
-def register_commands(app):
+def register_commands(app: typer.Typer) -> None:
     """Add commands to the CLI.
 
-    ``app`` is the root ``typer.Typer``; use ``@app.command()`` or ``app.add_typer(...)``.
+    :param app: the root ``typer.Typer``; use ``@app.command()`` or ``app.add_typer(...)``. A command
+        named like a built-in one (``train``, ``data``, ...) or one another plugin added is refused:
+        everything this call added is removed again and the plugin's error says why.
     """

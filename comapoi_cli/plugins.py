@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from dataclasses import dataclass, field
-from importlib import metadata
+from pathlib import Path
 from typing import Any, Callable
 
 import pluggy
@@ -82,7 +83,15 @@ class Registry:
         return [MERGED, *self.roles]
 
 
+def _plugin_failure(exc: BaseException) -> None:
+    """Re-raise what must stop comapoi itself (Ctrl-C); anything else from plugin code is the plugin's failure."""
+    if isinstance(exc, KeyboardInterrupt):
+        raise exc
+
+
 def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"SystemExit({exc.code!r}): the plugin tried to end the program"
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
@@ -91,18 +100,85 @@ def _hookimpls_of(pm: pluggy.PluginManager, plugin: object) -> list[str]:
     return sorted(impl.name for impl in (pm.get_hookcallers(plugin) or []))
 
 
-def _third_party_entry_points() -> list[metadata.EntryPoint]:
-    allowed = os.environ.get("COMAPOI_PLUGINS")
-    wanted = None if allowed is None else {n.strip() for n in allowed.split(",") if n.strip()}
+@dataclass(frozen=True)
+class EntryPointSpec:
+    """A ``comapoi`` entry point as found on ``sys.path``: its name, ``module:attr`` value and distribution."""
+
+    name: str
+    value: str
+    dist: str | None = None
+    version: str | None = None
+
+    def load(self) -> Any:
+        module_name, _, attr = self.value.partition(":")
+        obj: Any = importlib.import_module(module_name.strip())
+        for part in filter(None, attr.strip().split(".")):
+            obj = getattr(obj, part)
+        return obj
+
+
+def _cache_file() -> Path | None:
+    if os.environ.get("COMAPOI_CACHE_DIR"):
+        return Path(os.environ["COMAPOI_CACHE_DIR"]) / "entry-points.json"
+    base = os.environ.get("XDG_CACHE_HOME") or (str(Path.home() / ".cache") if Path.home() != Path("/") else "")
+    return Path(base) / "comapoi" / "entry-points.json" if base else None
+
+
+def _path_key() -> str:
+    """What the installed entry points depend on: the interpreter and each ``sys.path`` entry's mtime
+    (installing or removing a distribution adds or removes a folder there, which changes it)."""
+    parts = [sys.version, sys.prefix]
+    for entry in sys.path:
+        try:
+            parts.append(f"{entry}={os.stat(entry or '.').st_mtime_ns}")
+        except OSError:
+            parts.append(f"{entry}=-")
+    return "\n".join(parts)  # compared as is: hashing it would cost more than it saves
+
+
+def _scan_entry_points() -> list[EntryPointSpec]:
+    from importlib import metadata
+
     found = []
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        if wanted is not None and ep.name not in wanted:
-            continue
-        found.append(ep)
-    # one entry per name (the same distribution can be visible twice on sys.path)
-    unique = {}
-    for ep in found:
-        unique.setdefault(ep.name, ep)
+        dist = getattr(ep, "dist", None)
+        found.append(EntryPointSpec(ep.name, ep.value, dist.name if dist else None, dist.version if dist else None))
+    return found
+
+
+def entry_point_specs() -> list[EntryPointSpec]:
+    """The ``comapoi`` entry points installed here. Scanning every distribution's metadata costs about
+    0.2 s (importing ``importlib.metadata`` included), more than the rest of ``comapoi --help``; the result
+    is kept in a small cache file, valid while no ``sys.path`` folder changes."""
+    import json
+
+    key, cache = _path_key(), _cache_file()
+    if cache is not None:
+        try:
+            data = json.loads(cache.read_text(encoding="utf-8"))
+            if data.get("key") == key:
+                return [EntryPointSpec(**item) for item in data["entry_points"]]
+        except (OSError, ValueError, TypeError, KeyError):
+            pass
+    specs = _scan_entry_points()
+    if cache is not None:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"key": key, "entry_points": [s.__dict__ for s in specs]}), encoding="utf-8")
+            os.replace(tmp, cache)
+        except OSError:  # a read-only home: scan every time
+            pass
+    return specs
+
+
+def _third_party_entry_points() -> list[EntryPointSpec]:
+    allowed = os.environ.get("COMAPOI_PLUGINS")
+    wanted = None if allowed is None else {n.strip() for n in allowed.split(",") if n.strip()}
+    unique: dict[str, EntryPointSpec] = {}  # one entry per name (a distribution can be visible twice on sys.path)
+    for ep in entry_point_specs():
+        if wanted is None or ep.name in wanted:
+            unique.setdefault(ep.name, ep)
     return list(unique.values())
 
 
@@ -117,7 +193,8 @@ def build_registry(load_entry_points: bool = True) -> Registry:
         try:
             pm.register(plugin, name=info.name)
             pm.check_pending()
-        except Exception as exc:  # unknown hook names, bad signatures, duplicate names
+        except BaseException as exc:  # unknown hook names, bad signatures, duplicate names
+            _plugin_failure(exc)
             if pm.is_registered(plugin):
                 pm.unregister(plugin)
             info.error = _error_text(exc)
@@ -132,12 +209,12 @@ def build_registry(load_entry_points: bool = True) -> Registry:
 
     if load_entry_points:
         for ep in _third_party_entry_points():
-            dist = getattr(ep, "dist", None)
-            source = f"entry point ({dist.name} {dist.version})" if dist else "entry point"
+            source = f"entry point ({ep.dist} {ep.version})" if ep.dist else "entry point"
             info = PluginInfo(name=ep.name, source=source)
             try:
                 plugin = ep.load()
-            except Exception as exc:  # a broken plugin must not break the CLI
+            except BaseException as exc:  # a broken plugin (even one calling sys.exit) must not break the CLI
+                _plugin_failure(exc)
                 info.error = f"failed to import {ep.value}: {_error_text(exc)}"
                 registry.plugins.append(info)
                 continue
@@ -149,21 +226,22 @@ def build_registry(load_entry_points: bool = True) -> Registry:
             info = infos.get(impl.plugin)
             pending: list[tuple[str, Any]] = []
 
-            def register(obj: Any) -> None:
+            def register(obj: Any, pending: list[tuple[str, Any]] = pending) -> None:
                 if not isinstance(obj, base):
                     raise TypeError(f"{hook_name} must register {base.__name__} instances, got {type(obj).__name__}")
                 pending.append((key(obj), obj))
 
             try:
                 impl.function(register)
-                for name, obj in pending:
+                for name, _ in pending:
                     if not name:
                         raise ValueError(f"a {kind} without a name")
                     if name == MERGED and kind == "role":
                         raise ValueError(f"'{MERGED}' is reserved and cannot be a role id")
                     if name in store:
                         raise ValueError(f"{kind} '{name}' is already registered by another plugin")
-            except Exception as exc:
+            except BaseException as exc:
+                _plugin_failure(exc)
                 if info is not None:
                     info.error = f"{hook_name} failed: {_error_text(exc)}"
                 continue
@@ -181,21 +259,44 @@ _registry: Registry | None = None
 
 
 def get_registry() -> Registry:
-    """The process-wide registry, built on first use."""
+    """The process-wide registry, built on first use. Only the command line calls this; it passes the
+    registry to every service explicitly (services take ``registry`` as an argument)."""
     global _registry
     if _registry is None:
         _registry = build_registry()
     return _registry
 
 
-def register_plugin_commands(app: Any) -> None:
-    """Call every plugin's ``register_commands(app)``; a failing plugin is recorded, not fatal."""
-    registry = get_registry()
-    assert registry.manager is not None
+def _command_names(commands: list[Any], groups: list[Any]) -> list[str]:
+    """The names of Typer's registered commands (``CommandInfo``) and groups (``TyperInfo``)."""
+    from typer.main import get_command_name
+
+    names = [info.name or get_command_name(getattr(info.callback, "__name__", "") or "") for info in commands]
+    names += [info.name or getattr(getattr(info.typer_instance, "info", None), "name", None) or "" for info in groups]
+    return names
+
+
+def register_plugin_commands(app: Any, registry: Registry, reserved: frozenset[str] | set[str] = frozenset()) -> None:
+    """Call every plugin's ``register_commands(app)``; a failing plugin is recorded against it, never fatal.
+
+    A command whose name is in ``reserved`` (the built-in commands) or was already added by another
+    plugin is removed again and recorded as that plugin's error: a plugin cannot replace a command.
+    """
+    if registry.manager is None:
+        return
     for impl in registry.manager.hook.register_commands.get_hookimpls():
         info = registry.plugin(registry.manager.get_name(impl.plugin) or "")
+        commands, groups = list(app.registered_commands), list(app.registered_groups)
+        taken = set(reserved) | set(_command_names(commands, groups))
         try:
             impl.function(app)
-        except Exception as exc:
+            new_names = _command_names(app.registered_commands[len(commands):], app.registered_groups[len(groups):])
+            clashes = sorted(set(new_names) & taken)
+            if clashes:
+                raise ValueError(f"command {', '.join(repr(c) for c in clashes)} is already a comapoi command; "
+                                 "a plugin cannot replace it")
+        except BaseException as exc:
+            _plugin_failure(exc)
+            app.registered_commands[:], app.registered_groups[:] = commands, groups
             if info is not None:
                 info.error = f"register_commands failed: {_error_text(exc)}"

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from comapoi_cli.plugins import get_registry as _REGISTRY
-
 import base64
 import json
 from pathlib import Path
 
 import pytest
+from test_data_tokens import real_lines, synth_dir  # noqa: F401  (fixture)
 
 from comapoi_cli.data import clean_file, read_rejects
 from comapoi_cli.errors import DataError, UsageError
-from test_data_tokens import real_lines, synth_dir  # noqa: F401  (fixture)
+from comapoi_cli.plugins import get_registry as _REGISTRY
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
 

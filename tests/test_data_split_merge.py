@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from comapoi_cli.plugins import get_registry as _REGISTRY
-
 import json
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from test_data_tokens import real_lines, synth_dir  # noqa: F401  (fixture)
 
 from comapoi_cli.data import merge_files, parse_test_size, parse_weights, split_file
 from comapoi_cli.default_plugins.comapoi_roles import user_key
 from comapoi_cli.errors import DataError, UsageError
-from test_data_tokens import real_lines, synth_dir  # noqa: F401  (fixture)
+from comapoi_cli.plugins import get_registry as _REGISTRY
 
 
 def _copy(src: Path, dst: Path) -> Path:

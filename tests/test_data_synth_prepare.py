@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-from comapoi_cli.plugins import get_registry as _REGISTRY
-
 import json
 import re
 from datetime import datetime
 from pathlib import Path
 
 import pytest
+from test_data_tokens import REAL, real_lines, run_cli, synth_dir  # noqa: F401  (fixture)
 
 from comapoi_cli.data import clean_file, prepare_training_data
 from comapoi_cli.data.synth import synth_dataset
 from comapoi_cli.errors import DataError, UsageError
-from test_data_tokens import REAL, real_lines, run_cli, synth_dir  # noqa: F401  (fixture)
+from comapoi_cli.plugins import get_registry as _REGISTRY
 
 CHECKIN = re.compile(r"At (\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}), ([A-Za-z]+), user (\d+) visit POI ID (\d+) "
                      r"\((.+?), (-?\d+\.\d+),(-?\d+\.\d+)\)\.")
@@ -36,7 +35,7 @@ def test_synth_from_real_trajectories(tmp_path):
         for records in (a1, a2):
             candidates = [int(x) for x in records[2 * i + 1]["messages"][2]["content"].split(", ")]
             assert candidates[0] == truth and len(set(candidates)) == 25
-        assert a3[i]["messages"][1]["content"].startswith(f"For User_id: ")
+        assert a3[i]["messages"][1]["content"].startswith("For User_id: ")
         assert a1[2 * i]["messages"][1]["content"].startswith("user_id: ")
     assert not (folder / "nyc_train.jsonl").exists()  # real samples are not copied
     # the clean step finds nothing wrong: no leak, valid candidate lists, agent3 targets are predictions

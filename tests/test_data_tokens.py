@@ -7,8 +7,6 @@ as a Hugging Face folder: what ``--tokenizer PATH`` loads with ``AutoTokenizer``
 
 from __future__ import annotations
 
-from comapoi_cli.plugins import get_registry as _REGISTRY
-
 import json
 import os
 import subprocess
@@ -16,6 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from comapoi_cli.plugins import get_registry as _REGISTRY
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 if not REAL.is_dir():  # CI: ../shared beside the checkout

@@ -14,8 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from comapoi_cli.training.fit import (GIB, FitError, FitPlan, MEMORY_PROFILES, ModelShape, estimate_memory,
-                                      plan_fit, quant_choices, speed_score)
+from comapoi_cli.training.fit import (
+    GIB,
+    MEMORY_PROFILES,
+    FitError,
+    FitPlan,
+    ModelShape,
+    estimate_memory,
+    plan_fit,
+    quant_choices,
+    speed_score,
+)
 from tests.conftest import TRAIN_FAST
 from tests.support import run_comapoi
 

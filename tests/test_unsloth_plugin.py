@@ -38,7 +38,9 @@ def torch_version() -> str:
 
 
 def install_line() -> str:
-    return f'pip install -c constraints/unsloth.txt "./plugins/comapoi-unsloth[unsloth]" "torch=={torch_version()}"'
+    """The documented line, with absolute paths (it works from any folder)."""
+    return (f'pip install -c {REPO / "constraints" / "unsloth.txt"} "{REPO / "plugins" / "comapoi-unsloth"}[unsloth]" '
+            f'"torch=={torch_version()}"')
 
 
 def _unsloth_venv_problem() -> str | None:
@@ -73,8 +75,11 @@ def test_plugins_list_and_env_say_why_and_what_to_install():
         entry = unsloth_entry(json.loads(result.stdout))
         assert entry["usable"] is False
         assert entry["reason"] == "Unsloth is not installed"
-        # the exact line to run, with this environment's torch pinned so pip never replaces it
-        assert entry["install_hint"] == install_line()
+        # the exact line to run, with this environment's torch pinned so pip never replaces it; on a
+        # machine without an NVIDIA GPU, first that Unsloth needs one
+        assert entry["install_hint"].endswith(install_line())
+        if not any(Path("/dev").glob("nvidia[0-9]*")):
+            assert entry["install_hint"].startswith("Unsloth needs an NVIDIA GPU")
         assert entry["multi_process"] is False
 
 
@@ -139,9 +144,10 @@ def test_reason_no_gpu(backend, monkeypatch):
 
 
 def test_multi_process_launch_is_refused(monkeypatch):
+    from comapoi_unsloth.training import train_with_unsloth
+
     from comapoi_cli.errors import ComapoiError
     from comapoi_cli.training.job import TrainingJob
-    from comapoi_unsloth.training import train_with_unsloth
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ComapoiError) as caught:

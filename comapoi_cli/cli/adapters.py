@@ -12,7 +12,8 @@ from typing import Any, List, Optional
 import typer
 from rich.markup import escape
 
-from comapoi_cli.cli.render import console, err_console, fit_columns, print_json, success, table, warn
+from comapoi_cli.cli.fields import number_option, old_spelling, one_of, trust_kwargs, trust_remote_code_option
+from comapoi_cli.cli.render import console, err_console, fit_columns, markup, print_json, success, table, warn
 
 app = typer.Typer(help="Inspect, merge and export trained adapters for serving.", no_args_is_help=True)
 
@@ -37,8 +38,8 @@ _STATUS_STYLE = {"finished": "green", "interrupted": "yellow", "running": "cyan"
 
 @app.command("list")
 def list_adapters(
-    roots: Optional[List[Path]] = typer.Argument(None, help="Output roots to scan [default: $COMAPOI_OUTPUT_DIR or ./output].",
-                                                show_default=False),
+    roots: Optional[List[Path]] = typer.Argument(None, help="Output roots to scan.",
+                                                show_default="$COMAPOI_OUTPUT_DIR or ./output"),
     sort: str = typer.Option("date", "--sort", help="date (newest first), run, loss, steps, size, acc1, acc5 or mrr."),
     reverse: bool = typer.Option(False, "--reverse", help="Reverse the order."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Only runs on this dataset."),
@@ -65,7 +66,7 @@ def list_adapters(
     for r in runs:
         steps = "" if r.steps is None else f"{r.steps}/{r.max_steps}" if r.max_steps else str(r.steps)
         style = _STATUS_STYLE.get(r.status)
-        status = f"[{style}]{r.status}[/{style}]" if style else r.status
+        status = markup(f"[{style}]{escape(str(r.status))}[/{style}]") if style else r.status
         lora = "" if r.lora_r is None else f"{r.lora_r}/{r.lora_alpha}"
         rows.append((r.path, r.dataset, r.type, r.backend, r.base_model, lora, steps, _number(r.final_loss, 4),
                      _size(r.size_bytes), (r.date or "")[:16].replace("T", " "), status,
@@ -124,19 +125,24 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def _mapping(info: dict[str, Any], key: str) -> dict[str, Any]:
+    value = info.get(key)
+    return value if isinstance(value, dict) else {}
+
+
 def _render_show(info: dict[str, Any]) -> None:
     summary = info.get("summary") or {}
-    job = info.get("job") if isinstance(info.get("job"), dict) else {}
+    job = _mapping(info, "job")
     base = info.get("base_model") or {}
     lora = info.get("lora") or {}
-    device = info.get("device") if isinstance(info.get("device"), dict) else {}
-    progress = info.get("progress") if isinstance(info.get("progress"), dict) else {}
-    data = info.get("data") if isinstance(info.get("data"), dict) else {}
-    template = info.get("chat_template") if isinstance(info.get("chat_template"), dict) else {}
-    adapter = info.get("adapter") if isinstance(info.get("adapter"), dict) else {}
-    versions = info.get("versions") if isinstance(info.get("versions"), dict) else {}
+    device = _mapping(info, "device")
+    progress = _mapping(info, "progress")
+    data = _mapping(info, "data")
+    template = _mapping(info, "chat_template")
+    adapter = _mapping(info, "adapter")
+    versions = _mapping(info, "versions")
 
-    rows: list[tuple[str, str]] = []
+    rows: list[tuple[str, Any]] = []
 
     def add(key: str, value: Any) -> None:
         text = _fmt(value)
@@ -152,7 +158,7 @@ def _render_show(info: dict[str, Any]) -> None:
     if base.get("path") and base.get("path") != base.get("name"):
         base_text += f"\n{base['path']}"
     if base.get("exists") is False:
-        base_text += "\n[red]missing[/red]"
+        base_text = markup(escape(base_text) + "\n[red]missing[/red]")
     if base_text:
         rows.append(("base model", base_text))
     add("architecture", " ".join(str(x) for x in (base.get("architecture"), f"{base['parameters']:,} parameters"
@@ -181,7 +187,7 @@ def _render_show(info: dict[str, Any]) -> None:
                     + (f", {progress['tokens_per_second']:,.0f} tok/s" if progress.get("tokens_per_second") else ""))
     if isinstance(job.get("learning_rate"), (int, float)):
         add("learning rate", f"{job['learning_rate']:g}")
-    dist = info.get("distributed") if isinstance(info.get("distributed"), dict) else {}
+    dist = _mapping(info, "distributed")
     if dist.get("world_size", 1) > 1:
         add("processes", f"{dist['world_size']} ({dist.get('mode') or 'DDP'}), effective batch {dist.get('effective_batch')}")
     for key, label in (("batch_size", "batch size"),
@@ -251,7 +257,7 @@ def show(
     as_json: bool = typer.Option(False, "--json", help="Print everything as JSON (run.json's sections, adapter_config.json, "
                                  "loss history, checkpoints, metrics)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Also write the loss curve to this PNG file (needs matplotlib: "
-                                        "pip install 'comapoi[plot]').", show_default=False),
+                                        "pip install 'comapoi\\[plot]').", show_default=False),
 ) -> None:
     """Show one run: base model, role, backend, LoRA settings, target modules, trainable parameters, data hashes,
     the loss curve, evaluations and checkpoints."""
@@ -279,27 +285,32 @@ def show(
 @app.command("merge")
 def merge(
     run_dir: Path = typer.Argument(..., help="A run folder (or one of its checkpoint-N folders).", show_default=False),
-    output: Path = typer.Option(..., "--output", "-o", help="Folder for the merged model (must not exist or be empty).",
-                                show_default=False),
-    model: Optional[str] = typer.Option(None, "--model", help="Base model folder or hub id [default: the one run.json "
-                                        "records; a tiny base is rebuilt if gone].", show_default=False),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Folder for the merged model (must not exist or "
+                                              "be empty). Required.", show_default=False),
+    output_old: Optional[Path] = old_spelling("--output", "-o"),
+    model: Optional[str] = typer.Option(None, "--model", help="Base model folder or hub id.",
+                                        show_default="the one run.json records; a tiny base is rebuilt if gone"),
     dtype: str = typer.Option("auto", "--dtype", help="auto (the base's stored dtype; float16 becomes float32 on the CPU), "
                               "bfloat16, float16 or float32. Never 4-bit."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    check_inputs: int = typer.Option(3, "--check-inputs", min=0, help="Inputs on which the saved model's logits must match "
+    check_inputs: int = number_option(3, "--check-inputs", whole=True, minimum=0, help="Inputs on which the saved model's logits must match "
                                      "the base model with the adapter (0 = no check)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output-dir folder."),
+    trust_remote_code: bool = trust_remote_code_option(),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Merge the adapter into a 16-bit copy of its base model and save a standalone model folder
     (weights in safetensors, tokenizer, chat template) that plain transformers or vLLM load."""
     from comapoi_cli.adapters_merge import merge_adapter
 
+    output = one_of(output_dir, output_old, "--output-dir", required=True)
+
     def log(message: str) -> None:
         err_console.print(f"[dim]{escape(message)}[/dim]", soft_wrap=True)
 
     result = merge_adapter(run_dir, output, model=model, dtype=dtype, device=device, overwrite=overwrite,
-                           check_inputs=check_inputs, log=None if as_json else log)
+                           check_inputs=check_inputs, log=None if as_json else log,
+                           **trust_kwargs(merge_adapter, trust_remote_code))
     if as_json:
         print_json(result.to_dict())
         return
@@ -320,18 +331,21 @@ def merge(
 @app.command("export")
 def export(
     run_dirs: List[Path] = typer.Argument(..., help="Run folders (or checkpoint-N folders) to export.", show_default=False),
-    to: Path = typer.Option(..., "--to", help="Folder to copy the adapters into (one sub-folder per serving name).",
-                            show_default=False),
-    names: Optional[str] = typer.Option(None, "--names", help="Comma list of serving names, one per run in order "
-                                        "[default: each run's role, e.g. agent1,agent2,agent3].", show_default=False),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Folder to copy the adapters into (one "
+                                              "sub-folder per serving name). Required.", show_default=False),
+    to_old: Optional[Path] = old_spelling("--to"),
+    names: Optional[str] = typer.Option(None, "--names", help="Comma list of serving names, one per run in order.",
+                                        show_default="each run's role, e.g. agent1,agent2,agent3"),
     model: Optional[str] = typer.Option(None, "--model", help="Base model for the printed command (e.g. its path on the "
-                                        "serving machine) [default: the recorded one].", show_default=False),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing TO/NAME folders."),
+                                        "serving machine).", show_default="the recorded one"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing OUTPUT_DIR/NAME folders."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Copy adapters (safetensors only) under serving names, check they share one base model, and print
     the vLLM command line that serves them as LoRA modules."""
     from comapoi_cli.adapters_export import export_adapters
+
+    to = one_of(output_dir, to_old, "--output-dir", required=True)
 
     name_list = names.split(",") if names else None
     result = export_adapters(run_dirs, to, name_list, overwrite=overwrite, base_model=model)

@@ -1,25 +1,86 @@
-"""The root ``comapoi`` application: wires the command groups and turns errors into sentences."""
+"""The root ``comapoi`` application: wires the command groups and turns errors into sentences.
+
+Built-in commands load lazily (Click's "lazy loading subcommands" pattern): ``COMMANDS`` names each
+one with the module that defines it and its one-line help, so ``comapoi --help`` lists them without
+importing any, and ``comapoi data clean`` imports only ``comapoi_cli.cli.data``. Adding a command is
+one entry there: ``"name": ("module:attribute", "one-line help")``, where the attribute is a
+``typer.Typer`` (a group of sub-commands, or an app holding the one command ``name``) or a function of
+the plugin registry that returns one. Plugin commands (the ``register_commands`` hook) cannot replace a built-in command.
+"""
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
+from typing import Any
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from comapoi_cli import __version__
-from comapoi_cli.cli import adapters, data, env, plugins, train
-from comapoi_cli.cli import eval as eval_cli
+from comapoi_cli.cli.fields import normalise_token
 from comapoi_cli.cli.render import error
 from comapoi_cli.errors import ComapoiError
 
+#: The built-in commands: name -> ("module:attribute", one-line help shown by ``comapoi --help``).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "data": ("comapoi_cli.cli.data:app", "Prepare CoMaPOI training data: clean, split, merge, stats, synth."),
+    "train": ("comapoi_cli.cli.train:command", "Fine-tune a LoRA / QLoRA adapter for one CoMaPOI agent role (or all roles merged)."),
+    "eval": ("comapoi_cli.cli.eval:app", "Score an adapter on held-out data, or score a predictions file."),
+    "adapters": ("comapoi_cli.cli.adapters:app", "Inspect, merge and export trained adapters for serving."),
+    "plugins": ("comapoi_cli.cli.plugins:app", "Inspect plugins: backends, agent roles, and plugins that failed to load."),
+    "env": ("comapoi_cli.cli.env:app", "Show package versions, CUDA and GPUs, and which training backends are usable here."),
+}
+
+
+def load_command(name: str) -> Any:
+    """Import the module of built-in command ``name`` and return its Click command."""
+    from comapoi_cli.plugins import get_registry
+
+    target, _ = COMMANDS[name]
+    module_name, attribute = target.split(":")
+    obj: Any = getattr(importlib.import_module(module_name), attribute)
+    if not isinstance(obj, typer.Typer):
+        obj = obj(get_registry())
+    single = [c.name for c in obj.registered_commands] == [name] and not obj.registered_groups
+    command = typer.main.get_command(obj) if single else typer.main.get_group(obj)  # a one-command group stays a group
+    command.name = name
+    return command
+
+
+class LazyGroup(TyperGroup):
+    """A Typer group whose built-in commands are imported only when they run (or their own help is asked)."""
+
+    _listing = False
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        plugin_commands = [n for n in super().list_commands(ctx) if n not in COMMANDS]
+        return [*COMMANDS, *plugin_commands]
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        if cmd_name in COMMANDS:
+            if self._listing:  # `comapoi --help`: the one-line help is enough
+                return TyperCommand(cmd_name, help=COMMANDS[cmd_name][1])
+            return load_command(cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        self._listing = True
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            self._listing = False
+
+
 app = typer.Typer(
     name="comapoi",
+    cls=LazyGroup,
     help="Fine-tune the CoMaPOI agents (Profiler, Forecaster, Final_Predictor) with LoRA / QLoRA.",
     no_args_is_help=True,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    context_settings={"help_option_names": ["-h", "--help"], "token_normalize_func": normalise_token},
 )
 
 
@@ -36,18 +97,10 @@ def root(
     """Fine-tune the CoMaPOI agents (Profiler, Forecaster, Final_Predictor) with LoRA / QLoRA."""
 
 
-app.add_typer(data.app, name="data")
-train.register(app)
-app.add_typer(eval_cli.app, name="eval")
-app.add_typer(adapters.app, name="adapters")
-app.add_typer(plugins.app, name="plugins")
-env.register(app)
-
-
 def _add_plugin_commands() -> None:
-    from comapoi_cli.plugins import register_plugin_commands
+    from comapoi_cli.plugins import get_registry, register_plugin_commands
 
-    register_plugin_commands(app)
+    register_plugin_commands(app, get_registry(), reserved=set(COMMANDS))
 
 
 def main(argv: list[str] | None = None) -> None:

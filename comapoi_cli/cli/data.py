@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
+from rich.markup import escape
 
-from comapoi_cli.cli.render import console, print_json, success, table, warn
+from comapoi_cli.cli.fields import number_option, old_spelling, one_of, trust_kwargs, trust_remote_code_option
+from comapoi_cli.cli.render import console, markup, print_json, success, table, warn
 from comapoi_cli.errors import DataError, UsageError
 
 app = typer.Typer(help="Prepare CoMaPOI training data: clean, split, merge, stats, synth.", no_args_is_help=True)
@@ -28,7 +30,7 @@ def _registry():
 
 def _reporter():
     """The console reporter the data services report progress through (on a terminal)."""
-    from comapoi_cli.training.report import ConsoleReporter
+    from comapoi_cli.cli.reporting import ConsoleReporter
 
     return ConsoleReporter()
 
@@ -46,9 +48,9 @@ def _clean_table(summary: dict[str, Any], title: str) -> None:
     from comapoi_cli.data.policies import CHECKS
 
     descriptions = {c.name: c.description for c in CHECKS}
-    rows = [("[green]kept[/green]", summary["kept"], "written to the output")]
+    rows: list[tuple[Any, ...]] = [(markup("[green]kept[/green]"), summary["kept"], "written to the output")]
     for reason, n in summary["rejected"].items():
-        rows.append((f"[red]{reason}[/red]", n, descriptions.get(reason, "")))
+        rows.append((markup(f"[red]{escape(str(reason))}[/red]"), n, descriptions.get(reason, "")))
     console.print(table(title, ["", "lines", ""], rows))
     total = summary["kept"] + sum(summary["rejected"].values())
     console.print(f"in {summary['in']} = kept {summary['kept']} + rejected {total - summary['kept']}")
@@ -62,7 +64,7 @@ def _clean_table(summary: dict[str, Any], title: str) -> None:
                       f"{over.get('answer_cut', 0)} the end of it.")
     converted = summary.get("converted") or {}
     if converted:
-        console.print("Converted: " + ", ".join(f"{name} {n}" for name, n in converted.items()))
+        console.print("Converted: " + ", ".join(f"{name} {n}" for name, n in converted.items()), markup=False)
 
 
 @app.command()
@@ -73,17 +75,18 @@ def clean(
     type_: Optional[str] = typer.Option(None, "--type", help="Role of the records (agent1, agent2, agent3, ...); with --dataset also 'merged' (the default)."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Dataset name (nyc, tky, ca, any): its POI id range, and without INPUT its files."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=_DATA_DIR_HELP),
-    max_poi_id: Optional[int] = typer.Option(None, "--max-poi-id", help="Largest valid POI id (default: the dataset preset's)."),
+    max_poi_id: Optional[int] = number_option(None, "--max-poi-id", whole=True, minimum=1, help="Largest valid POI id (default: the dataset preset's)."),
     on: Optional[List[str]] = typer.Option(None, "--on", help="Policy of a check: CHECK=drop|warn|keep|fail (repeatable, or comma list; 'all=fail')."),
     strict: bool = typer.Option(False, "--strict", help="Every check that would drop a record fails instead."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Local Hugging Face tokenizer folder: count tokens with its chat template."),
-    seq_length: Optional[int] = typer.Option(None, "--seq-length", "--seq_length", help="With --tokenizer: records longer than this are 'too_long'."),
+    seq_length: Optional[int] = number_option(None, "--seq-length", whole=True, minimum=1, help="With --tokenizer: records longer than this are 'too_long'."),
     split: bool = typer.Option(True, "--split/--no-split", help="With --dataset: also write the seeded training/holdout split (the original's _all/_100 files)."),
     test_size: str = typer.Option("100", "--test-size", help="With --dataset: holdout size, a count or a fraction (0.1, 10%)."),
-    seed: int = typer.Option(42, "--seed", help="With --dataset: split seed."),
+    seed: int = number_option(42, "--seed", whole=True, help="With --dataset: split seed."),
     force: bool = typer.Option(False, "--force", help="With --dataset: rebuild even if the recorded input hashes match."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Processes for large files (default: the usable cores)."),
+    workers: Optional[int] = number_option(None, "--workers", whole=True, minimum=1, help="Processes for large files (default: the usable cores)."),
     list_checks: bool = typer.Option(False, "--list-checks", help="List the checks and their default policies, and exit."),
+    trust_remote_code: bool = trust_remote_code_option(),
     as_json: bool = typer.Option(False, "--json", help=_JSON_HELP),
 ) -> None:
     """Clean agent files: keep valid records, write every other line to a rejects file with its reason.
@@ -103,7 +106,8 @@ def clean(
             return
         console.print(table("Checks (set with --on CHECK=POLICY)", ["check", "default", "can keep", "what it catches"],
                             [(c.name, c.default, "yes" if c.keepable else "no",
-                              c.description + (" [dim](original rule)[/dim]" if c.original else "")) for c in CHECKS]))
+                              markup(escape(c.description) + (" [dim](original rule)[/dim]" if c.original else "")))
+                             for c in CHECKS]))
         return
     policies = parse_policy_options(on)
     if input is None:
@@ -114,7 +118,8 @@ def clean(
         prepared = prepare_training_data(type_=type_ or "merged", dataset=dataset, data_dir=data_dir, seed=seed,
                                          test_size=parse_test_size(test_size), split=split, policies=policies,
                                          strict=strict, tokenizer=tokenizer, seq_length=seq_length,
-                                         max_poi_id=max_poi_id, force=force, workers=workers, registry=_registry())
+                                         max_poi_id=max_poi_id, force=force, workers=workers, registry=_registry(),
+                                         **trust_kwargs(prepare_training_data, trust_remote_code))
         summary = prepared.summary
         if as_json:
             print_json({"train_path": str(prepared.train_path),
@@ -126,7 +131,7 @@ def clean(
         else:
             _clean_table(summary, f"clean {dataset} {type_ or 'merged'}")
             for rejects_file in summary.get("rejects_files", []):
-                console.print(f"Rejects: {rejects_file}")
+                console.print(f"Rejects: {rejects_file}", markup=False, soft_wrap=True)
         for note in summary.get("notes", []):
             warn(note)
         success(f"Training file: {prepared.train_path} ({summary.get('train')} records)")
@@ -142,14 +147,14 @@ def clean(
     result = clean_file(input, target, rejects, role=type_ if type_ and type_ != "merged" else None, dataset=dataset,
                         max_poi_id=max_poi_id, policies=policies, strict=strict, tokenizer=tokenizer,
                         seq_length=seq_length, workers=workers, registry=_registry(), reporter=_reporter(),
-                        require_records=True)
+                        require_records=True, **trust_kwargs(clean_file, trust_remote_code))
     data = result.to_dict()
     data["in"] = data["lines_in"]
     if as_json:
         print_json(data)
     else:
         _clean_table(data, f"clean {input.name}")
-        console.print(f"Output: {result.output}\nRejects: {result.rejects}")
+        console.print(f"Output: {result.output}\nRejects: {result.rejects}", markup=False, soft_wrap=True)
         speed = f" ({data['mb_per_s']} MB/s)" if data.get("mb_per_s") else ""
         console.print(f"[dim]{result.bytes_in / 1e6:.1f} MB in {result.seconds:.2f} s{speed}, {result.workers} process(es)[/dim]")
     if result.lines_in == 0:
@@ -165,7 +170,7 @@ def split(
     train_out: Optional[Path] = typer.Option(None, "--train-out", help="Training file (default: {stem}_all.jsonl beside INPUT)."),
     holdout_out: Optional[Path] = typer.Option(None, "--holdout-out", help="Holdout file (default: {stem}_100.jsonl beside INPUT)."),
     test_size: str = typer.Option("100", "--test-size", help="Holdout size: a count (default 100, as the original) or a fraction (0.1, 10%)."),
-    seed: int = typer.Option(42, "--seed", help="Seed: the same input and seed give byte-identical outputs."),
+    seed: int = number_option(42, "--seed", whole=True, help="Seed: the same input and seed give byte-identical outputs."),
     group_by: Optional[str] = typer.Option(None, "--group-by", help="'user': all records of one user land on the same side."),
     shuffle: bool = typer.Option(False, "--shuffle", help="Shuffle the outputs (seeded); default keeps the input order."),
     type_: Optional[str] = typer.Option(None, "--type", help="Role of the records (for --group-by); with --dataset the file to split (default merged)."),
@@ -197,7 +202,8 @@ def split(
     rows = [("training", result.train, result.train_path), ("holdout", result.holdout, result.holdout_path)]
     console.print(table(f"split {input.name} (seed {seed})", ["side", "records", "file"], rows))
     if result.group_by:
-        console.print(f"Grouped by {result.group_by}: {result.groups} users, {result.holdout_groups} in the holdout.")
+        console.print(f"Grouped by {result.group_by}: {result.groups} users, {result.holdout_groups} in the holdout.",
+                      markup=False)
     for note in result.notes:
         warn(note)
 
@@ -210,7 +216,7 @@ def merge(
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Merge the agent files of this dataset."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=_DATA_DIR_HELP),
     shuffle: bool = typer.Option(False, "--shuffle", help="Shuffle the merged records (seeded)."),
-    seed: int = typer.Option(42, "--seed", help="Seed of the shuffle and of fractional weights."),
+    seed: int = number_option(42, "--seed", whole=True, help="Seed of the shuffle and of fractional weights."),
     weight: Optional[List[str]] = typer.Option(None, "--weight", help="ROLE=W: up- (2) or down-sample (0.5) a role (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help=_JSON_HELP),
 ) -> None:
@@ -259,11 +265,12 @@ def stats(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=_DATA_DIR_HELP),
     type_: Optional[str] = typer.Option(None, "--type", help="Role of the records of FILES (default: from the file name, else each record's 'agent')."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Local Hugging Face tokenizer folder: real token counts with its chat template."),
-    seq_length: Optional[int] = typer.Option(None, "--seq-length", "--seq_length", help="Count records longer than this many tokens."),
-    chars_per_token: float = typer.Option(1.8, "--chars-per-token", help="Estimate without --tokenizer (measured on the synth data; docs/data.md)."),
-    max_poi_id: Optional[int] = typer.Option(None, "--max-poi-id", help="Largest valid POI id (default: the dataset preset's)."),
+    seq_length: Optional[int] = number_option(None, "--seq-length", whole=True, minimum=1, help="Count records longer than this many tokens."),
+    chars_per_token: float = number_option(1.8, "--chars-per-token", above=0, help="Estimate without --tokenizer (measured on the synth data; docs/data.md)."),
+    max_poi_id: Optional[int] = number_option(None, "--max-poi-id", whole=True, minimum=1, help="Largest valid POI id (default: the dataset preset's)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write the length distribution per role to this PNG (matplotlib)."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Processes for large files (default: the usable cores; 1 with --tokenizer, whose own threads use every core)."),
+    workers: Optional[int] = number_option(None, "--workers", whole=True, minimum=1, help="Processes for large files (default: the usable cores; 1 with --tokenizer, whose own threads use every core)."),
+    trust_remote_code: bool = trust_remote_code_option(),
     as_json: bool = typer.Option(False, "--json", help=_JSON_HELP),
 ) -> None:
     """Per-role statistics: records, lengths, tokens, loss share, duplicates, leaks, wrong targets."""
@@ -278,7 +285,8 @@ def stats(
         raise UsageError("Give files to describe, or --dataset NAME.")
     report = compute_stats(selection, role=type_ if type_ and type_ != "merged" else None, dataset=dataset,
                            max_poi_id=max_poi_id, tokenizer=tokenizer, seq_length=seq_length,
-                           chars_per_token=chars_per_token, workers=workers, registry=registry, reporter=_reporter())
+                           chars_per_token=chars_per_token, workers=workers, registry=registry, reporter=_reporter(),
+                           **trust_kwargs(compute_stats, trust_remote_code))
     if plot is not None:
         plot_lengths(report, plot)
     if as_json:
@@ -315,7 +323,7 @@ def stats(
         if not hist.get("counts"):
             continue
         largest = max(hist["counts"])
-        console.print(f"[bold]{name}[/bold] tokens{est} per record")
+        console.print(f"[bold]{escape(str(name))}[/bold] tokens{escape(str(est))} per record")
         edges = hist["edges"]
         for i, count in enumerate(hist["counts"]):
             marker = " [red]> seq-length[/red]" if seq_length and edges[i] >= seq_length else ""
@@ -330,26 +338,29 @@ def stats(
 
 
 def _flag(n: int) -> str:
-    return f"[red]{n}[/red]" if n else "0"
+    return markup(f"[red]{n}[/red]") if n else "0"
 
 
 # -- synth -------------------------------------------------------------------------------------
 @app.command()
 def synth(
     dataset: str = typer.Option("nyc", "--dataset", help="Dataset name: its folder, and its city preset (nyc, tky, ca) when simulating."),
-    out: Optional[Path] = typer.Option(None, "--out", "--data-dir", help="Folder that receives {dataset}/ (default: $COMAPOI_DATA_DIR or ./data)."),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Folder that receives {dataset}/ (default: $COMAPOI_DATA_DIR or ./data)."),
+    out_old: Optional[Path] = old_spelling("--out", "--data-dir"),
     source: Optional[Path] = typer.Option(None, "--source", help="Real next-POI trajectories (e.g. nyc_train.jsonl); without it a city is simulated."),
     poi_info: Optional[Path] = typer.Option(None, "--poi-info", help="With --source: a poi_id,category,lat,lon table that widens the candidate pool."),
-    trajectories: Optional[int] = typer.Option(None, "--trajectories", "-n", help="Training trajectories (simulated default 200; real: the first N)."),
-    seed: int = typer.Option(42, "--seed", help="Same seed and options = identical files."),
+    trajectories: Optional[int] = number_option(None, "--trajectories", "-n", whole=True, minimum=1, help="Training trajectories (simulated default 200; real: the first N)."),
+    seed: int = number_option(42, "--seed", whole=True, help="Same seed and options = identical files."),
     preset: Optional[str] = typer.Option(None, "--preset", help="City to simulate for a dataset name without a preset (nyc, tky, ca)."),
-    min_checkins: int = typer.Option(12, "--min-checkins", help="Simulated: shortest trajectory."),
-    max_checkins: int = typer.Option(36, "--max-checkins", help="Simulated: longest trajectory."),
+    min_checkins: int = number_option(12, "--min-checkins", whole=True, minimum=1, help="Simulated: shortest trajectory."),
+    max_checkins: int = number_option(36, "--max-checkins", whole=True, minimum=1, help="Simulated: longest trajectory."),
     plain: bool = typer.Option(True, "--plain/--no-plain", help="Simulated: also write {dataset}_train/_test.jsonl and {dataset}_poi_info.csv."),
     as_json: bool = typer.Option(False, "--json", help=_JSON_HELP),
 ) -> None:
     """Generate CoMaPOI-format agent files from real trajectories or a simulated city (deterministic)."""
     from comapoi_cli.data.synth import synth_dataset
+
+    out = one_of(output_dir, out_old, "--output-dir")
 
     result = synth_dataset(dataset, out, source=source, trajectories=trajectories, seed=seed, preset=preset,
                            poi_info=poi_info, min_checkins=min_checkins, max_checkins=max_checkins, plain=plain,

@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 import typer
 
+from comapoi_cli.cli.fields import number_option, trust_kwargs, trust_remote_code_option
 from comapoi_cli.cli.render import console, err_console, print_json, success, table, warn
 from comapoi_cli.errors import UsageError
 
@@ -47,15 +48,13 @@ def eval_adapter(
     data_dir: Optional[Path] = typer.Option(
         None, "--data-dir", envvar="COMAPOI_DATA_DIR", help="Where --dataset's files live (default: the run's, else ./data).",
         show_default=False, rich_help_panel="What to evaluate"),
-    num_samples: int = typer.Option(
-        0, "--num-samples", min=0, help="Evaluate only the first N records (0 = all).", rich_help_panel="What to evaluate"),
+    num_samples: int = number_option(0, "--num-samples", whole=True, minimum=0, help="Evaluate only the first N records (0 = all).", rich_help_panel="What to evaluate"),
     model: Optional[str] = typer.Option(
         None, "--model", help="Base model folder (or 'tiny'). Default: the base model recorded in run.json.",
         show_default=False, rich_help_panel="Generation"),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Prompts per generation batch.",
+    batch_size: int = number_option(8, "--batch-size", whole=True, minimum=1, help="Prompts per generation batch.",
                                    rich_help_panel="Generation"),
-    max_new_tokens: Optional[int] = typer.Option(
-        None, "--max-new-tokens", min=1, help="Tokens to generate per answer. Default: 1.5 x the longest "
+    max_new_tokens: Optional[int] = number_option(None, "--max-new-tokens", whole=True, minimum=1, help="Tokens to generate per answer. Default: 1.5 x the longest "
         "reference answer + 16 (at most 512).", show_default=False, rich_help_panel="Generation"),
     quant: str = typer.Option(
         "auto", "--quant", help="auto (the run's quantisation on a GPU, none on the CPU), 4bit, 8bit or none.",
@@ -64,6 +63,7 @@ def eval_adapter(
     output_dir: Optional[Path] = typer.Option(
         None, "--output-dir", help="Where predictions.jsonl, metrics.json and metrics.csv go (default: the adapter folder).",
         show_default=False, rich_help_panel="Output"),
+    trust_remote_code: bool = trust_remote_code_option(rich_help_panel="Generation"),
     as_json: bool = typer.Option(False, "--json", help="Print the evaluation entry as JSON.", rich_help_panel="Output"),
 ) -> None:
     """Score an adapter on held-out records with CoMaPOI's metrics (Acc@k, NDCG@k, MRR).
@@ -95,9 +95,11 @@ def eval_adapter(
     request = EvalRequest(
         adapter=adapter, data=data, dataset=dataset, type=type_, data_dir=data_dir, num_samples=num_samples,
         model=model, batch_size=batch_size, max_new_tokens=max_new_tokens, quant=quant, device=device,
-        output_dir=output_dir, progress=not as_json,
+        output_dir=output_dir, progress=not as_json, **trust_kwargs(EvalRequest, trust_remote_code),
     )
-    result = evaluate_adapter(request, log=None if as_json else _log)
+    from comapoi_cli.plugins import get_registry
+
+    result = evaluate_adapter(request, log=None if as_json else _log, registry=get_registry())
     if as_json:
         print_json({**result.entry, "notes": result.notes, "written": [str(p) for p in result.written]})
         return
@@ -137,7 +139,10 @@ def score(
     from comapoi_cli.fileio import sha256_file
 
     try:
-        report = score_predictions(file, role=type_, dataset=dataset, reparse=reparse, skip_invalid=skip_invalid)
+        from comapoi_cli.plugins import get_registry
+
+        report = score_predictions(file, role=type_, dataset=dataset, reparse=reparse, skip_invalid=skip_invalid,
+                                   registry=get_registry())
     except PredictionsFileError as exc:
         _print_problems(exc.problems, MAX_SHOWN_PROBLEMS)
         raise
@@ -165,7 +170,9 @@ def score(
 
 
 def _log(message: str) -> None:
-    err_console.print(f"[dim]{message}[/dim]", soft_wrap=True, highlight=False)
+    from rich.markup import escape
+
+    err_console.print(f"[dim]{escape(message)}[/dim]", soft_wrap=True, highlight=False)
 
 
 def _print_problems(problems: list[Any], limit: int, heading: str | None = None) -> None:
@@ -174,7 +181,7 @@ def _print_problems(problems: list[Any], limit: int, heading: str | None = None)
     for problem in problems[:limit]:
         err_console.print(f"  {problem}", soft_wrap=True, markup=False)
     if len(problems) > limit:
-        err_console.print(f"  ... and {len(problems) - limit} more", soft_wrap=True)
+        err_console.print(f"  ... and {len(problems) - limit} more", soft_wrap=True, markup=False)
 
 
 def _fmt(value: Any) -> str:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import typer
+from typing import Any
 
-from comapoi_cli.cli.render import console, print_json, table
+import typer
+from rich.markup import escape
+
+from comapoi_cli.cli.render import console, markup, print_json, table
 
 app = typer.Typer(help="Inspect plugins: backends, agent roles, and plugins that failed to load.", no_args_is_help=True)
 
@@ -21,21 +24,33 @@ def list_plugins(
     roles = [r.describe() for r in registry.roles.values()]
     plugins = [p.to_dict() for p in registry.plugins]
     if as_json:
-        print_json({"plugins": plugins, "backends": backends, "roles": roles})
+        out: dict[str, Any] = {"plugins": plugins, "backends": backends, "roles": roles}
+        if "unsloth" not in registry.backends:
+            from comapoi_cli.environment import unsloth_install_line
+
+            out["unsloth_install"] = unsloth_install_line()
+        print_json(out)
         return
     console.print(table(
         "Plugins", ["plugin", "source", "registers", "status"],
         [(p["name"], p["source"], ", ".join(p["registered"]) or "-",
-          f"[red]error: {p['error']}[/red]" if p["error"] else "[green]ok[/green]") for p in plugins],
+          markup(f"[red]error: {escape(str(p['error']))}[/red]") if p["error"] else markup("[green]ok[/green]"))
+         for p in plugins],
     ))
     console.print(table(
         "Backends", ["backend", "usable", "needs", "description"],
         [(b["name"],
-          "[green]yes[/green]" if b["usable"] else f"[red]unusable: {b['reason']}[/red]"
-          + (f"\n[dim]install: {b['install_hint']}[/dim]" if b["install_hint"] else ""),
+          markup("[green]yes[/green]") if b["usable"] else markup(
+              f"[red]unusable: {escape(str(b['reason']))}[/red]"
+              + (f"\n[dim]install: {escape(b['install_hint'])}[/dim]" if b["install_hint"] else "")),
           ", ".join(b["requires"]), b["description"]) for b in backends],
     ))
     console.print(table(
         "Agent roles (train --type)", ["id", "name", "data file", "description"],
         [(r["id"], r["display_name"], r["data_file"], r["description"]) for r in roles],
     ))
+    if "unsloth" not in registry.backends:
+        from comapoi_cli.environment import unsloth_hint
+
+        console.print(f"The unsloth backend is a plugin, not installed here. {escape(unsloth_hint())}",
+                      soft_wrap=True, highlight=False)

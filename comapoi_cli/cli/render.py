@@ -20,12 +20,29 @@ def print_json(data: Any) -> None:
     sys.stdout.flush()
 
 
+class markup(str):
+    """Text written by the CLI itself with Rich markup (``markup("[red]missing[/red]")``): printed as markup.
+
+    Every other string a table or message shows (from data, plugins, paths, hints) is escaped, so that
+    brackets in it (``./plugins/comapoi-unsloth[unsloth]``) print as written.
+    """
+
+
+def literal(value: Any) -> str:
+    """``value`` as text safe to embed in markup: a ``markup`` string as is, anything else escaped."""
+    if value is None:
+        return ""
+    return value if isinstance(value, markup) else escape(str(value))
+
+
 def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]], **kwargs: Any) -> Table:
-    t = Table(title=title, title_justify="left", **kwargs)
+    if isinstance(kwargs.get("caption"), str):
+        kwargs["caption"] = literal(kwargs["caption"])
+    t = Table(title=literal(title) if title else None, title_justify="left", **kwargs)
     for column in columns:
-        t.add_column(column, overflow="fold")  # a long path wraps instead of losing its end to "…"
+        t.add_column(literal(column), overflow="fold")  # a long path wraps instead of losing its end to "…"
     for row in rows:
-        t.add_row(*["" if v is None else str(v) for v in row])
+        t.add_row(*[literal(v) for v in row])
     return t
 
 
@@ -48,7 +65,8 @@ def success(message: str) -> None:
 def _cell_width(value: Any) -> int:
     from rich.text import Text
 
-    return max((Text.from_markup(line).cell_len for line in str(value).splitlines()), default=0)
+    make = Text.from_markup if isinstance(value, markup) else Text  # what table() prints: markup only when marked
+    return max((make(line).cell_len for line in str(value).splitlines()), default=0)
 
 
 def fit_columns(columns: Sequence[str], rows: Sequence[Sequence[Any]], width: int, *, drop_first: Sequence[str],

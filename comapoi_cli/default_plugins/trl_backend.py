@@ -19,10 +19,10 @@ class TRLBackend(Backend):
             return f"missing Python packages: {', '.join(missing)}"
         return None
 
-    def train(self, job):
+    def train(self, job, reporter=None):
         from comapoi_cli.training.trl_trainer import train_with_trl
 
-        return train_with_trl(job)
+        return train_with_trl(job, reporter)
 
 
 @hookimpl

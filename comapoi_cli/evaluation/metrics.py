@@ -87,7 +87,7 @@ def compute_metrics(outcomes: Iterable[RecordOutcome]) -> dict[str, Any]:
     """
     items = list(outcomes)
     n = len(items)
-    sums = {key: 0.0 for key in PERCENT_KEYS}
+    sums = dict.fromkeys(PERCENT_KEYS, 0.0)
     candidates = 0
     for item in items:
         for k in ACC_KS:

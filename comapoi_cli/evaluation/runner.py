@@ -749,7 +749,14 @@ def _generate_with_progress(model: LoadedModel, token_ids: list[list[int]], requ
     if not request.progress:
         return generate(model, token_ids, batch_size=request.batch_size, max_new_tokens=max_new_tokens, log=log)
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     columns = (TextColumn("[bold]generating"), BarColumn(), MofNCompleteColumn(), TextColumn("records"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())

@@ -63,8 +63,8 @@ def bitsandbytes_problem(device: str) -> str | None:
     if missing_packages("bitsandbytes"):
         return "bitsandbytes is not installed (pip install bitsandbytes)"
     try:
-        import torch
         import bitsandbytes.functional as F
+        import torch
 
         F.quantize_4bit(torch.ones(64, 64, device=device, dtype=torch.float32))
     except Exception as exc:  # no kernel for this device, a broken install, ...

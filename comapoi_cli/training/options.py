@@ -18,14 +18,12 @@ from typing import Any, Callable, Mapping
 
 from comapoi_cli.errors import UsageError
 from comapoi_cli.roles import MERGED
-from comapoi_cli.training.job import DEFAULT_TARGET_MODULES, TINY, TrainingJob, _safe_name
+from comapoi_cli.training.job import DEFAULT_TARGET_MODULES, TINY, TINY_LEARNING_RATE, TrainingJob, _safe_name
 
 ENV_DATA_DIR = "COMAPOI_DATA_DIR"
 ENV_OUTPUT_DIR = "COMAPOI_OUTPUT_DIR"
 ENV_MODEL_PATH = "COMAPOI_MODEL_PATH"
 
-#: The default --learning_rate for --model tiny: a randomly initialised model learns nothing visible at 1e-4.
-TINY_LEARNING_RATE = 5e-3
 #: Option names that are not ``TrainingJob`` fields but are accepted in config files.
 EXTRA_KEYS = {"unsloth"}
 #: Fields a user never sets (they are derived).
@@ -61,6 +59,10 @@ def _to_int(value: Any) -> int:
     raise ValueError(f"expected a whole number, got {value!r}")
 
 
+def _to_optional_int(value: Any) -> int | None:
+    return None if value is None or value == "" else _to_int(value)
+
+
 def _to_float(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError(f"expected a number, got {value!r}")
@@ -93,8 +95,19 @@ def parse_target_modules(value: Any) -> tuple[str, ...]:
     return tuple(item for item in items if item)
 
 
+def _to_str_tuple(value: Any) -> tuple[str, ...]:
+    """``"a=b"`` or ``["a=b", "c=d"]`` (a config file's list) to a tuple of strings."""
+    if isinstance(value, str):
+        return (value,) if value.strip() else ()
+    if isinstance(value, Mapping):
+        return tuple(f"{k}={v}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return tuple(_to_str(v) for v in value)
+    raise ValueError(f"expected CHECK=POLICY items, got {value!r}")
+
+
 def _coercer(f: dataclasses.Field) -> Callable[[Any], Any]:
-    special = {"test_size": _to_count_or_fraction, "target_modules": parse_target_modules,
+    special = {"on": _to_str_tuple, "num_processes": _to_optional_int, "accelerate_config": _to_optional_str, "test_size": _to_count_or_fraction, "target_modules": parse_target_modules,
                "dataset": _to_optional_str, "data_path": _to_optional_str, "model_path": _to_optional_str,
                "chat_template": _to_optional_str, "bf16": _to_optional_bool, "fp16": _to_optional_bool,
                "gradient_checkpointing": _to_optional_bool}
@@ -287,11 +300,14 @@ def build_job(cli: Mapping[str, Any], *, config_file: str | None = None, registr
     job.config_file = str(Path(config_file).expanduser()) if config_file else None
     if registry is not None:
         if job.type not in registry.training_types():
-            raise UsageError(f"Unknown --type '{job.type}'; choose one of {', '.join(registry.training_types())}.")
+            raise UsageError(f"unknown --type '{job.type}'; choose {', '.join(registry.training_types())}.")
         if job.backend not in registry.backends:
             known = ", ".join(sorted(registry.backends)) or "none"
-            hint = " (install plugins/comapoi-unsloth)" if job.backend == "unsloth" else ""
-            raise UsageError(f"Unknown --backend '{job.backend}'{hint}; registered backends: {known}.")
+            if job.backend == "unsloth":
+                from comapoi_cli.environment import unsloth_hint
+
+                raise UsageError("The unsloth backend is a plugin, and it is not installed here.", hint=unsloth_hint())
+            raise UsageError(f"unknown --backend '{job.backend}'; choose {known}.")
     location = locate_model(job.model, job.model_path, env)
     job.base_model = location.ref if location.kind != "missing" else job.model
     if not job.run_tag:

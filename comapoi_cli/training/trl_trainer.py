@@ -38,16 +38,28 @@ from typing import Any
 
 from comapoi_cli.errors import ComapoiError
 from comapoi_cli.fileio import sha256_file
+from comapoi_cli.reporting import Reporter
 from comapoi_cli.training import chat
 from comapoi_cli.training.devices import DevicePlan, bitsandbytes_problem, free_memory_bytes, peak_memory, plan_device
-from comapoi_cli.training.distributed import (batch_line, is_main_process, local_rank, main_process_first, rank,
-                                              shards_weights, world_size)
+from comapoi_cli.training.distributed import (
+    batch_line,
+    is_main_process,
+    local_rank,
+    main_process_first,
+    rank,
+    shards_weights,
+    world_size,
+)
+from comapoi_cli.training.errors import (
+    ModelNotFoundError,
+    NoLossTokensError,
+    OutOfMemoryError,
+    TrainingDataError,
+    UsageError,
+)
 from comapoi_cli.training.fit import GIB, FitPlan, ModelShape, memory_profile, plan_job, quant_choices
-from comapoi_cli.training.errors import (ModelNotFoundError, NoLossTokensError, OutOfMemoryError,
-                                         TrainingDataError, UsageError)
 from comapoi_cli.training.job import TrainingJob, TrainingResult
 from comapoi_cli.training.options import locate_model
-from comapoi_cli.training.report import ConsoleReporter, Reporter
 from comapoi_cli.training.rundir import RunStart, checkpoints, prepare_run_dir, remove_interrupt_checkpoints
 from comapoi_cli.training.runinfo import RunRecord, versions
 
@@ -91,7 +103,7 @@ class TRLTrainingPath:
         self.job = job
         if not is_main_process():
             reporter = Reporter()
-        self.reporter = reporter if reporter is not None else ConsoleReporter()
+        self.reporter = reporter if reporter is not None else Reporter()  # the CLI passes its console reporter
         #: How the run executes (micro-batch, accumulation, checkpointing, weights): set by ``plan_execution``.
         self.execution: FitPlan = FitPlan.as_given(job, job.quant, "")
 
@@ -187,7 +199,8 @@ class TRLTrainingPath:
 
     def make_trainer(self, model: Any, tokenizer: Any, args: Any, train_dataset: Any, eval_dataset: Any,
                      callbacks: list[Any]) -> Any:
-        from transformers.trainer_callback import PrinterCallback, ProgressCallback as HFProgress
+        from transformers.trainer_callback import PrinterCallback
+        from transformers.trainer_callback import ProgressCallback as HFProgress
         from trl import SFTTrainer
 
         from comapoi_cli.trl_compat import patch_fused_lm_head_for_cpu
@@ -253,7 +266,7 @@ class TRLTrainingPath:
 
     def prepare_data(self) -> Any:
         """Clean and split the job's data with the data services (on the main process first)."""
-        from comapoi_cli.data import parse_policy_options, prepare_training_data
+        from comapoi_cli.data import prepare_training_data
         from comapoi_cli.plugins import get_registry
 
         job = self.job
@@ -261,8 +274,7 @@ class TRLTrainingPath:
             return prepare_training_data(type_=job.type, dataset=job.dataset, data_dir=Path(job.data_dir).expanduser(),
                                          data_path=Path(job.data_path).expanduser() if job.data_path else None,
                                          seed=job.seed, test_size=job.test_size, registry=get_registry(),
-                                         policies=parse_policy_options(getattr(job, "on", ())),
-                                         strict=getattr(job, "strict", False), rejects_tag="train",
+                                         policies=job.policies or None, strict=job.strict, rejects_tag="train",
                                          reporter=self.reporter)
 
     def model_dir(self, prepared: Any) -> str:

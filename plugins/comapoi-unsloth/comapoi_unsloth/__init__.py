@@ -27,9 +27,14 @@ INSTALL = 'pip install -c constraints/unsloth.txt "./plugins/comapoi-unsloth[uns
 
 
 def install_line() -> str:
-    """The install line with this environment's torch version filled in (metadata only, no import)."""
-    torch = installed_version("torch")
-    return INSTALL.format(torch=torch.split("+")[0] if torch else "<your torch version>")
+    """The install line with this environment's torch version filled in (metadata only, no import), with
+    absolute paths when comapoi runs from its checkout (so it works from any folder)."""
+    try:
+        from comapoi_cli.environment import unsloth_install_line
+    except ImportError:  # an older comapoi
+        torch = installed_version("torch")
+        return INSTALL.format(torch=torch.split("+")[0] if torch else "<your torch version>")
+    return unsloth_install_line()
 
 
 def _cpu_fallback_available() -> bool:
@@ -58,7 +63,12 @@ class UnslothBackend(Backend):
 
     @property
     def install_hint(self) -> str:  # type: ignore[override]
-        return install_line()
+        """The install line; on a machine without an NVIDIA GPU, first that Unsloth needs one."""
+        try:
+            from comapoi_cli.environment import unsloth_hint
+        except ImportError:  # an older comapoi
+            return install_line()
+        return unsloth_hint("Unsloth")
 
     def unusable_reason(self) -> str | None:
         if missing_packages("unsloth"):
@@ -88,10 +98,10 @@ class UnslothBackend(Backend):
                 info["note"] = "no CUDA GPU: Unsloth's CPU fallback trains, much more slowly (fine for tests)"
         return info
 
-    def train(self, job):
+    def train(self, job, reporter=None):
         from comapoi_unsloth.training import train_with_unsloth
 
-        return train_with_unsloth(job)
+        return train_with_unsloth(job, reporter)
 
 
 @hookimpl

@@ -1,0 +1,120 @@
+"""``ConsoleReporter``: the Rich implementation of ``comapoi_cli.reporting.Reporter`` that the commands pass to services.
+
+It writes to standard error: sentences (printed literally, never as markup), tables, ``--show-labels``,
+and a progress bar on a terminal, or one plain line per logging step when the output is a file or a
+pipe. A training run's progress shows step/total, loss, learning rate, tokens/s and ETA; any other
+progress (``description`` and ``unit`` given to ``progress_start``) shows its description, done/total
+in its unit, its rate and ETA. Only the main process gets a console reporter (see ``distributed``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+from rich.markup import escape
+
+from comapoi_cli.reporting import Reporter
+from comapoi_cli.training.report import format_duration
+
+__all__ = ["ConsoleReporter"]
+
+
+class ConsoleReporter(Reporter):
+    """Rich output on standard error."""
+
+    def __init__(self, console: Any = None):
+        if console is None:
+            from comapoi_cli.cli.render import err_console
+
+            console = err_console
+        self.console = console
+        self._progress: Any = None
+        self._task: Any = None
+        self._training = False
+        self._unit = ""
+        self._started = 0.0
+        self._first_done = 0
+
+    def info(self, text: str) -> None:
+        self.console.print(text, soft_wrap=True, highlight=False, markup=False)
+
+    def warn(self, text: str) -> None:
+        self.console.print(f"[yellow]Warning:[/yellow] {escape(text)}", soft_wrap=True, highlight=False)
+
+    def table(self, title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        from comapoi_cli.cli.render import table
+
+        self.console.print(table(title, columns, rows))  # table() prints every cell literally
+
+    def labels(self, title: str, segments: Sequence[tuple[str, bool]]) -> None:
+        from rich.text import Text
+
+        text = Text()
+        for chunk, loss in segments:
+            text.append(chunk, style="bold black on green" if loss else "dim")
+        self.console.print(f"[bold]{escape(title)}[/bold]  ([black on green]highlighted[/black on green] tokens carry loss)")
+        self.console.print(text, soft_wrap=True)
+
+    def progress_start(self, total: int | None, done: int = 0, *, description: str = "", unit: str = "") -> None:
+        self._total = total
+        self._training = not description or description == "training"
+        self._unit = unit
+        self._started = time.monotonic()
+        self._first_done = done
+        if not self.console.is_terminal:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        if self._training:
+            columns = [TextColumn("[bold]training[/bold]"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
+                       TextColumn("{task.fields[tps]} tok/s"), TextColumn("ETA {task.fields[eta]}")]
+        else:
+            columns = [TextColumn(f"[bold]{escape(description)}[/bold]"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn(escape(unit)), TextColumn("{task.fields[rate]}"), TextColumn("ETA {task.fields[eta]}")]
+        self._progress = Progress(*columns, console=self.console, transient=False)
+        self._progress.start()
+        self._task = self._progress.add_task(description or "train", total=total, completed=done,
+                                             loss="-", lr="-", tps="-", eta="-", rate="-")
+
+    def progress_update(self, done: int, *, loss: float | None = None, lr: float | None = None,
+                        tokens_per_s: float | None = None, eta_s: float | None = None, rate: float | None = None,
+                        **fields: Any) -> None:
+        if self._progress is None:
+            return
+        if not self._training:
+            elapsed = time.monotonic() - self._started
+            if rate is None and elapsed > 0 and done > self._first_done:
+                rate = (done - self._first_done) / elapsed
+            if eta_s is None and rate and self._total:
+                eta_s = max(0.0, (self._total - done) / rate)
+        unit = f" {self._unit}/s" if self._unit else "/s"
+        self._progress.update(
+            self._task, completed=done,
+            loss="-" if loss is None else f"{loss:.4f}", lr="-" if lr is None else f"{lr:.2e}",
+            tps="-" if tokens_per_s is None else f"{tokens_per_s:,.0f}", eta=format_duration(eta_s),
+            rate="-" if not rate else f"{rate:,.1f}{unit}",
+        )
+
+    def log_line(self, step: int, total: int, logs: dict[str, Any], tokens_per_s: float | None, eta_s: float | None) -> None:
+        parts = [f"step {step}/{total}"]
+        for key, label, fmt in (("loss", "loss", "{:.4f}"), ("eval_loss", "eval loss", "{:.4f}"),
+                                ("learning_rate", "lr", "{:.2e}"), ("grad_norm", "grad norm", "{:.3f}"),
+                                ("mean_token_accuracy", "token acc", "{:.3f}")):
+            if isinstance(logs.get(key), (int, float)):
+                parts.append(f"{label} {fmt.format(logs[key])}")
+        if tokens_per_s:
+            parts.append(f"{tokens_per_s:,.0f} tok/s")
+        if eta_s is not None and step < total:
+            parts.append(f"ETA {format_duration(eta_s)}")
+        line = "  ".join(parts)
+        if self._progress is not None:
+            self._progress.console.print(line, highlight=False, markup=False)
+        else:
+            self.console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+    def progress_stop(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None

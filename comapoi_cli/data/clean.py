@@ -129,6 +129,7 @@ def clean_file(
     registry,
     reporter: Reporter = SILENT,
     require_records: bool = False,
+    trust_remote_code: bool = False,
 ) -> CleanSummary:
     """Clean ``input`` into ``output``; every rejected line goes to ``rejects`` with its reason.
 
@@ -146,6 +147,8 @@ def clean_file(
         reporter: receives progress (unit ``"bytes"``) for large files and tokenizer runs.
         require_records: an empty input, or one of which no record survives, is an error and
             the previous output is left in place (the rejects file of the failed run says why).
+        trust_remote_code: let ``tokenizer``'s own code (``tokenization_*.py``) run; off by default,
+            and comapoi never asks (transformers' prompt is never reached).
 
     A pipe, FIFO or ``/dev/stdin`` is read like a file. Filesystem errors (a read-only folder,
     a full disk) are one-sentence ``DataError``s.
@@ -185,7 +188,7 @@ def clean_file(
     ctx = context or make_context(dataset, max_poi_id)
     checker = RecordChecker(role=role_obj, roles=registry.roles, context=ctx, policies=table,
                             tokenizer=str(tokenizer) if tokenizer is not None and seq_length is not None else None,
-                            seq_length=seq_length)
+                            seq_length=seq_length, trust_remote_code=trust_remote_code)
     if checker.tokenizer_path:
         checker.counter()  # load once here: a bad folder fails before any work
     with sigterm_as_interrupt(), _readable(source, target) as readable:

@@ -118,6 +118,7 @@ def prepare_training_data(
     weights: Mapping[str, float] | None = None,
     rejects_tag: str | None = None,
     reporter: Reporter = SILENT,
+    trust_remote_code: bool = False,
 ) -> PreparedData:
     """Clean (and split) the training data of ``type_`` (a role id, or ``merged``).
 
@@ -255,7 +256,8 @@ def prepare_training_data(
             rejects = _rejects_path(folder / path.name, rejects_tag)
             result = clean_file(path, tmp, rejects, role=role_arg, dataset=dataset, max_poi_id=max_poi_id,
                                 policies=table, tokenizer=tokenizer, seq_length=seq_length, workers=workers,
-                                registry=registry, reporter=reporter, require_records=False)
+                                registry=registry, reporter=reporter, require_records=False,
+                                trust_remote_code=trust_remote_code)
             cleaned[key] = tmp
             file_summary = result.to_dict()
             for noisy in ("policies", "output", "input"):  # the table is below; the output was temporary

@@ -289,6 +289,7 @@ class RecordChecker:
         policies: Mapping[str, str] | None = None,
         tokenizer: str | None = None,
         seq_length: int | None = None,
+        trust_remote_code: bool = False,
     ):
         self.role = role
         self.roles = dict(roles or {})
@@ -297,6 +298,7 @@ class RecordChecker:
         self.policies.update(policies or {})
         self.tokenizer_path = tokenizer
         self.seq_length = seq_length
+        self.trust_remote_code = trust_remote_code
         self._counter = None
 
     def __getstate__(self):
@@ -320,7 +322,7 @@ class RecordChecker:
         if self._counter is None and self.tokenizer_path:
             from comapoi_cli.data.tokens import TokenCounter
 
-            self._counter = TokenCounter.load(self.tokenizer_path)
+            self._counter = TokenCounter.load(self.tokenizer_path, trust_remote_code=self.trust_remote_code)
         return self._counter
 
     # -- one record ----------------------------------------------------------------------

@@ -112,7 +112,7 @@ class StatsReport:
 
 # -- per-block work (runs in worker processes for large files) -----------------------------
 class _StatsWorker:
-    def __init__(self, role, roles, context, tokenizer: str | None):
+    def __init__(self, role, roles, context, tokenizer: str | None, trust_remote_code: bool = False):
         # every keepable check set to keep: stats describe the data, they do not clean it
         policies = {name: KEEP for name, value in resolve_policies().items()
                     if name in ("unknown_role", "content_type", "assistant_not_last", "wrong_answer",
@@ -122,6 +122,7 @@ class _StatsWorker:
         self.roles = dict(roles or {})
         self.context = context
         self.tokenizer = tokenizer
+        self.trust_remote_code = trust_remote_code
         self._counter = None
 
     def __getstate__(self):
@@ -133,7 +134,7 @@ class _StatsWorker:
         if self._counter is None and self.tokenizer:
             from comapoi_cli.data.tokens import TokenCounter
 
-            self._counter = TokenCounter.load(self.tokenizer)
+            self._counter = TokenCounter.load(self.tokenizer, trust_remote_code=self.trust_remote_code)
         return self._counter
 
     def process(self, block: bytes, bom: bool) -> tuple[list[tuple], dict[str, int]]:
@@ -297,6 +298,7 @@ def compute_stats(
     workers: int | None = None,
     registry,
     reporter: Reporter = SILENT,
+    trust_remote_code: bool = False,
 ) -> StatsReport:
     """Statistics of ``files`` per role.
 
@@ -320,7 +322,7 @@ def compute_stats(
     if token_path:
         from comapoi_cli.data.tokens import TokenCounter
 
-        report.template = TokenCounter.load(token_path).template  # fails early on a bad folder
+        report.template = TokenCounter.load(token_path, trust_remote_code=trust_remote_code).template  # fails early on a bad folder
     accs: dict[str, _Acc] = {}
     # With a tokenizer, one process by default: tokenizing is most of the work, and the Rust
     # tokenizer spreads each block's batch over every core itself (threads, no pickling of results).
@@ -344,7 +346,8 @@ def compute_stats(
     try:
         for path_like, file_role in items:
             done_bytes += _describe_file(Path(path_like), file_role, role, registry, context, token_path, n_workers,
-                                         report, consume, reporter if show else None, done_bytes)
+                                         report, consume, reporter if show else None, done_bytes,
+                                         trust_remote_code)
     finally:
         if show:
             reporter.progress_stop()
@@ -352,13 +355,13 @@ def compute_stats(
 
 
 def _describe_file(path: Path, file_role, role, registry, context, token_path, n_workers, report, consume,
-                   reporter, done_before: int) -> int:
+                   reporter, done_before: int, trust_remote_code: bool = False) -> int:
     if not path.is_file():
         raise DataError(f"Cannot find {path}.", hint="Create sample data with: comapoi data synth --dataset nyc")
     role_id = file_role or role or _role_of_file(path, registry)
     role_obj = registry.role(role_id) if role_id else None
     report.files[str(path)] = role_id or "-"
-    worker = _StatsWorker(role_obj, registry.roles, context, token_path)
+    worker = _StatsWorker(role_obj, registry.roles, context, token_path, trust_remote_code)
     size = path.stat().st_size
     report.bytes += size
     with sigterm_as_interrupt():

@@ -53,7 +53,8 @@ class TokenCounter:
     template: str  # "chat_template" or "fallback (no chat template)"
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "TokenCounter":
+    def load(cls, path: str | os.PathLike[str], trust_remote_code: bool = False) -> "TokenCounter":
+        """Load a local tokenizer folder; its own code runs only with ``trust_remote_code=True`` (never a prompt)."""
         folder = Path(path)
         if not folder.exists():
             raise DataError(f"Tokenizer folder {folder} does not exist.",
@@ -63,7 +64,8 @@ class TokenCounter:
             from transformers.utils import logging as hf_logging
 
             hf_logging.set_verbosity_error()
-            tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
+                                                      trust_remote_code=trust_remote_code)
         except Exception as exc:  # a broken folder is the user's to fix, not a traceback
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise DataError(f"Could not load a tokenizer from {folder}: {first}") from None

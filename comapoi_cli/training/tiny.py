@@ -174,6 +174,9 @@ def _write_model(folder: Path, corpus_files: list[Path], key: str, dataset: str 
     import torch
     from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+    from comapoi_cli.models.loading import quiet_libraries
+
+    quiet_libraries(datasets=False)  # no "Writing model shards" bar: the reporter shows the build
     say.progress_start(3, description="building the tiny model", unit="steps")
     raw = _train_tokenizer(corpus_files)
     say.progress_update(1)

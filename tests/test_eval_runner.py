@@ -15,6 +15,7 @@ import pytest
 from comapoi_cli.errors import DataError, UsageError
 from comapoi_cli.evaluation import runner
 from comapoi_cli.evaluation.predictions import score_predictions
+from comapoi_cli.models.loading import LoadedModel
 from comapoi_cli.plugins import build_registry
 from comapoi_cli.roles import AgentRole
 
@@ -66,7 +67,7 @@ def fake_model(monkeypatch):
         calls["base_model"] = base_model
         calls["adapters"] = adapters
         calls["trust_remote_code"] = trust_remote_code
-        return runner.LoadedModel(model=None, tokenizer=tokenizer, device="cpu", dtype="float32", quant="none",
+        return LoadedModel(model=None, tokenizer=tokenizer, device="cpu", dtype="float32", quant="none",
                                   max_context=None)
 
     def generate(loaded, token_ids, *, batch_size, max_new_tokens, reporter=None, **kwargs):

@@ -28,14 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from comapoi_cli.errors import ComapoiError, DataError, UsageError
+from comapoi_cli.errors import DataError, UsageError
 from comapoi_cli.evaluation.metrics import RecordOutcome
 from comapoi_cli.evaluation.outputs import append_evaluation, metrics_csv, now_iso
 from comapoi_cli.evaluation.predictions import iter_jsonl
 from comapoi_cli.evaluation.scoring import LabelError, Scorer, role_origin, summarize
 from comapoi_cli.fileio import atomic_writer, read_json, sha256_file, write_json_atomic, write_text_atomic
 from comapoi_cli.models.generation import generate, record_messages, render_prompts
-from comapoi_cli.models.loading import LoadedModel, has_tokenizer, load_model, plan_device
+from comapoi_cli.models.loading import has_tokenizer, load_model, plan_device
 from comapoi_cli.models.resolve import resolve_base_model
 from comapoi_cli.reporting import Reporter
 from comapoi_cli.roles import MERGED, RoleContext

@@ -91,6 +91,7 @@ class Scorer:
 
     def target(self, record: dict[str, Any]) -> int | str:
         """The label of a data record, from its role's ``target()`` (CoMaPOI's answer id without a role)."""
+        value: Any
         if self.role is not None:
             try:
                 value = self.role.target(record)

@@ -215,7 +215,7 @@ def load_model(base_model: str, *, adapters: Mapping[str, str | os.PathLike[str]
         tokenizer = next((p for p in adapters.values() if has_tokenizer(p)), None) or base_model
     tok = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
     try:
-        model = AutoModelForCausalLM.from_pretrained(base_model, **kwargs)
+        model: Any = AutoModelForCausalLM.from_pretrained(base_model, **kwargs)
     except Exception as exc:
         problem = _remote_code_problem(exc, f"The model {base_model}", trust_remote_code)
         if problem is not None:

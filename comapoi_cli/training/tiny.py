@@ -38,7 +38,7 @@ ENV_CACHE = "COMAPOI_CACHE"
 
 #: Everything that decides the tiny model besides its corpus; change ``version`` when the code that
 #: builds it changes, so that old cache entries are not reused.
-TINY_RECIPE = {
+TINY_RECIPE: dict[str, Any] = {
     "version": 2,  # 2: one base per dataset (every role's data), labelled tiny:<dataset>:<key>
     "architecture": "Qwen2ForCausalLM",
     "vocab_size": 2048,  # BPE target; the model's vocabulary is the trained size rounded up to 64
@@ -186,11 +186,11 @@ def _write_model(folder: Path, corpus_files: list[Path], key: str, dataset: str 
     )
     tokenizer.chat_template = TINY_CHAT_TEMPLATE
     vocab = -(-len(tokenizer) // 64) * 64
-    recipe = {k: v for k, v in TINY_RECIPE.items() if k not in {"version", "architecture", "vocab_size", "max_corpus_chars"}}
-    config = Qwen2Config(
-        vocab_size=vocab, bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids(IM_END),
-        pad_token_id=tokenizer.convert_tokens_to_ids(PAD_TOKEN), use_cache=True, **recipe,
-    )
+    recipe: dict[str, Any] = {k: v for k, v in TINY_RECIPE.items()
+                              if k not in {"version", "architecture", "vocab_size", "max_corpus_chars"}}
+    recipe["eos_token_id"] = tokenizer.convert_tokens_to_ids(IM_END)
+    recipe["pad_token_id"] = tokenizer.convert_tokens_to_ids(PAD_TOKEN)
+    config = Qwen2Config(vocab_size=vocab, bos_token_id=None, use_cache=True, **recipe)
     generator_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(int(key[:8], 16))

@@ -15,8 +15,6 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "comapoi_cli"
 SERVICES = ("data", "training", "evaluation", "adapters", "runs", "models", "pipeline")
 FORBIDDEN = ("rich", "comapoi_cli.cli")
-#: Modules another branch is changing right now, with who: strict xfail, so the entry must go once it is fixed.
-KNOWN = {"evaluation/runner.py": "its Rich progress bar moves to the Reporter on the models branch (h-models)"}
 
 
 def service_modules() -> list[Path]:
@@ -56,8 +54,7 @@ def test_the_check_finds_the_service_packages_and_catches_an_import(tmp_path):
 
 
 def _cases() -> list:
-    return [pytest.param(p, marks=pytest.mark.xfail(reason=KNOWN[str(p.relative_to(PACKAGE))], strict=True))
-            if str(p.relative_to(PACKAGE)) in KNOWN else p for p in service_modules()]
+    return service_modules()
 
 
 @pytest.mark.parametrize("path", _cases(), ids=lambda p: str(p.relative_to(PACKAGE)))

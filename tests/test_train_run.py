@@ -93,7 +93,7 @@ def test_run_json_records_the_run(trained_run):
     assert run["job"]["type"] == "merged" and run["job"]["max_steps"] == 8 and run["backend"]["name"] == "trl"
     for package in ("torch", "transformers", "trl", "peft", "datasets", "comapoi", "python"):
         assert run["versions"][package], package
-    assert run["base_model"]["name"] == "tiny" and run["base_model"]["architecture"] == "Qwen2ForCausalLM"
+    assert run["base_model"]["name"].startswith("tiny:nyc:") and run["base_model"]["architecture"] == "Qwen2ForCausalLM"
     assert run["chat_template"]["generation_markers"] and "{% generation %}" in run["chat_template"]["template"]
     assert run["chat_template"]["mask_method"] == "generation-markers"
     assert run["tokenizer"]["pad_token"] == "<|endoftext|>" and run["tokenizer"]["vocab_size"] > 256
@@ -182,9 +182,11 @@ def test_agent3_run_overwrite_show_labels_and_adapters_list(agent_data_dir, trai
     assert listing.returncode == 0, listing.stderr
     runs = {r["type"]: r for r in json.loads(listing.stdout)["runs"]}
     assert set(runs) == {"merged", "agent3"}
+    assert runs["merged"]["base_model"] == runs["agent3"]["base_model"]  # shared by the role and merged runs
     for kind, steps in (("merged", 8), ("agent3", 4)):
         row = runs[kind]
-        assert (row["status"], row["dataset"], row["backend"], row["base_model"]) == ("finished", "nyc", "trl", "tiny")
+        assert (row["status"], row["dataset"], row["backend"]) == ("finished", "nyc", "trl")
+        assert row["base_model"].startswith("tiny:nyc:")  # the dataset's one tiny base, labelled
         assert (row["steps"], row["max_steps"], row["lora_r"], row["lora_alpha"]) == (steps, steps, 8, 16)
         assert row["final_loss"] > 0 and row["size_bytes"] > 0 and row["adapter"] is True
 

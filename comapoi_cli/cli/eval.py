@@ -90,16 +90,17 @@ def eval_adapter(
     if quant not in ("auto", "4bit", "8bit", "none"):
         raise UsageError(f"--quant must be auto, 4bit, 8bit or none, not '{quant}'.")
 
+    from comapoi_cli.cli.reporting import ConsoleReporter
     from comapoi_cli.evaluation.runner import EvalRequest, evaluate_adapter
+    from comapoi_cli.plugins import get_registry
+    from comapoi_cli.reporting import Reporter
 
     request = EvalRequest(
         adapter=adapter, data=data, dataset=dataset, type=type_, data_dir=data_dir, num_samples=num_samples,
         model=model, batch_size=batch_size, max_new_tokens=max_new_tokens, quant=quant, device=device,
-        output_dir=output_dir, progress=not as_json, **trust_kwargs(EvalRequest, trust_remote_code),
+        output_dir=output_dir, **trust_kwargs(EvalRequest, trust_remote_code),
     )
-    from comapoi_cli.plugins import get_registry
-
-    result = evaluate_adapter(request, log=None if as_json else _log, registry=get_registry())
+    result = evaluate_adapter(request, get_registry(), Reporter() if as_json else ConsoleReporter())
     if as_json:
         print_json({**result.entry, "notes": result.notes, "written": [str(p) for p in result.written]})
         return
@@ -167,12 +168,6 @@ def score(
     _print_metrics(report.metrics, report.by_role, title=f"{file.name} ({', '.join(report.roles)})")
     if output is not None:
         success(f"wrote {output}")
-
-
-def _log(message: str) -> None:
-    from rich.markup import escape
-
-    err_console.print(f"[dim]{escape(message)}[/dim]", soft_wrap=True, highlight=False)
 
 
 def _print_problems(problems: list[Any], limit: int, heading: str | None = None) -> None:

@@ -42,6 +42,7 @@ app.add_typer(eval_cli.app, name="eval")
 app.add_typer(adapters.app, name="adapters")
 app.add_typer(plugins.app, name="plugins")
 env.register(app)
+app.add_typer(__import__("comapoi_cli.cli.pipeline", fromlist=["app"]).app, name="pipeline")  # comapoi pipeline
 
 
 def _add_plugin_commands() -> None:

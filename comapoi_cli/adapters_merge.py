@@ -123,7 +123,7 @@ def _check_output(output: Path, overwrite: bool, protected: list[Path]) -> None:
 def _check_inputs(tokenizer: Any, run: Any, count: int) -> list[tuple[str, list[int]]]:
     """``count`` token sequences: the ends of the run's first holdout (else training) conversations."""
     from comapoi_cli.evaluation.predictions import iter_jsonl
-    from comapoi_cli.evaluation.runner import _messages
+    from comapoi_cli.models.generation import record_messages as _messages
 
     inputs: list[tuple[str, list[int]]] = []
     train = run.train_file
@@ -171,8 +171,9 @@ def merge_adapter(run_dir: str | os.PathLike[str], output: str | os.PathLike[str
     files with the chat template, and ``comapoi_merge.json``) only when the merged model's logits
     match the base model's with the adapter on ``check_inputs`` inputs (0 skips the check).
     """
-    from comapoi_cli.evaluation.runner import (base_is_quantised, load_model, locate_run, plan_device,
-                                               resolve_base_model, tokenizer_folder)
+    from comapoi_cli.evaluation.runner import locate_run, tokenizer_folder
+    from comapoi_cli.models.loading import base_is_quantised, load_model, plan_device
+    from comapoi_cli.models.resolve import resolve_base_model
 
     folder = require_run_folder(run_dir)
     run = locate_run(folder)
@@ -180,7 +181,7 @@ def merge_adapter(run_dir: str | os.PathLike[str], output: str | os.PathLike[str
     base = resolve_base_model(model, run)
     protected = [run.run_dir] + ([Path(base)] if Path(base).is_dir() else [])
     _check_output(output, overwrite, protected)
-    device, _ = plan_device(device, "none", run)
+    device, _ = plan_device(device, "none", run.quant)
     dtype_name, dtype_note = choose_dtype(dtype, base, device, run.dtype)
     notes = [dtype_note] if dtype_note else []
     trained_quant = run.quant
@@ -197,7 +198,8 @@ def merge_adapter(run_dir: str | os.PathLike[str], output: str | os.PathLike[str
     output.parent.mkdir(parents=True, exist_ok=True)
     if log:
         log(f"loading {base} ({device}, {dtype_name}) with the adapter {run.adapter_dir}")
-    loaded = load_model(base, run, quant="none", device=device, dtype=dtype_name, dequantize=True)
+    loaded = load_model(base, adapters={"adapter": run.adapter_dir}, quant="none", device=device, dtype=dtype_name,
+                        dequantize=True, tokenizer=tokenizer_folder(run, base))
     inputs = _check_inputs(loaded.tokenizer, run, check_inputs) if check_inputs > 0 else []
     reference = _logits(loaded.model, inputs)
     if log:

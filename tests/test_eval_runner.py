@@ -62,12 +62,14 @@ def fake_model(monkeypatch):
     calls: dict[str, object] = {}
     tokenizer = FakeTokenizer()
 
-    def load_model(base_model, run, *, quant="auto", device="auto"):
+    def load_model(base_model, *, adapters=None, trust_remote_code=False, **kwargs):
         calls["base_model"] = base_model
+        calls["adapters"] = adapters
+        calls["trust_remote_code"] = trust_remote_code
         return runner.LoadedModel(model=None, tokenizer=tokenizer, device="cpu", dtype="float32", quant="none",
                                   max_context=None)
 
-    def generate(loaded, token_ids, *, batch_size, max_new_tokens, on_batch=None, log=None):
+    def generate(loaded, token_ids, *, batch_size, max_new_tokens, reporter=None, **kwargs):
         calls["max_new_tokens"] = max_new_tokens
         out = []
         for ids in token_ids:
@@ -105,7 +107,7 @@ def make_run(tmp_path: Path, records: list[dict], type_: str = "agent3", dataset
 
 
 def evaluate(run_dir, registry, **kwargs):
-    request = runner.EvalRequest(adapter=run_dir, progress=False, **kwargs)
+    request = runner.EvalRequest(adapter=run_dir, **kwargs)
     return runner.evaluate_adapter(request, registry=registry)
 
 
@@ -133,7 +135,7 @@ def test_agent3_run_end_to_end(tmp_path, fake_model, registry):
     assert lines[1] | {"prompt_sha256": None} == {
         "id": 2, "role": "agent3", "dataset": "nyc", "prompt_sha256": None, "label": 0,
         "output": '{"next_poi_id": [3, 0]}', "predicted_poi_ids": [3, 0], "rank": 2}
-    assert lines[3]["predicted_poi_ids"] is None and lines[3]["parse_error"] == "no POI id in the output"
+    assert lines[3]["predicted_poi_ids"] is None and lines[3]["parse_error"] == "empty output"
     assert len(lines[0]["prompt_sha256"]) == 64
 
     saved = json.loads((run_dir / "metrics.json").read_text())
@@ -211,12 +213,42 @@ def test_third_party_text_role_is_exact_match(tmp_path, fake_model, registry):
         answers.update({"Summarise A": " alpha\n", "Summarise B": "gamma"})
         run_dir = make_run(tmp_path, records, type_="agent9")
         m = evaluate(run_dir, registry).entry["metrics"]
-        assert m["acc@1"] == 50.0 and m["mrr"] == 50.0 and m["n"] == 2
+        assert m == {"exact_match": 50.0, "unparsable": 0.0, "n": 2}  # no acc@k / ndcg@k for text
         lines = [json.loads(x) for x in (run_dir / "predictions.jsonl").read_text().splitlines()]
         assert lines[0]["label"] == "alpha" and "predicted_poi_ids" not in lines[0]
         assert score_predictions(run_dir / "predictions.jsonl", registry=registry).metrics == m
+        assert (run_dir / "metrics.csv").read_text().splitlines()[1].endswith(",50.0,2")
     finally:
         del registry.roles["agent9"]
+
+
+def test_unparsable_is_not_called_empty_and_a_plugin_role_error_names_the_plugin(tmp_path, fake_model, registry):
+    from comapoi_cli.plugins import PluginInfo
+
+    class Strict(AgentRole):
+        id = "agent9"
+
+        def parse_prediction(self, text, context):
+            if "boom" in text:
+                raise RuntimeError("parser bug")
+            return None if "?" in text else [text.strip()]
+
+    registry.roles["agent9"] = Strict()
+    registry.plugins.append(PluginInfo(name="my-roles", source="entry point (my-roles 1.0)", registered=["role agent9"]))
+    try:
+        answers, _ = fake_model
+        records = [record(f"Q{i}", "alpha") for i in range(3)]
+        answers.update({"Q0": "what?", "Q1": "boom", "Q2": "   "})
+        run_dir = make_run(tmp_path, records, type_="agent9")
+        m = evaluate(run_dir, registry).entry["metrics"]
+        assert m == {"exact_match": 0.0, "unparsable": 100.0, "n": 3}
+        errors = [json.loads(x).get("parse_error") for x in (run_dir / "predictions.jsonl").read_text().splitlines()]
+        assert errors[0] == "unparsable: the role found no prediction in it"  # not "empty output"
+        assert errors[1] == "unparsable: agent9's parse_prediction() (the plugin my-roles) raised RuntimeError: parser bug"
+        assert errors[2] == "empty output"
+    finally:
+        del registry.roles["agent9"]
+        registry.plugins.pop()
 
 
 def test_errors_are_sentences(tmp_path, fake_model, registry):

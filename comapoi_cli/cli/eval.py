@@ -91,13 +91,16 @@ def eval_adapter(
         raise UsageError(f"--quant must be auto, 4bit, 8bit or none, not '{quant}'.")
 
     from comapoi_cli.evaluation.runner import EvalRequest, evaluate_adapter
+    from comapoi_cli.plugins import get_registry
+    from comapoi_cli.reporting import Reporter
+    from comapoi_cli.training.report import ConsoleReporter
 
     request = EvalRequest(
         adapter=adapter, data=data, dataset=dataset, type=type_, data_dir=data_dir, num_samples=num_samples,
         model=model, batch_size=batch_size, max_new_tokens=max_new_tokens, quant=quant, device=device,
-        output_dir=output_dir, progress=not as_json,
+        output_dir=output_dir,
     )
-    result = evaluate_adapter(request, log=None if as_json else _log)
+    result = evaluate_adapter(request, get_registry(), Reporter() if as_json else ConsoleReporter())
     if as_json:
         print_json({**result.entry, "notes": result.notes, "written": [str(p) for p in result.written]})
         return
@@ -137,7 +140,10 @@ def score(
     from comapoi_cli.fileio import sha256_file
 
     try:
-        report = score_predictions(file, role=type_, dataset=dataset, reparse=reparse, skip_invalid=skip_invalid)
+        from comapoi_cli.plugins import get_registry
+
+        report = score_predictions(file, role=type_, dataset=dataset, reparse=reparse, skip_invalid=skip_invalid,
+                                   registry=get_registry())
     except PredictionsFileError as exc:
         _print_problems(exc.problems, MAX_SHOWN_PROBLEMS)
         raise

@@ -11,6 +11,12 @@ Per scored record there is one true id (the label) and a ranked list of predicti
 Each is averaged over the scored records and reported in percent. An output that could not be
 parsed scores 0 everywhere and counts in ``unparsable`` (percent of records). For candidate-list
 roles ``candidate_recall`` is the percent of those records whose whole list holds the label.
+
+A text role (``answer_kind = "text"``) has no ranking: its records report ``exact_match`` (the
+percent whose parsed answer equals the target, stripped), ``unparsable`` and ``n`` only. When
+text and ranked records are scored together (a merged run with a text role), the overall
+metrics hold both: the ranking metrics over the ranked records, ``exact_match`` over the text
+ones, ``unparsable`` and ``n`` over all.
 """
 
 from __future__ import annotations
@@ -28,8 +34,10 @@ METRIC_KEYS = (
     "mrr",
     "unparsable",
     "candidate_recall",
+    "exact_match",
     "n",
 )
+RANKING_KEYS = tuple(k for k in METRIC_KEYS if k.startswith(("acc@", "ndcg@")) or k == "mrr")
 PERCENT_KEYS = tuple(k for k in METRIC_KEYS if k != "n")
 DECIMALS = 4
 
@@ -70,42 +78,59 @@ class RecordOutcome:
     parsed: bool
     candidate_list: bool = False
     in_list: bool = False  # the label is anywhere in the (whole) predicted list
+    text: bool = False  # a text answer: scored by exact match (rank 1), not ranked
 
 
-def outcome(label: Any, predictions: Sequence[Any] | None, candidate_list: bool = False) -> RecordOutcome:
+def outcome(label: Any, predictions: Sequence[Any] | None, candidate_list: bool = False,
+            text: bool = False) -> RecordOutcome:
     """Score one record. ``predictions`` None (or empty) means the output could not be parsed."""
     parsed = bool(predictions)
     rank = rank_of(label, predictions) if parsed else None
-    return RecordOutcome(rank=rank, parsed=parsed, candidate_list=candidate_list, in_list=rank is not None)
+    if text and rank is not None and rank > 1:  # exact match: the first answer is the answer
+        rank = None
+    return RecordOutcome(rank=rank, parsed=parsed, candidate_list=candidate_list, in_list=rank is not None, text=text)
 
 
 def compute_metrics(outcomes: Iterable[RecordOutcome]) -> dict[str, Any]:
     """Average the per-record scores into CoMaPOI's metrics (percent, rounded to 4 decimals).
 
-    Returns the keys of ``METRIC_KEYS`` (``candidate_recall`` only when some record is a
-    candidate list); with no records every metric is 0.0 and ``n`` is 0.
+    Returns the keys of ``METRIC_KEYS`` that apply: the ranking metrics when some record is
+    ranked (or there are none), ``candidate_recall`` when some record is a candidate list,
+    ``exact_match`` when some record is a text answer; ``unparsable`` and ``n`` always. With no
+    records every metric is 0.0 and ``n`` is 0.
     """
     items = list(outcomes)
     n = len(items)
+    ranked = [item for item in items if not item.text]
+    texts = [item for item in items if item.text]
     sums = {key: 0.0 for key in PERCENT_KEYS}
     candidates = 0
-    for item in items:
+    for item in ranked:
         for k in ACC_KS:
             sums[f"acc@{k}"] += acc_at(item.rank, k)
         for k in NDCG_KS:
             sums[f"ndcg@{k}"] += ndcg_at(item.rank, k)
         sums["mrr"] += reciprocal_rank(item.rank)
-        sums["unparsable"] += 0.0 if item.parsed else 1.0
         if item.candidate_list:
             candidates += 1
             sums["candidate_recall"] += 1.0 if item.in_list else 0.0
+    for item in texts:
+        sums["exact_match"] += 1.0 if item.rank == 1 else 0.0
+    for item in items:
+        sums["unparsable"] += 0.0 if item.parsed else 1.0
     metrics: dict[str, Any] = {}
     for key in PERCENT_KEYS:
-        if key == "candidate_recall":
+        if key in RANKING_KEYS:
+            if ranked or not texts:
+                metrics[key] = _percent(sums[key], len(ranked))
+        elif key == "candidate_recall":
             if candidates:
                 metrics[key] = _percent(sums[key], candidates)
-            continue
-        metrics[key] = _percent(sums[key], n)
+        elif key == "exact_match":
+            if texts:
+                metrics[key] = _percent(sums[key], len(texts))
+        else:
+            metrics[key] = _percent(sums[key], n)
     metrics["n"] = n
     return metrics
 

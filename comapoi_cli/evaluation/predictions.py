@@ -24,7 +24,7 @@ from typing import Any, Iterator
 
 from comapoi_cli.errors import DataError
 from comapoi_cli.evaluation.metrics import RecordOutcome
-from comapoi_cli.evaluation.scoring import LabelError, Scorer, summarize
+from comapoi_cli.evaluation.scoring import LabelError, Scorer, role_origin, summarize
 from comapoi_cli.roles import RoleContext
 
 MAX_SHOWN_PROBLEMS = 20
@@ -92,6 +92,8 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, Any, str | None]]:
                 yield number, None, f"not valid JSON ({exc.msg} at column {exc.colno})"
             except RecursionError:
                 yield number, None, "not valid JSON (nested too deeply)"
+            except ValueError:  # an integer literal past Python's conversion limit
+                yield number, None, "not valid JSON (a number of more than 4,300 digits)"
 
 
 def _check_path(path: Path) -> None:
@@ -105,17 +107,14 @@ def _check_path(path: Path) -> None:
 
 
 def score_predictions(path: str | os.PathLike[str], *, role: str | None = None, dataset: str | None = None,
-                      reparse: bool = False, skip_invalid: bool = False, registry: Any = None) -> ScoreReport:
+                      reparse: bool = False, skip_invalid: bool = False, registry: Any) -> ScoreReport:
     """Score a predictions file. Raises ``PredictionsFileError`` listing every bad line
     (unless ``skip_invalid``: then they are left out and listed in ``ScoreReport.skipped``).
 
     ``role`` (a registered role id) overrides each line's ``role``; ``dataset`` overrides each
     line's ``dataset``. Lines with neither are scored as POI ids with no upper id bound.
+    ``registry``: the plugin registry (the roles that parse and label the lines).
     """
-    if registry is None:
-        from comapoi_cli.plugins import get_registry
-
-        registry = get_registry()
     if role is not None:
         registry.role(role)  # unknown role: one sentence, exit 2
     file = Path(path)
@@ -125,7 +124,8 @@ def score_predictions(path: str | os.PathLike[str], *, role: str | None = None, 
     def scorer_for(role_id: str | None, ds: str | None) -> Scorer:
         key = (role_id, ds.lower() if ds else None)
         if key not in scorers:
-            scorers[key] = Scorer(registry.roles[role_id] if role_id else None, RoleContext(dataset=key[1]))
+            scorers[key] = Scorer(registry.roles[role_id] if role_id else None, RoleContext(dataset=key[1]),
+                                  origin=role_origin(registry, role_id))
         return scorers[key]
 
     scored: list[tuple[str, RecordOutcome]] = []

@@ -6,14 +6,17 @@ The steps, each a function so that tests and plugins can reuse them:
 2. :func:`resolve_data` picks the held-out file: ``--data``, ``--dataset/--type`` (prepared by
    the data services), or the holdout the run recorded.
 3. :func:`load_eval_records` reads it and finds each record's label with its role's ``target()``.
-4. :func:`load_model` loads the base model with the adapter (PEFT); :func:`generate` renders each
-   prompt with the tokenizer's chat template (``add_generation_prompt``) and decodes greedily in
-   left-padded batches, longest prompts first.
+4. ``comapoi_cli.models`` resolves the base model (``resolve_base_model``), loads it with the
+   adapter (``load_model``: PEFT, never running a model folder's own code unless asked), renders
+   each prompt with the tokenizer's chat template (``render_prompts``) and decodes greedily in
+   left-padded batches, longest prompts first (``generate``), reporting progress to the caller's
+   ``Reporter``.
 5. Each output is parsed and scored (``comapoi_cli.evaluation.scoring``); predictions.jsonl,
    metrics.json and metrics.csv are written atomically beside the adapter, and the result is
    appended to run.json's ``evaluations``.
 
-Only the model steps import torch / transformers / peft, inside the functions.
+Only the model steps import torch / transformers / peft, inside the functions. Services never
+print: what the runner has to say goes to the ``Reporter`` it is given.
 """
 
 from __future__ import annotations
@@ -23,14 +26,18 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from comapoi_cli.errors import ComapoiError, DataError, UsageError
 from comapoi_cli.evaluation.metrics import RecordOutcome
 from comapoi_cli.evaluation.outputs import append_evaluation, metrics_csv, now_iso
 from comapoi_cli.evaluation.predictions import iter_jsonl
-from comapoi_cli.evaluation.scoring import LabelError, Scorer, summarize
+from comapoi_cli.evaluation.scoring import LabelError, Scorer, role_origin, summarize
 from comapoi_cli.fileio import atomic_writer, read_json, sha256_file, write_json_atomic, write_text_atomic
+from comapoi_cli.models.generation import generate, record_messages, render_prompts
+from comapoi_cli.models.loading import LoadedModel, has_tokenizer, load_model, plan_device
+from comapoi_cli.models.resolve import resolve_base_model
+from comapoi_cli.reporting import Reporter
 from comapoi_cli.roles import MERGED, RoleContext
 
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -39,9 +46,7 @@ METRICS_CSV = "metrics.csv"
 RUN_JSON = "run.json"
 ADAPTER_CONFIG = "adapter_config.json"
 MAX_AUTO_NEW_TOKENS = 512
-
-Log = Callable[[str], None]
-
+ADAPTER = "adapter"  #: the name the evaluated adapter is loaded under
 
 @dataclass
 class EvalRequest:
@@ -59,7 +64,7 @@ class EvalRequest:
     quant: str = "auto"
     device: str = "auto"
     output_dir: Path | None = None
-    progress: bool = True
+    trust_remote_code: bool = False
 
 
 @dataclass
@@ -264,25 +269,8 @@ class LoadedRecords:
     total: int = 0
 
 
-_MESSAGE_ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
-
-
 def _messages(record: Any) -> list[dict[str, str]] | None:
-    if not isinstance(record, dict):
-        return None
-    raw = record.get("messages", record.get("conversations"))
-    if not isinstance(raw, list):
-        return None
-    out = []
-    for message in raw:
-        if not isinstance(message, dict):
-            return None
-        role = _MESSAGE_ROLES.get(str(message.get("role", message.get("from", ""))).lower())
-        content = message.get("content", message.get("value"))
-        if role is None or content is None:
-            return None
-        out.append({"role": role, "content": content if isinstance(content, str) else json.dumps(content, ensure_ascii=False)})
-    return out
+    return record_messages(record)
 
 
 def prompt_hash(messages: Sequence[dict[str, str]]) -> str:
@@ -308,7 +296,8 @@ def load_eval_records(path: Path, type_: str | None, dataset: str | None, regist
     def scorer_for(role_id: str | None) -> Scorer:
         key = role_id or ""
         if key not in scorers:
-            scorers[key] = Scorer(registry.roles[role_id] if role_id else None, context)
+            scorers[key] = Scorer(registry.roles[role_id] if role_id else None, context,
+                                  origin=role_origin(registry, role_id))
         return scorers[key]
 
     fixed = only_role or (type_ if type_ and type_ != MERGED else None)
@@ -363,213 +352,12 @@ def _count(counts: dict[str, int], reason: str) -> None:
     counts[reason] = counts.get(reason, 0) + 1
 
 
-# -- the model -------------------------------------------------------------------------------------------
-
-@dataclass
-class LoadedModel:
-    model: Any
-    tokenizer: Any
-    device: str
-    dtype: str
-    quant: str
-    max_context: int | None
-
-
-def _resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device} asks for a GPU, but CUDA is not available here.",
-                         hint="Use --device cpu (slow for large models), or run on a machine with a GPU.")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, not '{device}'.")
-    return device
-
-
-def resolve_base_model(model: str | None, run: RunInfo) -> str:
-    """The base model folder (or Hugging Face id): ``--model``, else what the run recorded.
-
-    A run on ``--model tiny`` whose cached model folder is gone gets it rebuilt: the tiny model
-    is a deterministic function of the training file, which run.json records with its hash.
-    """
-    name = model or run.base_model
-    if not name:
-        raise UsageError(f"{run.run_dir} records no base model; pass it with --model DIR.")
-    if name == "tiny" or (model is None and run.base_model_kind == "tiny" and not Path(name).is_dir()):
-        return _tiny_base(run)
-    path = Path(name).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise DataError(f"Base model folder {path} holds no config.json.")
-        return str(path)
-    if name.startswith(("/", ".", "~")) or (os.sep in name and not _looks_like_hub_id(name)):
-        raise DataError(f"Base model {name} does not exist.",
-                        hint="Pass the base model folder with --model DIR (the adapter was trained on it).")
-    return name  # a Hugging Face id: transformers resolves it (from its cache when offline)
-
-
-def _tiny_base(run: RunInfo) -> str:
-    recorded = run.base_model
-    if recorded and recorded != "tiny" and Path(recorded).is_dir():
-        return recorded
-    train = run.train_file
-    if run.base_model_kind != "tiny" or train is None:
-        raise UsageError("--model tiny is built from a run's training data, and this run was not trained on it.",
-                         hint="Pass the base model folder with --model DIR.")
-    path, digest = train
-    if not path.is_file() or (digest and sha256_file(path) != digest):
-        raise DataError(f"The tiny base model of this run is gone from the cache and cannot be rebuilt: its "
-                        f"training file {path} is {'missing' if not path.is_file() else 'changed'}.",
-                        hint="Pass the tiny model folder with --model DIR.")
-    from comapoi_cli.training.tiny import ensure_tiny_model
-
-    return str(ensure_tiny_model([path]))
-
-
-def _looks_like_hub_id(name: str) -> bool:
-    parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith(("/", "."))
-
-
-def _quiet_libraries() -> None:
-    """Keep library chatter (weight-loading bars, deprecation notes, optional-kernel notices) off the
-    terminal; ``COMAPOI_DEBUG=1`` keeps it."""
-    if os.environ.get("COMAPOI_DEBUG"):
-        return
-    import logging
-    import warnings
-
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|accelerate)\b")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
-def plan_device(device: str, quant: str, run: RunInfo) -> tuple[str, str]:
-    """``--device`` and ``--quant`` resolved: auto quantisation is the run's on a GPU, none on the CPU."""
-    device = _resolve_device(device)
-    on_gpu = device.startswith("cuda")
-    if quant == "auto":
-        recorded = (run.quant or "").lower()
-        quant = ("4bit" if recorded in ("", "auto", "4bit") else recorded if recorded in ("8bit", "none") else "none") \
-            if on_gpu else "none"
-    if quant in ("4bit", "8bit") and not on_gpu:
-        raise UsageError(f"--quant {quant} needs a CUDA GPU (bitsandbytes); on the CPU use --quant none.")
-    return device, quant
-
-
-def load_model(base_model: str, run: RunInfo, *, quant: str = "auto", device: str = "auto",
-               dtype: str | None = None, dequantize: bool = False) -> LoadedModel:
-    """Load the base model, apply the adapter with PEFT, and ready the tokenizer for batched generation.
-
-    ``dtype`` (bfloat16, float16, float32) overrides the default (the run's 16-bit dtype on a GPU,
-    float32 on the CPU). ``dequantize``: a base model stored quantised (its config.json holds a
-    ``quantization_config``, e.g. a bitsandbytes 4-bit checkpoint) is loaded as stored and
-    dequantised to ``dtype`` before the adapter is applied (``comapoi adapters merge``).
-    """
-    _quiet_libraries()
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - a dependency
-        raise ComapoiError("peft is not installed; it is needed to load an adapter (pip install peft).") from None
-
-    dtype_name = dtype
-    device, quant = plan_device(device, quant, run)
-    on_gpu = device.startswith("cuda")
-    if on_gpu:
-        recorded_dtype = run.dtype if run.dtype in ("bfloat16", "float16") else None
-        dtype = getattr(torch, recorded_dtype) if recorded_dtype else (
-            torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    else:
-        dtype = torch.float32
-    if dtype_name is not None:
-        dtype = getattr(torch, dtype_name)
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    stored_quantised = dequantize and base_is_quantised(base_model)
-    if stored_quantised:
-        kwargs["device_map"] = {"": device if ":" in device or device == "cpu" else f"{device}:0"}
-    if quant in ("4bit", "8bit"):
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = (
-            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=dtype)
-            if quant == "4bit" else BitsAndBytesConfig(load_in_8bit=True))
-        kwargs["device_map"] = {"": device if ":" in device else f"{device}:0"}
-    tokenizer_dir = tokenizer_folder(run, base_model)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir) if isinstance(tokenizer_dir, Path) else tokenizer_dir)
-    except Exception as exc:
-        raise DataError(f"Cannot load the tokenizer from {tokenizer_dir}: {_first_line(exc)}") from None
-    try:
-        model = AutoModelForCausalLM.from_pretrained(base_model, **kwargs)
-    except OSError as exc:
-        raise DataError(f"Cannot load the base model {base_model}: {_first_line(exc)}",
-                        hint="Pass the base model folder the adapter was trained on with --model DIR.") from None
-    if stored_quantised:
-        try:
-            model = model.dequantize()
-        except Exception as exc:
-            raise DataError(f"Cannot dequantise the base model {base_model}: {_first_line(exc)}",
-                            hint="Pass its original 16-bit weights with --model DIR.") from None
-        model = model.to(dtype)
-    try:
-        model = PeftModel.from_pretrained(model, str(run.adapter_dir))
-    except Exception as exc:
-        raise DataError(f"Cannot apply the adapter {run.adapter_dir} to {base_model}: {_first_line(exc)}",
-                        hint="Is this the base model the adapter was trained on? Pass it with --model DIR.") from None
-    if "device_map" not in kwargs:
-        model.to(device)
-    model.eval()
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    if tokenizer.chat_template is None:
-        raise DataError(f"The tokenizer in {tokenizer_dir} has no chat template; comapoi needs one to build prompts.")
-    max_context = getattr(model.config, "max_position_embeddings", None)
-    return LoadedModel(model=model, tokenizer=tokenizer, device=device, dtype=str(dtype).replace("torch.", ""),
-                       quant=quant, max_context=max_context if isinstance(max_context, int) else None)
-
+# -- the model (comapoi_cli.models) ----------------------------------------------------------------------
 
 def tokenizer_folder(run: RunInfo, base_model: str) -> Path | str:
     """Where the adapter's tokenizer (and chat template) is: saved with the adapter, else the run's, else the base's."""
-    return run.adapter_dir if _has_tokenizer(run.adapter_dir) else \
-        run.run_dir if _has_tokenizer(run.run_dir) else Path(base_model)
-
-
-def base_is_quantised(base_model: str) -> bool:
-    """The base model folder stores quantised weights (config.json holds a ``quantization_config``)."""
-    try:
-        config = read_json(Path(base_model) / "config.json")
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and isinstance(config.get("quantization_config"), dict)
-
-
-def _has_tokenizer(folder: Path) -> bool:
-    return (folder / "tokenizer_config.json").is_file() and (
-        (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file() or (folder / "vocab.json").is_file())
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def render_prompts(tokenizer: Any, prompts: Sequence[Sequence[dict[str, str]]]) -> list[list[int]]:
-    """Token ids of each prompt through the tokenizer's chat template, with the generation prompt."""
-    out = []
-    for messages in prompts:
-        text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-        out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return out
+    return run.adapter_dir if has_tokenizer(run.adapter_dir) else \
+        run.run_dir if has_tokenizer(run.run_dir) else base_model
 
 
 def auto_max_new_tokens(tokenizer: Any, path: Path, lines: Iterable[int]) -> int:
@@ -586,52 +374,6 @@ def auto_max_new_tokens(tokenizer: Any, path: Path, lines: Iterable[int]) -> int
     return min(MAX_AUTO_NEW_TOKENS, int(longest * 1.5) + 16)
 
 
-def generate(loaded: LoadedModel, token_ids: Sequence[Sequence[int]], *, batch_size: int, max_new_tokens: int,
-             on_batch: Callable[[int], None] | None = None, log: Log | None = None) -> list[str]:
-    """Greedy decoding in left-padded batches (longest prompts first); returns the decoded answers in input order.
-
-    On CUDA out of memory the batch is halved and retried; at batch size 1 it becomes one message.
-    """
-    import torch
-    from transformers import GenerationConfig
-
-    tokenizer, model = loaded.tokenizer, loaded.model
-    eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) is not None else None
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                              pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
-    order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))
-    outputs: list[str] = [""] * len(token_ids)
-    start = 0
-    size = batch_size
-    while start < len(order):
-        chunk = order[start:start + size]
-        batch = tokenizer.pad({"input_ids": [list(token_ids[i]) for i in chunk]}, padding=True, return_tensors="pt")
-        batch = {k: v.to(model.device) for k, v in batch.items()}
-        try:
-            with torch.inference_mode():
-                generated = model.generate(**batch, generation_config=config)
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            if size == 1:
-                raise ComapoiError(
-                    "CUDA ran out of memory generating one answer.",
-                    hint="Lower --max-new-tokens, evaluate with --quant 4bit, or use a GPU with more memory.") from None
-            size = max(1, size // 2)
-            if log:
-                log(f"CUDA out of memory: batch size lowered to {size}")
-            continue
-        new_tokens = generated[:, batch["input_ids"].shape[1]:]
-        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        for index, text in zip(chunk, texts):
-            outputs[index] = text.strip()
-        start += len(chunk)
-        if on_batch:
-            on_batch(len(chunk))
-    return outputs
-
-
 # -- the whole command ----------------------------------------------------------------------------------
 
 @dataclass
@@ -641,17 +383,19 @@ class EvalResult:
     notes: list[str]
 
 
-def evaluate_adapter(request: EvalRequest, log: Log | None = None, registry: Any = None) -> EvalResult:
-    """Run ``comapoi eval --adapter``: generate, parse, score, write; returns the evaluation entry."""
-    if registry is None:
-        from comapoi_cli.plugins import get_registry
+def evaluate_adapter(request: EvalRequest, registry: Any, reporter: Reporter | None = None) -> EvalResult:
+    """Run ``comapoi eval --adapter``: generate, parse, score, write; returns the evaluation entry.
 
-        registry = get_registry()
+    ``registry``: the plugin registry (its roles parse and label the records). ``reporter``: where
+    the loading note and the generation progress go (default: nowhere).
+    """
+    say = reporter if reporter is not None else Reporter()
     run = locate_run(request.adapter)
     type_ = request.type or run.type
     if type_ is not None and type_ != MERGED:
         registry.role(type_)
     dataset = request.dataset or run.dataset
+    base_model = resolve_base_model(request.model, run)  # before the data: a wrong --model is one sentence at once
     choice = resolve_data(request, run, type_, dataset)
     data_path = choice.path
     loaded = load_eval_records(data_path, type_, dataset, registry, num_samples=request.num_samples,
@@ -662,18 +406,19 @@ def evaluate_adapter(request: EvalRequest, log: Log | None = None, registry: Any
         raise DataError(f"Nothing to evaluate in {data_path}: none of its {loaded.total} records has a label "
                         f"for {type_ or 'its role'}.",
                         hint="; ".join([*notes, "docs/evaluation.md says what each role is scored against"]))
-    base_model = resolve_base_model(request.model, run)
-    device, quant = plan_device(request.device, request.quant, run)
-    if log:
-        log(f"loading {base_model} ({device}, quantisation {quant}) with the adapter {run.adapter_dir}")
-    model = load_model(base_model, run, quant=quant, device=device)
+    device, quant = plan_device(request.device, request.quant, run.quant)
+    say.info(f"loading {base_model} ({device}, quantisation {quant}) with the adapter {run.adapter_dir}")
+    model = load_model(base_model, adapters={ADAPTER: run.adapter_dir}, quant=quant, device=device,
+                       recorded_dtype=run.dtype, tokenizer=tokenizer_folder(run, base_model),
+                       trust_remote_code=request.trust_remote_code)
     token_ids = render_prompts(model.tokenizer, [r.prompt for r in loaded.records])
     max_new_tokens = request.max_new_tokens or auto_max_new_tokens(
         model.tokenizer, data_path, (r.line for r in loaded.records))
     records, token_ids = _drop_over_context(loaded.records, token_ids, max_new_tokens, model.max_context, notes)
     if not records:
         raise DataError(f"Every prompt in {data_path} is longer than the model's context ({model.max_context} tokens).")
-    outputs = _generate_with_progress(model, token_ids, request, max_new_tokens, log)
+    outputs = generate(model, token_ids, batch_size=request.batch_size, max_new_tokens=max_new_tokens,
+                       reporter=say, description="generating", unit="records")
 
     rows: list[dict[str, Any]] = []
     scored: list[tuple[str, RecordOutcome]] = []
@@ -740,18 +485,3 @@ def _drop_over_context(records: list[EvalRecord], token_ids: list[list[int]], ma
         notes.append(f"skipped {dropped} record{'s' if dropped != 1 else ''}: prompt + {max_new_tokens} new tokens "
                      f"exceed the model's context of {max_context} tokens (never truncated)")
     return [records[i] for i in keep], [token_ids[i] for i in keep]
-
-
-def _generate_with_progress(model: LoadedModel, token_ids: list[list[int]], request: EvalRequest,
-                            max_new_tokens: int, log: Log | None) -> list[str]:
-    if not request.progress:
-        return generate(model, token_ids, batch_size=request.batch_size, max_new_tokens=max_new_tokens, log=log)
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    columns = (TextColumn("[bold]generating"), BarColumn(), MofNCompleteColumn(), TextColumn("records"),
-               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True, highlight=False), transient=False) as progress:
-        task = progress.add_task("generate", total=len(token_ids))
-        return generate(model, token_ids, batch_size=request.batch_size, max_new_tokens=max_new_tokens,
-                        on_batch=lambda n: progress.advance(task, n), log=log)

@@ -19,6 +19,10 @@ TEXT, POI_IDS, CANDIDATES = "text", "poi_ids", "candidates"
 KINDS = (TEXT, POI_IDS, CANDIDATES)
 #: The name under which records scored without a role are reported.
 GENERIC = "poi_ids"
+#: The parse problems: an output with no text at all, and one the role could not read a prediction from.
+EMPTY_OUTPUT = "empty output"
+UNPARSABLE = "unparsable"
+_HUGE = "a number in it has more than 4,300 digits, so it is no POI id"
 
 
 class LabelError(ValueError):
@@ -37,6 +41,8 @@ class Parsed:
 class Scorer:
     role: AgentRole | None
     context: RoleContext = field(default_factory=RoleContext)
+    #: Who supplied the role, for messages about its methods: e.g. "the plugin comapoi-critic" (:func:`role_origin`).
+    origin: str | None = None
 
     @property
     def name(self) -> str:
@@ -89,7 +95,7 @@ class Scorer:
             try:
                 value = self.role.target(record)
             except Exception as exc:  # a third-party role's bug must not end the run
-                raise LabelError(f"the role's target() raised {type(exc).__name__}: {exc}") from None
+                raise LabelError(f"{self._method('target')} raised {type(exc).__name__}: {exc}") from None
         else:
             answer = _last_answer(record)
             ids = read_ids(answer).found if answer else []
@@ -108,23 +114,38 @@ class Scorer:
             text = ""
         if not isinstance(text, str):
             return Parsed(None, "the output is not text")
+        if not text.strip():
+            return Parsed(None, EMPTY_OUTPUT)
         if self.role is None:
-            got = read_ids(text, self.max_id)
-            return Parsed(got.ids or None, got.problem)
+            try:
+                got = read_ids(text, self.max_id)
+            except ValueError:  # an integer past Python's conversion limit (4,300 digits): no POI id
+                return Parsed(None, f"{UNPARSABLE}: {_HUGE}")
+            return Parsed(got.ids or None, got.problem and f"{UNPARSABLE}: {got.problem}")
         try:
             raw = self.role.parse_prediction(text, self.context)
         except Exception as exc:  # a third-party parser's bug: count the output as unparsable
-            return Parsed(None, f"the role's parser raised {type(exc).__name__}: {exc}")
+            return Parsed(None, f"{UNPARSABLE}: {self._method('parse_prediction')} raised {type(exc).__name__}: {exc}")
         if not raw:
-            problem = read_ids(text, self.max_id).problem if self.scores_ids else "empty output"
-            return Parsed(None, problem or "the role's parser found no prediction")
+            problem = None
+            if self.scores_ids:
+                try:
+                    problem = read_ids(text, self.max_id).problem
+                except ValueError:
+                    problem = _HUGE
+            return Parsed(None, f"{UNPARSABLE}: {problem or 'the role found no prediction in it'}")
         if not self.scores_ids:
             return Parsed(_dedup([str(item).strip() for item in raw]))
         try:
             got = clean_ids(list(raw), self.max_id)
         except (TypeError, ValueError) as exc:
-            return Parsed(None, f"the role's parser returned a non-id: {exc}")
-        return Parsed(got.ids or None, got.problem)
+            return Parsed(None, f"{UNPARSABLE}: {self._method('parse_prediction')} returned a non-id: {_short(str(exc), 120)}")
+        return Parsed(got.ids or None, got.problem and f"{UNPARSABLE}: {got.problem}")
+
+    def _method(self, name: str) -> str:
+        """``"agent9's parse_prediction() (the plugin my-roles)"``: names a role method in a message."""
+        role_id = self.role.id if self.role is not None else GENERIC
+        return f"{role_id}'s {name}()" + (f" ({self.origin})" if self.origin else "")
 
     def ready_list(self, values: Any) -> Parsed:
         """Normalise a ready prediction list (``predicted_poi_ids``); raises ValueError if malformed."""
@@ -141,7 +162,18 @@ class Scorer:
         return Parsed(got.ids or None, got.problem if values else "empty prediction list")
 
     def outcome(self, label: Any, predictions: list[Any] | None) -> RecordOutcome:
-        return outcome(label, predictions, candidate_list=self.kind == CANDIDATES)
+        return outcome(label, predictions, candidate_list=self.kind == CANDIDATES, text=self.kind == TEXT)
+
+
+def role_origin(registry: Any, role_id: str | None) -> str | None:
+    """Who registered ``role_id``: "the plugin NAME" for a third-party plugin, None for a built-in role."""
+    if role_id is None:
+        return None
+    for info in getattr(registry, "plugins", None) or []:
+        if f"role {role_id}" in (getattr(info, "registered", None) or []):
+            source = str(getattr(info, "source", ""))
+            return None if source == "built-in" else f"the plugin {info.name}"
+    return None
 
 
 def summarize(scored: Iterable[tuple[str, RecordOutcome]]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:

@@ -1,6 +1,12 @@
 """``--model tiny``: a small randomly initialised Qwen2 model with a tokenizer trained on the data.
 
-Built offline in a second or two and cached: ``$COMAPOI_CACHE/tiny/<key>/`` (default
+One tiny base per dataset: :func:`tiny_corpus` names every role's training file of the dataset
+(``{data_dir}/{dataset}/agent{1,2,3}_train_samples.jsonl`` and any plugin role's), and the
+tokenizer is trained on all of them, so the per-role runs (``--type agent1``, ``agent2``,
+``agent3``) and the merged run of a dataset share one base model, and ``comapoi adapters export
+RUN1 RUN2 RUN3`` serves their adapters on it. A base is labelled ``tiny:<dataset>:<key>``
+(:func:`tiny_label`; run.json's ``base_model.name``), so that bases built from different data are
+told apart. Built offline in a few seconds and cached: ``$COMAPOI_CACHE/tiny/<key>/`` (default
 ``~/.cache/comapoi``), where the key hashes the recipe (``TINY_RECIPE``) and the SHA-256 of the
 corpus files, so the same data always gives the same model (also after the cache is cleared:
 weights are seeded from the key and the BPE training is deterministic). The folder is an ordinary
@@ -23,16 +29,17 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
-from comapoi_cli.fileio import sha256_file, write_json_atomic
+from comapoi_cli.fileio import read_json, sha256_file, write_json_atomic
+from comapoi_cli.reporting import Reporter
 
 ENV_CACHE = "COMAPOI_CACHE"
 
 #: Everything that decides the tiny model besides its corpus; change ``version`` when the code that
 #: builds it changes, so that old cache entries are not reused.
 TINY_RECIPE = {
-    "version": 1,
+    "version": 2,  # 2: one base per dataset (every role's data), labelled tiny:<dataset>:<key>
     "architecture": "Qwen2ForCausalLM",
     "vocab_size": 2048,  # BPE target; the model's vocabulary is the trained size rounded up to 64
     "hidden_size": 64,
@@ -67,6 +74,7 @@ TINY_CHAT_TEMPLATE = (
 )
 
 MARKER_FILE = "comapoi_tiny.json"
+LABEL_KEY_CHARS = 10  #: the key's characters in the label ``tiny:<dataset>:<key>``
 
 
 def cache_root() -> Path:
@@ -126,11 +134,49 @@ def _train_tokenizer(corpus_files: list[Path]):
     return tokenizer
 
 
-def _write_model(folder: Path, corpus_files: list[Path], key: str) -> None:
+def tiny_corpus(dataset_folder: str | os.PathLike[str], data_file_names: Iterable[str]) -> list[Path]:
+    """The tiny base's corpus for a dataset: each role's training file (``data_file_names``) that exists in ``dataset_folder``.
+
+    Pass every registered role's ``data_file_name()``; the order is sorted by name, so that the
+    key does not depend on the order roles were registered in.
+    """
+    folder = Path(dataset_folder)
+    return [folder / name for name in sorted(set(data_file_names)) if (folder / name).is_file()]
+
+
+def tiny_label(folder: str | os.PathLike[str]) -> str:
+    """``tiny:<dataset>:<key>`` of a tiny model folder (from its marker file), else ``tiny``."""
+    try:
+        marker = read_json(Path(folder) / MARKER_FILE)
+    except (OSError, ValueError):
+        return "tiny"
+    label = marker.get("label") if isinstance(marker, dict) else None
+    return label if isinstance(label, str) and label else "tiny"
+
+
+def tiny_description(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """What run.json records of a tiny base besides its path: ``name`` (the label), ``dataset``, ``key``, ``corpus``.
+
+    ``corpus`` (``[{file, sha256}]``) lets ``comapoi eval`` and ``adapters merge`` rebuild the base
+    when the cache is cleared.
+    """
+    try:
+        marker = read_json(Path(folder) / MARKER_FILE)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(marker, dict):
+        return {}
+    return {"name": tiny_label(folder), "dataset": marker.get("dataset"), "key": marker.get("key"),
+            "corpus": marker.get("corpus") or []}
+
+
+def _write_model(folder: Path, corpus_files: list[Path], key: str, dataset: str | None, say: Reporter) -> None:
     import torch
     from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+    say.progress_start(3, description="building the tiny model", unit="steps")
     raw = _train_tokenizer(corpus_files)
+    say.progress_update(1)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=raw, eos_token=IM_END, pad_token=PAD_TOKEN, bos_token=None, unk_token=None,
         model_max_length=TINY_RECIPE["max_position_embeddings"], padding_side="right",
@@ -148,21 +194,31 @@ def _write_model(folder: Path, corpus_files: list[Path], key: str) -> None:
         model = Qwen2ForCausalLM(config)
     finally:
         torch.random.set_rng_state(generator_state)
+    say.progress_update(2)
     model.generation_config = GenerationConfig(
         eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, do_sample=False, max_new_tokens=64,
     )
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     write_json_atomic(folder / MARKER_FILE, {
-        "built_by": "comapoi --model tiny", "key": key, "recipe": TINY_RECIPE, "tokenizer_vocab": len(tokenizer),
-        "corpus": [{"file": str(p), "sha256": sha256_file(p)} for p in corpus_files],
+        "built_by": "comapoi --model tiny", "label": _label(dataset, key), "dataset": dataset, "key": key,
+        "recipe": TINY_RECIPE, "tokenizer_vocab": len(tokenizer),
+        "corpus": [{"file": str(p.absolute()), "sha256": sha256_file(p)} for p in corpus_files],
         "parameters": sum(p.numel() for p in model.parameters()),
     })
+    say.progress_update(3)
 
 
-def ensure_tiny_model(corpus_files: Iterable[str | os.PathLike[str]], cache: Path | None = None) -> Path:
-    """The tiny model folder for this corpus: reused from the cache, or built now (about a second).
+def _label(dataset: str | None, key: str) -> str:
+    return f"tiny:{(dataset or 'data').lower()}:{key[:LABEL_KEY_CHARS]}"
 
+
+def ensure_tiny_model(corpus_files: Iterable[str | os.PathLike[str]], cache: Path | None = None, *,
+                      dataset: str | None = None, reporter: Reporter | None = None) -> Path:
+    """The tiny model folder for this corpus: reused from the cache, or built now (a few seconds).
+
+    ``corpus_files``: for a dataset, :func:`tiny_corpus` (every role's file), so that all its runs
+    share the base. ``dataset`` names it in the label. ``reporter`` shows the build's progress.
     Safe against concurrent builders: each builds into a temporary folder and renames it into place;
     the first rename wins and the others use its result.
     """
@@ -172,10 +228,12 @@ def ensure_tiny_model(corpus_files: Iterable[str | os.PathLike[str]], cache: Pat
     folder = root / key
     if (folder / MARKER_FILE).is_file():
         return folder
+    say = reporter if reporter is not None else Reporter()
+    say.info(f"building the tiny base model {_label(dataset, key)} from {len(files)} data file{'s' if len(files) != 1 else ''}")
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
     try:
-        _write_model(tmp, files, key)
+        _write_model(tmp, files, key, dataset, say)
         try:
             os.replace(tmp, folder)
         except OSError:
@@ -183,5 +241,6 @@ def ensure_tiny_model(corpus_files: Iterable[str | os.PathLike[str]], cache: Pat
                 shutil.rmtree(folder, ignore_errors=True)
                 os.replace(tmp, folder)
     finally:
+        say.progress_stop()
         shutil.rmtree(tmp, ignore_errors=True)
     return folder

@@ -32,12 +32,12 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 from comapoi_cli.errors import ComapoiError
 from comapoi_cli.fileio import sha256_file
+from comapoi_cli.models.loading import quiet_libraries
 from comapoi_cli.training import chat
 from comapoi_cli.training.devices import DevicePlan, bitsandbytes_problem, free_memory_bytes, peak_memory, plan_device
 from comapoi_cli.training.distributed import (batch_line, is_main_process, local_rank, main_process_first, rank,
@@ -50,25 +50,6 @@ from comapoi_cli.training.options import locate_model
 from comapoi_cli.training.report import ConsoleReporter, Reporter
 from comapoi_cli.training.rundir import RunStart, checkpoints, prepare_run_dir, remove_interrupt_checkpoints
 from comapoi_cli.training.runinfo import RunRecord, versions
-
-
-def quiet_libraries() -> None:
-    """Keep the console for comapoi's own output: no library progress bars, warnings or info logs."""
-    import logging
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # e.g. "Failed to load CPU gemm_4bit_forward"
-    import datasets
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    datasets.utils.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
-    for category in (FutureWarning, DeprecationWarning, UserWarning):
-        warnings.filterwarnings("ignore", category=category, module=r"(transformers|trl|peft|accelerate|torch|bitsandbytes)\b")
-    warnings.filterwarnings("ignore", message=r".*(MatMul8bitLt|use_reentrant|is_gradient_checkpointing).*")
 
 
 def require_model(job: TrainingJob) -> None:
@@ -263,10 +244,19 @@ class TRLTrainingPath:
 
     def model_dir(self, prepared: Any) -> str:
         if self.job.is_tiny:
-            from comapoi_cli.training.tiny import ensure_tiny_model
+            from comapoi_cli.training.tiny import ensure_tiny_model, tiny_corpus
 
+            job = self.job
+            corpus = [prepared.train_path]
+            if job.dataset and not job.data_path:  # one base per dataset: every role's data, shared by all its runs
+                from comapoi_cli.data.layout import dataset_dir
+                from comapoi_cli.plugins import get_registry  # TODO(merge): the registry the trainer is given
+
+                names = [role.data_file_name() for role in get_registry().roles.values()]
+                corpus = tiny_corpus(dataset_dir(job.dataset, Path(job.data_dir).expanduser()), names) or corpus
             with main_process_first():
-                return str(ensure_tiny_model([prepared.train_path]))
+                return str(ensure_tiny_model(corpus, dataset=job.dataset,
+                                             reporter=self.reporter if is_main_process() else None))
         return self.job.base_model
 
     def _start(self) -> RunStart:
@@ -600,6 +590,11 @@ def _record_callback(write):
 
 def _describe_model(job: TrainingJob, model_dir: str, model: Any) -> dict[str, Any]:
     config = getattr(model, "config", None)
+    tiny: dict[str, Any] = {}
+    if job.is_tiny:
+        from comapoi_cli.training.tiny import tiny_description
+
+        tiny = tiny_description(model_dir)  # name tiny:<dataset>:<key>, dataset, key, corpus (to rebuild it)
     return {
         "name": job.model,
         "path": model_dir,
@@ -607,6 +602,7 @@ def _describe_model(job: TrainingJob, model_dir: str, model: Any) -> dict[str, A
         "architecture": (getattr(config, "architectures", None) or [type(model).__name__])[0],
         "model_type": getattr(config, "model_type", None),
         "parameters": sum(p.numel() for p in model.parameters()),
+        **tiny,
     }
 
 

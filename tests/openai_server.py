@@ -25,11 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _load(base_model: str, tokenizer: str, adapters: dict[str, Path]) -> Any:
-    from comapoi_cli.evaluation.runner import locate_run
-    from comapoi_cli.pipeline._models import load_with_adapters
+    from comapoi_cli.models.loading import load_model
 
-    run = locate_run(next(iter(adapters.values())))
-    return load_with_adapters(base_model, adapters, tokenizer, run, device="cpu", quant="none")
+    return load_model(base_model, adapters=adapters, tokenizer=tokenizer, device="cpu", quant="none")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -44,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
         name, _, folder = item.partition("=")
         adapters[name] = Path(folder)
     loaded = _load(args.base_model, args.tokenizer, adapters)
-    from comapoi_cli.evaluation.runner import generate, render_prompts
+    from comapoi_cli.models.generation import generate, render_prompts
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *a: Any) -> None:  # quiet

@@ -26,20 +26,21 @@ from comapoi_cli.reporting import Reporter
 
 class TransformersSession(EngineSession):
     def __init__(self, spec: EngineSpec, reporter: Reporter):
-        from comapoi_cli.pipeline._models import load_with_adapters
+        from comapoi_cli.models.loading import load_model
 
-        if not spec.base_model or not spec.tokenizer:
+        if not spec.base_model:
             raise UsageError("The transformers engine needs the runs' base model.")
         self.spec = spec
-        self.loaded = load_with_adapters(spec.base_model, spec.adapters, spec.tokenizer, spec.extra.get("run"),
-                                         quant=spec.quant, device=spec.device, dtype=spec.dtype,
-                                         trust_remote_code=spec.trust_remote_code)
+        # ONE base model; every adapter attached once and switched per agent with use_adapter
+        self.loaded = load_model(spec.base_model, adapters=spec.adapters, quant=spec.quant, device=spec.device,
+                                 dtype=spec.dtype, trust_remote_code=spec.trust_remote_code, tokenizer=spec.tokenizer,
+                                 recorded_quant=spec.run_quant, recorded_dtype=spec.extra.get("run_dtype"))
         self.max_context = self.loaded.max_context
         self.description = (f"transformers: {spec.base_model} on {self.loaded.device} ({self.loaded.dtype}, "
                             f"quantisation {self.loaded.quant}), adapters {', '.join(self.loaded.adapter_names)}")
 
     def generate(self, adapter: str, prompts: Sequence[list[dict[str, str]]], max_new_tokens: int) -> list[Generation]:
-        from comapoi_cli.evaluation.runner import generate, render_prompts
+        from comapoi_cli.models.generation import generate, render_prompts
 
         token_ids = render_prompts(self.loaded.tokenizer, prompts)
         out: list[Generation] = [Generation(None, None, len(ids)) for ids in token_ids]

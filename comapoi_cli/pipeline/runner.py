@@ -106,7 +106,8 @@ def chain_order(registry: Any, role_ids: list[str]) -> list[Any]:
 
 
 def _resolve_runs(request: PipelineRequest) -> tuple[dict[str, Any], str, Any]:
-    from comapoi_cli.evaluation.runner import locate_run, resolve_base_model
+    from comapoi_cli.evaluation.runner import locate_run
+    from comapoi_cli.models.resolve import resolve_base_model
 
     runs: dict[str, Any] = {}
     bases: dict[str, str] = {}
@@ -298,7 +299,7 @@ def run_pipeline(request: PipelineRequest, registry: Any, reporter: Reporter) ->
                           tokenizer=_tokenizer_dir(first_run, base), device=request.device, quant=request.quant,
                           dtype=request.dtype, run_quant=first_run.quant, batch_size=request.batch_size,
                           trust_remote_code=request.trust_remote_code, url=request.url, api_key=request.api_key,
-                          extra={"run": first_run})
+                          extra={"run_dtype": first_run.dtype})
         session = engine.open(spec, reporter)
         engine_description = session.description
         reporter.info(f"chain {' -> '.join(settings['chain'])} on {len(items)} trajectories "

@@ -194,3 +194,30 @@ def test_critic_plugin_joins_the_chain_after_agent3(critic_site, trained_run, te
     row = _rows(out / "predictions.jsonl")[0]
     assert list(row["agents"]) == ["agent1", "agent2", "agent3", "agent4"]
     assert row["final_step"] == "agent4.rerank" and row["ranking"] == row["agents"]["agent4"]["rerank"]["ranking"]
+
+
+def test_transformers_engine_one_base_switched_adapters_and_context_misses(trained_run):
+    from comapoi_cli.default_plugins.pipeline_engines import TransformersEngine
+    from comapoi_cli.evaluation.runner import locate_run, tokenizer_folder
+    from comapoi_cli.pipeline.engines import EngineSpec
+    from comapoi_cli.reporting import Reporter
+
+    run = locate_run(trained_run.run_dir)
+    base = trained_run.run_json["base_model"]["path"]
+    first = trained_run.run_dir / "checkpoint-4"
+    spec = EngineSpec(base_model=base, adapters={"early": first, "final": trained_run.run_dir},
+                      role_adapters={"agent1": "early", "agent3": "final"}, tokenizer=str(tokenizer_folder(run, base)),
+                      device="cpu", quant="none", batch_size=2)
+    session = TransformersEngine().open(spec, Reporter())
+    model = session.loaded.model
+    assert session.loaded.adapter_names == ["early", "final"] and sorted(model.peft_config) == ["early", "final"]
+    prompts = [[{"role": "user", "content": "user_id: 0, subtrajectory_id: 1\nList the next POI ids."}],
+               [{"role": "user", "content": "At 2012-04-04 15:36:09, Wednesday, user 0 visit POI ID 12. " * 40}]]
+    early = session.generate("early", prompts[:1], 6)
+    final = session.generate("final", prompts[:1], 6)
+    assert session.loaded.model is model and session.loaded.active_adapter == "final"  # switched, not reloaded
+    assert early[0].text is not None and final[0].text is not None
+    session.max_context = early[0].prompt_tokens + 10  # as if the model's context were that short
+    answers = session.generate("final", prompts, 6)
+    assert answers[0].text == final[0].text and answers[0].problem is None
+    assert answers[1].text is None and "exceeds the model's context" in answers[1].problem and "never truncated" in answers[1].problem

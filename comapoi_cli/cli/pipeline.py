@@ -163,7 +163,13 @@ def run(
         retriever=retriever, url=url, api_key=api_key, served_names=_pairs(served_name, "--served-name"), model=model,
         device=device, quant=quant, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit, resume=resume,
         overwrite=overwrite, top_k=top_k, compat=compat.lower(), trust_remote_code=trust_remote_code)
-    result = run_pipeline(request, get_registry(), _reporter(as_json))
+    try:
+        result = run_pipeline(request, get_registry(), _reporter(as_json))
+    except KeyboardInterrupt:
+        from comapoi_cli.errors import ComapoiError
+
+        raise ComapoiError("Interrupted; every whole batch is saved in the output folder.",
+                           hint="Continue with the same command and --resume.", exit_code=130) from None
     if as_json:
         print_json({"out": str(result.out), "predictions": str(result.predictions), "rejects": str(result.rejects),
                     "record": str(result.record), "engine": result.engine, "done_before": result.done_before,

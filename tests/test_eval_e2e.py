@@ -28,7 +28,7 @@ def test_train_eval_then_score_gives_identical_numbers(tmp_path, copy_data_dir):
 
     evaluated = run_comapoi("eval", "--adapter", str(run_dir), "--max-new-tokens", "12", "--batch-size", "3")
     assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
-    assert "acc@1" in evaluated.stdout and "generating" in evaluated.stderr  # the table, the progress bar
+    assert "acc@1" in evaluated.stdout and "with the adapter" in evaluated.stderr  # the table, the loading note
     assert "Traceback" not in evaluated.stderr
 
     entry = json.loads((run_dir / "metrics.json").read_text())

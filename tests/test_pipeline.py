@@ -117,15 +117,10 @@ def test_killed_run_resumes_to_the_same_file(chain_run, trained_run, test_file, 
     assert _no_timings(_rows(predictions)) == _no_timings(_rows(full / "predictions.jsonl")[:16])
 
 
-def _server(trained_run, names: list[str]) -> tuple[subprocess.Popen, int]:
-    from comapoi_cli.evaluation.runner import locate_run, tokenizer_folder
-
-    run = locate_run(trained_run.run_dir)
-    base = trained_run.run_json["base_model"]["path"]
-    cmd = [sys.executable, str(REPO / "tests" / "openai_server.py"), "--base-model", base,
-           "--tokenizer", str(tokenizer_folder(run, base))]
-    for name in names:
-        cmd += ["--adapter", f"{name}={trained_run.run_dir}"]
+def _server(base: str, tokenizer: str, adapters: dict[str, Path]) -> tuple[subprocess.Popen, int]:
+    cmd = [sys.executable, str(REPO / "tests" / "openai_server.py"), "--base-model", base, "--tokenizer", tokenizer]
+    for name, folder in adapters.items():
+        cmd += ["--adapter", f"{name}={folder}"]
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = server.stdout.readline()
     if not line.startswith("READY"):
@@ -134,23 +129,37 @@ def _server(trained_run, names: list[str]) -> tuple[subprocess.Popen, int]:
     return server, int(line.split()[1])
 
 
-def test_openai_engine_against_a_real_local_server_equals_the_local_engine(trained_run, test_file, tmp_path):
-    server, port = _server(trained_run, ["agent1", "agent2", "agent3"])
+def test_openai_engine_against_a_real_local_server_equals_the_local_engine(role_runs, test_file, tmp_path):
+    """Three per-role runs on the dataset's shared tiny base: served as agent1/agent2/agent3 by a real
+    OpenAI-compatible server, and loaded on one base by the local engine; the answers are the same."""
+    from comapoi_cli.evaluation.runner import locate_run, tokenizer_folder
+
+    bases = {json.loads((run / "run.json").read_text())["base_model"]["path"] for run in role_runs.values()}
+    assert len(bases) == 1  # one shared base
+    base = bases.pop()
+    agents = [arg for role, run in role_runs.items() for arg in (f"--{role}", str(run))]
+
+    def chain(out: Path, *extra: str) -> list[str]:
+        return ["pipeline", "run", "--dataset", "nyc", "--test", str(test_file), "--train", str(REAL_DATA / "nyc_train.jsonl"),
+                "--poi-info", str(REAL_DATA / "nyc_poi_info.csv"), *agents, "--out", str(out), "--max-new-tokens", NEW_TOKENS,
+                "--limit", "2", *extra]
+
+    server, port = _server(base, str(tokenizer_folder(locate_run(role_runs["agent1"]), base)), role_runs)
     try:
         url = f"http://127.0.0.1:{port}/v1"
-        served = run_comapoi(*_chain_args(test_file, trained_run.run_dir, tmp_path / "http", "--engine", "openai",
-                                          "--url", url, "--batch-size", "2", "--limit", "2", "--json"))
+        served = run_comapoi(*chain(tmp_path / "http", "--engine", "openai", "--url", url, "--batch-size", "2"))
         assert served.returncode == 0, served.stderr
-        wrong = run_comapoi(*_chain_args(test_file, trained_run.run_dir, tmp_path / "wrong", "--engine", "openai",
-                                         "--url", url, "--served-name", "agent3=final"))
+        wrong = run_comapoi(*chain(tmp_path / "wrong", "--engine", "openai", "--url", url, "--served-name", "agent3=final"))
         assert wrong.returncode != 0 and "does not serve final" in wrong.stderr and "Traceback" not in wrong.stderr
     finally:
         server.terminate()
         server.wait(timeout=30)
-    down = run_comapoi(*_chain_args(test_file, trained_run.run_dir, tmp_path / "down", "--engine", "openai", "--url", url))
+    down = run_comapoi(*chain(tmp_path / "down", "--engine", "openai", "--url", url))
     assert down.returncode != 0 and "Cannot reach an OpenAI-compatible server" in down.stderr
-    local = run_comapoi(*_chain_args(test_file, trained_run.run_dir, tmp_path / "local", "--batch-size", "1", "--limit", "2"))
+    local = run_comapoi(*chain(tmp_path / "local", "--batch-size", "1"))
     assert local.returncode == 0, local.stderr
+    record = json.loads((tmp_path / "local" / "pipeline.json").read_text())
+    assert sorted(record["settings"]["adapters"]) == ["agent1", "agent2", "agent3"]  # three adapters on one base
     http_rows, local_rows = _rows(tmp_path / "http" / "predictions.jsonl"), _rows(tmp_path / "local" / "predictions.jsonl")
     assert len(http_rows) == 2
     raw = lambda rows: [{r: {s: v["raw"] for s, v in steps.items()} for r, steps in row["agents"].items()} for row in rows]  # noqa: E731

@@ -137,9 +137,11 @@ def run(
 ) -> None:
     """Run the chain on test trajectories: Profiler -> Forecaster (with retrieved POIs) -> Final_Predictor.
 
-    Each role builds its prompts with the same builders as 'comapoi data synth' (no label in them);
-    predictions.jsonl gets one line per trajectory, written batch by batch; --resume continues a
-    killed run. Ends with CoMaPOI's metrics, per-stage candidate recall and two no-model baselines.
+    Each role builds its prompts with the same builders as 'comapoi data synth' (no label in them).
+
+    predictions.jsonl gets one line per trajectory, written batch by batch; --resume continues a killed run.
+
+    Ends with CoMaPOI's metrics, per-stage candidate recall and two no-model baselines (docs/pipeline.md).
     """
     from comapoi_cli.pipeline.runner import PipelineRequest, run_pipeline
     from comapoi_cli.plugins import get_registry

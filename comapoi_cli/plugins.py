@@ -27,6 +27,8 @@ ENTRY_POINT_GROUP = "comapoi"
 DEFAULT_PLUGINS = (
     "comapoi_cli.default_plugins.comapoi_roles",
     "comapoi_cli.default_plugins.trl_backend",
+    "comapoi_cli.default_plugins.pipeline_engines",
+    "comapoi_cli.default_plugins.pipeline_retrievers",
 )
 
 

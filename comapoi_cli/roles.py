@@ -9,9 +9,12 @@ more through the ``register_agent_roles`` hook.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from comapoi_cli.presets import DatasetPreset, preset_for
+
+if TYPE_CHECKING:  # light at run time: roles load on every command
+    from comapoi_cli.pipeline.chain import ChainContext, ChainItem
 
 #: ``--type merged`` trains on every role's data together; it is not a role.
 MERGED = "merged"
@@ -126,3 +129,31 @@ class AgentRole:
             "description": self.description,
             "data_file": self.data_file_name(),
         }
+
+    # -- comapoi pipeline: the role's place and work in the inference chain ------------------------------
+    #: Where the role runs in ``comapoi pipeline`` (lower first; CoMaPOI's roles are 1, 2, 3). A role with
+    #: neither ``chain_position`` nor ``chain_after`` is not part of the chain.
+    chain_position: float | None = None
+    #: Run right after this role id (e.g. ``"agent3"``); wins over ``chain_position``.
+    chain_after: str | None = None
+
+    def chain_steps(self) -> tuple[str, ...]:
+        """The generations this role makes per trajectory, in order (default: one, ``"answer"``)."""
+        return ("answer",)
+
+    def build_inference_prompt(self, trajectory: "ChainItem", upstream: dict[str, dict[str, Any]],
+                               context: "ChainContext", step: str = "answer") -> list[dict[str, str]]:
+        """The prompt turns (system, user) for one step on one test trajectory, without any label.
+
+        ``upstream`` holds the outputs of the roles that ran before (``{role_id: {field: value}}``,
+        this role's earlier steps included). Build it with the same function that builds the
+        role's training records, so that training and inference prompts cannot drift.
+        """
+        raise NotImplementedError(f"role {self.id} cannot build an inference prompt")
+
+    def parse_chain_output(self, step: str, text: str, context: "ChainContext") -> dict[str, Any]:
+        """The fields one step's output gives the roles downstream. ``"ranking"`` (a ranked id list)
+        makes it the chain's final ranking; ``"candidates"`` is scored as a per-stage recall.
+        Default: the parsed prediction list as ``ranking``."""
+        parsed = self.parse_prediction(text, RoleContext(dataset=context.dataset))
+        return {"ranking": [p for p in parsed or [] if isinstance(p, int)]}

@@ -112,3 +112,18 @@ def trained_run(tmp_path_factory, agent_data_dir) -> TrainedRun:
     runs = list(output.glob("*/sft-*/*/run.json"))
     assert len(runs) == 1, runs
     return TrainedRun(runs[0].parent, output, json.loads(runs[0].read_text()))
+
+
+@pytest.fixture(scope="session")
+def role_runs(tmp_path_factory, agent_data_dir) -> dict[str, Path]:
+    """Three finished tiny runs, ``--type agent1``, ``agent2``, ``agent3`` (2 steps each, real CLI), on the
+    dataset's one shared tiny base (the same base as ``trained_run``): ``{"agent1": run_dir, ...}``."""
+    output = tmp_path_factory.mktemp("role-runs") / "output"
+    runs: dict[str, Path] = {}
+    for role in ("agent1", "agent2", "agent3"):
+        result = run_comapoi("train", "--dataset", "nyc", "--data-dir", str(agent_data_dir), "--type", role,
+                             *TRAIN_FAST, "--max_steps", "2", "--save_freq", "2", "--output_dir", str(output))
+        assert result.returncode == 0, result.stdout + result.stderr
+        (run_json,) = [p for p in output.glob("*/sft-*/*/run.json") if f"-{role}-" in p.parent.name]
+        runs[role] = run_json.parent
+    return runs

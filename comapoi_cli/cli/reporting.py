@@ -19,6 +19,9 @@ from comapoi_cli.training.report import format_duration
 
 __all__ = ["ConsoleReporter"]
 
+#: Off a terminal, a long step other than training prints one plain progress line at most this often.
+PLAIN_EVERY_S = 10.0
+
 
 class ConsoleReporter(Reporter):
     """Rich output on standard error."""
@@ -35,6 +38,8 @@ class ConsoleReporter(Reporter):
         self._unit = ""
         self._started = 0.0
         self._first_done = 0
+        self._description = ""
+        self._last_line = 0.0
 
     def info(self, text: str) -> None:
         self.console.print(text, soft_wrap=True, highlight=False, markup=False)
@@ -60,6 +65,7 @@ class ConsoleReporter(Reporter):
         self._total = total
         self._training = not description or description == "training"
         self._unit = unit
+        self._description = description
         self._started = time.monotonic()
         self._first_done = done
         if not self.console.is_terminal:
@@ -81,8 +87,8 @@ class ConsoleReporter(Reporter):
     def progress_update(self, done: int, *, loss: float | None = None, lr: float | None = None,
                         tokens_per_s: float | None = None, eta_s: float | None = None, rate: float | None = None,
                         **fields: Any) -> None:
-        if self._progress is None:
-            return
+        if self._progress is None and (self._training or self.console.is_terminal):
+            return  # a training run off a terminal logs through log_line
         if not self._training:
             elapsed = time.monotonic() - self._started
             if rate is None and elapsed > 0 and done > self._first_done:
@@ -90,11 +96,20 @@ class ConsoleReporter(Reporter):
             if eta_s is None and rate and self._total:
                 eta_s = max(0.0, (self._total - done) / rate)
         unit = f" {self._unit}/s" if self._unit else "/s"
+        if self._progress is None:  # not a terminal: a plain line, at most every PLAIN_EVERY_S seconds
+            now = time.monotonic()
+            if now - self._last_line >= PLAIN_EVERY_S or (self._total is not None and done >= self._total):
+                self._last_line = now
+                total = "?" if self._total is None else str(self._total)
+                rate_text = "-" if not rate else f"{rate:,.{2 if rate < 10 else 1}f}{unit}"
+                self.console.print(f"{self._description or 'progress'}: {done}/{total} {self._unit}  {rate_text}  "
+                                   f"ETA {format_duration(eta_s)}", highlight=False, markup=False, soft_wrap=True)
+            return
         self._progress.update(
             self._task, completed=done,
             loss="-" if loss is None else f"{loss:.4f}", lr="-" if lr is None else f"{lr:.2e}",
             tps="-" if tokens_per_s is None else f"{tokens_per_s:,.0f}", eta=format_duration(eta_s),
-            rate="-" if not rate else f"{rate:,.1f}{unit}",
+            rate="-" if not rate else f"{rate:,.{2 if rate < 10 else 1}f}{unit}",
         )
 
     def log_line(self, step: int, total: int, logs: dict[str, Any], tokens_per_s: float | None, eta_s: float | None) -> None:

@@ -207,24 +207,42 @@ def _read_real(source: Path, world: PoiWorld, summary: SynthSummary) -> Iterator
                 continue
             try:
                 record = json.loads(line)
-                messages = record["messages"]
-                user_text = next(m["content"] for m in messages if m.get("role") == "user")
-                answer = [m["content"] for m in messages if m.get("role") == "assistant"][-1]
-                next_poi = _answer_id(answer)
-                header = _HEADER.search(user_text)
-            except (ValueError, KeyError, TypeError, StopIteration, IndexError):
+            except ValueError:
                 summary.skipped_lines += 1
                 continue
-            checkins = []
-            for match in _CHECKIN.finditer(user_text):
-                stamp, _day, _user, poi, category, lat, lon = match.groups()
-                poi_id = int(poi)
-                world.add(poi_id, category, float(lat), float(lon), lat, lon)
-                checkins.append(Checkin(datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S"), poi_id, category, lat, lon))
-            if header is None or next_poi is None or not checkins:
+            traj = trajectory_from_record(record, world)
+            if isinstance(traj, str):
                 summary.skipped_lines += 1
                 continue
-            yield Trajectory(int(header.group(1)), int(header.group(2)), checkins, next_poi)
+            yield traj
+
+
+def trajectory_from_record(record: Any, world: PoiWorld) -> Trajectory | str:
+    """The trajectory of one CoMaPOI next-POI record (its check-ins' POIs are added to ``world``),
+    or the reason why the record is not one (``comapoi pipeline`` keeps it in its rejects file)."""
+    try:
+        messages = record["messages"]
+        user_text = next(m["content"] for m in messages if m.get("role") == "user")
+        answer = [m["content"] for m in messages if m.get("role") == "assistant"][-1]
+    except (KeyError, TypeError, StopIteration, IndexError, AttributeError):
+        return "not a conversation with a user turn and an assistant answer"
+    if not isinstance(user_text, str):
+        return "the user turn is not text"
+    next_poi = _answer_id(answer)
+    header = _HEADER.search(user_text)
+    checkins = []
+    for match in _CHECKIN.finditer(user_text):
+        stamp, _day, _user, poi, category, lat, lon = match.groups()
+        poi_id = int(poi)
+        world.add(poi_id, category, float(lat), float(lon), lat, lon)
+        checkins.append(Checkin(datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S"), poi_id, category, lat, lon))
+    if header is None:
+        return "no '<historical trajectory of user_U_subtrajectory_S>' header"
+    if not checkins:
+        return "no check-in ('At YYYY-MM-DD HH:MM:SS, Weekday, user U visit POI ID P (...).')"
+    if next_poi is None:
+        return "the answer holds no next POI id"
+    return Trajectory(int(header.group(1)), int(header.group(2)), checkins, next_poi)
 
 
 def _answer_id(answer: Any) -> int | None:
@@ -410,16 +428,91 @@ class _Writer:
                            ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def _agent_records(traj: Trajectory, history: _Stats, world: PoiWorld, rng: random.Random,
-                   max_id: int) -> tuple[list[bytes], list[bytes], list[bytes]]:
+# -- the prompts: one builder per record, shared with ``comapoi pipeline`` (inference) -----------
+def current_text(traj: Trajectory) -> str:
+    """The current trajectory as every prompt shows it."""
     u, s = traj.user, traj.sub
-    head = f"user_id: {u}, subtrajectory_id: {s}"
-    current = f"<historical trajectory of user_{u}_subtrajectory_{s}>\n" + " ".join(c.text(u) for c in traj.checkins)
-    stats = history.copy() if history.n else _Stats()
-    if not history.n:
-        stats.add(traj.checkins, world)
+    return f"<historical trajectory of user_{u}_subtrajectory_{s}>\n" + " ".join(c.text(u) for c in traj.checkins)
+
+
+def history_stats(history: _Stats | None, traj: Trajectory, world: PoiWorld) -> _Stats:
+    """The statistics a Profiler prompt shows: the user's earlier trajectories, else the current one."""
+    if history is not None and history.n:
+        return history.copy()
+    stats = _Stats()
+    stats.add(traj.checkins, world)
+    return stats
+
+
+def recent_stats(traj: Trajectory, world: PoiWorld) -> _Stats:
+    """The statistics a Forecaster prompt shows: the last 12 check-ins."""
     recent = _Stats()
     recent.add(traj.checkins[-min(len(traj.checkins), 12):], world)
+    return recent
+
+
+def chat_prompt(user_text: str) -> list[dict[str, str]]:
+    """The prompt turns of an agent record (system + user), without the answer."""
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user_text}]
+
+
+def agent1_profile_prompt(traj: Trajectory, stats: _Stats, world: PoiWorld) -> str:
+    return (
+        f"user_id: {traj.user}, subtrajectory_id: {traj.sub}\n"
+        "You are the Profiler. Build a long-term profile of this user from the historical check-in "
+        "statistics and the current trajectory: the categories the user prefers, when the user is active, "
+        "and the areas the user moves in. Write plain text; do not list POI ids.\n\n"
+        f"{stats.block(world, 'Historical statistics')}\n\n"
+        f"Current trajectory:\n{current_text(traj)}")
+
+
+def agent1_candidates_prompt(traj: Trajectory, profile: str, max_id: int) -> str:
+    return (
+        f"user_id: {traj.user}, subtrajectory_id: {traj.sub}\n"
+        "You are the Profiler. From the long-term profile and the current trajectory, list the 25 POI ids this "
+        "user is most likely to visit next, the most likely first. Answer with exactly 25 unique ids separated "
+        f"by commas; every id lies in 0..{max_id}.\n\n"
+        f"Long-term profile:\n{profile}\n\n"
+        f"Current trajectory:\n{current_text(traj)}")
+
+
+def agent2_pattern_prompt(traj: Trajectory, recent: _Stats, world: PoiWorld) -> str:
+    return (
+        f"user_id: {traj.user}, subtrajectory_id: {traj.sub}\n"
+        "You are the Forecaster. Describe the user's recent mobility pattern: how the latest check-ins move "
+        "between categories, times and places, and what that suggests for the next visit. Write plain text.\n\n"
+        f"{recent.block(world, 'Recent distribution')}\n\n"
+        f"Current trajectory:\n{current_text(traj)}")
+
+
+def agent2_candidates_prompt(traj: Trajectory, mobility: str, similar: list[int], max_id: int) -> str:
+    return (
+        f"user_id: {traj.user}, subtrajectory_id: {traj.sub}\n"
+        "You are the Forecaster. Refine the retrieved POIs into the 25 ids this user is most likely to visit "
+        "next, the most likely first, using the recent mobility pattern and the current trajectory. Answer with "
+        f"exactly 25 unique ids separated by commas; every id lies in 0..{max_id}.\n\n"
+        f"Mobility pattern:\n{mobility}\n\n"
+        f"Similar POI List: {_csv(similar)}\n\n"
+        f"Current trajectory:\n{current_text(traj)}")
+
+
+def agent3_prompt(traj: Trajectory, profile: str, mobility: str, candidates1: list[int], candidates2: list[int]) -> str:
+    return (
+        f"For User_id: {traj.user}, Subtrajectory_id: {traj.sub}\n"
+        "You are the Final_Predictor. Combine the current trajectory, the long-term profile, the short-term "
+        f"pattern and the two candidate lists into the {FINAL_TOP_K} most likely next POI ids, ranked. "
+        f'Answer in JSON: {{"next_poi_id": [id1, id2, ..., id{FINAL_TOP_K}]}}.\n\n'
+        f"Current trajectory:\n{current_text(traj)}\n\n"
+        f"Long-term profile:\n{profile}\n\n"
+        f"Short-term pattern:\n{mobility}\n\n"
+        f"Candidates from the Profiler: {_csv(candidates1)}\n"
+        f"Candidates from the Forecaster: {_csv(candidates2)}")
+
+
+def _agent_records(traj: Trajectory, history: _Stats, world: PoiWorld, rng: random.Random,
+                   max_id: int) -> tuple[list[bytes], list[bytes], list[bytes]]:
+    stats = history_stats(history, traj, world)
+    recent = recent_stats(traj, world)
     writer = _Writer(Path("."), "")
     truth = traj.next_poi
     next_category = traj.next_category or (world.info.get(truth) or (None,))[0]
@@ -434,60 +527,27 @@ def _agent_records(traj: Trajectory, history: _Stats, world: PoiWorld, rng: rand
     profile = _profile(stats, rng, next_category)
     mobility = _mobility(traj.checkins, rng, world)
 
-    a1_profile_prompt = (
-        f"{head}\n"
-        "You are the Profiler. Build a long-term profile of this user from the historical check-in "
-        "statistics and the current trajectory: the categories the user prefers, when the user is active, "
-        "and the areas the user moves in. Write plain text; do not list POI ids.\n\n"
-        f"{stats.block(world, 'Historical statistics')}\n\n"
-        f"Current trajectory:\n{current}")
+    a1_profile_prompt = agent1_profile_prompt(traj, stats, world)
     a1_candidates = _fill([truth] + [p for p in own + nearby if p != truth], CANDIDATES, rng, max_id)
-    a1_list_prompt = (
-        f"{head}\n"
-        "You are the Profiler. From the long-term profile and the current trajectory, list the 25 POI ids this "
-        "user is most likely to visit next, the most likely first. Answer with exactly 25 unique ids separated "
-        f"by commas; every id lies in 0..{max_id}.\n\n"
-        f"Long-term profile:\n{profile}\n\n"
-        f"Current trajectory:\n{current}")
-    a2_pattern_prompt = (
-        f"{head}\n"
-        "You are the Forecaster. Describe the user's recent mobility pattern: how the latest check-ins move "
-        "between categories, times and places, and what that suggests for the next visit. Write plain text.\n\n"
-        f"{recent.block(world, 'Recent distribution')}\n\n"
-        f"Current trajectory:\n{current}")
+    a1_list_prompt = agent1_candidates_prompt(traj, profile, max_id)
+    a2_pattern_prompt = agent2_pattern_prompt(traj, recent, world)
     similar = nearby[:SIMILAR]
     similar = [p for p in similar if p != truth]
     if rng.random() < 0.7:  # retrieval finds the true POI most of the time, at no fixed place
         similar.insert(rng.randrange(len(similar) + 1), truth)
     similar = _fill(similar, SIMILAR, rng, max_id) if len(similar) < SIMILAR else similar[:SIMILAR]
     a2_candidates = _fill([truth] + [p for p in similar + own if p != truth], CANDIDATES, rng, max_id)
-    a2_list_prompt = (
-        f"{head}\n"
-        "You are the Forecaster. Refine the retrieved POIs into the 25 ids this user is most likely to visit "
-        "next, the most likely first, using the recent mobility pattern and the current trajectory. Answer with "
-        f"exactly 25 unique ids separated by commas; every id lies in 0..{max_id}.\n\n"
-        f"Mobility pattern:\n{mobility}\n\n"
-        f"Similar POI List: {_csv(similar)}\n\n"
-        f"Current trajectory:\n{current}")
+    a2_list_prompt = agent2_candidates_prompt(traj, mobility, similar, max_id)
     # agent3 sees the agents' lists as they would predict them: truth anywhere, or missing
     seen1 = _noisy_list(own + nearby, truth, rng, CANDIDATES, 0.55, max_id)
     seen2 = _noisy_list(similar + own, truth, rng, CANDIDATES, 0.6, max_id)
     pool = [p for p in dict.fromkeys(seen1[:12] + seen2[:12] + own) if p != truth]
     final = _fill([truth] + pool, FINAL_TOP_K, rng, max_id)
-    a3_prompt = (
-        f"For User_id: {u}, Subtrajectory_id: {s}\n"
-        "You are the Final_Predictor. Combine the current trajectory, the long-term profile, the short-term "
-        f"pattern and the two candidate lists into the {FINAL_TOP_K} most likely next POI ids, ranked. "
-        f'Answer in JSON: {{"next_poi_id": [id1, id2, ..., id{FINAL_TOP_K}]}}.\n\n'
-        f"Current trajectory:\n{current}\n\n"
-        f"Long-term profile:\n{profile}\n\n"
-        f"Short-term pattern:\n{mobility}\n\n"
-        f"Candidates from the Profiler: {_csv(seen1)}\n"
-        f"Candidates from the Forecaster: {_csv(seen2)}")
+    a3 = agent3_prompt(traj, profile, mobility, seen1, seen2)
     return (
         [writer.record(a1_profile_prompt, profile), writer.record(a1_list_prompt, _csv(a1_candidates))],
         [writer.record(a2_pattern_prompt, mobility), writer.record(a2_list_prompt, _csv(a2_candidates))],
-        [writer.record(a3_prompt, json.dumps({"next_poi_id": final}))],
+        [writer.record(a3, json.dumps({"next_poi_id": final}))],
     )
 
 

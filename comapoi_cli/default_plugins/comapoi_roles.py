@@ -220,11 +220,48 @@ class Profiler(_ProfileOrCandidates):
     display_name = "Profiler"
     description = "Long-term user profile from the history, and a 25-id candidate list from it."
 
+    # comapoi pipeline: a long-term profile, then 25 candidates from it (the two agent1 records of data synth)
+    chain_position = 1
+
+    def chain_steps(self) -> tuple[str, ...]:
+        return ("profile", "candidates")
+
+    def build_inference_prompt(self, trajectory, upstream, context, step="profile"):
+        from comapoi_cli.data import synth
+
+        traj = trajectory.trajectory
+        if step == "profile":
+            stats = synth.history_stats(trajectory.history, traj, context.world)
+            return synth.chat_prompt(synth.agent1_profile_prompt(traj, stats, context.world))
+        profile = upstream.get(self.id, {}).get("profile", "")
+        return synth.chat_prompt(synth.agent1_candidates_prompt(traj, profile, context.max_poi_id))
+
+    def parse_chain_output(self, step, text, context):
+        return _chain_fields(step, "profile", text, context)
+
 
 class Forecaster(_ProfileOrCandidates):
     id = "agent2"
     display_name = "Forecaster"
     description = "Recent mobility pattern, and a refined 25-id candidate list from retrieved POIs."
+
+    # comapoi pipeline: the recent pattern, then 25 candidates refined from the retrieved POIs
+    chain_position = 2
+
+    def chain_steps(self) -> tuple[str, ...]:
+        return ("pattern", "candidates")
+
+    def build_inference_prompt(self, trajectory, upstream, context, step="pattern"):
+        from comapoi_cli.data import synth
+
+        traj = trajectory.trajectory
+        if step == "pattern":
+            return synth.chat_prompt(synth.agent2_pattern_prompt(traj, synth.recent_stats(traj, context.world), context.world))
+        pattern = upstream.get(self.id, {}).get("pattern", "")
+        return synth.chat_prompt(synth.agent2_candidates_prompt(traj, pattern, list(trajectory.similar), context.max_poi_id))
+
+    def parse_chain_output(self, step, text, context):
+        return _chain_fields(step, "pattern", text, context)
 
 
 class FinalPredictor(_CoMaPOIRole):
@@ -279,6 +316,29 @@ class FinalPredictor(_CoMaPOIRole):
 
     def parse_prediction(self, text: str, context: RoleContext) -> list[Any] | None:
         return parse_ids(text, context.max_poi_id)
+
+    # comapoi pipeline: the final ranking from both profiles and both candidate lists
+    chain_position = 3
+
+    def chain_steps(self) -> tuple[str, ...]:
+        return ("ranking",)
+
+    def build_inference_prompt(self, trajectory, upstream, context, step="ranking"):
+        from comapoi_cli.data import synth
+
+        one, two = upstream.get("agent1", {}), upstream.get("agent2", {})
+        return synth.chat_prompt(synth.agent3_prompt(trajectory.trajectory, one.get("profile", ""), two.get("pattern", ""),
+                                                     list(one.get("candidates", [])), list(two.get("candidates", []))))
+
+    def parse_chain_output(self, step, text, context):
+        return {"ranking": parse_ids(text, context.max_poi_id) or []}
+
+
+def _chain_fields(step: str, text_step: str, text: str, context: Any) -> dict[str, Any]:
+    """agent1/agent2 chain outputs: the text step as stripped text, the candidate step as up to 25 ids."""
+    if step == text_step:
+        return {text_step: text.strip()}
+    return {"candidates": (parse_ids(text, context.max_poi_id) or [])[:CANDIDATES_PER_LIST]}
 
 
 @hookimpl

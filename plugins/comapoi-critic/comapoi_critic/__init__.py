@@ -55,6 +55,27 @@ class Critic(AgentRole):
                     return match.group(1)
         return None
 
+    # comapoi pipeline: the critic joins the chain right after the Final_Predictor and reranks its list
+    chain_after = "agent3"
+
+    def chain_steps(self) -> tuple[str, ...]:
+        return ("rerank",)
+
+    def build_inference_prompt(self, trajectory, upstream, context, step="rerank"):
+        return [{"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": critic_prompt(trajectory.trajectory, list(upstream.get("agent3", {}).get("ranking", [])))}]
+
+    def parse_chain_output(self, step, text, context):
+        return {"ranking": (parse_ids(text, context.max_poi_id) or [])[:RERANKED_LENGTH]}
+
+
+def critic_prompt(trajectory: Any, final_list: list[int], recent: int = 5) -> str:
+    """The critic's user turn (the format of ``EXAMPLE_RECORD``): the last check-ins and the list to rerank."""
+    u = trajectory.user
+    checkins = " ".join(c.text(u) for c in trajectory.checkins[-recent:])
+    return (f"user_id: {u}, subtrajectory_id: {trajectory.sub}\nRerank the Final_Predictor's list for the next POI.\n"
+            f"Recent trajectory: {checkins}\nFinal_Predictor list: {json.dumps(final_list)}")
+
 
 EXAMPLE_RECORD = {
     "messages": [

@@ -1,0 +1,41 @@
+"""Retrievers of ``comapoi pipeline``: the "similar POIs" the Forecaster refines into its candidates.
+
+A retriever is registered through the ``register_retrievers`` hook (built in:
+``comapoi_cli/default_plugins/pipeline_retrievers.py``). The chain calls ``prepare(index)`` once
+with the training trajectories and the POI table, then ``retrieve(item, k)`` per test trajectory
+(label hidden). It must not look at the label; the built-in one is offline and deterministic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from comapoi_cli.pipeline.chain import ChainItem
+
+#: How many similar POIs CoMaPOI retrieves (and ``data synth`` shows agent2).
+SIMILAR = 100
+
+
+@dataclass
+class RetrievalIndex:
+    """What a retriever may learn from: the training trajectories (with their next POI), the users'
+    history statistics, and the POI table."""
+
+    world: Any                                   # comapoi_cli.data.synth.PoiWorld
+    train: list[Any] = field(default_factory=list)  # comapoi_cli.data.synth.Trajectory (next_poi known)
+    histories: dict[int, Any] = field(default_factory=dict)  # user -> synth._Stats
+    max_poi_id: int = 0
+
+
+class Retriever:
+    """Base class of a retriever: set ``name`` and ``description``, implement ``retrieve``."""
+
+    name: str = ""
+    description: str = ""
+
+    def prepare(self, index: RetrievalIndex) -> None:
+        self.index = index
+
+    def retrieve(self, item: ChainItem, k: int = SIMILAR) -> list[int]:
+        raise NotImplementedError

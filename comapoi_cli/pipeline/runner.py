@@ -1,0 +1,385 @@
+"""``comapoi pipeline run``: the trained agents chained as CoMaPOI chains them, on test trajectories.
+
+Per batch of test trajectories, each role of the chain (in the order the roles declare:
+``chain_position`` / ``chain_after``) runs each of its steps on the whole batch: the role builds
+its prompts (``build_inference_prompt``, the builders ``data synth`` uses for the training
+records), the engine answers them with the role's adapter, the role parses the answers
+(``parse_chain_output``) for the roles downstream. After each batch its lines are appended to
+``predictions.jsonl`` in one write and fsync'ed, so a killed run loses at most the batch in
+flight and ``--resume`` continues from the last whole batch; the batches are the same fixed
+slices of the test file, so a resumed run ends with the same file (timings aside).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from comapoi_cli.errors import DataError, UsageError
+from comapoi_cli.fileio import read_json, sha256_file, write_json_atomic
+from comapoi_cli.pipeline import hooks
+from comapoi_cli.pipeline.chain import ChainContext, ChainItem
+from comapoi_cli.pipeline.engines import EngineSpec
+from comapoi_cli.pipeline.inputs import ChainInputs, load_inputs
+from comapoi_cli.pipeline.retrieval import SIMILAR, RetrievalIndex
+from comapoi_cli.pipeline.scoring import read_predictions, score_lines
+from comapoi_cli.presets import preset_for
+from comapoi_cli.reporting import Reporter
+from comapoi_cli.roles import MERGED
+
+PREDICTIONS = "predictions.jsonl"
+REJECTS = "rejects.jsonl"
+RECORD = "pipeline.json"
+BUILTIN_CHAIN = ("agent1", "agent2", "agent3")
+
+
+@dataclass
+class PipelineRequest:
+    dataset: str
+    test: Path
+    runs: dict[str, Path]                       # role id -> run folder (one folder may serve several roles)
+    poi_info: Path | None = None                # default: {test folder}/{dataset}_poi_info.csv
+    train: Path | None = None                   # default: {test folder}/{dataset}_train.jsonl
+    out: Path | None = None                     # default: output/pipeline/{dataset}
+    engine: str = "transformers"
+    retriever: str = "transitions"
+    url: str | None = None
+    api_key: str | None = None
+    served_names: dict[str, str] = field(default_factory=dict)  # role id -> served model name (openai)
+    model: str | None = None
+    device: str = "auto"
+    quant: str = "auto"
+    dtype: str | None = None
+    batch_size: int = 8
+    max_new_tokens: int = 256
+    limit: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    top_k: int = 10
+    compat: str = "none"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class PipelineResult:
+    out: Path
+    predictions: Path
+    rejects: Path
+    record: Path
+    scores: dict[str, Any]
+    done_before: int
+    processed: int
+    seconds: float
+    engine: str
+    notes: list[str] = field(default_factory=list)
+
+
+def chain_order(registry: Any, role_ids: list[str]) -> list[Any]:
+    """The roles in the order they run: ``chain_position`` ascending; ``chain_after`` right after that role."""
+    roles = {rid: registry.role(rid) for rid in role_ids}
+    positions: dict[str, float] = {}
+
+    def position(rid: str, seen: tuple[str, ...] = ()) -> float:
+        if rid in positions:
+            return positions[rid]
+        role = roles[rid]
+        if role.chain_after:
+            if role.chain_after not in roles:
+                raise UsageError(f"Role {rid} runs after {role.chain_after}, which is not in the chain.")
+            if role.chain_after in seen:
+                raise UsageError(f"Roles {', '.join(seen)} each run after the other.")
+            value = position(role.chain_after, (*seen, rid)) + 0.5
+        elif role.chain_position is not None:
+            value = float(role.chain_position)
+        else:
+            raise UsageError(f"Role {rid} cannot join the chain: it declares no chain_position or chain_after.")
+        positions[rid] = value
+        return value
+
+    return sorted(roles.values(), key=lambda r: (position(r.id), r.id))
+
+
+def _resolve_runs(request: PipelineRequest) -> tuple[dict[str, Any], str, Any]:
+    from comapoi_cli.evaluation.runner import locate_run
+    from comapoi_cli.models.resolve import resolve_base_model
+
+    runs: dict[str, Any] = {}
+    bases: dict[str, str] = {}
+    for role_id, folder in request.runs.items():
+        run = locate_run(folder)
+        if run.type not in (None, MERGED, role_id):
+            raise UsageError(f"The run {folder} was trained as {run.type}, not {role_id} (or merged).")
+        runs[role_id] = run
+        base = resolve_base_model(request.model, run)
+        bases[role_id] = str(Path(base).resolve()) if Path(base).exists() else base
+    distinct = sorted(set(bases.values()))
+    if len(distinct) > 1:
+        detail = "; ".join(f"{role} on {base}" for role, base in bases.items())
+        raise UsageError(f"The runs do not share their base model ({detail}): the chain loads one base model for every agent.")
+    first = next(iter(runs.values()))
+    return runs, distinct[0], first
+
+
+def _adapters(request: PipelineRequest, runs: dict[str, Any]) -> tuple[dict[str, Path], dict[str, str]]:
+    """One adapter per distinct run folder (a merged run serving every role is loaded once)."""
+    adapters: dict[str, Path] = {}
+    role_adapters: dict[str, str] = {}
+    by_path: dict[Path, str] = {}
+    for role_id, run in runs.items():
+        path = Path(run.adapter_dir).resolve()
+        if request.engine == "openai" or role_id in request.served_names:
+            name = request.served_names.get(role_id, role_id)
+            adapters.setdefault(name, path)
+        else:
+            name = by_path.setdefault(path, role_id)
+            adapters[name] = path
+        role_adapters[role_id] = name
+    return adapters, role_adapters
+
+
+def _sha(path: Path) -> str:
+    return sha256_file(path)
+
+
+def _settings(request: PipelineRequest, chain: list[Any], adapters: dict[str, Path], base: str, test: Path,
+              train: Path, poi: Path) -> dict[str, Any]:
+    return {
+        "dataset": request.dataset,
+        "test": str(test.resolve()), "test_sha256": _sha(test),
+        "train": str(train.resolve()), "train_sha256": _sha(train),
+        "poi_info": str(poi.resolve()), "poi_info_sha256": _sha(poi),
+        "chain": [f"{role.id}.{step}" for role in chain for step in role.chain_steps()],
+        "runs": {rid: str(Path(p).resolve()) for rid, p in request.runs.items()},
+        "adapters": {name: str(path) for name, path in adapters.items()},
+        "base_model": base,
+        "engine": request.engine,
+        "url": request.url,
+        "retriever": request.retriever,
+        "batch_size": request.batch_size,
+        "max_new_tokens": request.max_new_tokens,
+        "top_k": request.top_k,
+    }
+
+
+def frequent_pois(item: ChainItem, k: int = SIMILAR) -> list[int]:
+    """The no-model baseline: the user's POIs (training history + current trajectory), most visited
+    first, the most recently visited first among equals, then the smaller id."""
+    counts: Counter = Counter()
+    recency: dict[int, int] = {}
+    if item.history is not None:
+        counts.update(item.history.pois)
+    for position, checkin in enumerate(item.trajectory.checkins):
+        counts[checkin.poi] += 1
+        recency[checkin.poi] = position
+    return sorted(counts, key=lambda poi: (-counts[poi], -recency.get(poi, -1), poi))[:k]
+
+
+def _prompt_sha(messages: list[dict[str, str]]) -> str:
+    canonical = json.dumps(messages, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _read_done(path: Path) -> list[dict[str, Any]]:
+    """The whole lines of a predictions file; a partial last line (a killed write) is cut off."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        with open(path, "r+b") as handle:
+            handle.truncate(end)
+            handle.flush()
+            os.fsync(handle.fileno())
+    rows = []
+    for number, line in enumerate(data[:end].splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            raise DataError(f"Line {number} of {path} is not JSON; --resume cannot continue it (use --overwrite).") from None
+    return rows
+
+
+def _append(path: Path, lines: list[dict[str, Any]]) -> None:
+    payload = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        view = memoryview(payload)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def run_pipeline(request: PipelineRequest, registry: Any, reporter: Reporter) -> PipelineResult:
+    """Run the chain on the test trajectories and score it (see the module doc)."""
+    started = time.monotonic()
+    preset = preset_for(request.dataset)
+    if preset is None:
+        raise UsageError(f"Unknown dataset '{request.dataset}'; the chain needs its POI id range (nyc, tky, ca).")
+    if request.compat not in ("none", "comapoi"):
+        raise UsageError(f"--compat must be none or comapoi, not '{request.compat}'.")
+    if not request.runs:
+        raise UsageError("Name the trained runs: --agent1 RUN1 --agent2 RUN2 --agent3 RUN3, or --merged RUN.")
+    chain = chain_order(registry, list(request.runs))
+    engine = hooks.engine(registry, request.engine)
+    retriever = hooks.retriever(registry, request.retriever)
+    test = Path(request.test)
+    folder = test.parent
+    poi = Path(request.poi_info) if request.poi_info else folder / f"{request.dataset}_poi_info.csv"
+    train = Path(request.train) if request.train else folder / f"{request.dataset}_train.jsonl"
+    runs, base, first_run = _resolve_runs(request)
+    adapters, role_adapters = _adapters(request, runs)
+    inputs: ChainInputs = load_inputs(request.dataset, preset.max_poi_id, preset.coord_decimals, test, poi, train)
+    out = Path(request.out) if request.out else Path("output") / "pipeline" / request.dataset
+    out.mkdir(parents=True, exist_ok=True)
+    predictions, rejects, record_path = out / PREDICTIONS, out / REJECTS, out / RECORD
+    settings = _settings(request, chain, adapters, base, test, train, poi)
+    notes: list[str] = []
+
+    done_rows: list[dict[str, Any]] = []
+    if predictions.exists() and predictions.stat().st_size and not request.overwrite:
+        if not request.resume:
+            raise UsageError(f"{predictions} already holds predictions; continue them with --resume, or start over with --overwrite.")
+        try:
+            previous = read_json(record_path).get("settings") if record_path.is_file() else None
+        except (ValueError, AttributeError):
+            previous = None
+        if not isinstance(previous, dict):
+            raise DataError(f"{record_path} is missing or unreadable: --resume cannot check the settings (use --overwrite).")
+        changed = [key for key in settings if previous.get(key) != settings[key]]
+        if changed:
+            raise UsageError(f"--resume: {out} was started with other settings ({', '.join(changed)}); "
+                             "use the same ones, another --out, or --overwrite.")
+        done_rows = _read_done(predictions)
+    elif predictions.exists():
+        predictions.unlink()
+    from comapoi_cli.fileio import atomic_writer
+
+    with atomic_writer(rejects) as handle:
+        for rejected in inputs.rejected:
+            handle.write(json.dumps(rejected.to_dict(), ensure_ascii=False) + "\n")
+    if inputs.rejected:
+        notes.append(f"{len(inputs.rejected)} test line{'s' if len(inputs.rejected) != 1 else ''} rejected, with reasons, in {rejects}")
+    if inputs.train_skipped:
+        notes.append(f"{inputs.train_skipped} training line{'s' if inputs.train_skipped != 1 else ''} are not trajectories (skipped)")
+    if inputs.poi_bad_rows:
+        notes.append(f"{inputs.poi_bad_rows} row{'s' if inputs.poi_bad_rows != 1 else ''} of {poi} are not POIs (skipped)")
+    for note in notes:
+        reporter.info(note)
+    record: dict[str, Any] = {"settings": settings, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    write_json_atomic(record_path, record)
+
+    items = inputs.items[: request.limit] if request.limit else inputs.items
+    if not items:
+        raise DataError(f"No test trajectory to run in {test} ({len(inputs.rejected)} rejected, see {rejects}).")
+    done = {row.get("key") for row in done_rows}
+    context = ChainContext(dataset=request.dataset, max_poi_id=preset.max_poi_id, world=inputs.world, top_k=request.top_k)
+    retriever.prepare(RetrievalIndex(world=inputs.world, train=inputs.train, histories=inputs.histories,
+                                     max_poi_id=preset.max_poi_id))
+    todo_batches = []
+    for start in range(0, len(items), request.batch_size):
+        batch = [item for item in items[start:start + request.batch_size] if item.key not in done]
+        if batch:
+            todo_batches.append((start // request.batch_size, batch))
+    already = sum(1 for item in items if item.key in done)
+    processed = 0
+    engine_description = ""
+    if todo_batches:
+        spec = EngineSpec(base_model=base, adapters=adapters, role_adapters=role_adapters,
+                          tokenizer=_tokenizer_dir(first_run, base), device=request.device, quant=request.quant,
+                          dtype=request.dtype, run_quant=first_run.quant, batch_size=request.batch_size,
+                          trust_remote_code=request.trust_remote_code, url=request.url, api_key=request.api_key,
+                          extra={"run_dtype": first_run.dtype})
+        session = engine.open(spec, reporter)
+        engine_description = session.description
+        reporter.info(f"chain {' -> '.join(settings['chain'])} on {len(items)} trajectories "
+                      f"({already} done before){' with ' + engine_description if engine_description else ''}")
+        reporter.progress_start(len(items), already, description="chain", unit="trajectories")
+        loop_started = time.monotonic()
+        try:
+            for index, batch in todo_batches:
+                lines = _run_batch(index, batch, chain, role_adapters, session, retriever, context, inputs.labels, request)
+                _append(predictions, lines)
+                processed += len(batch)
+                elapsed = time.monotonic() - loop_started
+                rate = processed / elapsed if elapsed > 0 else None
+                remaining = len(items) - already - processed
+                reporter.progress_update(already + processed, rate=rate,
+                                         eta_s=(remaining / rate) if rate else None)
+        finally:
+            reporter.progress_stop()
+            session.close()
+    rows = read_predictions(predictions)
+    scores = score_lines(rows, top_k=request.top_k, compat=request.compat)
+    seconds = time.monotonic() - started
+    record.update({"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "engine": engine_description or None,
+                   "trajectories": len(rows), "rejected": len(inputs.rejected), "scores": scores,
+                   "seconds_this_run": round(seconds, 3), "processed_this_run": processed})
+    write_json_atomic(record_path, record)
+    return PipelineResult(out=out, predictions=predictions, rejects=rejects, record=record_path, scores=scores,
+                          done_before=already, processed=processed, seconds=seconds, engine=engine_description, notes=notes)
+
+
+def _tokenizer_dir(run: Any, base: str) -> str:
+    from comapoi_cli.evaluation.runner import tokenizer_folder
+
+    return str(tokenizer_folder(run, base))
+
+
+def _run_batch(index: int, batch: list[ChainItem], chain: list[Any], role_adapters: dict[str, str], session: Any,
+               retriever: Any, context: ChainContext, labels: dict[str, int], request: PipelineRequest) -> list[dict[str, Any]]:
+    batch_started = time.monotonic()
+    retrieval_started = time.monotonic()
+    for item in batch:
+        item.similar = list(retriever.retrieve(item, SIMILAR))[:SIMILAR]
+    stages: dict[str, float] = {"retrieval": round(time.monotonic() - retrieval_started, 4)}
+    upstream: dict[str, dict[str, dict[str, Any]]] = {item.key: {} for item in batch}
+    agents: dict[str, dict[str, dict[str, Any]]] = {item.key: {} for item in batch}
+    problems: dict[str, list[str]] = {item.key: [] for item in batch}
+    final: dict[str, tuple[str, list[int]]] = {}
+    for role in chain:
+        for step in role.chain_steps():
+            prompts = [role.build_inference_prompt(item, upstream[item.key], context, step) for item in batch]
+            step_started = time.monotonic()
+            answers = session.generate(role_adapters[role.id], prompts, request.max_new_tokens)
+            stages[f"{role.id}.{step}"] = round(time.monotonic() - step_started, 4)
+            for item, prompt, answer in zip(batch, prompts, answers):
+                fields = role.parse_chain_output(step, answer.text or "", context)
+                upstream[item.key].setdefault(role.id, {}).update(fields)
+                entry: dict[str, Any] = {"raw": answer.text, **fields, "prompt_sha256": _prompt_sha(prompt)}
+                if answer.problem:
+                    entry["problem"] = answer.problem
+                    problems[item.key].append(f"{role.id}.{step}: {answer.problem}")
+                agents[item.key].setdefault(role.id, {})[step] = entry
+                if "ranking" in fields:
+                    final[item.key] = (f"{role.id}.{step}", list(fields["ranking"]))
+    total = round(time.monotonic() - batch_started, 4)
+    lines = []
+    for item in batch:
+        step_name, ranking = final.get(item.key, (None, []))
+        lines.append({
+            "key": item.key, "line": item.line, "dataset": context.dataset, "user": item.user,
+            "subtrajectory": item.sub, "label": labels[item.key],
+            "retrieved": item.similar, "agents": agents[item.key], "ranking": ranking, "final_step": step_name,
+            "baselines": {"frequent": frequent_pois(item)},
+            "problems": problems[item.key],
+            "timings": {"batch": index, "batch_size": len(batch), "batch_seconds": total, "stage_seconds": stages},
+        })
+    return lines
+
+
+def score_file(path: Path, *, top_k: int = 10, compat: str = "none", max_poi_id: int | None = None) -> dict[str, Any]:
+    """``comapoi pipeline score FILE``: the scores of a predictions file, as the run computed them."""
+    if compat not in ("none", "comapoi"):
+        raise UsageError(f"--compat must be none or comapoi, not '{compat}'.")
+    return score_lines(read_predictions(Path(path)), top_k=top_k, compat=compat, max_poi_id=max_poi_id)

@@ -1,0 +1,106 @@
+"""A small, real OpenAI-compatible server for the tests: named LoRA adapters on one base model.
+
+``transformers serve`` cannot serve named LoRA adapters, and vLLM is not installed in CI; this
+server stands in for ``vllm serve BASE --enable-lora --lora-modules agent1=DIR ...``: standard
+library ``http.server`` on top of comapoi's own model loading and greedy generation.
+
+    python tests/openai_server.py --base-model DIR --tokenizer DIR --adapter agent1=DIR [--adapter ...] [--port 0]
+
+Prints ``READY <port>`` on standard output once the model is loaded. Endpoints:
+``GET /v1/models`` (the adapter names) and ``POST /v1/chat/completions`` (``model`` = an adapter
+name, ``messages``, ``max_tokens``; greedy whatever ``temperature`` says; one request at a time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _load(base_model: str, tokenizer: str, adapters: dict[str, Path]) -> Any:
+    from comapoi_cli.models.loading import load_model
+
+    return load_model(base_model, adapters=adapters, tokenizer=tokenizer, device="cpu", quant="none")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--base-model", required=True)
+    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--adapter", action="append", required=True, help="NAME=DIR")
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args(argv)
+    adapters = {}
+    for item in args.adapter:
+        name, _, folder = item.partition("=")
+        adapters[name] = Path(folder)
+    loaded = _load(args.base_model, args.tokenizer, adapters)
+    from comapoi_cli.models.generation import generate, render_prompts
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *a: Any) -> None:  # quiet
+            return
+
+        def _send(self, status: int, body: dict[str, Any]) -> None:
+            data = json.dumps(body).encode("utf-8")
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _error(self, status: int, message: str) -> None:
+            self._send(status, {"error": {"message": message, "type": "invalid_request_error", "code": status}})
+
+        def do_GET(self) -> None:
+            if self.path.rstrip("/") == "/v1/models":
+                self._send(200, {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "comapoi-tests"}
+                                                             for n in adapters]})
+            else:
+                self._error(404, f"no route {self.path}")
+
+        def do_POST(self) -> None:
+            if self.path.rstrip("/") != "/v1/chat/completions":
+                self._error(404, f"no route {self.path}")
+                return
+            try:
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+                name, messages = body["model"], body["messages"]
+                max_tokens = int(body.get("max_tokens") or 16)
+            except (ValueError, KeyError, TypeError) as exc:
+                self._error(400, f"bad request: {exc}")
+                return
+            if name not in adapters:
+                self._error(404, f"The model `{name}` does not exist.")
+                return
+            ids = render_prompts(loaded.tokenizer, [messages])[0]
+            if loaded.max_context and len(ids) + max_tokens > loaded.max_context:
+                self._error(400, f"This model's maximum context length is {loaded.max_context} tokens; "
+                                 f"the request has {len(ids)} + {max_tokens}.")
+                return
+            loaded.use_adapter(name)
+            text = generate(loaded, [ids], batch_size=1, max_new_tokens=max_tokens)[0]
+            self._send(200, {"id": f"chatcmpl-{time.time_ns()}", "object": "chat.completion", "created": int(time.time()),
+                             "model": name, "choices": [{"index": 0, "finish_reason": "length",
+                                                         "message": {"role": "assistant", "content": text}}],
+                             "usage": {"prompt_tokens": len(ids)}})
+
+    server = HTTPServer(("127.0.0.1", args.port), Handler)
+    print(f"READY {server.server_address[1]}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    main()

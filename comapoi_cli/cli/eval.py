@@ -65,6 +65,9 @@ def eval_adapter(
         None, "--output-dir", help="Where predictions.jsonl, metrics.json and metrics.csv go (default: the adapter folder).",
         show_default=False, rich_help_panel="Output"),
     as_json: bool = typer.Option(False, "--json", help="Print the evaluation entry as JSON.", rich_help_panel="Output"),
+    allow_train_overlap: bool = typer.Option(
+        False, "--allow-train-overlap", help="Score records that were in the adapter's training data anyway "
+        "(refused by default; counted in the result).", rich_help_panel="What to evaluate"),
 ) -> None:
     """Score an adapter on held-out records with CoMaPOI's metrics (Acc@k, NDCG@k, MRR).
 
@@ -95,7 +98,7 @@ def eval_adapter(
     request = EvalRequest(
         adapter=adapter, data=data, dataset=dataset, type=type_, data_dir=data_dir, num_samples=num_samples,
         model=model, batch_size=batch_size, max_new_tokens=max_new_tokens, quant=quant, device=device,
-        output_dir=output_dir, progress=not as_json,
+        output_dir=output_dir, progress=not as_json, allow_train_overlap=allow_train_overlap,
     )
     result = evaluate_adapter(request, log=None if as_json else _log)
     if as_json:

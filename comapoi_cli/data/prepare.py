@@ -76,7 +76,7 @@ def _reusable(meta_path: Path, expected: dict[str, Any], outputs: list[Path]) ->
     return meta
 
 
-def prepare_training_data(
+def _prepare_training_data(
     *,
     type_: str,
     dataset: str | None = None,
@@ -243,3 +243,32 @@ def prepare_training_data(
         "summary": summary,
     })
     return PreparedData(train_path, holdout_path, input_hashes, summary)
+
+
+#: How long a second writer of the same prepared-data folder waits for the first before it is refused.
+PREPARE_LOCK_WAIT = 120.0
+
+
+def prepare_training_data(**kwargs: Any) -> PreparedData:
+    """:func:`_prepare_training_data` (same arguments) under an exclusive lock on its output folder.
+
+    Two processes preparing into one folder (two trainings with different ``--seed``) never write
+    the same files at once: the second waits up to ``PREPARE_LOCK_WAIT`` seconds for the first,
+    then is refused with one sentence naming it (``comapoi_cli.runs.lock``).
+    """
+    from comapoi_cli.runs.lock import hold_lock
+
+    data_path, out_dir, dataset = kwargs.get("data_path"), kwargs.get("out_dir"), kwargs.get("dataset")
+    folder: Path | None = None
+    if out_dir is not None:
+        folder = Path(out_dir)
+    elif data_path is not None:
+        folder = Path(data_path).parent
+        if folder.is_dir() and not _writable_dir(folder):
+            folder = _cache_dir_for(Path(data_path))
+    elif dataset:
+        folder = dataset_dir(dataset, kwargs.get("data_dir"))
+    if folder is None or not folder.is_dir() or not _writable_dir(folder):
+        return _prepare_training_data(**kwargs)  # nothing to write there: its own error says why
+    with hold_lock(folder / ".comapoi-prepare.lock", f"The prepared data in {folder}", wait=PREPARE_LOCK_WAIT):
+        return _prepare_training_data(**kwargs)

@@ -43,13 +43,15 @@ from comapoi_cli.training.devices import DevicePlan, bitsandbytes_problem, free_
 from comapoi_cli.training.distributed import (batch_line, is_main_process, local_rank, main_process_first, rank,
                                               shards_weights, world_size)
 from comapoi_cli.training.fit import GIB, FitPlan, ModelShape, memory_profile, plan_job, quant_choices
-from comapoi_cli.training.errors import (ModelNotFoundError, NoLossTokensError, OutOfMemoryError,
+from comapoi_cli.training.errors import (ModelNotFoundError, NoLossTokensError, NonFiniteError, OutOfMemoryError,
                                          TrainingDataError, UsageError)
 from comapoi_cli.training.job import TrainingJob, TrainingResult
 from comapoi_cli.training.options import locate_model
 from comapoi_cli.training.report import ConsoleReporter, Reporter
-from comapoi_cli.training.rundir import RunStart, checkpoints, prepare_run_dir, remove_interrupt_checkpoints
-from comapoi_cli.training.runinfo import RunRecord, versions
+from comapoi_cli.runs.datakeys import write_data_keys
+from comapoi_cli.runs.layout import DATA_KEYS, LOCK_FILE, RUN_JSON, checkpoints
+from comapoi_cli.runs.record import RunRecord, versions
+from comapoi_cli.runs.start import RunStart, prepare_run_dir, remove_interrupt_checkpoints
 
 
 def quiet_libraries() -> None:
@@ -116,8 +118,9 @@ class TRLTrainingPath:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         if plan.quant != "none" and not sharded:  # FSDP / ZeRO-3 place the shards themselves
             kwargs["device_map"] = {"": local_rank() if plan.type == "cuda" else "cpu"}
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+        remote = self.trust_remote_code
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=remote)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=remote, **kwargs)
         return model, tokenizer
 
     def apply_lora(self, model: Any, plan: DevicePlan) -> Any:
@@ -190,7 +193,7 @@ class TRLTrainingPath:
         from transformers.trainer_callback import PrinterCallback, ProgressCallback as HFProgress
         from trl import SFTTrainer
 
-        from comapoi_cli.trl_compat import patch_fused_lm_head_for_cpu
+        from comapoi_cli.training.trl_compat import patch_fused_lm_head_for_cpu
 
         patch_fused_lm_head_for_cpu()  # TRL 1.15 (the Unsloth set) cannot train off the GPU without it
         trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
@@ -208,7 +211,7 @@ class TRLTrainingPath:
         """
         job = self.job
         if job.resume:
-            from comapoi_cli.training.rundir import read_run_json
+            from comapoi_cli.runs.info import read_run_json
 
             previous = (read_run_json(job.run_dir) or {}).get("fit")
             if previous and checkpoints(job.run_dir):
@@ -243,7 +246,7 @@ class TRLTrainingPath:
             return ModelShape.from_model_folder(model_dir)
         from transformers import AutoConfig
 
-        return ModelShape.from_config(AutoConfig.from_pretrained(model_dir).to_dict())
+        return ModelShape.from_config(AutoConfig.from_pretrained(model_dir, trust_remote_code=self.trust_remote_code).to_dict())
 
     # -- the shared run ---------------------------------------------------------------------------
     def build_sft_config(self, plan: DevicePlan, run_dir: Path, has_eval: bool) -> Any:
@@ -269,11 +272,16 @@ class TRLTrainingPath:
                 return str(ensure_tiny_model([prepared.train_path]))
         return self.job.base_model
 
+    @property
+    def trust_remote_code(self) -> bool:
+        """``--trust-remote-code``: passed to every ``from_pretrained`` (False: a model's own code never runs)."""
+        return bool(getattr(self.job, "trust_remote_code", False))
+
     def _start(self) -> RunStart:
         job = self.job
         if is_main_process():
             with main_process_first():
-                return prepare_run_dir(job)
+                return prepare_run_dir(job, on_stale=self.reporter.warn)
         with main_process_first():
             found = checkpoints(job.run_dir) if job.resume else []
         return RunStart(job.run_dir, found[-1][1] if found else None, None, [])
@@ -299,6 +307,10 @@ class TRLTrainingPath:
             prepared = self.prepare_data()
             train_sha = sha256_file(prepared.train_path)
             self._check_resume_data(start, train_sha)
+            holdout = Path(prepared.holdout_path) if prepared.holdout_path and Path(prepared.holdout_path).is_file() else None
+            holdout_sha = sha256_file(holdout) if holdout is not None else None
+            if is_main_process():  # what eval checks: the holdout's hash, the conversation keys trained on
+                write_data_keys(start.run_dir, Path(prepared.train_path), train_sha, holdout, holdout_sha)
             say.info(f"Data: {prepared.summary.get('train', '?')} training records in {prepared.train_path}"
                      + (f", {prepared.summary.get('holdout')} held out" if prepared.holdout_path else "")
                      + (" (reused)" if prepared.summary.get("reused") else ""))
@@ -350,6 +362,7 @@ class TRLTrainingPath:
                 chat_template=fmt.describe(),
                 data={"train_file": str(prepared.train_path), "train_sha256": train_sha,
                       "holdout_file": str(prepared.holdout_path) if prepared.holdout_path else None,
+                      "holdout_sha256": holdout_sha, "data_keys": DATA_KEYS,
                       "input_hashes": prepared.input_hashes, "prepare_summary": _small_summary(prepared.summary),
                       "tokens": stats.to_dict(), "eval_records": len(eval_rows)},
                 lora={"r": job.lora_r, "alpha": job.lora_alpha, "dropout": job.lora_dropout,
@@ -367,7 +380,8 @@ class TRLTrainingPath:
                                        peak_memory=peak_memory(plan.type))
                 record.write()
 
-            callbacks = [progress, interrupt, _record_callback(write)]
+            guard = _finite_callback()
+            callbacks = [progress, interrupt, guard, _record_callback(write)]
             trainer = self.make_trainer(model, tokenizer, args, as_dataset(train_rows),
                                         as_dataset(eval_rows) if eval_rows else None, callbacks)
             distributed = describe_distributed(trainer, self.execution)
@@ -389,10 +403,12 @@ class TRLTrainingPath:
             finally:
                 interrupt.uninstall()
                 progress.reporter.progress_stop()
+            if guard.tripped is not None:
+                raise self._non_finite_error(guard.tripped, start.run_dir)
             state = trainer.state
             status = "interrupted" if interrupt.stopped_at is not None and state.global_step < job.max_steps else "finished"
             result = TrainingResult(run_dir=start.run_dir, status=status, global_step=state.global_step,
-                                    max_steps=job.max_steps, run_json=start.run_dir / "run.json")
+                                    max_steps=job.max_steps, run_json=start.run_dir / RUN_JSON)
             if status == "finished":
                 # every rank: under FSDP / ZeRO-3 gathering the weights is collective (only rank 0 writes)
                 if getattr(trainer, "is_fsdp_enabled", False):
@@ -422,8 +438,11 @@ class TRLTrainingPath:
                 with contextlib.suppress(Exception):
                     record.write()
             elif is_main_process() and start.created is not None:
+                start.release()
                 _remove_if_empty(start.run_dir, start.created)
             raise
+        finally:
+            start.release()
 
     # -- pieces ---------------------------------------------------------------------------------
     def _check_resume_data(self, start: RunStart, train_sha: str) -> None:
@@ -472,6 +491,20 @@ class TRLTrainingPath:
             return []
         rows, _ = chat.tokenize_records(tokenizer, fmt, chat.read_records(prepared.holdout_path, job.eval_size), job.seq_length)
         return rows
+
+    def _non_finite_error(self, tripped: tuple[int, str], run_dir: Path) -> NonFiniteError:
+        """Stop a run whose loss, gradient norm or weights stopped being finite; drop checkpoints from that step on."""
+        import shutil
+
+        step, what = tripped
+        for at, folder in checkpoints(run_dir, complete_only=False):
+            if at >= step:
+                shutil.rmtree(folder, ignore_errors=True)
+        good = checkpoints(run_dir)
+        kept = f"the last good checkpoint, {good[-1][1].name}, is kept" if good else "no checkpoint was saved before it"
+        return NonFiniteError(f"Training stopped at step {step} of {self.job.max_steps}: the {what} became NaN or infinite "
+                              f"(--learning_rate {self.job.learning_rate:g}); {kept}.",
+                              hint="Start again with a lower --learning_rate (or --max_grad_norm) and --overwrite.")
 
     def _oom_error(self, plan: DevicePlan, step: int) -> OutOfMemoryError:
         job, run = self.job, self.execution
@@ -560,7 +593,7 @@ def _record_seen_samples(trainer: Any, path: Path, train_rows: list[dict[str, li
 
 
 def _now() -> str:
-    from comapoi_cli.training.runinfo import now_iso
+    from comapoi_cli.runs.record import now_iso
 
     return now_iso()
 
@@ -590,6 +623,12 @@ def _interrupt_callback(reporter: Reporter):
     from comapoi_cli.training.callbacks import InterruptCallback
 
     return InterruptCallback(reporter)
+
+
+def _finite_callback():
+    from comapoi_cli.training.callbacks import FiniteGuardCallback
+
+    return FiniteGuardCallback()
 
 
 def _record_callback(write):
@@ -632,7 +671,8 @@ def _small_summary(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def _describe_adapter(run_dir: Path) -> dict[str, Any]:
-    files = sorted(p.name for p in run_dir.iterdir() if p.is_file() and p.name != "run.json")
+    files = sorted(p.name for p in run_dir.iterdir()
+                   if p.is_file() and not p.is_symlink() and p.name not in (RUN_JSON, LOCK_FILE))
     weights = run_dir / "adapter_model.safetensors"
     return {"path": str(run_dir.resolve()), "files": files,
             "size_bytes": weights.stat().st_size if weights.is_file() else None,

@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from comapoi_cli.adapters import require_run_folder
+from comapoi_cli.adapters.export import strip_remote_code
+from comapoi_cli.adapters.listing import require_run_folder
 from comapoi_cli.errors import ComapoiError, UsageError
 from comapoi_cli.fileio import atomic_folder, read_json, sha256_file, write_json_atomic
 
@@ -164,19 +165,36 @@ def _logits(model: Any, inputs: list[tuple[str, list[int]]]) -> list[Any]:
 
 def merge_adapter(run_dir: str | os.PathLike[str], output: str | os.PathLike[str], *, model: str | None = None,
                   dtype: str = "auto", device: str = "auto", overwrite: bool = False, check_inputs: int = 3,
-                  log: Log | None = None) -> MergeResult:
+                  log: Log | None = None, trust_remote_code: bool = False) -> MergeResult:
     """Merge the adapter of ``run_dir`` (a run folder or one of its checkpoint-N folders) into its base model.
 
     Writes ``output`` (config.json, model.safetensors, generation_config.json, the tokenizer
     files with the chat template, and ``comapoi_merge.json``) only when the merged model's logits
     match the base model's with the adapter on ``check_inputs`` inputs (0 skips the check).
+    The merged folder never holds code files (``*.py``) or ``auto_map`` entries, even with
+    ``trust_remote_code`` (which only lets the base model's own code load). The output is locked
+    while it is written, and a run still being trained is refused.
     """
-    from comapoi_cli.evaluation.runner import (base_is_quantised, load_model, locate_run, plan_device,
-                                               resolve_base_model, tokenizer_folder)
+    from comapoi_cli.runs.lock import check_not_locked, hold_lock, output_lock_path
 
     folder = require_run_folder(run_dir)
+    check_not_locked(folder.parent if folder.name.startswith("checkpoint-") else folder)
+    target = Path(output).expanduser().absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with hold_lock(output_lock_path(target), f"The merge output {target}"):
+        return _merge(folder, target, model=model, dtype=dtype, device=device, overwrite=overwrite,
+                      check_inputs=check_inputs, log=log, trust_remote_code=trust_remote_code)
+
+
+def _merge(folder: Path, output: Path, *, model: str | None, dtype: str, device: str, overwrite: bool,
+           check_inputs: int, log: Log | None, trust_remote_code: bool) -> MergeResult:
+    import inspect
+
+    from comapoi_cli.evaluation.runner import (base_is_quantised, load_model, plan_device, resolve_base_model,
+                                               tokenizer_folder)
+    from comapoi_cli.runs.info import locate_run
+
     run = locate_run(folder)
-    output = Path(output).expanduser().absolute()
     base = resolve_base_model(model, run)
     protected = [run.run_dir] + ([Path(base)] if Path(base).is_dir() else [])
     _check_output(output, overwrite, protected)
@@ -197,7 +215,9 @@ def merge_adapter(run_dir: str | os.PathLike[str], output: str | os.PathLike[str
     output.parent.mkdir(parents=True, exist_ok=True)
     if log:
         log(f"loading {base} ({device}, {dtype_name}) with the adapter {run.adapter_dir}")
-    loaded = load_model(base, run, quant="none", device=device, dtype=dtype_name, dequantize=True)
+    # the models helper's load_model takes trust_remote_code; an older one does not (then: transformers' default)
+    remote = {"trust_remote_code": trust_remote_code} if "trust_remote_code" in inspect.signature(load_model).parameters else {}
+    loaded = load_model(base, run, quant="none", device=device, dtype=dtype_name, dequantize=True, **remote)
     inputs = _check_inputs(loaded.tokenizer, run, check_inputs) if check_inputs > 0 else []
     reference = _logits(loaded.model, inputs)
     if log:
@@ -209,8 +229,11 @@ def merge_adapter(run_dir: str | os.PathLike[str], output: str | os.PathLike[str
     with atomic_folder(output) as tmp:
         merged.save_pretrained(str(tmp))
         tokenizer_dir = tokenizer_folder(run, base)
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=trust_remote_code)
         tokenizer.save_pretrained(str(tmp))
+        stripped = strip_remote_code(tmp)  # a merged folder is handed over: it never carries code
+        if stripped:
+            notes.append(f"not copied into the merged model: {', '.join(stripped)} (code files and auto_map entries are never handed over)")
         del merged
         gc.collect()
         checks: list[LogitCheck] = []
@@ -219,7 +242,8 @@ def merge_adapter(run_dir: str | os.PathLike[str], output: str | os.PathLike[str
                 log(f"checking the saved model's logits on {len(inputs)} inputs")
             import torch
 
-            reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=getattr(torch, dtype_name)).to(device).eval()
+            reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=getattr(torch, dtype_name),
+                                                            trust_remote_code=False).to(device).eval()
             after = _logits(reloaded, inputs)
             del reloaded
             atol, rtol = TOLERANCE[dtype_name]

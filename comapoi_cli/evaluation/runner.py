@@ -547,7 +547,7 @@ def evaluate_adapter(request: EvalRequest, log: Log | None = None, registry: Any
 
     data_sha = sha256_file(data_path)
     holdout_check = check_holdout(run, data_path, data_sha, [r.prompt for r in loaded.records],
-                                  allow_train_overlap=request.allow_train_overlap)
+                                  allow_train_overlap=request.allow_train_overlap, explicit=request.data is not None)
     notes += holdout_check.notes
     if holdout_check.overlap:
         notes.append(f"WARNING: {len(holdout_check.overlap)} of the {len(loaded.records)} records scored were in this "

@@ -110,10 +110,12 @@ class HoldoutCheck:
 
 
 def check_holdout(run: RunInfo, data_path: Path, data_sha256: str, prompts: Sequence[Sequence[dict[str, str]]], *,
-                  allow_train_overlap: bool = False) -> HoldoutCheck:
+                  allow_train_overlap: bool = False, explicit: bool = False) -> HoldoutCheck:
     """Refuse a changed holdout, and held-out records the run trained on (unless allowed).
 
-    ``data_path`` is the file about to be scored and ``prompts`` its records' prompts.
+    ``data_path`` is the file about to be scored and ``prompts`` its records' prompts;
+    ``explicit``: the user named the file (``--data``), so only its records are checked, not
+    whether it is still the holdout the run recorded.
 
     Raises:
         DataError: ``data_path`` is the run's recorded holdout but its content changed since
@@ -122,12 +124,13 @@ def check_holdout(run: RunInfo, data_path: Path, data_sha256: str, prompts: Sequ
     result = HoldoutCheck()
     recorded, recorded_sha = run.holdout, run.holdout_sha256
     run_json = run.run_json or run.run_dir / RUN_JSON
-    if recorded is not None and recorded_sha and _same_file(recorded, data_path) and data_sha256 != recorded_sha:
+    if (not explicit and recorded is not None and recorded_sha and _same_file(recorded, data_path)
+            and data_sha256 != recorded_sha):
         raise DataError(
             f"The holdout {data_path} changed since the run trained (sha256 {data_sha256[:12]} now, "
             f"{recorded_sha[:12]} recorded in {run_json}), so it is no longer held out from this adapter; "
             f"restore it, re-split with the run's --seed {run.job_value('seed')} and --test-size {run.job_value('test_size')}, "
-            "or pass --data FILE with records the run never saw.")
+            "or name a file of records it never saw with --data FILE.")
     train_keys = read_train_keys(run.run_dir)
     if train_keys is None:
         result.notes.append(f"{run.run_dir} records no training keys ({DATA_KEYS}): not checked for records it trained on")

@@ -137,3 +137,35 @@ def test_list_and_show_do_not_hang_on_a_fifo_or_device_run_json(trained_run, tmp
     shown = run_comapoi("adapters", "show", str(run_dir), "--json", timeout=120)
     assert shown.returncode == 0, shown.stdout + shown.stderr
     assert "run.json is not a regular file" in shown.stdout + shown.stderr
+
+
+def test_a_second_writer_of_prepared_data_is_refused_naming_the_first(copy_data_dir, monkeypatch):
+    """Another process holds the prepared-data lock of the dataset folder: preparing there is refused."""
+    import subprocess
+    import sys
+
+    from comapoi_cli.data import prepare as prepare_module
+    from comapoi_cli.plugins import get_registry
+    from comapoi_cli.runs.lock import LockedError
+
+    folder = copy_data_dir / "nyc"
+    train_file = folder / "agent3_train_samples_all.jsonl"
+    before = train_file.read_bytes() if train_file.exists() else None  # (the session data may hold a split)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from comapoi_cli.runs.lock import acquire; "
+         f"acquire(Path({str(folder / '.comapoi-prepare.lock')!r}), 'x'); print('held', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(prepare_module, "PREPARE_LOCK_WAIT", 0.5)
+        with pytest.raises(LockedError) as refused:
+            prepare_module.prepare_training_data(type_="agent3", dataset="nyc", data_dir=copy_data_dir, seed=7,
+                                                 test_size=4, registry=get_registry())
+        assert f"is being written by process {holder.pid}" in refused.value.message
+        assert (train_file.read_bytes() if train_file.exists() else None) == before  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    prepared = prepare_module.prepare_training_data(type_="agent3", dataset="nyc", data_dir=copy_data_dir, seed=7,
+                                                    test_size=4, registry=get_registry())
+    assert prepared.train_path.is_file()  # the kernel dropped the killed holder's lock

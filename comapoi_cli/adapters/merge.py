@@ -66,7 +66,7 @@ class MergeResult:
         return data
 
 
-def _config_dtype(base_model: str) -> str | None:
+def _config_dtype(base_model: str, trust_remote_code: bool = False) -> str | None:
     """The dtype the base model's weights are stored in, as its config.json says."""
     config: Any = None
     path = Path(base_model)
@@ -77,7 +77,7 @@ def _config_dtype(base_model: str) -> str | None:
         with contextlib.suppress(Exception):
             from transformers import AutoConfig
 
-            config = AutoConfig.from_pretrained(base_model).to_dict()
+            config = AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code).to_dict()
     if not isinstance(config, dict):
         return None
     value = config.get("dtype") or config.get("torch_dtype")
@@ -85,7 +85,8 @@ def _config_dtype(base_model: str) -> str | None:
     return value if value in ("bfloat16", "float16", "float32") else None
 
 
-def choose_dtype(requested: str, base_model: str, device: str, recorded: str | None) -> tuple[str, str | None]:
+def choose_dtype(requested: str, base_model: str, device: str, recorded: str | None,
+                 trust_remote_code: bool = False) -> tuple[str, str | None]:
     """``--dtype`` resolved, and a note when auto chose something other than the stored dtype.
 
     auto: the dtype the base weights are stored in (config.json); float16 on the CPU becomes
@@ -96,7 +97,7 @@ def choose_dtype(requested: str, base_model: str, device: str, recorded: str | N
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, not '{requested}'.")
     if requested != "auto":
         return requested, None
-    stored = _config_dtype(base_model)
+    stored = _config_dtype(base_model, trust_remote_code)
     if stored == "float16" and not device.startswith("cuda"):
         return "float32", ("the base is stored in float16, merged and saved in float32 on the CPU (twice the size); "
                            "pass --dtype float16 to keep 16-bit")
@@ -199,7 +200,7 @@ def _merge(folder: Path, output: Path, *, model: str | None, dtype: str, device:
     protected = [run.run_dir] + ([Path(base)] if Path(base).is_dir() else [])
     _check_output(output, overwrite, protected)
     device, _ = plan_device(device, "none", run)
-    dtype_name, dtype_note = choose_dtype(dtype, base, device, run.dtype)
+    dtype_name, dtype_note = choose_dtype(dtype, base, device, run.dtype, trust_remote_code)
     notes = [dtype_note] if dtype_note else []
     trained_quant = run.quant
     if trained_quant in ("4bit", "8bit"):

@@ -257,12 +257,13 @@ class TRLTrainingPath:
     def prepare_data(self) -> Any:
         """Clean and split the job's data with the data services (on the main process first)."""
         from comapoi_cli.data import prepare_training_data
+        from comapoi_cli.plugins import get_registry
 
         job = self.job
-        with main_process_first():
+        with main_process_first():  # the training path is an entry point (also of launched processes): it gets the registry
             return prepare_training_data(type_=job.type, dataset=job.dataset, data_dir=Path(job.data_dir).expanduser(),
                                          data_path=Path(job.data_path).expanduser() if job.data_path else None,
-                                         seed=job.seed, test_size=job.test_size)
+                                         seed=job.seed, test_size=job.test_size, registry=get_registry())
 
     def model_dir(self, prepared: Any) -> str:
         if self.job.is_tiny:

@@ -158,9 +158,8 @@ def test_a_run_whose_weights_become_nan_stops_failed_keeping_the_last_good_check
     kept = sorted(int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*"))
     assert kept and max(kept) < stopped, (kept, stopped)
     assert f"checkpoint-{max(kept)}, is kept" in message
-    from safetensors.numpy import load_file
-
     import numpy as np
+    from safetensors.numpy import load_file
 
     weights = load_file(str(run_dir / f"checkpoint-{max(kept)}" / "adapter_model.safetensors"))
     assert all(np.isfinite(v).all() for v in weights.values())

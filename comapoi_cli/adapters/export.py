@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from comapoi_cli.adapters.listing import require_run_folder
-from comapoi_cli.runs.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from comapoi_cli.errors import ComapoiError, UsageError
 from comapoi_cli.fileio import atomic_folder, read_json, sha256_file, write_json_atomic
+from comapoi_cli.runs.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 WEIGHTS = ADAPTER_WEIGHTS
 EXPORT_INFO = "comapoi_export.json"

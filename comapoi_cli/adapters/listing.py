@@ -92,6 +92,11 @@ def _iso_mtime(path: Path) -> str:
 _process_alive = process_alive
 
 
+def _section(record: dict[str, Any], key: str) -> dict[str, Any]:
+    value = record.get(key)
+    return value if isinstance(value, dict) else {}
+
+
 def _latest_evaluation(evaluations: Any) -> dict[str, Any] | None:
     if not isinstance(evaluations, list):
         return None
@@ -125,10 +130,10 @@ def load_run(folder: str | os.PathLike[str], root: str | os.PathLike[str] | None
         run.warnings.append(f"{problem}; listed from its other files")
         run.status = "unreadable"
     if isinstance(record, dict):
-        job = record.get("job") if isinstance(record.get("job"), dict) else {}
-        progress = record.get("progress") if isinstance(record.get("progress"), dict) else {}
-        lora = record.get("lora") if isinstance(record.get("lora"), dict) else {}
-        base = record.get("base_model") if isinstance(record.get("base_model"), dict) else {}
+        job = _section(record, "job")
+        progress = _section(record, "progress")
+        lora = _section(record, "lora")
+        base = _section(record, "base_model")
         backend = record.get("backend")
         run.status = str(record.get("status") or "unknown")
         if run.status == "running":
@@ -156,8 +161,8 @@ def load_run(folder: str | os.PathLike[str], root: str | os.PathLike[str] | None
         if problem:
             run.warnings.append(problem)
         if isinstance(config, dict):
-            base = config.get("base_model_name_or_path")
-            run.base_model = Path(base).name if isinstance(base, str) and base else None
+            base_path = config.get("base_model_name_or_path")
+            run.base_model = Path(base_path).name if isinstance(base_path, str) and base_path else None
             run.lora_r, run.lora_alpha = config.get("r"), config.get("lora_alpha")
         _from_names(run, folder)
         if run.checkpoints:

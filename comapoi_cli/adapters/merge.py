@@ -191,8 +191,13 @@ def _merge(folder: Path, output: Path, *, model: str | None, dtype: str, device:
            check_inputs: int, log: Log | None, trust_remote_code: bool) -> MergeResult:
     import inspect
 
-    from comapoi_cli.evaluation.runner import (base_is_quantised, load_model, plan_device, resolve_base_model,
-                                               tokenizer_folder)
+    from comapoi_cli.evaluation.runner import (
+        base_is_quantised,
+        load_model,
+        plan_device,
+        resolve_base_model,
+        tokenizer_folder,
+    )
     from comapoi_cli.runs.info import locate_run
 
     run = locate_run(folder)

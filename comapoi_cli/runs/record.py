@@ -63,7 +63,8 @@ def append_evaluation(run_json: str | os.PathLike[str], entry: dict[str, Any]) -
 
 def loss_history(log_history: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The Trainer's log history split into training and evaluation entries (numbers only)."""
-    train, evals = [], []
+    train: list[dict[str, Any]] = []
+    evals: list[dict[str, Any]] = []
     for entry in log_history:
         if "loss" in entry:
             train.append({k: entry[k] for k in ("step", "epoch", "loss", "learning_rate", "grad_norm",

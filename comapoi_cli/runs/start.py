@@ -19,8 +19,16 @@ from typing import Any, Callable
 
 from comapoi_cli.errors import UsageError
 from comapoi_cli.runs.info import read_json_file, read_run_json
-from comapoi_cli.runs.layout import (ADAPTER_WEIGHTS, LEFTOVERS, LOCK_FILE, TRAINER_STATE, checkpoints,
-                                     has_final_adapter, is_complete_checkpoint, symlinked_checkpoints)
+from comapoi_cli.runs.layout import (
+    ADAPTER_WEIGHTS,
+    LEFTOVERS,
+    LOCK_FILE,
+    TRAINER_STATE,
+    checkpoints,
+    has_final_adapter,
+    is_complete_checkpoint,
+    symlinked_checkpoints,
+)
 from comapoi_cli.runs.lock import Lock, LockedError, describe_holder, lock_run, process_alive
 
 

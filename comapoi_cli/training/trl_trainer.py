@@ -38,20 +38,33 @@ from typing import Any
 
 from comapoi_cli.errors import ComapoiError
 from comapoi_cli.fileio import sha256_file
-from comapoi_cli.training import chat
-from comapoi_cli.training.devices import DevicePlan, bitsandbytes_problem, free_memory_bytes, peak_memory, plan_device
-from comapoi_cli.training.distributed import (batch_line, is_main_process, local_rank, main_process_first, rank,
-                                              shards_weights, world_size)
-from comapoi_cli.training.fit import GIB, FitPlan, ModelShape, memory_profile, plan_job, quant_choices
-from comapoi_cli.training.errors import (ModelNotFoundError, NoLossTokensError, NonFiniteError, OutOfMemoryError,
-                                         TrainingDataError, UsageError)
-from comapoi_cli.training.job import TrainingJob, TrainingResult
-from comapoi_cli.training.options import locate_model
-from comapoi_cli.training.report import ConsoleReporter, Reporter
 from comapoi_cli.runs.datakeys import write_data_keys
 from comapoi_cli.runs.layout import DATA_KEYS, LOCK_FILE, RUN_JSON, checkpoints
 from comapoi_cli.runs.record import RunRecord, versions
 from comapoi_cli.runs.start import RunStart, prepare_run_dir, remove_interrupt_checkpoints
+from comapoi_cli.training import chat
+from comapoi_cli.training.devices import DevicePlan, bitsandbytes_problem, free_memory_bytes, peak_memory, plan_device
+from comapoi_cli.training.distributed import (
+    batch_line,
+    is_main_process,
+    local_rank,
+    main_process_first,
+    rank,
+    shards_weights,
+    world_size,
+)
+from comapoi_cli.training.errors import (
+    ModelNotFoundError,
+    NoLossTokensError,
+    NonFiniteError,
+    OutOfMemoryError,
+    TrainingDataError,
+    UsageError,
+)
+from comapoi_cli.training.fit import GIB, FitPlan, ModelShape, memory_profile, plan_job, quant_choices
+from comapoi_cli.training.job import TrainingJob, TrainingResult
+from comapoi_cli.training.options import locate_model
+from comapoi_cli.training.report import ConsoleReporter, Reporter
 
 
 def quiet_libraries() -> None:
@@ -190,7 +203,8 @@ class TRLTrainingPath:
 
     def make_trainer(self, model: Any, tokenizer: Any, args: Any, train_dataset: Any, eval_dataset: Any,
                      callbacks: list[Any]) -> Any:
-        from transformers.trainer_callback import PrinterCallback, ProgressCallback as HFProgress
+        from transformers.trainer_callback import PrinterCallback
+        from transformers.trainer_callback import ProgressCallback as HFProgress
         from trl import SFTTrainer
 
         from comapoi_cli.training.trl_compat import patch_fused_lm_head_for_cpu
@@ -310,8 +324,6 @@ class TRLTrainingPath:
             self._check_resume_data(start, train_sha)
             holdout = Path(prepared.holdout_path) if prepared.holdout_path and Path(prepared.holdout_path).is_file() else None
             holdout_sha = sha256_file(holdout) if holdout is not None else None
-            if is_main_process():  # what eval checks: the holdout's hash, the conversation keys trained on
-                write_data_keys(start.run_dir, Path(prepared.train_path), train_sha, holdout, holdout_sha)
             say.info(f"Data: {prepared.summary.get('train', '?')} training records in {prepared.train_path}"
                      + (f", {prepared.summary.get('holdout')} held out" if prepared.holdout_path else "")
                      + (" (reused)" if prepared.summary.get("reused") else ""))
@@ -352,6 +364,8 @@ class TRLTrainingPath:
             progress = _progress_callback(say, job.max_steps)
             interrupt = _interrupt_callback(say)
             record = RunRecord(start.run_dir, start.previous)
+            if is_main_process():  # what eval checks: the holdout's hash, the conversation keys trained on
+                write_data_keys(start.run_dir, Path(prepared.train_path), train_sha, holdout, holdout_sha)
             record.set(
                 backend={"name": self.backend_name, "path": type(self).__module__ + "." + type(self).__qualname__},
                 job=job.to_dict(),

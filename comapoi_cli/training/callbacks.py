@@ -185,7 +185,8 @@ class FiniteGuardCallback(TrainerCallback):
         if model is None:
             return
         if self._params is None:
-            self._params = [p for p in model.parameters() if p.requires_grad]
+            # (a ZeRO-3 placeholder holds no elements on this rank: nothing to check there)
+            self._params = [p for p in model.parameters() if p.requires_grad and p.numel() > 0]
         if not self._params:
             return
         import torch

@@ -202,7 +202,7 @@ def _ids_from_json(value: Any, depth: int = 0) -> list[int] | None:
                     return got
         ranks = [_RANK_KEY.fullmatch(str(k)) for k in value]
         if value and all(ranks):  # {"1": 22, "2": 35} or {"rank_1": 22, ...}: values in rank order
-            out: list[int] = []
+            out = []
             for _, inner in sorted(zip((int(m.group(1)) for m in ranks if m), value.values()), key=lambda kv: kv[0]):
                 out.extend(_ids_from_json(inner, depth + 1) or [])
             return out or None

@@ -126,7 +126,7 @@ def test_plot_without_matplotlib_is_one_sentence(trained_run, tmp_path):
 
 
 def test_loss_chart_and_vllm_rank_helpers():
-    from comapoi_cli.adapters_export import vllm_rank
+    from comapoi_cli.adapters.export import vllm_rank
     from comapoi_cli.cli.adapters import _loss_chart
 
     lines = _loss_chart([(s, 10.0 - s * 0.01) for s in range(1, 201)], width=50, height=4)

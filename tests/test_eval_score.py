@@ -7,9 +7,10 @@ import json
 import pytest
 
 from comapoi_cli.errors import DataError, UsageError
-from comapoi_cli.evaluation.outputs import append_evaluation, latest_metrics, metrics_csv
+from comapoi_cli.evaluation.outputs import latest_metrics, metrics_csv
 from comapoi_cli.evaluation.predictions import PredictionsFileError, score_predictions
 from comapoi_cli.plugins import build_registry
+from comapoi_cli.runs.record import append_evaluation
 from tests.support import run_comapoi
 
 

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from comapoi_cli.errors import DataError, UsageError
-from comapoi_cli.evaluation.runner import locate_run
 from comapoi_cli.models import looks_like_hub_id, resolve_base_model
 from comapoi_cli.models.generation import generate, record_messages, render_prompts
 from comapoi_cli.models.loading import load_model, plan_device
 from comapoi_cli.reporting import Reporter
+from comapoi_cli.runs.info import locate_run
 from tests.support import REPO, run_comapoi
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",

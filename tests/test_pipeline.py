@@ -132,7 +132,8 @@ def _server(base: str, tokenizer: str, adapters: dict[str, Path]) -> tuple[subpr
 def test_openai_engine_against_a_real_local_server_equals_the_local_engine(role_runs, test_file, tmp_path):
     """Three per-role runs on the dataset's shared tiny base: served as agent1/agent2/agent3 by a real
     OpenAI-compatible server, and loaded on one base by the local engine; the answers are the same."""
-    from comapoi_cli.evaluation.runner import locate_run, tokenizer_folder
+    from comapoi_cli.models.loading import tokenizer_folder
+    from comapoi_cli.runs.info import locate_run
 
     bases = {json.loads((run / "run.json").read_text())["base_model"]["path"] for run in role_runs.values()}
     assert len(bases) == 1  # one shared base
@@ -207,9 +208,10 @@ def test_critic_plugin_joins_the_chain_after_agent3(critic_site, trained_run, te
 
 def test_transformers_engine_one_base_switched_adapters_and_context_misses(trained_run):
     from comapoi_cli.default_plugins.pipeline_engines import TransformersEngine
-    from comapoi_cli.evaluation.runner import locate_run, tokenizer_folder
+    from comapoi_cli.models.loading import tokenizer_folder
     from comapoi_cli.pipeline.engines import EngineSpec
     from comapoi_cli.reporting import Reporter
+    from comapoi_cli.runs.info import locate_run
 
     run = locate_run(trained_run.run_dir)
     base = trained_run.run_json["base_model"]["path"]

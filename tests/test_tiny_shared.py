@@ -67,8 +67,8 @@ def test_the_build_reports_progress(agent_data_dir, tmp_path):
 
 
 def test_eval_rebuilds_a_cleared_tiny_base_from_the_recorded_corpus(trained_run, tmp_path, monkeypatch):
-    from comapoi_cli.evaluation.runner import locate_run
     from comapoi_cli.models import resolve_base_model
+    from comapoi_cli.runs.info import locate_run
 
     run = locate_run(trained_run.run_dir)
     recorded = _base(trained_run.run_json)["path"]

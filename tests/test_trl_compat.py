@@ -1,4 +1,4 @@
-"""comapoi_cli.trl_compat: the CPU fallback for TRL 1.15's Triton-only fused LM head.
+"""comapoi_cli.training.trl_compat: the CPU fallback for TRL 1.15's Triton-only fused LM head.
 
 The default set has TRL >= 1.16, whose kernel runs on the CPU by itself: there the patch must do
 nothing, and its torch implementation must agree with TRL's own kernel (values and gradients).
@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 trl_utils = pytest.importorskip("trl.trainer.utils")
 
-from comapoi_cli import trl_compat  # noqa: E402
+from comapoi_cli.training import trl_compat  # noqa: E402
 
 ALL_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 

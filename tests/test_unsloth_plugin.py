@@ -238,7 +238,7 @@ def test_unsloth_backend_trains_through_the_cli_and_the_adapter_loads_with_plain
 
 @needs_unsloth_venv
 def test_trl_backend_trains_on_the_unsloth_set(copy_data_dir, tmp_path):
-    """TRL 1.15 on the CPU: needs comapoi_cli.trl_compat (its fused LM head is Triton-only)."""
+    """TRL 1.15 on the CPU: needs comapoi_cli.training.trl_compat (its fused LM head is Triton-only)."""
     run = _train(UNSLOTH_PYTHON, copy_data_dir, tmp_path / "out", "--backend", "trl")
     assert run["backend"]["name"] == "trl" and run["versions"]["trl"] == "1.15.0"
     losses = [entry["loss"] for entry in run["loss_history"]]

@@ -1,7 +1,7 @@
 """``comapoi adapters``: inspect, merge and hand over the adapters that training runs produced.
 
-One command per function below; the work is in the services ``comapoi_cli/adapters.py`` (list,
-show), ``comapoi_cli/adapters_merge.py`` (merge) and ``comapoi_cli/adapters_export.py`` (export).
+One command per function below; the work is in the services ``comapoi_cli/adapters/listing.py`` (list,
+show), ``comapoi_cli/adapters/merge.py`` (merge) and ``comapoi_cli/adapters/export.py`` (export).
 """
 
 from __future__ import annotations
@@ -301,7 +301,7 @@ def merge(
 ) -> None:
     """Merge the adapter into a 16-bit copy of its base model and save a standalone model folder
     (weights in safetensors, tokenizer, chat template) that plain transformers or vLLM load."""
-    from comapoi_cli.adapters_merge import merge_adapter
+    from comapoi_cli.adapters.merge import merge_adapter
 
     output = one_of(output_dir, output_old, "--output-dir", required=True)
 
@@ -343,7 +343,7 @@ def export(
 ) -> None:
     """Copy adapters (safetensors only) under serving names, check they share one base model, and print
     the vLLM command line that serves them as LoRA modules."""
-    from comapoi_cli.adapters_export import export_adapters
+    from comapoi_cli.adapters.export import export_adapters
 
     to = one_of(output_dir, to_old, "--output-dir", required=True)
 

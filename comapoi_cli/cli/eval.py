@@ -65,6 +65,9 @@ def eval_adapter(
         show_default=False, rich_help_panel="Output"),
     trust_remote_code: bool = trust_remote_code_option(rich_help_panel="Generation"),
     as_json: bool = typer.Option(False, "--json", help="Print the evaluation entry as JSON.", rich_help_panel="Output"),
+    allow_train_overlap: bool = typer.Option(
+        False, "--allow-train-overlap", help="Score records that were in the adapter's training data anyway "
+        "(refused by default; counted in the result).", rich_help_panel="What to evaluate"),
 ) -> None:
     """Score an adapter on held-out records with CoMaPOI's metrics (Acc@k, NDCG@k, MRR).
 
@@ -98,7 +101,7 @@ def eval_adapter(
     request = EvalRequest(
         adapter=adapter, data=data, dataset=dataset, type=type_, data_dir=data_dir, num_samples=num_samples,
         model=model, batch_size=batch_size, max_new_tokens=max_new_tokens, quant=quant, device=device,
-        output_dir=output_dir, **trust_kwargs(EvalRequest, trust_remote_code),
+        output_dir=output_dir, allow_train_overlap=allow_train_overlap, **trust_kwargs(EvalRequest, trust_remote_code),
     )
     result = evaluate_adapter(request, get_registry(), Reporter() if as_json else ConsoleReporter())
     if as_json:

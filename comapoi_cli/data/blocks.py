@@ -27,7 +27,7 @@ import signal
 import sys
 import threading
 from collections import deque
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Generator, Iterator
 
 BLOCK_SIZE = 4 << 20  # bytes judged at a time (and sent to a worker as one task)
 
@@ -160,7 +160,7 @@ def _init_worker_process(parent: int, initializer: Callable[..., None], initargs
 
 def map_ranges(path, size: int, workers: int, initializer: Callable[..., None], initargs: tuple,
                work: Callable[[int, int, int], Any], block_size: int = BLOCK_SIZE,
-               method: str | None = None) -> Iterator[tuple[int, int, Any]]:
+               method: str | None = None) -> Generator[tuple[int, int, Any], None, None]:
     """Yield ``(start, end, work(start, end, size))`` for each range of :func:`block_ranges`, in
     order, computed in ``workers`` processes set up by ``initializer(*initargs)``.
 

@@ -12,6 +12,7 @@ not split it: the user chose the training data, so nothing is held out of it sil
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -97,7 +98,7 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-def prepare_training_data(
+def _prepare_training_data(
     *,
     type_: str,
     registry,
@@ -230,7 +231,7 @@ def prepare_training_data(
     else:
         meta, why = _reusable(meta_path, expected, outputs)
         if meta is not None:
-            summary = dict(meta.get("summary") or {})
+            summary: dict[str, Any] = dict(meta.get("summary") or {})
             summary["reused"] = True
             reporter.info(f"Prepared data unchanged (same input hashes and options): reusing {train_path}"
                           + (f" and {holdout_path}" if holdout_path else "") + ".")
@@ -240,7 +241,7 @@ def prepare_training_data(
                   + f" (cleaning, {'splitting' if do_split else 'no split'}): {why}.")
 
     # -- clean each input (rejects beside it, with its own line numbers) ------------------
-    summary: dict[str, Any] = {"in": 0, "kept": 0, "rejected": {}, "warnings": {}, "reused": False,
+    summary = {"in": 0, "kept": 0, "rejected": {}, "warnings": {}, "reused": False,
                                "rejects_files": [], "files": {}, "notes": [], "over_length": {}, "policies": table,
                                "rebuilt_because": why}
     cleaned: dict[str, Path] = {}
@@ -299,7 +300,8 @@ def prepare_training_data(
             weighted_tmp = folder / f"{temp_prefix(train_name)}unweighted.tmp"
             temporaries.append(weighted_tmp)
         split_train = weighted_tmp or train_path
-        if do_split and user_split is not None:
+        assert holdout_path is not None or not do_split  # a split always has a holdout file
+        if do_split and user_split is not None and holdout_path is not None:
             checker = RecordChecker(roles=registry.roles)
             n_train, n_hold = split_by_membership(to_split, split_train, holdout_path, user_split["holdout_path"],
                                                   lambda raw: _line_key(checker, raw))
@@ -422,3 +424,33 @@ def describe_prepared(summary: Mapping[str, Any]) -> list[str]:
 def _report_summary(summary: Mapping[str, Any], reporter: Reporter) -> None:
     for line in describe_prepared(summary):
         reporter.info(line)
+
+
+#: How long a second writer of the same prepared-data folder waits for the first before it is refused.
+PREPARE_LOCK_WAIT = 120.0
+
+
+@functools.wraps(_prepare_training_data)  # the same signature and docs (callers inspect its parameters)
+def prepare_training_data(**kwargs: Any) -> PreparedData:
+    """:func:`_prepare_training_data` (same arguments) under an exclusive lock on its output folder.
+
+    Two processes preparing into one folder (two trainings with different ``--seed``) never write
+    the same files at once: the second waits up to ``PREPARE_LOCK_WAIT`` seconds for the first,
+    then is refused with one sentence naming it (``comapoi_cli.runs.lock``).
+    """
+    from comapoi_cli.runs.lock import hold_lock
+
+    data_path, out_dir, dataset = kwargs.get("data_path"), kwargs.get("out_dir"), kwargs.get("dataset")
+    folder: Path | None = None
+    if out_dir is not None:
+        folder = Path(out_dir)
+    elif data_path is not None:
+        folder = Path(data_path).parent
+        if folder.is_dir() and not _writable_dir(folder):
+            folder = _cache_dir_for(Path(data_path))
+    elif dataset:
+        folder = dataset_dir(dataset, kwargs.get("data_dir"))
+    if folder is None or not folder.is_dir() or not _writable_dir(folder):
+        return _prepare_training_data(**kwargs)  # nothing to write there: its own error says why
+    with hold_lock(folder / ".comapoi-prepare.lock", f"The prepared data in {folder}", wait=PREPARE_LOCK_WAIT):
+        return _prepare_training_data(**kwargs)

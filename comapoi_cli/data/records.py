@@ -13,8 +13,9 @@ import json
 import re
 from array import array
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
+fast_loads: Callable[[bytes], Any] | None
 try:  # a C JSON parser, 2-3x faster than json's on these records; json is the reference and the fallback
     from orjson import loads as fast_loads
 except ImportError:  # pragma: no cover - orjson is a dependency, but cleaning must work without it
@@ -252,6 +253,8 @@ def is_clean_record(obj: Any) -> bool:
 
 class _PoiContext(RoleContext):
     """A RoleContext whose POI id range can be set explicitly (``--max-poi-id``)."""
+
+    _max_poi_id: int | None
 
     def __init__(self, dataset: str | None, max_poi_id: int | None):
         object.__setattr__(self, "dataset", dataset)
@@ -565,7 +568,7 @@ class RecordChecker:
             role_counts[name] = role_counts.get(name, 0) + 1
             if warnings:
                 result.warnings[index] = tuple(warnings)
-            if counter is not None:
+            if counter is not None and result.tokens is not None:
                 result.tokens.append(tokens)
         return result
 

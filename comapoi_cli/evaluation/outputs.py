@@ -12,9 +12,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from comapoi_cli.errors import ComapoiError
 from comapoi_cli.evaluation.metrics import METRIC_KEYS
-from comapoi_cli.fileio import read_json, write_json_atomic, write_text_atomic
+from comapoi_cli.fileio import write_json_atomic, write_text_atomic
 
 CSV_COLUMNS = ("scope", *METRIC_KEYS)
 
@@ -41,25 +40,6 @@ def write_metrics(path: str | os.PathLike[str], entry: dict[str, Any]) -> None:
         write_text_atomic(target, metrics_csv(entry["metrics"], entry.get("by_role")))
     else:
         write_json_atomic(target, entry)
-
-
-def append_evaluation(run_json: str | os.PathLike[str], entry: dict[str, Any]) -> None:
-    """Append ``entry`` to the ``evaluations`` list of ``run.json`` (read, extend, atomic rewrite)."""
-    path = Path(run_json)
-    try:
-        run = read_json(path)
-    except FileNotFoundError:
-        raise ComapoiError(f"{path} disappeared while evaluating; metrics.json beside it holds the result.") from None
-    except ValueError as exc:
-        raise ComapoiError(f"{path} is not valid JSON ({exc}); the result is in metrics.json beside it.") from None
-    if not isinstance(run, dict):
-        raise ComapoiError(f"{path} does not hold a JSON object; the result is in metrics.json beside it.")
-    evaluations = run.get("evaluations")
-    if not isinstance(evaluations, list):
-        evaluations = []
-    evaluations.append(entry)
-    run["evaluations"] = evaluations
-    write_json_atomic(path, run)
 
 
 def latest_metrics(run: dict[str, Any]) -> dict[str, Any] | None:

@@ -23,28 +23,28 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from comapoi_cli.errors import DataError, UsageError
 from comapoi_cli.evaluation.metrics import RecordOutcome
-from comapoi_cli.evaluation.outputs import append_evaluation, metrics_csv, now_iso
+from comapoi_cli.evaluation.outputs import metrics_csv, now_iso
 from comapoi_cli.evaluation.predictions import iter_jsonl
 from comapoi_cli.evaluation.scoring import LabelError, Scorer, role_origin, summarize
-from comapoi_cli.fileio import atomic_writer, read_json, sha256_file, write_json_atomic, write_text_atomic
+from comapoi_cli.fileio import atomic_writer, sha256_file, write_json_atomic, write_text_atomic
 from comapoi_cli.models.generation import generate, record_messages, render_prompts
-from comapoi_cli.models.loading import has_tokenizer, load_model, plan_device
+from comapoi_cli.models.loading import load_model, plan_device, tokenizer_folder
 from comapoi_cli.models.resolve import resolve_base_model
 from comapoi_cli.reporting import Reporter
 from comapoi_cli.roles import MERGED, RoleContext
+from comapoi_cli.runs.info import RunInfo, locate_run  # noqa: F401  (importable from here too)
+from comapoi_cli.runs.layout import ADAPTER_CONFIG, RUN_JSON  # noqa: F401
+from comapoi_cli.runs.record import append_evaluation
 
 PREDICTIONS_FILE = "predictions.jsonl"
 METRICS_JSON = "metrics.json"
 METRICS_CSV = "metrics.csv"
-RUN_JSON = "run.json"
-ADAPTER_CONFIG = "adapter_config.json"
 MAX_AUTO_NEW_TOKENS = 512
 ADAPTER = "adapter"  #: the name the evaluated adapter is loaded under
 
@@ -65,128 +65,8 @@ class EvalRequest:
     device: str = "auto"
     output_dir: Path | None = None
     trust_remote_code: bool = False
-
-
-@dataclass
-class RunInfo:
-    """A trained adapter and what its run recorded in run.json (schema: docs/training.md).
-
-    Read: ``job`` (``type``, ``dataset``, ``data_dir``, ``seed``, ``test_size``), ``base_model``
-    (``path``, ``kind``), ``device`` (``quant`` and ``dtype`` as resolved for training) and
-    ``data`` (``train_file``, ``train_sha256``, ``holdout_file``). Without run.json the base
-    model comes from adapter_config.json and everything else from the command line.
-    """
-
-    adapter_dir: Path
-    run_dir: Path
-    run_json: Path | None
-    run: dict[str, Any]
-    is_checkpoint: bool
-
-    def _section(self, name: str) -> dict[str, Any]:
-        value = self.run.get(name)
-        return value if isinstance(value, dict) else {}
-
-    def job_value(self, name: str) -> Any:
-        value = self._section("job").get(name)
-        return None if value in (None, "") else value
-
-    @property
-    def base_model(self) -> str | None:
-        value: Any = self._section("base_model").get("path") or self.job_value("base_model")
-        if not value:
-            try:
-                value = read_json(self.adapter_dir / ADAPTER_CONFIG).get("base_model_name_or_path")
-            except (OSError, ValueError, AttributeError):
-                value = None
-        return str(value) if value else None
-
-    @property
-    def base_model_kind(self) -> str | None:
-        return self._section("base_model").get("kind")
-
-    @property
-    def type(self) -> str | None:
-        value = self.job_value("type")
-        return str(value) if value else None
-
-    @property
-    def dataset(self) -> str | None:
-        value = self.job_value("dataset")
-        return str(value) if value else None
-
-    @property
-    def data_dir(self) -> Path | None:
-        return self._recorded_path(self.job_value("data_dir"))
-
-    @property
-    def quant(self) -> str | None:
-        """The quantisation the run trained with (``--quant auto`` resolved)."""
-        value = self._section("device").get("quant") or self.job_value("quant")
-        return str(value) if value else None
-
-    @property
-    def dtype(self) -> str | None:
-        """The dtype the base weights were loaded in for training, if recorded."""
-        value = self._section("device").get("dtype")
-        return str(value) if value else None
-
-    def _recorded_path(self, value: Any) -> Path | None:
-        """A path run.json records; a relative one is tried from here, then from the folder training ran in."""
-        if not isinstance(value, str) or not value:
-            return None
-        path = Path(value)
-        if path.is_absolute() or path.exists():
-            return path
-        run_dir, output_dir = self.run.get("run_dir"), self.job_value("output_dir")
-        if isinstance(run_dir, str) and isinstance(output_dir, str) and not Path(output_dir).is_absolute():
-            depth = len(Path(output_dir).parts) + 3  # {output_dir}/{tag}/sft-{dataset}/{name}
-            parents = Path(run_dir).parents
-            if len(parents) >= depth and (parents[depth - 1] / path).exists():
-                return parents[depth - 1] / path
-        return path
-
-    @property
-    def train_file(self) -> tuple[Path, str | None] | None:
-        data = self._section("data")
-        path = self._recorded_path(data.get("train_file"))
-        return (path, data.get("train_sha256")) if path else None
-
-    @property
-    def holdout(self) -> Path | None:
-        """The held-out file the run recorded (its ``*_100.jsonl``), if any."""
-        return self._recorded_path(self._section("data").get("holdout_file"))
-
-
-def locate_run(adapter: str | os.PathLike[str]) -> RunInfo:
-    """Read a run folder (or a ``checkpoint-N`` folder inside one)."""
-    path = Path(adapter)
-    if not path.exists():
-        raise UsageError(f"Adapter folder {path} does not exist.",
-                         hint="List the trained runs with: comapoi adapters list")
-    if not path.is_dir():
-        raise UsageError(f"{path} is a file; --adapter takes the run folder that holds {ADAPTER_CONFIG}.")
-    if not (path / ADAPTER_CONFIG).is_file():
-        extra = ""
-        if (path / RUN_JSON).is_file():
-            extra = " (the run has not finished: train it to the end, or pass one of its checkpoint-N folders)"
-        raise UsageError(f"{path} holds no {ADAPTER_CONFIG}: it is not a trained adapter{extra}.",
-                         hint="List the trained runs with: comapoi adapters list")
-    is_checkpoint = path.name.startswith("checkpoint-") and not (path / RUN_JSON).is_file()
-    run_dir = path.parent if is_checkpoint else path
-    run_json = run_dir / RUN_JSON
-    run: dict[str, Any] = {}
-    if run_json.is_file():
-        try:
-            loaded = read_json(run_json)
-        except ValueError as exc:
-            raise DataError(f"{run_json} is not valid JSON ({exc}).") from None
-        if not isinstance(loaded, dict):
-            raise DataError(f"{run_json} does not hold a JSON object.")
-        run = loaded
-    else:
-        run_json = None
-    return RunInfo(adapter_dir=path, run_dir=run_dir, run_json=run_json, run=run, is_checkpoint=is_checkpoint)
+    #: score held-out records that were in the run's training data (by conversation key), with a warning
+    allow_train_overlap: bool = False
 
 
 @dataclass
@@ -356,11 +236,6 @@ def _count(counts: dict[str, int], reason: str) -> None:
 
 # -- the model (comapoi_cli.models) ----------------------------------------------------------------------
 
-def tokenizer_folder(run: RunInfo, base_model: str) -> Path | str:
-    """Where the adapter's tokenizer (and chat template) is: saved with the adapter, else the run's, else the base's."""
-    return run.adapter_dir if has_tokenizer(run.adapter_dir) else \
-        run.run_dir if has_tokenizer(run.run_dir) else base_model
-
 
 def auto_max_new_tokens(tokenizer: Any, path: Path, lines: Iterable[int]) -> int:
     """1.5 x the longest reference answer (in tokens) among ``lines`` of ``path``, plus 16, at most 512."""
@@ -408,6 +283,15 @@ def evaluate_adapter(request: EvalRequest, registry: Any, reporter: Reporter | N
         raise DataError(f"Nothing to evaluate in {data_path}: none of its {loaded.total} records has a label "
                         f"for {type_ or 'its role'}.",
                         hint="; ".join([*notes, "docs/evaluation.md says what each role is scored against"]))
+    from comapoi_cli.runs.datakeys import check_holdout
+
+    data_sha = sha256_file(data_path)
+    holdout_check = check_holdout(run, data_path, data_sha, [r.prompt for r in loaded.records],
+                                  allow_train_overlap=request.allow_train_overlap, explicit=request.data is not None)
+    notes += holdout_check.notes
+    if holdout_check.overlap:
+        notes.append(f"WARNING: {len(holdout_check.overlap)} of the {len(loaded.records)} records scored were in this "
+                     "adapter's training data (--allow-train-overlap): their scores are not held-out scores")
     device, quant = plan_device(request.device, request.quant, run.quant)
     say.info(f"loading {base_model} ({device}, quantisation {quant}) with the adapter {run.adapter_dir}")
     model = load_model(base_model, adapters={ADAPTER: run.adapter_dir}, quant=quant, device=device,
@@ -447,7 +331,8 @@ def evaluate_adapter(request: EvalRequest, registry: Any, reporter: Reporter | N
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     entry: dict[str, Any] = {
         "data": str(data_path.resolve()),
-        "data_sha256": sha256_file(data_path),
+        "data_sha256": data_sha,
+        "train_overlap": len(holdout_check.overlap) if holdout_check.checked else None,
         "metrics": metrics,
         "time": now_iso(),
         "role": type_,

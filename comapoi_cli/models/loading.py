@@ -147,6 +147,14 @@ def has_tokenizer(folder: str | os.PathLike[str]) -> bool:
         (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file() or (folder / "vocab.json").is_file())
 
 
+def tokenizer_folder(run: Any, base_model: str) -> Path | str:
+    """Where a run's tokenizer (and chat template) is: saved with its adapter, else in the run folder, else the base's.
+
+    ``run`` is a ``comapoi_cli.runs.info.RunInfo`` (``adapter_dir``, ``run_dir``)."""
+    return run.adapter_dir if has_tokenizer(run.adapter_dir) else \
+        run.run_dir if has_tokenizer(run.run_dir) else base_model
+
+
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

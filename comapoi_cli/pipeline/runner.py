@@ -106,8 +106,8 @@ def chain_order(registry: Any, role_ids: list[str]) -> list[Any]:
 
 
 def _resolve_runs(request: PipelineRequest) -> tuple[dict[str, Any], str, Any]:
-    from comapoi_cli.evaluation.runner import locate_run
     from comapoi_cli.models.resolve import resolve_base_model
+    from comapoi_cli.runs.info import locate_run
 
     runs: dict[str, Any] = {}
     bases: dict[str, str] = {}
@@ -331,7 +331,7 @@ def run_pipeline(request: PipelineRequest, registry: Any, reporter: Reporter) ->
 
 
 def _tokenizer_dir(run: Any, base: str) -> str:
-    from comapoi_cli.evaluation.runner import tokenizer_folder
+    from comapoi_cli.models.loading import tokenizer_folder
 
     return str(tokenizer_folder(run, base))
 

@@ -156,3 +156,51 @@ class RecordCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         self._last = time.monotonic()
         self.write(state)
+
+
+class FiniteGuardCallback(TrainerCallback):
+    """Stops the run at the first step whose loss, gradient norm or trainable weights are NaN or infinite.
+
+    After every optimizer step the trainable (LoRA) weights are checked in one reduction; every
+    logged loss and gradient norm too. The step that went bad is neither saved nor continued from:
+    ``tripped`` holds ``(step, what)`` and the training path turns it into one sentence, keeping
+    the last good checkpoint.
+    """
+
+    def __init__(self) -> None:
+        self.tripped: tuple[int, str] | None = None
+        self._params: list[Any] | None = None
+
+    def _trip(self, control: Any, step: int, what: str) -> None:
+        if self.tripped is None:
+            self.tripped = (step, what)
+        control.should_training_stop = True
+        control.should_save = False
+        control.should_evaluate = False
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.tripped is not None:
+            self._trip(control, state.global_step, self.tripped[1])
+            return
+        if model is None:
+            return
+        if self._params is None:
+            # (a ZeRO-3 placeholder holds no elements on this rank: nothing to check there)
+            self._params = [p for p in model.parameters() if p.requires_grad and p.numel() > 0]
+        if not self._params:
+            return
+        import torch
+
+        with torch.no_grad():
+            finite = bool(torch.isfinite(torch.stack([p.detach().float().abs().amax() for p in self._params])).all())
+        if not finite:
+            self._trip(control, state.global_step, "LoRA weights")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        import math
+
+        for key, what in (("loss", "loss"), ("grad_norm", "gradient norm")):
+            value = (logs or {}).get(key)
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                self._trip(control, state.global_step, what)
+                return

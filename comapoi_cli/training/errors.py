@@ -29,7 +29,11 @@ class NoLossTokensError(TrainingError):
     """No token of the prepared data carries loss (before step 1)."""
 
 
+class NonFiniteError(TrainingError):
+    """The loss, the gradient norm or the LoRA weights became NaN or infinite: the run stopped there."""
+
+
 __all__ = [
     "ComapoiError", "DataError", "TrainingError", "UsageError", "ModelNotFoundError", "TrainingDataError",
-    "DeviceError", "RunExistsError", "OutOfMemoryError", "NoLossTokensError",
+    "DeviceError", "RunExistsError", "OutOfMemoryError", "NoLossTokensError", "NonFiniteError",
 ]

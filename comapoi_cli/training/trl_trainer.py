@@ -39,6 +39,10 @@ from comapoi_cli.errors import ComapoiError
 from comapoi_cli.fileio import sha256_file
 from comapoi_cli.models.loading import quiet_libraries
 from comapoi_cli.reporting import Reporter
+from comapoi_cli.runs.datakeys import write_data_keys
+from comapoi_cli.runs.layout import DATA_KEYS, LOCK_FILE, RUN_JSON, checkpoints
+from comapoi_cli.runs.record import RunRecord, versions
+from comapoi_cli.runs.start import RunStart, prepare_run_dir, remove_interrupt_checkpoints
 from comapoi_cli.training import chat
 from comapoi_cli.training.devices import DevicePlan, bitsandbytes_problem, free_memory_bytes, peak_memory, plan_device
 from comapoi_cli.training.distributed import (
@@ -53,6 +57,7 @@ from comapoi_cli.training.distributed import (
 from comapoi_cli.training.errors import (
     ModelNotFoundError,
     NoLossTokensError,
+    NonFiniteError,
     OutOfMemoryError,
     TrainingDataError,
     UsageError,
@@ -60,8 +65,6 @@ from comapoi_cli.training.errors import (
 from comapoi_cli.training.fit import GIB, FitPlan, ModelShape, memory_profile, plan_job, quant_choices
 from comapoi_cli.training.job import TrainingJob, TrainingResult
 from comapoi_cli.training.options import locate_model
-from comapoi_cli.training.rundir import RunStart, checkpoints, prepare_run_dir, remove_interrupt_checkpoints
-from comapoi_cli.training.runinfo import RunRecord, versions
 
 
 def require_model(job: TrainingJob) -> None:
@@ -109,8 +112,9 @@ class TRLTrainingPath:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         if plan.quant != "none" and not sharded:  # FSDP / ZeRO-3 place the shards themselves
             kwargs["device_map"] = {"": local_rank() if plan.type == "cuda" else "cpu"}
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+        remote = self.trust_remote_code
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=remote)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=remote, **kwargs)
         return model, tokenizer
 
     def apply_lora(self, model: Any, plan: DevicePlan) -> Any:
@@ -184,7 +188,7 @@ class TRLTrainingPath:
         from transformers.trainer_callback import ProgressCallback as HFProgress
         from trl import SFTTrainer
 
-        from comapoi_cli.trl_compat import patch_fused_lm_head_for_cpu
+        from comapoi_cli.training.trl_compat import patch_fused_lm_head_for_cpu
 
         patch_fused_lm_head_for_cpu()  # TRL 1.15 (the Unsloth set) cannot train off the GPU without it
         trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
@@ -202,14 +206,15 @@ class TRLTrainingPath:
         """
         job = self.job
         if job.resume:
-            from comapoi_cli.training.rundir import read_run_json
+            from comapoi_cli.runs.info import read_run_json
 
             previous = (read_run_json(job.run_dir) or {}).get("fit")
             if previous and checkpoints(job.run_dir):
                 execution = FitPlan.from_dict({**previous, "source": "resumed"})
                 plan.quant = execution.quant
                 return execution
-        budget, source = None, None
+        budget: float | None = None
+        source = ""
         if job.fit and job.memory_budget > 0:
             budget, source = job.memory_budget * GIB, "--memory-budget"
         elif job.fit and plan.type == "cuda" and world_size() == 1:
@@ -237,7 +242,7 @@ class TRLTrainingPath:
             return ModelShape.from_model_folder(model_dir)
         from transformers import AutoConfig
 
-        return ModelShape.from_config(AutoConfig.from_pretrained(model_dir).to_dict())
+        return ModelShape.from_config(AutoConfig.from_pretrained(model_dir, trust_remote_code=self.trust_remote_code).to_dict())
 
     # -- the shared run ---------------------------------------------------------------------------
     def build_sft_config(self, plan: DevicePlan, run_dir: Path, has_eval: bool) -> Any:
@@ -248,13 +253,12 @@ class TRLTrainingPath:
     def prepare_data(self) -> Any:
         """Clean and split the job's data with the data services (on the main process first)."""
         from comapoi_cli.data import prepare_training_data
-        from comapoi_cli.plugins import get_registry
 
         job = self.job
         with main_process_first():
             return prepare_training_data(type_=job.type, dataset=job.dataset, data_dir=Path(job.data_dir).expanduser(),
                                          data_path=Path(job.data_path).expanduser() if job.data_path else None,
-                                         seed=job.seed, test_size=job.test_size, registry=get_registry(),
+                                         seed=job.seed, test_size=job.test_size, registry=self.registry,
                                          policies=job.policies or None, strict=job.strict, rejects_tag="train",
                                          reporter=self.reporter)
 
@@ -266,20 +270,34 @@ class TRLTrainingPath:
             corpus = [prepared.train_path]
             if job.dataset and not job.data_path:  # one base per dataset: every role's data, shared by all its runs
                 from comapoi_cli.data.layout import dataset_dir
-                from comapoi_cli.plugins import get_registry  # TODO(merge): the registry the trainer is given
 
-                names = [role.data_file_name() for role in get_registry().roles.values()]
+                names = [role.data_file_name() for role in self.registry.roles.values()]
                 corpus = tiny_corpus(dataset_dir(job.dataset, Path(job.data_dir).expanduser()), names) or corpus
             with main_process_first():
                 return str(ensure_tiny_model(corpus, dataset=job.dataset,
                                              reporter=self.reporter if is_main_process() else None))
         return self.job.base_model
 
+    @property
+    def trust_remote_code(self) -> bool:
+        """``--trust-remote-code``: passed to every ``from_pretrained`` (False: a model's own code never runs)."""
+        return bool(self.job.trust_remote_code)
+
+    @property
+    def registry(self) -> Any:
+        """The plugin registry (roles judge the data and name the files of the tiny base's corpus).
+
+        The training path is where a backend starts, also in each process a launcher starts, so it
+        takes that process's registry here, once, rather than through the backend hook."""
+        from comapoi_cli.plugins import get_registry
+
+        return get_registry()
+
     def _start(self) -> RunStart:
         job = self.job
         if is_main_process():
             with main_process_first():
-                return prepare_run_dir(job)
+                return prepare_run_dir(job, on_stale=self.reporter.warn)
         with main_process_first():
             found = checkpoints(job.run_dir) if job.resume else []
         return RunStart(job.run_dir, found[-1][1] if found else None, None, [])
@@ -305,6 +323,8 @@ class TRLTrainingPath:
             prepared = self.prepare_data()
             train_sha = sha256_file(prepared.train_path)
             self._check_resume_data(start, train_sha)
+            holdout = Path(prepared.holdout_path) if prepared.holdout_path and Path(prepared.holdout_path).is_file() else None
+            holdout_sha = sha256_file(holdout) if holdout is not None else None
             say.info(f"Data: {prepared.summary.get('train', '?')} training records in {prepared.train_path}"
                      + (f", {prepared.summary.get('holdout')} held out" if prepared.holdout_path else "")
                      + (" (reused)" if prepared.summary.get("reused") else ""))
@@ -345,6 +365,8 @@ class TRLTrainingPath:
             progress = _progress_callback(say, job.max_steps)
             interrupt = _interrupt_callback(say)
             record = RunRecord(start.run_dir, start.previous)
+            if is_main_process():  # what eval checks: the holdout's hash, the conversation keys trained on
+                write_data_keys(start.run_dir, Path(prepared.train_path), train_sha, holdout, holdout_sha)
             record.set(
                 backend={"name": self.backend_name, "path": type(self).__module__ + "." + type(self).__qualname__},
                 job=job.to_dict(),
@@ -356,6 +378,7 @@ class TRLTrainingPath:
                 chat_template=fmt.describe(),
                 data={"train_file": str(prepared.train_path), "train_sha256": train_sha,
                       "holdout_file": str(prepared.holdout_path) if prepared.holdout_path else None,
+                      "holdout_sha256": holdout_sha, "data_keys": DATA_KEYS,
                       "input_hashes": prepared.input_hashes, "prepare_summary": _small_summary(prepared.summary),
                       "tokens": stats.to_dict(), "eval_records": len(eval_rows)},
                 lora={"r": job.lora_r, "alpha": job.lora_alpha, "dropout": job.lora_dropout,
@@ -373,7 +396,8 @@ class TRLTrainingPath:
                                        peak_memory=peak_memory(plan.type))
                 record.write()
 
-            callbacks = [progress, interrupt, _record_callback(write)]
+            guard = _finite_callback()
+            callbacks = [progress, interrupt, guard, _record_callback(write)]
             trainer = self.make_trainer(model, tokenizer, args, as_dataset(train_rows),
                                         as_dataset(eval_rows) if eval_rows else None, callbacks)
             distributed = describe_distributed(trainer, self.execution)
@@ -395,10 +419,12 @@ class TRLTrainingPath:
             finally:
                 interrupt.uninstall()
                 progress.reporter.progress_stop()
+            if guard.tripped is not None:
+                raise self._non_finite_error(guard.tripped, start.run_dir)
             state = trainer.state
             status = "interrupted" if interrupt.stopped_at is not None and state.global_step < job.max_steps else "finished"
             result = TrainingResult(run_dir=start.run_dir, status=status, global_step=state.global_step,
-                                    max_steps=job.max_steps, run_json=start.run_dir / "run.json")
+                                    max_steps=job.max_steps, run_json=start.run_dir / RUN_JSON)
             if status == "finished":
                 # every rank: under FSDP / ZeRO-3 gathering the weights is collective (only rank 0 writes)
                 if getattr(trainer, "is_fsdp_enabled", False):
@@ -428,8 +454,11 @@ class TRLTrainingPath:
                 with contextlib.suppress(Exception):
                     record.write()
             elif is_main_process() and start.created is not None:
+                start.release()
                 _remove_if_empty(start.run_dir, start.created)
             raise
+        finally:
+            start.release()
 
     # -- pieces ---------------------------------------------------------------------------------
     def _check_resume_data(self, start: RunStart, train_sha: str) -> None:
@@ -479,6 +508,20 @@ class TRLTrainingPath:
             return []
         rows, _ = chat.tokenize_records(tokenizer, fmt, chat.read_records(prepared.holdout_path, job.eval_size), job.seq_length)
         return rows
+
+    def _non_finite_error(self, tripped: tuple[int, str], run_dir: Path) -> NonFiniteError:
+        """Stop a run whose loss, gradient norm or weights stopped being finite; drop checkpoints from that step on."""
+        import shutil
+
+        step, what = tripped
+        for at, folder in checkpoints(run_dir, complete_only=False):
+            if at >= step:
+                shutil.rmtree(folder, ignore_errors=True)
+        good = checkpoints(run_dir)
+        kept = f"the last good checkpoint, {good[-1][1].name}, is kept" if good else "no checkpoint was saved before it"
+        return NonFiniteError(f"Training stopped at step {step} of {self.job.max_steps}: the {what} became NaN or infinite "
+                              f"(--learning_rate {self.job.learning_rate:g}); {kept}.",
+                              hint="Start again with a lower --learning_rate (or --max_grad_norm) and --overwrite.")
 
     def _oom_error(self, plan: DevicePlan, step: int) -> OutOfMemoryError:
         job, run = self.job, self.execution
@@ -567,7 +610,7 @@ def _record_seen_samples(trainer: Any, path: Path, train_rows: list[dict[str, li
 
 
 def _now() -> str:
-    from comapoi_cli.training.runinfo import now_iso
+    from comapoi_cli.runs.record import now_iso
 
     return now_iso()
 
@@ -597,6 +640,12 @@ def _interrupt_callback(reporter: Reporter):
     from comapoi_cli.training.callbacks import InterruptCallback
 
     return InterruptCallback(reporter)
+
+
+def _finite_callback():
+    from comapoi_cli.training.callbacks import FiniteGuardCallback
+
+    return FiniteGuardCallback()
 
 
 def _record_callback(write):
@@ -645,7 +694,8 @@ def _small_summary(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def _describe_adapter(run_dir: Path) -> dict[str, Any]:
-    files = sorted(p.name for p in run_dir.iterdir() if p.is_file() and p.name != "run.json")
+    files = sorted(p.name for p in run_dir.iterdir()
+                   if p.is_file() and not p.is_symlink() and p.name not in (RUN_JSON, LOCK_FILE))
     weights = run_dir / "adapter_model.safetensors"
     return {"path": str(run_dir.resolve()), "files": files,
             "size_bytes": weights.stat().st_size if weights.is_file() else None,

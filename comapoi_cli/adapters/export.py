@@ -11,20 +11,25 @@ Nothing here imports torch.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
 import shutil
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from comapoi_cli.adapters import ADAPTER_CONFIG, require_run_folder
+from comapoi_cli.adapters.listing import require_run_folder
 from comapoi_cli.errors import ComapoiError, UsageError
 from comapoi_cli.fileio import atomic_folder, read_json, sha256_file, write_json_atomic
+from comapoi_cli.runs.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
-WEIGHTS = "adapter_model.safetensors"
+WEIGHTS = ADAPTER_WEIGHTS
 EXPORT_INFO = "comapoi_export.json"
+#: The lock an export holds on its --to folder while it writes there.
+EXPORT_LOCK = ".comapoi-export.lock"
 #: Text files copied beside the weights when the run has them (the adapter's tokenizer and chat template).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
@@ -68,7 +73,7 @@ class ExportResult:
 
 @dataclass
 class _Source:
-    run: Any  # evaluation.runner.RunInfo
+    run: Any  # comapoi_cli.runs.info.RunInfo
     config: dict[str, Any]
     base: str  #: as recorded
     base_key: str  #: what "the same base model" compares
@@ -85,7 +90,7 @@ def _base_of(run: Any, config: dict[str, Any]) -> tuple[str, str]:
 
 
 def _read_source(folder: Path) -> _Source:
-    from comapoi_cli.evaluation.runner import locate_run
+    from comapoi_cli.runs.info import locate_run
 
     run = locate_run(require_run_folder(folder))
     if not (run.adapter_dir / WEIGHTS).is_file():
@@ -171,10 +176,20 @@ def export_adapters(run_dirs: Sequence[str | os.PathLike[str]], to: str | os.Pat
     if base_model is None and (local.is_absolute() or sources[0].base.startswith((".", "~"))) and not local.is_dir():
         notes.append(f"the base model {sources[0].base} does not exist here; pass its path on the serving machine "
                      "with --model")
+    from comapoi_cli.runs.lock import check_not_locked, hold_lock
+
+    for source in sources:  # a run still training would be exported half-written
+        check_not_locked(source.run.run_dir)
     to.mkdir(parents=True, exist_ok=True)
+    with hold_lock(to / EXPORT_LOCK, f"The export folder {to}"):
+        return _export(sources, serving_names, to, base, base_model, overwrite, notes)
+
+
+def _export(sources: list[_Source], serving_names: list[str], to: Path, base: str, base_model: str | None,
+            overwrite: bool, notes: list[str]) -> ExportResult:
     exported: list[ExportedAdapter] = []
     for name, source in zip(serving_names, sources):
-        exported.append(_copy_adapter(source, to / name, name, overwrite))
+        exported.append(_copy_adapter(source, to / name, name, overwrite, notes))
         quant = source.run.quant
         if quant in ("4bit", "8bit"):
             notes.append(f"{name} was trained on a {quant} base (QLoRA); vLLM applies it to the 16-bit base model "
@@ -206,12 +221,58 @@ def export_adapters(run_dirs: Sequence[str | os.PathLike[str]], to: str | os.Pat
     return result
 
 
-def _copy_adapter(source: _Source, target: Path, name: str, overwrite: bool) -> ExportedAdapter:
+def _regular_file(path: Path) -> bool:
+    """A regular file itself (not a symbolic link to one, not a FIFO or device)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _copy_regular(source: Path, target: Path) -> None:
+    """Copy a regular file without following a symbolic link swapped in meanwhile."""
+    fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise ComapoiError(f"{source} is not a regular file, so it was not exported.")
+        with open(target, "wb") as out:
+            shutil.copyfileobj(handle, out, 1 << 20)
+
+
+def strip_remote_code(folder: Path) -> list[str]:
+    """Remove code files (``*.py``) and ``auto_map`` entries from a folder about to be handed over."""
+    removed = []
+    for path in sorted(folder.iterdir()):
+        if path.suffix == ".py" and not path.is_dir():
+            path.unlink()
+            removed.append(path.name)
+        elif path.suffix == ".json" and _regular_file(path):
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if isinstance(data, dict) and "auto_map" in data:
+                del data["auto_map"]
+                write_json_atomic(path, data)
+                removed.append(f"{path.name}: auto_map")
+    return removed
+
+
+def _copy_adapter(source: _Source, target: Path, name: str, overwrite: bool, notes: list[str]) -> ExportedAdapter:
     folder = source.run.adapter_dir
-    files = [ADAPTER_CONFIG, WEIGHTS, *(f for f in TOKENIZER_FILES if (folder / f).is_file())]
+    for required in (ADAPTER_CONFIG, WEIGHTS):
+        if not _regular_file(folder / required):
+            raise ComapoiError(f"{folder / required} is a symbolic link or not a regular file; export copies only "
+                               "regular files inside the run folder.")
+    skipped = [f for f in TOKENIZER_FILES if (folder / f).is_symlink() or ((folder / f).exists() and not _regular_file(folder / f))]
+    if skipped:
+        notes.append(f"{name}: not copied {', '.join(skipped)} (symbolic links or not regular files; only regular "
+                     "files inside the run folder are exported)")
+    files = [ADAPTER_CONFIG, WEIGHTS, *(f for f in TOKENIZER_FILES if _regular_file(folder / f))]
     with atomic_folder(target) as tmp:
         for file in files:
-            shutil.copyfile(folder / file, tmp / file)
+            _copy_regular(folder / file, tmp / file)
+        strip_remote_code(tmp)
         digest = sha256_file(tmp / WEIGHTS)
         if digest != sha256_file(folder / WEIGHTS):
             raise ComapoiError(f"The copy of {folder / WEIGHTS} differs from the original (disk or file changing?).")

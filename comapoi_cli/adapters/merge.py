@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from comapoi_cli.adapters import require_run_folder
+from comapoi_cli.adapters.export import strip_remote_code
+from comapoi_cli.adapters.listing import require_run_folder
 from comapoi_cli.errors import ComapoiError, UsageError
 from comapoi_cli.fileio import atomic_folder, read_json, sha256_file, write_json_atomic
 
@@ -65,7 +66,7 @@ class MergeResult:
         return data
 
 
-def _config_dtype(base_model: str) -> str | None:
+def _config_dtype(base_model: str, trust_remote_code: bool = False) -> str | None:
     """The dtype the base model's weights are stored in, as its config.json says."""
     config: Any = None
     path = Path(base_model)
@@ -76,7 +77,7 @@ def _config_dtype(base_model: str) -> str | None:
         with contextlib.suppress(Exception):
             from transformers import AutoConfig
 
-            config = AutoConfig.from_pretrained(base_model).to_dict()
+            config = AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code).to_dict()
     if not isinstance(config, dict):
         return None
     value = config.get("dtype") or config.get("torch_dtype")
@@ -84,7 +85,8 @@ def _config_dtype(base_model: str) -> str | None:
     return value if value in ("bfloat16", "float16", "float32") else None
 
 
-def choose_dtype(requested: str, base_model: str, device: str, recorded: str | None) -> tuple[str, str | None]:
+def choose_dtype(requested: str, base_model: str, device: str, recorded: str | None,
+                 trust_remote_code: bool = False) -> tuple[str, str | None]:
     """``--dtype`` resolved, and a note when auto chose something other than the stored dtype.
 
     auto: the dtype the base weights are stored in (config.json); float16 on the CPU becomes
@@ -95,7 +97,7 @@ def choose_dtype(requested: str, base_model: str, device: str, recorded: str | N
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, not '{requested}'.")
     if requested != "auto":
         return requested, None
-    stored = _config_dtype(base_model)
+    stored = _config_dtype(base_model, trust_remote_code)
     if stored == "float16" and not device.startswith("cuda"):
         return "float32", ("the base is stored in float16, merged and saved in float32 on the CPU (twice the size); "
                            "pass --dtype float16 to keep 16-bit")
@@ -164,25 +166,39 @@ def _logits(model: Any, inputs: list[tuple[str, list[int]]]) -> list[Any]:
 
 def merge_adapter(run_dir: str | os.PathLike[str], output: str | os.PathLike[str], *, model: str | None = None,
                   dtype: str = "auto", device: str = "auto", overwrite: bool = False, check_inputs: int = 3,
-                  log: Log | None = None) -> MergeResult:
+                  log: Log | None = None, trust_remote_code: bool = False) -> MergeResult:
     """Merge the adapter of ``run_dir`` (a run folder or one of its checkpoint-N folders) into its base model.
 
     Writes ``output`` (config.json, model.safetensors, generation_config.json, the tokenizer
     files with the chat template, and ``comapoi_merge.json``) only when the merged model's logits
     match the base model's with the adapter on ``check_inputs`` inputs (0 skips the check).
+    The merged folder never holds code files (``*.py``) or ``auto_map`` entries, even with
+    ``trust_remote_code`` (which only lets the base model's own code load). The output is locked
+    while it is written, and a run still being trained is refused.
     """
-    from comapoi_cli.evaluation.runner import locate_run, tokenizer_folder
-    from comapoi_cli.models.loading import base_is_quantised, load_model, plan_device
-    from comapoi_cli.models.resolve import resolve_base_model
+    from comapoi_cli.runs.lock import check_not_locked, hold_lock, output_lock_path
 
     folder = require_run_folder(run_dir)
+    check_not_locked(folder.parent if folder.name.startswith("checkpoint-") else folder)
+    target = Path(output).expanduser().absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with hold_lock(output_lock_path(target), f"The merge output {target}"):
+        return _merge(folder, target, model=model, dtype=dtype, device=device, overwrite=overwrite,
+                      check_inputs=check_inputs, log=log, trust_remote_code=trust_remote_code)
+
+
+def _merge(folder: Path, output: Path, *, model: str | None, dtype: str, device: str, overwrite: bool,
+           check_inputs: int, log: Log | None, trust_remote_code: bool) -> MergeResult:
+    from comapoi_cli.models.loading import base_is_quantised, load_model, plan_device, tokenizer_folder
+    from comapoi_cli.models.resolve import resolve_base_model
+    from comapoi_cli.runs.info import locate_run
+
     run = locate_run(folder)
-    output = Path(output).expanduser().absolute()
     base = resolve_base_model(model, run)
     protected = [run.run_dir] + ([Path(base)] if Path(base).is_dir() else [])
     _check_output(output, overwrite, protected)
     device, _ = plan_device(device, "none", run.quant)
-    dtype_name, dtype_note = choose_dtype(dtype, base, device, run.dtype)
+    dtype_name, dtype_note = choose_dtype(dtype, base, device, run.dtype, trust_remote_code)
     notes = [dtype_note] if dtype_note else []
     trained_quant = run.quant
     if trained_quant in ("4bit", "8bit"):
@@ -199,7 +215,7 @@ def merge_adapter(run_dir: str | os.PathLike[str], output: str | os.PathLike[str
     if log:
         log(f"loading {base} ({device}, {dtype_name}) with the adapter {run.adapter_dir}")
     loaded = load_model(base, adapters={"adapter": run.adapter_dir}, quant="none", device=device, dtype=dtype_name,
-                        dequantize=True, tokenizer=tokenizer_folder(run, base))
+                        dequantize=True, tokenizer=tokenizer_folder(run, base), trust_remote_code=trust_remote_code)
     inputs = _check_inputs(loaded.tokenizer, run, check_inputs) if check_inputs > 0 else []
     reference = _logits(loaded.model, inputs)
     if log:
@@ -211,8 +227,11 @@ def merge_adapter(run_dir: str | os.PathLike[str], output: str | os.PathLike[str
     with atomic_folder(output) as tmp:
         merged.save_pretrained(str(tmp))
         tokenizer_dir = tokenizer_folder(run, base)
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=trust_remote_code)
         tokenizer.save_pretrained(str(tmp))
+        stripped = strip_remote_code(tmp)  # a merged folder is handed over: it never carries code
+        if stripped:
+            notes.append(f"not copied into the merged model: {', '.join(stripped)} (code files and auto_map entries are never handed over)")
         del merged
         gc.collect()
         checks: list[LogitCheck] = []
@@ -221,7 +240,8 @@ def merge_adapter(run_dir: str | os.PathLike[str], output: str | os.PathLike[str
                 log(f"checking the saved model's logits on {len(inputs)} inputs")
             import torch
 
-            reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=getattr(torch, dtype_name)).to(device).eval()
+            reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=getattr(torch, dtype_name),
+                                                            trust_remote_code=False).to(device).eval()
             after = _logits(reloaded, inputs)
             del reloaded
             atol, rtol = TOLERANCE[dtype_name]

@@ -13,20 +13,20 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from comapoi_cli.errors import UsageError
+from comapoi_cli.runs.info import read_json_file
+from comapoi_cli.runs.layout import ADAPTER_CONFIG, CHECKPOINT_RE, RUN_JSON, TRAINER_STATE, checkpoint_names
+from comapoi_cli.runs.layout import ADAPTER_WEIGHT_NAMES as ADAPTER_WEIGHTS
+from comapoi_cli.runs.lock import process_alive
 
-RUN_JSON = "run.json"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 ENV_OUTPUT_DIR = "COMAPOI_OUTPUT_DIR"
 _SAVE_NAME = re.compile(r"^bs(?P<bs>\d+)-gas(?P<gas>\d+)-ms(?P<ms>\d+)-(?P<type>.+)-lr(?P<lr>[^-]+(?:-\d+)?)$")
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_CHECKPOINT = CHECKPOINT_RE
 
 #: ``--sort`` keys: (field, largest first?)
 SORT_KEYS = {
@@ -74,23 +74,11 @@ class AdapterRun:
 
 
 def _read_json(path: Path) -> tuple[Any, str | None]:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle), None
-    except FileNotFoundError:
-        return None, None
-    except (OSError, ValueError) as exc:
-        return None, f"{path.name} is unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
+    """A JSON file of the run folder through the one reader (regular files only, size-capped)."""
+    return read_json_file(path)
 
 
-def _checkpoint_names(folder: Path) -> list[str]:
-    found = []
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            match = _CHECKPOINT.match(entry.name)
-            if match and entry.is_dir(follow_symlinks=False):
-                found.append((int(match.group(1)), entry.name))
-    return [name for _, name in sorted(found)]
+_checkpoint_names = checkpoint_names
 
 
 def _weights(folder: Path) -> Path | None:
@@ -101,19 +89,12 @@ def _iso_mtime(path: Path) -> str:
     return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).astimezone().isoformat(timespec="seconds")
 
 
-def _process_alive(pid: Any, host: Any) -> bool | None:
-    """True/False when it can be told (same host), None otherwise."""
-    if not isinstance(pid, int) or host != socket.gethostname():
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return None
-    return True
+_process_alive = process_alive
+
+
+def _section(record: dict[str, Any], key: str) -> dict[str, Any]:
+    value = record.get(key)
+    return value if isinstance(value, dict) else {}
 
 
 def _latest_evaluation(evaluations: Any) -> dict[str, Any] | None:
@@ -149,10 +130,10 @@ def load_run(folder: str | os.PathLike[str], root: str | os.PathLike[str] | None
         run.warnings.append(f"{problem}; listed from its other files")
         run.status = "unreadable"
     if isinstance(record, dict):
-        job = record.get("job") if isinstance(record.get("job"), dict) else {}
-        progress = record.get("progress") if isinstance(record.get("progress"), dict) else {}
-        lora = record.get("lora") if isinstance(record.get("lora"), dict) else {}
-        base = record.get("base_model") if isinstance(record.get("base_model"), dict) else {}
+        job = _section(record, "job")
+        progress = _section(record, "progress")
+        lora = _section(record, "lora")
+        base = _section(record, "base_model")
         backend = record.get("backend")
         run.status = str(record.get("status") or "unknown")
         if run.status == "running":
@@ -180,12 +161,12 @@ def load_run(folder: str | os.PathLike[str], root: str | os.PathLike[str] | None
         if problem:
             run.warnings.append(problem)
         if isinstance(config, dict):
-            base = config.get("base_model_name_or_path")
-            run.base_model = Path(base).name if isinstance(base, str) and base else None
+            base_path = config.get("base_model_name_or_path")
+            run.base_model = Path(base_path).name if isinstance(base_path, str) and base_path else None
             run.lora_r, run.lora_alpha = config.get("r"), config.get("lora_alpha")
         _from_names(run, folder)
         if run.checkpoints:
-            state, _ = _read_json(folder / run.checkpoints[-1] / "trainer_state.json")
+            state, _ = _read_json(folder / run.checkpoints[-1] / TRAINER_STATE)
             if isinstance(state, dict):
                 run.steps = state.get("global_step")
                 losses = [e["loss"] for e in state.get("log_history") or [] if isinstance(e, dict) and "loss" in e]
@@ -300,7 +281,7 @@ def _loss_entries(entries: Any) -> list[dict[str, Any]]:
 def _trainer_state(folder: Path, checkpoints: list[str]) -> dict[str, Any] | None:
     """trainer_state.json of a checkpoint folder itself, else of the run's last checkpoint."""
     for candidate in [folder, *(folder / name for name in reversed(checkpoints))]:
-        state, _ = _read_json(candidate / "trainer_state.json")
+        state, _ = _read_json(candidate / TRAINER_STATE)
         if isinstance(state, dict):
             return state
     return None
@@ -395,7 +376,7 @@ def describe_run(folder: str | os.PathLike[str]) -> dict[str, Any]:
         cp_weights = _weights(cp)
         checkpoints.append({"name": name, "step": step, "path": str(cp.resolve()),
                             "adapter": cp_weights is not None and (cp / ADAPTER_CONFIG).is_file(),
-                            "resumable": (cp / "trainer_state.json").is_file() and (cp / "optimizer.pt").is_file(),
+                            "resumable": (cp / TRAINER_STATE).is_file() and (cp / "optimizer.pt").is_file(),
                             "size_bytes": cp_weights.stat().st_size if cp_weights is not None else None,
                             "loss": history_by_step.get(step)})
     out["checkpoints"] = checkpoints

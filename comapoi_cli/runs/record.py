@@ -1,8 +1,9 @@
-"""run.json: what a run was, how far it got, what it produced (schema in docs/training.md).
+"""THE writer of run.json: what a run was, how far it got, what it produced (schema in docs/training.md).
 
-``RunRecord`` holds the sections and writes them atomically (``rundir.write_run_json``), keeping
-keys that other tools add (``evaluations``, appended by ``comapoi eval``). It is written when the
-run starts, after every checkpoint, every ~15 s while logging, and when the run ends.
+``RunRecord`` holds the sections and writes them atomically (``write_run_json``), keeping keys
+that other tools add (``evaluations``, appended by ``comapoi eval`` through
+:func:`append_evaluation`). It is written when the run starts, after every checkpoint, every ~15 s
+while logging, and when the run ends.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from comapoi_cli import __version__
-from comapoi_cli.backends import installed_version
-from comapoi_cli.training.rundir import RUN_SCHEMA, checkpoints, write_run_json
+from comapoi_cli.errors import ComapoiError
+from comapoi_cli.fileio import write_json_atomic
+from comapoi_cli.runs.info import read_json_file, read_run_json
+from comapoi_cli.runs.layout import RUN_JSON, RUN_SCHEMA, checkpoints
 
 VERSION_PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "tokenizers")
 
@@ -27,15 +30,41 @@ def now_iso() -> str:
 
 
 def versions(extra: tuple[str, ...] = ()) -> dict[str, str | None]:
+    from comapoi_cli.backends import installed_version
+
     out: dict[str, str | None] = {"python": sys.version.split()[0], "comapoi": __version__}
     for name in (*VERSION_PACKAGES, *extra):
         out[name] = installed_version(name)
     return out
 
 
+def write_run_json(run_dir: Path, data: dict[str, Any]) -> None:
+    """Write run.json atomically, keeping keys other tools added (e.g. ``evaluations``)."""
+    write_json_atomic(run_dir / RUN_JSON, {**(read_run_json(run_dir) or {}), **data})
+
+
+def append_evaluation(run_json: str | os.PathLike[str], entry: dict[str, Any]) -> None:
+    """Append ``entry`` to the ``evaluations`` list of ``run.json`` (read, extend, atomic rewrite)."""
+    path = Path(run_json)
+    run, problem = read_json_file(path)
+    if problem:
+        raise ComapoiError(f"{path}: {problem}; the result is in metrics.json beside it.")
+    if run is None:
+        raise ComapoiError(f"{path} disappeared while evaluating; metrics.json beside it holds the result.")
+    if not isinstance(run, dict):
+        raise ComapoiError(f"{path} does not hold a JSON object; the result is in metrics.json beside it.")
+    evaluations = run.get("evaluations")
+    if not isinstance(evaluations, list):
+        evaluations = []
+    evaluations.append(entry)
+    run["evaluations"] = evaluations
+    write_json_atomic(path, run)
+
+
 def loss_history(log_history: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The Trainer's log history split into training and evaluation entries (numbers only)."""
-    train, evals = [], []
+    train: list[dict[str, Any]] = []
+    evals: list[dict[str, Any]] = []
     for entry in log_history:
         if "loss" in entry:
             train.append({k: entry[k] for k in ("step", "epoch", "loss", "learning_rate", "grad_norm",

@@ -15,14 +15,14 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from comapoi_cli.data.policies import DROP, FAIL, KEEP, WARN, default_policies
+from comapoi_cli.roles import AgentRole, RoleContext
+
 fast_loads: Callable[[bytes], Any] | None
 try:  # a C JSON parser, 2-3x faster than json's on these records; json is the reference and the fallback
     from orjson import loads as fast_loads
 except ImportError:  # pragma: no cover - orjson is a dependency, but cleaning must work without it
     fast_loads = None
-
-from comapoi_cli.data.policies import DROP, FAIL, KEEP, WARN, default_policies
-from comapoi_cli.roles import AgentRole, RoleContext
 
 ROLE_ALIASES = {
     "system": "system",

@@ -55,11 +55,16 @@ step eval score "$run3/predictions.jsonl" --dataset nyc
 step adapters show "$run3"
 # Hand over for serving: the three agents as LoRA modules of their one base (prints the vLLM
 # command), or one merged into a standalone model.
-step adapters export "$run1" "$run2" "$run3" --to "$demo/serve" --overwrite
-step adapters merge "$run3" --output "$demo/merged" --overwrite
+step adapters export "$run1" "$run2" "$run3" --output-dir "$demo/serve" --overwrite
+step adapters merge "$run3" --output-dir "$demo/merged" --overwrite
 # -- the chain: Profiler -> Forecaster -> Final_Predictor on the test trajectories ------------------
-# (pipeline step: `comapoi pipeline run ... --agent1 "$run1" --agent2 "$run2" --agent3 "$run3"`
-#  and `comapoi pipeline score ...` go here)
+# One base model with the three adapters switched per agent; the POI table and the training
+# trajectories (history, retrieval) are found beside the test file. Short answers keep it quick
+# on a CPU (CoMaPOI allows 256 new tokens per agent).
+step pipeline run --dataset nyc --test "$demo/data/nyc/nyc_test.jsonl" \
+  --agent1 "$run1" --agent2 "$run2" --agent3 "$run3" --max-new-tokens 32 \
+  --output-dir "$demo/chain" --overwrite --compat comapoi
+step pipeline score "$demo/chain/predictions.jsonl" --compat comapoi
 echo
 echo "Done. The adapters, their run.json, predictions and metrics are in $runs"
 echo "Try: $comapoi adapters list $demo/output   |   $comapoi train --help"

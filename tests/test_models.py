@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -21,7 +20,7 @@ from comapoi_cli.models.generation import generate, record_messages, render_prom
 from comapoi_cli.models.loading import load_model, plan_device
 from comapoi_cli.reporting import Reporter
 from comapoi_cli.runs.info import locate_run
-from tests.support import REPO, run_comapoi
+from tests.support import REPO, plant_remote_code, run_comapoi
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "vocab.json", "merges.txt")
@@ -195,27 +194,12 @@ def test_generate_is_batched_greedy_in_input_order_with_progress(two_adapters):
 
 # -- remote code ---------------------------------------------------------------------------------------
 
-def _plant_remote_code(folder: Path, marker: Path) -> None:
-    """A model folder whose tokenizer and model ask for their own code, which writes ``marker`` when run."""
-    code = f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
-    (folder / "tokenization_evil.py").write_text(
-        code + "from transformers import PreTrainedTokenizerFast\n\nclass EvilTokenizer(PreTrainedTokenizerFast):\n    pass\n")
-    (folder / "modeling_evil.py").write_text(
-        code + "from transformers import Qwen2ForCausalLM\n\nclass EvilModel(Qwen2ForCausalLM):\n    pass\n")
-    config = json.loads((folder / "tokenizer_config.json").read_text())
-    config["auto_map"] = {"AutoTokenizer": [None, "tokenization_evil.EvilTokenizer"]}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    config = json.loads((folder / "config.json").read_text())
-    config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilModel"}
-    (folder / "config.json").write_text(json.dumps(config))
-
-
 def test_planted_remote_code_is_never_run_by_eval_even_with_yes_on_stdin(trained_run, agent_data_dir, tmp_path):
     run = locate_run(trained_run.run_dir)
     model_dir = tmp_path / "model"
     shutil.copytree(resolve_base_model(None, run), model_dir)
     marker = tmp_path / "remote-code-ran"
-    _plant_remote_code(model_dir, marker)
+    plant_remote_code(model_dir, marker)
     adapter = tmp_path / "run"  # the adapter without its own tokenizer: eval loads the planted one
     adapter.mkdir()
     for name in ("adapter_config.json", "adapter_model.safetensors", "run.json"):

@@ -16,10 +16,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TRAIN_FAST
-from tests.support import run_comapoi
+from tests.support import plant_remote_code, run_comapoi
 
 #: A tokenizer / model module that leaves a mark when Python imports it.
-PLANTED = "from pathlib import Path\nPath({marker!r}).write_text('ran')\n"
 
 
 def _copy_run(trained_run, tmp_path: Path) -> Path:
@@ -55,13 +54,7 @@ def _planted_model(tiny_model_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
     model = tmp_path / "planted-model"
     shutil.copytree(tiny_model_dir, model)
     marker = tmp_path / "code-ran"
-    (model / "tokenization_evil.py").write_text(PLANTED.format(marker=str(marker)))
-    (model / "modeling_evil.py").write_text(PLANTED.format(marker=str(marker)))
-    for name, entry in (("config.json", {"AutoModelForCausalLM": "modeling_evil.EvilModel"}),
-                        ("tokenizer_config.json", {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]})):
-        data = json.loads((model / name).read_text())
-        data["auto_map"] = entry
-        (model / name).write_text(json.dumps(data))
+    plant_remote_code(model, marker)
     return model, marker
 
 

@@ -64,7 +64,7 @@ def run(
                                           rich_help_panel="Agents"),
     merged: Optional[Path] = typer.Option(None, "--merged", help="One run (e.g. --type merged) for every agent not named.",
                                           show_default=False, rich_help_panel="Agents"),
-    role: Optional[List[str]] = typer.Option(None, "--role", help="ROLE=RUN: a plugin role that joins the chain, e.g. "
+    role: Optional[List[str]] = typer.Option(None, "--role", metavar="ROLE=RUN", help="ROLE=RUN: a plugin role that joins the chain, e.g. "
                                              "agent4=RUN4 (the role declares its place).", show_default=False,
                                              rich_help_panel="Agents"),
     engine: str = typer.Option("transformers", "--engine", help="transformers (local) or openai (an OpenAI-compatible "
@@ -73,7 +73,7 @@ def run(
                                       show_default=False, rich_help_panel="Engine"),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="OPENAI_API_KEY", help="openai engine: the key, if the "
                                           "server wants one.", show_default=False, rich_help_panel="Engine"),
-    served_name: Optional[List[str]] = typer.Option(None, "--served-name", help="ROLE=NAME: the served model name of a "
+    served_name: Optional[List[str]] = typer.Option(None, "--served-name", metavar="ROLE=NAME", help="ROLE=NAME: the served model name of a "
                                                     "role's adapter (default: the role id).", show_default=False,
                                                     rich_help_panel="Engine"),
     model: Optional[str] = typer.Option(None, "--model", help="Base model folder. Default: the runs' (they must share it).",

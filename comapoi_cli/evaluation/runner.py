@@ -78,7 +78,7 @@ class DataChoice:
     note: str | None = None
 
 
-def resolve_data(request: EvalRequest, run: RunInfo, type_: str | None, dataset: str | None) -> DataChoice:
+def resolve_data(request: EvalRequest, run: RunInfo, type_: str | None, dataset: str | None, registry: Any) -> DataChoice:
     """The held-out file to evaluate on.
 
     ``--data`` wins; else the run's own holdout (for a merged run asked for one role, only that
@@ -101,30 +101,32 @@ def resolve_data(request: EvalRequest, run: RunInfo, type_: str | None, dataset:
                               note=f"evaluating the {type_} records of the merged run's holdout {holdout.name}")
         return DataChoice(holdout)
     if dataset is not None and type_ is not None:
-        return DataChoice(_prepared_holdout(request, run, type_, dataset))
+        return DataChoice(_prepared_holdout(request, run, type_, dataset, registry))
     raise UsageError("The run records no holdout; say what to evaluate on with --data FILE or --dataset NAME --type TYPE.")
 
 
-def _prepared_holdout(request: EvalRequest, run: RunInfo, type_: str, dataset: str) -> Path:
+def _prepared_holdout(request: EvalRequest, run: RunInfo, type_: str, dataset: str, registry: Any) -> Path:
     """The ``*_100.jsonl`` holdout of ``dataset``/``type_``, prepared (cleaned, split) if needed.
 
-    The split uses the run's recorded seed and test size (defaults as ``comapoi train``), so that
-    the holdout is the one the adapter never saw.
+    The data is prepared as the run's training prepared it: its recorded seed, test size and data
+    policies (``--on``, ``--strict``; defaults as ``comapoi train``), so that the holdout is the one
+    the adapter never saw, cleaned the same way.
     """
-    from comapoi_cli.data import prepare_training_data
+    from comapoi_cli.data import parse_policy_options, prepare_training_data
 
     kwargs: dict[str, Any] = {"type_": type_, "dataset": dataset}
     if request.data_dir is not None:
         kwargs["data_dir"] = request.data_dir
     elif run.data_dir is not None:
         kwargs["data_dir"] = run.data_dir
-    for name in ("seed", "test_size"):
+    for name in ("seed", "test_size", "strict"):
         value = run.job_value(name)
         if value is not None:
             kwargs[name] = value
-    from comapoi_cli.plugins import get_registry
-
-    prepared = prepare_training_data(registry=get_registry(), **kwargs)
+    on = run.job_value("on")
+    if on:
+        kwargs["policies"] = parse_policy_options(on if isinstance(on, list) else [str(on)])
+    prepared = prepare_training_data(registry=registry, rejects_tag="train", **kwargs)
     if prepared.holdout_path is None or not Path(prepared.holdout_path).is_file():
         raise DataError(f"Preparing {dataset}/{type_} produced no holdout file.",
                         hint="Pass a held-out file with --data FILE.")
@@ -273,7 +275,7 @@ def evaluate_adapter(request: EvalRequest, registry: Any, reporter: Reporter | N
         registry.role(type_)
     dataset = request.dataset or run.dataset
     base_model = resolve_base_model(request.model, run)  # before the data: a wrong --model is one sentence at once
-    choice = resolve_data(request, run, type_, dataset)
+    choice = resolve_data(request, run, type_, dataset, registry)
     data_path = choice.path
     loaded = load_eval_records(data_path, type_, dataset, registry, num_samples=request.num_samples,
                                only_role=choice.only_role)

@@ -28,7 +28,7 @@ from comapoi_cli.runs.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 WEIGHTS = ADAPTER_WEIGHTS
 EXPORT_INFO = "comapoi_export.json"
-#: The lock an export holds on its --to folder while it writes there.
+#: The lock an export holds on its --output-dir folder while it writes there.
 EXPORT_LOCK = ".comapoi-export.lock"
 #: Text files copied beside the weights when the run has them (the adapter's tokenizer and chat template).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -161,14 +161,14 @@ def export_adapters(run_dirs: Sequence[str | os.PathLike[str]], to: str | os.Pat
                            hint="Export the adapters of each base model separately.")
     to = Path(to).expanduser().absolute()
     if to.exists() and not to.is_dir():
-        raise UsageError(f"--to {to} is a file.")
+        raise UsageError(f"--output-dir {to} is a file.")
     for name in serving_names:
         target = to / name
         if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-            raise UsageError(f"{target} already exists.", hint="Pass --overwrite to replace it, or choose another --to.")
+            raise UsageError(f"{target} already exists.", hint="Pass --overwrite to replace it, or choose another --output-dir.")
     for source in sources:
         if to.resolve().is_relative_to(source.run.run_dir.resolve()):
-            raise UsageError(f"--to {to} is inside the run folder {source.run.run_dir}; choose a folder outside it.")
+            raise UsageError(f"--output-dir {to} is inside the run folder {source.run.run_dir}; choose a folder outside it.")
 
     notes: list[str] = []
     base = base_model or sources[0].base

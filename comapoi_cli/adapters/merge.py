@@ -113,12 +113,12 @@ def _check_output(output: Path, overwrite: bool, protected: list[Path]) -> None:
     for folder in protected:
         folder = folder.resolve()
         if resolved == folder or folder.is_relative_to(resolved) or resolved.is_relative_to(folder):
-            raise UsageError(f"--output {output} overlaps {folder}; choose a folder outside the run and the base model.")
+            raise UsageError(f"--output-dir {output} overlaps {folder}; choose a folder outside the run and the base model.")
     if output.exists():
         if not output.is_dir():
-            raise UsageError(f"--output {output} is a file.")
+            raise UsageError(f"--output-dir {output} is a file.")
         if any(output.iterdir()) and not overwrite:
-            raise UsageError(f"--output {output} already exists and is not empty.",
+            raise UsageError(f"--output-dir {output} already exists and is not empty.",
                              hint="Pass --overwrite to replace it, or choose another folder.")
 
 

@@ -29,7 +29,7 @@ def test_train_merged_uses_the_weights_of_data_merge(tmp_path, copy_data_dir):
     folder = data / "nyc"
     clean = run_comapoi("data", "clean", "--dataset", "nyc", "--data-dir", str(data), "--test-size", "4")
     assert clean.returncode == 0, clean.stderr
-    clean_rejects = {p.name: p.read_bytes() for p in folder.glob("*.rejects.jsonl")}
+    clean_rejects = {p.name: p.read_bytes() for p in folder.glob("*_samples.rejects.jsonl")}  # data clean's own
     assert clean_rejects
     merge = run_comapoi("data", "merge", "--dataset", "nyc", "--data-dir", str(data), "--weight", "agent3=2")
     assert merge.returncode == 0, merge.stderr

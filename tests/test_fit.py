@@ -253,7 +253,7 @@ def test_on_a_gpu_the_plan_uses_the_free_memory(tmp_path, monkeypatch):
     monkeypatch.setattr(trl_trainer, "free_memory_bytes", lambda device: 79.2 * GIB if device == "cuda" else None)
     monkeypatch.setattr(trl_trainer, "bitsandbytes_problem", lambda device: None)
     job = TrainingJob(model=str(model), base_model=str(model), run_tag="t", output_dir=str(tmp_path / "out"))
-    device = DevicePlan("cuda", "H100", 1, "bf16", "4bit", "bfloat16")  # plan_device's --quant auto without --fit
+    device = DevicePlan("cuda", "H100", 1, "bf16", "4bit", "bfloat16")  # plan_training_device's --quant auto without --fit
     execution = trl_trainer.TRLTrainingPath(job).plan_execution(device, str(model))
     assert (execution.source, execution.budget_source, execution.quant, device.quant) == ("fit", "free GPU memory", "none", "none")
     assert not execution.gradient_checkpointing and execution.micro_batch * execution.gradient_accumulation_steps == 4

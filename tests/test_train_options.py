@@ -203,9 +203,15 @@ def test_locate_model(tmp_path):
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")
     assert "LoRA adapter, not a base model" in locate_model(str(adapter), None, env={}).problem
-    assert locate_model("Qwen/Qwen2.5-7B-Instruct", None, env={}).kind == "hub"
-    offline = locate_model("Qwen/Qwen2.5-7B-Instruct", None, env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)})
-    assert offline.kind == "missing" and "HF_HUB_OFFLINE" in offline.problem
+    hub_env = {"HF_HOME": str(tmp_path / "hf")}  # an empty cache: a hub id is refused at once, never downloaded
+    uncached = locate_model("Qwen/Qwen2.5-7B-Instruct", None, env=hub_env)
+    assert uncached.kind == "missing" and "not in the local Hugging Face cache" in uncached.problem
+    assert "does not download" in uncached.problem
+    snapshot = tmp_path / "hf" / "hub" / "models--Qwen--Qwen2.5-7B-Instruct" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    cached = locate_model("Qwen/Qwen2.5-7B-Instruct", None, env=hub_env)
+    assert cached.kind == "hub" and cached.ref == str(snapshot)  # trained from the local snapshot folder
 
 
 def test_data_problems(tmp_path):
@@ -223,3 +229,11 @@ def test_missing_model_is_one_sentence_and_fails_fast(tmp_path):
     assert result.returncode == 1
     assert "Error: Model 'no-such-model' was not found" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_an_uncached_hub_model_is_one_sentence_without_a_download(tmp_path):
+    result = run_comapoi("train", "--model", "Qwen/Qwen2.5-7B-Instruct", "--output_dir", str(tmp_path / "out"),
+                         env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": ""})
+    assert result.returncode == 1
+    assert "is not in the local Hugging Face cache" in result.stderr and "Retrying" not in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Mapping, Protocol
 
 from comapoi_cli.errors import DataError, UsageError
 
@@ -79,20 +79,21 @@ def check_model_folder(path: Path) -> str:
                     hint="Pass a Hugging Face model folder (config.json, weights, tokenizer files) with --model DIR.")
 
 
-def hub_cache_dir() -> Path:
-    """Hugging Face's hub cache as the environment sets it (``HF_HUB_CACHE``, ``HF_HOME``)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    home = Path(os.environ["HF_HOME"]).expanduser() if os.environ.get("HF_HOME") else Path.home() / ".cache" / "huggingface"
+def hub_cache_dir(env: Mapping[str, str] | None = None) -> Path:
+    """Hugging Face's hub cache as the environment (``os.environ`` by default) sets it (``HF_HUB_CACHE``, ``HF_HOME``)."""
+    env = os.environ if env is None else env
+    if env.get("HF_HUB_CACHE"):
+        return Path(env["HF_HUB_CACHE"]).expanduser()
+    home = Path(env["HF_HOME"]).expanduser() if env.get("HF_HOME") else Path.home() / ".cache" / "huggingface"
     return home / "hub"
 
 
-def cached_hub_model(name: str) -> Path | None:
+def cached_hub_model(name: str, env: Mapping[str, str] | None = None) -> Path | None:
     """The cached snapshot folder of Hugging Face model ``name`` (one that holds config.json), or None.
 
     Reads only the local cache (``models--owner--name/refs`` and ``snapshots``); no network.
     """
-    repo = hub_cache_dir() / ("models--" + name.replace("/", "--"))
+    repo = hub_cache_dir(env) / ("models--" + name.replace("/", "--"))
     snapshots = repo / "snapshots"
     if not snapshots.is_dir():
         return None

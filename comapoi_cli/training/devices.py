@@ -73,7 +73,7 @@ def bitsandbytes_problem(device: str) -> str | None:
     return None
 
 
-def plan_device(job: TrainingJob) -> DevicePlan:
+def plan_training_device(job: TrainingJob) -> DevicePlan:
     """Check the job's precision and quantisation against this machine; raise ``DeviceError`` if it cannot."""
     import torch
 

@@ -209,13 +209,6 @@ _MODEL_HINT = ("Pass --model_path DIR (the folder that holds the model's folder)
                "a Hugging Face id such as Qwen/Qwen2.5-7B-Instruct, or --model tiny.")
 
 
-def _hf_hub_cache(env: Mapping[str, str]) -> Path:
-    if env.get("HF_HUB_CACHE"):
-        return Path(env["HF_HUB_CACHE"]).expanduser()
-    home = Path(env["HF_HOME"]).expanduser() if env.get("HF_HOME") else Path.home() / ".cache" / "huggingface"
-    return home / "hub"
-
-
 def _check_folder(folder: Path, name: str) -> ModelLocation:
     folder = folder.expanduser().resolve()
     if (folder / "config.json").is_file():
@@ -251,12 +244,15 @@ def locate_model(model: str, model_path: str | None, env: Mapping[str, str] | No
     if default_parent and (Path(default_parent).expanduser() / model).is_dir():
         return _check_folder(Path(default_parent).expanduser() / model, short)
     if model.count("/") == 1 and not model.endswith("/"):
-        cached = (_hf_hub_cache(env) / f"models--{model.replace('/', '--')}").is_dir()
-        offline = env.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
-        if cached or not offline:
-            return ModelLocation("hub", model, short)
+        from comapoi_cli.models.resolve import cached_hub_model, hub_cache_dir
+
+        snapshot = cached_hub_model(model, env)  # the local cache only: comapoi never downloads a model
+        if snapshot is not None:
+            return ModelLocation("hub", str(snapshot), short)
         return ModelLocation("missing", model, short,
-                             f"Model {model} is not in the Hugging Face cache and HF_HUB_OFFLINE is set.", _MODEL_HINT)
+                             f"The model {model} is not in the local Hugging Face cache ({hub_cache_dir(env)}), "
+                             "and comapoi does not download models.",
+                             f"Download it first (hf download {model}), or pass a local model folder with --model DIR.")
     where = f"{default_parent}/{model}" if default_parent else None
     looked = f"there is no folder ./{model}" + (f" or {where}" if where else "")
     tail = "" if default_parent else ", and neither --model_path nor COMAPOI_MODEL_PATH is set"

@@ -58,10 +58,10 @@ def device_report(job: TrainingJob) -> tuple[dict[str, Any], str | None]:
     if missing_packages("torch"):
         return {"type": "unknown", "precision": job.precision(gpu=False, gpu_has_bf16=False), "quant": job.quant}, None
     from comapoi_cli.errors import ComapoiError as _Error
-    from comapoi_cli.training.devices import plan_device
+    from comapoi_cli.training.devices import plan_training_device
 
     try:
-        plan = plan_device(job)
+        plan = plan_training_device(job)
     except _Error as exc:
         return {"type": "refused"}, exc.message + (f" {exc.hint}" if exc.hint else "")
     out = plan.to_dict()

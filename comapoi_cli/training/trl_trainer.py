@@ -44,7 +44,13 @@ from comapoi_cli.runs.layout import DATA_KEYS, LOCK_FILE, RUN_JSON, checkpoints
 from comapoi_cli.runs.record import RunRecord, versions
 from comapoi_cli.runs.start import RunStart, prepare_run_dir, remove_interrupt_checkpoints
 from comapoi_cli.training import chat
-from comapoi_cli.training.devices import DevicePlan, bitsandbytes_problem, free_memory_bytes, peak_memory, plan_device
+from comapoi_cli.training.devices import (
+    DevicePlan,
+    bitsandbytes_problem,
+    free_memory_bytes,
+    peak_memory,
+    plan_training_device,
+)
 from comapoi_cli.training.distributed import (
     batch_line,
     is_main_process,
@@ -312,7 +318,7 @@ class TRLTrainingPath:
             if missing_packages("tensorboard"):
                 raise UsageError("--report-to tensorboard needs the tensorboard package.", hint="pip install tensorboard")
         quiet_libraries()
-        plan = plan_device(job)  # before the run folder is touched: a refusal must not cost an --overwrite
+        plan = plan_training_device(job)  # before the run folder is touched: a refusal must not cost an --overwrite
         if not job.is_tiny:  # likewise a run that does not fit (the tiny model's shape is known once it is built)
             self.execution = self.plan_execution(plan, job.base_model)
         start = self._start()

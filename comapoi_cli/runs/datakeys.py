@@ -19,32 +19,12 @@ from typing import Any, Sequence
 
 from comapoi_cli.errors import DataError
 from comapoi_cli.fileio import write_json_atomic
+from comapoi_cli.models.generation import record_messages
 from comapoi_cli.runs.info import RunInfo, read_json_file
 from comapoi_cli.runs.layout import DATA_KEYS, RUN_JSON
 
 KEY_KIND = "sha256-16 of the prompt turns (canonical JSON)"
 DATA_KEYS_MAX_BYTES = 512 * 1024 * 1024
-_ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
-
-
-def _messages(record: Any) -> list[dict[str, str]] | None:
-    if not isinstance(record, dict):
-        return None
-    raw = record.get("messages", record.get("conversations"))
-    if not isinstance(raw, list):
-        return None
-    out = []
-    for message in raw:
-        if not isinstance(message, dict):
-            return None
-        role = _ROLES.get(str(message.get("role", message.get("from", ""))).lower())
-        content = message.get("content", message.get("value"))
-        if role is None or content is None:
-            return None
-        out.append({"role": role, "content": content if isinstance(content, str) else json.dumps(content, ensure_ascii=False)})
-    return out
-
-
 def prompt_key(prompt: Sequence[dict[str, str]]) -> str:
     """The conversation key of a prompt (``[{"role", "content"}]`` without the answer)."""
     canonical = json.dumps([{"role": m["role"], "content": m["content"]} for m in prompt],
@@ -54,7 +34,7 @@ def prompt_key(prompt: Sequence[dict[str, str]]) -> str:
 
 def record_key(record: Any) -> str | None:
     """The conversation key of a JSONL record (None when it holds no messages)."""
-    messages = _messages(record)
+    messages = record_messages(record)
     if not messages:
         return None
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)

@@ -12,7 +12,7 @@ from typing import Any, List, Optional
 import typer
 from rich.markup import escape
 
-from comapoi_cli.cli.fields import number_option, old_spelling, one_of, trust_kwargs, trust_remote_code_option
+from comapoi_cli.cli.fields import number_option, old_spelling, one_of, trust_remote_code_option
 from comapoi_cli.cli.render import console, err_console, fit_columns, markup, print_json, success, table, warn
 
 app = typer.Typer(help="Inspect, merge and export trained adapters for serving.", no_args_is_help=True)
@@ -310,7 +310,7 @@ def merge(
 
     result = merge_adapter(run_dir, output, model=model, dtype=dtype, device=device, overwrite=overwrite,
                            check_inputs=check_inputs, log=None if as_json else log,
-                           **trust_kwargs(merge_adapter, trust_remote_code))
+                           trust_remote_code=trust_remote_code)
     if as_json:
         print_json(result.to_dict())
         return

@@ -12,7 +12,7 @@ from typing import Any, List, Optional
 import typer
 from rich.markup import escape
 
-from comapoi_cli.cli.fields import number_option, old_spelling, one_of, trust_kwargs, trust_remote_code_option
+from comapoi_cli.cli.fields import number_option, old_spelling, one_of, trust_remote_code_option
 from comapoi_cli.cli.render import console, markup, print_json, success, table, warn
 from comapoi_cli.errors import DataError, UsageError
 
@@ -119,7 +119,7 @@ def clean(
                                          test_size=parse_test_size(test_size), split=split, policies=policies,
                                          strict=strict, tokenizer=tokenizer, seq_length=seq_length,
                                          max_poi_id=max_poi_id, force=force, workers=workers, registry=_registry(),
-                                         **trust_kwargs(prepare_training_data, trust_remote_code))
+                                         trust_remote_code=trust_remote_code)
         summary = prepared.summary
         if as_json:
             print_json({"train_path": str(prepared.train_path),
@@ -147,7 +147,7 @@ def clean(
     result = clean_file(input, target, rejects, role=type_ if type_ and type_ != "merged" else None, dataset=dataset,
                         max_poi_id=max_poi_id, policies=policies, strict=strict, tokenizer=tokenizer,
                         seq_length=seq_length, workers=workers, registry=_registry(), reporter=_reporter(),
-                        require_records=True, **trust_kwargs(clean_file, trust_remote_code))
+                        require_records=True, trust_remote_code=trust_remote_code)
     data = result.to_dict()
     data["in"] = data["lines_in"]
     if as_json:
@@ -286,7 +286,7 @@ def stats(
     report = compute_stats(selection, role=type_ if type_ and type_ != "merged" else None, dataset=dataset,
                            max_poi_id=max_poi_id, tokenizer=tokenizer, seq_length=seq_length,
                            chars_per_token=chars_per_token, workers=workers, registry=registry, reporter=_reporter(),
-                           **trust_kwargs(compute_stats, trust_remote_code))
+                           trust_remote_code=trust_remote_code)
     if plot is not None:
         plot_lengths(report, plot)
     if as_json:

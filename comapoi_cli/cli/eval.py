@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import typer
 
-from comapoi_cli.cli.fields import number_option, trust_kwargs, trust_remote_code_option
+from comapoi_cli.cli.fields import number_option, trust_remote_code_option
 from comapoi_cli.cli.render import console, err_console, print_json, success, table, warn
 from comapoi_cli.errors import UsageError
 
@@ -101,7 +101,7 @@ def eval_adapter(
     request = EvalRequest(
         adapter=adapter, data=data, dataset=dataset, type=type_, data_dir=data_dir, num_samples=num_samples,
         model=model, batch_size=batch_size, max_new_tokens=max_new_tokens, quant=quant, device=device,
-        output_dir=output_dir, allow_train_overlap=allow_train_overlap, **trust_kwargs(EvalRequest, trust_remote_code),
+        output_dir=output_dir, allow_train_overlap=allow_train_overlap, trust_remote_code=trust_remote_code,
     )
     result = evaluate_adapter(request, get_registry(), Reporter() if as_json else ConsoleReporter())
     if as_json:

@@ -207,23 +207,6 @@ def trust_remote_code_option(**kwargs: Any) -> Any:
     return typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP, **kwargs)
 
 
-def trust_kwargs(service: Callable[..., Any], value: bool) -> "dict[str, Any]":
-    """``{"trust_remote_code": value}`` for a service (function or request class) that takes it.
-
-    Every service that loads a model or tokenizer takes ``trust_remote_code: bool = False``; one that
-    does not yet is called without it, and asking it for remote code is a usage error, not a silent no-op.
-    """
-    try:
-        accepted = "trust_remote_code" in inspect.signature(service).parameters
-    except (TypeError, ValueError):
-        accepted = False
-    if accepted:
-        return {"trust_remote_code": value}
-    if value:
-        raise _usage("--trust-remote-code is not supported by this command yet.")
-    return {}
-
-
 def _display_type_rich(self: TyperOption, ctx: Any) -> "str | None":
     """Typer's help shows a ``<bool>`` type after every flag; a flag takes no value, so show none."""
     if getattr(self, "is_flag", False) or getattr(self, "count", False):
@@ -242,4 +225,4 @@ def normalise_token(token: str) -> str:
 
 __all__ = ["TRUST_REMOTE_CODE_HELP", "Number", "Words", "normalise_token", "number_option", "old_spelling", "one_of",
            "options_from_fields",
-           "shown_default", "trust_kwargs", "trust_remote_code_option", "with_signature"]
+           "shown_default", "trust_remote_code_option", "with_signature"]

@@ -21,6 +21,42 @@ MERGED = "merged"
 
 
 @dataclass(frozen=True)
+class TeacherLabel:
+    """What a teacher (``comapoi data build``) is told about the true next POI of one trajectory.
+
+    ``rank`` is where the label must sit (1-based) in the role's ranked targets (``--label-rank``);
+    ``category``/``lat``/``lon`` come from the POI table (None when the POI is not in it).
+    """
+
+    poi: int
+    rank: int = 1
+    category: str | None = None
+    lat: str | None = None
+    lon: str | None = None
+
+    def block(self) -> str:
+        """The "True Next POI Information" block appended to a teacher prompt (never to a student's)."""
+        where = f"{self.category.strip()}, {self.lat},{self.lon}" if self.category else "not in the POI table"
+        return (f"True Next POI Information (given to you, the teacher, only; never mention it or its id in "
+                f"a text answer): POI ID {self.poi} ({where}). In a list of ids, put {self.poi} at rank {self.rank}.")
+
+
+@dataclass
+class TeacherAnswer:
+    """A teacher's answer to one step, as a role accepted it.
+
+    ``fields`` go to the roles downstream (as ``parse_chain_output`` fields do at inference),
+    ``target`` is the assistant turn of the student record (None: the step writes no record, e.g.
+    CoMaPOI's negatives), ``notes`` is what the build records beside the record (e.g. ``padded``:
+    ids added from the retrieved list).
+    """
+
+    fields: dict[str, Any]
+    target: str | None
+    notes: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
 class RoleContext:
     """What a role may use when it judges a record."""
 
@@ -157,3 +193,62 @@ class AgentRole:
         Default: the parsed prediction list as ``ranking``."""
         parsed = self.parse_prediction(text, RoleContext(dataset=context.dataset))
         return {"ranking": [p for p in parsed or [] if isinstance(p, int)]}
+
+    # -- comapoi data build: the role's training records written by a teacher LLM ------------------------
+    # The teacher sees the label (``TeacherLabel.block``); the student record is exactly the role's
+    # inference prompt (``build_inference_prompt``) + the accepted answer, so training = inference.
+
+    #: ``data build --pairs`` writes DPO pairs for this role's id-list records (chosen: the teacher's
+    #: list with the label; rejected: the trajectory's ``negatives`` field, label removed).
+    teacher_pairs: bool = False
+
+    def teacher_steps(self) -> tuple[str, ...]:
+        """The steps the teacher pass runs per trajectory, in order (default: ``chain_steps()``).
+        A step may be teacher-only (no record, e.g. negatives) or derived (no request)."""
+        return self.chain_steps()
+
+    def teacher_request(self, step: str) -> dict[str, Any]:
+        """The sampling of one teacher ask: ``{"temperature": float, "max_new_tokens": int}``."""
+        return {"temperature": 0.0, "max_new_tokens": 256}
+
+    def build_teacher_prompt(self, trajectory: "ChainItem", upstream: dict[str, dict[str, Any]], context: "ChainContext",
+                             step: str, label: TeacherLabel) -> list[dict[str, str]]:
+        """The teacher's prompt for one step: the inference prompt with the label block appended to
+        its last user turn (default)."""
+        messages = [dict(m) for m in self.build_inference_prompt(trajectory, upstream, context, step)]
+        for message in reversed(messages):
+            if message.get("role") == "user":
+                message["content"] = f"{message['content']}\n\n{label.block()}"
+                break
+        return messages
+
+    def derive_teacher_answer(self, step: str, trajectory: "ChainItem", upstream: dict[str, dict[str, Any]],
+                              context: "ChainContext", label: TeacherLabel) -> TeacherAnswer | None:
+        """An answer made from the earlier steps without asking the teacher, or None (ask; default)."""
+        return None
+
+    def parse_teacher_answer(self, step: str, text: str, trajectory: "ChainItem", upstream: dict[str, dict[str, Any]],
+                             context: "ChainContext", label: TeacherLabel) -> TeacherAnswer | str:
+        """The accepted answer, or the reason it is rejected (the build retries, then writes the
+        reason and the raw answer to ``build.rejects.jsonl``). Default: a non-empty text that does
+        not name the label becomes the target; its fields are ``parse_chain_output``'s."""
+        from comapoi_cli.data.records import find_label_leak
+
+        text = text.strip()
+        if not text:
+            return "empty answer"
+        leak = find_label_leak(text) or (f"the answer names the true next POI id {label.poi}"
+                                         if names_id(text, label.poi) else None)
+        if leak:
+            return f"{leak} (it would leak the label into the student prompts)"
+        return TeacherAnswer(self.parse_chain_output(step, text, context), text)
+
+
+def names_id(text: str, poi: int) -> bool:
+    """``text`` names ``poi`` as a POI: ``POI 22``, ``POI ID 22``, ``id: 22``, ``#22``, or 22 inside a list of
+    numbers (a count such as "22 places" or a decimal such as 40.22 is not naming it)."""
+    import re
+
+    n = str(poi)
+    return (re.search(rf"(?:\bpoi\b|\bids?\b|#|\bno\.)\s*(?:id)?\s*[:#=]?\s*{n}(?![\d]|\.\d)", text, re.I) is not None
+            or re.search(rf"(?<![\d.])\d+\s*,\s*{n}(?![\d]|\.\d)|(?<![\d.]){n}\s*,\s*\d+(?!\.\d)", text) is not None)

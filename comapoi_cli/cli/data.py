@@ -374,3 +374,95 @@ def synth(
             f"({result.bytes_written / 1e6:.1f} MB of agent records in {result.seconds:.2f} s)")
     if result.skipped_lines:
         warn(f"{result.skipped_lines} line(s) of {source} are not CoMaPOI trajectories and were skipped.")
+
+
+# -- build -------------------------------------------------------------------------------------
+_BUILD_EPILOG = (
+    "Examples:\n\n"
+    "  comapoi data build --dataset nyc --train data/nyc/nyc_train.jsonl --teacher template\n\n"
+    "  comapoi data build --dataset nyc --train data/nyc/nyc_train.jsonl --teacher transformers --model DIR --limit 50\n\n"
+    "  comapoi data build --dataset nyc --train data/nyc/nyc_train.jsonl --teacher openai --url http://localhost:8000/v1 "
+    "--served-name teacher=Llama-3.1-8B-Instruct --pairs"
+)
+
+
+@app.command(epilog=_BUILD_EPILOG)
+def build(
+    dataset: str = typer.Option(..., "--dataset", help="nyc, tky or ca (the POI id range).", show_default=False),
+    train: Path = typer.Option(..., "--train", help="Training trajectories in CoMaPOI's plain format ({ds}_train.jsonl).",
+                               show_default=False),
+    teacher: str = typer.Option("template", "--teacher", help="The engine that writes the answers: template (no model, "
+                                "data synth's), transformers (--model DIR), openai (--url), or a plugin's."),
+    model: Optional[str] = typer.Option(None, "--model", help="transformers teacher: the model folder.", show_default=False),
+    url: Optional[str] = typer.Option(None, "--url", help="openai teacher: the server, e.g. http://localhost:8000/v1.",
+                                      show_default=False),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="OPENAI_API_KEY", help="openai teacher: the key, if the "
+                                          "server wants one.", show_default=False),
+    served_name: Optional[List[str]] = typer.Option(None, "--served-name", metavar="teacher=NAME",
+                                                    help="The teacher's served model name (openai; default 'teacher').",
+                                                    show_default=False),
+    poi_info: Optional[Path] = typer.Option(None, "--poi-info", help="POI table (poi_id,category,lat,lon). Default: "
+                                            "{ds}_poi_info.csv beside --train, if there.", show_default=False),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Where the agent files go (default: the folder of --train).",
+                                              show_default=False),
+    label_rank: str = typer.Option("sampled", "--label-rank", help="Where the true id sits in the targets: first "
+                                   "(CoMaPOI) or sampled (seeded, from P(r) ~ 1/r over 1..10, recorded in build.json)."),
+    retries: int = number_option(2, "--retries", whole=True, minimum=0, help="Ask again this many times after a "
+                                 "rejected answer, then write the trajectory to build.rejects.jsonl."),
+    pairs: bool = typer.Option(False, "--pairs", help="Also write agent2/agent3 DPO pairs (prompt/chosen/rejected)."),
+    limit: int = number_option(0, "--limit", whole=True, minimum=0, help="Only the first N trajectories (0 = all)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a stopped build from its last whole batch."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over, replacing the folder's build."),
+    seed: int = number_option(42, "--seed", whole=True, help="Seeds the label ranks, the template answers and the retrieval folds."),
+    batch_size: int = number_option(8, "--batch-size", whole=True, minimum=1, help="Trajectories whose asks go to the "
+                                    "teacher together (generation batch; the unit written and resumed)."),
+    max_new_tokens: Optional[int] = number_option(None, "--max-new-tokens", whole=True, minimum=1,
+                                                  help="Cap every ask's own limit (CoMaPOI: 512 for texts, 256 for lists)."),
+    device: str = typer.Option("auto", "--device", help="transformers teacher: auto, cpu, cuda or cuda:N."),
+    quant: str = typer.Option("auto", "--quant", help="transformers teacher: auto, 4bit, 8bit or none."),
+    retriever: str = typer.Option("transitions", "--retriever", help="Where the 100 similar POIs come from (the chain's hook)."),
+    trust_remote_code: bool = trust_remote_code_option(),
+    as_json: bool = typer.Option(False, "--json", help=_JSON_HELP),
+) -> None:
+    """Write the agents' training files with a teacher that sees the label (CoMaPOI's inverse pass, fixed).
+
+    Student records hold exactly the inference prompts (no label); rejected answers are retried, then
+    kept with their reason in build.rejects.jsonl. 'data synth' is the quick template-only version.
+    """
+    from comapoi_cli.data.build import BuildRequest, build_dataset
+
+    if quant not in ("auto", "4bit", "8bit", "none"):
+        raise UsageError(f"--quant must be auto, 4bit, 8bit or none, not '{quant}'.")
+    names: dict[str, str] = {}
+    for value in served_name or []:
+        key, sep, rest = value.partition("=")
+        if not sep or not key.strip() or not rest.strip():
+            raise UsageError(f"--served-name takes teacher=NAME, not '{value}'.")
+        names[key.strip()] = rest.strip()
+    request = BuildRequest(dataset=dataset.lower(), train=train, teacher=teacher, output_dir=output_dir, poi_info=poi_info,
+                           model=model, url=url, api_key=api_key, served_names=names, device=device, quant=quant,
+                           batch_size=batch_size, max_new_tokens=max_new_tokens, retriever=retriever,
+                           label_rank=label_rank.lower(), retries=retries, pairs=pairs, limit=limit, resume=resume,
+                           overwrite=overwrite, seed=seed, trust_remote_code=trust_remote_code)
+    if as_json:
+        from comapoi_cli.reporting import Reporter
+
+        reporter: Any = Reporter()
+    else:
+        reporter = _reporter()
+    try:
+        result = build_dataset(request, _registry(), reporter)
+    except KeyboardInterrupt:
+        from comapoi_cli.errors import ComapoiError
+
+        raise ComapoiError("Interrupted; every whole batch is saved in build.samples.jsonl.",
+                           hint="Continue with the same command and --resume.", exit_code=130) from None
+    if as_json:
+        print_json(result.to_dict())
+        return
+    console.print(table(f"build {dataset}: teacher {result.teacher}", ["file", "records"], list(result.files.items())))
+    rate = f" ({result.processed / result.seconds:.2f} samples/s)" if result.processed and result.seconds else ""
+    success(f"{result.built} of {result.trajectories} trajectories built, {result.rejected} rejected"
+            f" -> {result.output_dir}{rate}")
+    for note in result.notes:
+        warn(note)

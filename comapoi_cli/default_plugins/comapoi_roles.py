@@ -20,6 +20,7 @@ import json
 import re
 from typing import Any
 
+from comapoi_cli.default_plugins.comapoi_teacher import CoMaPOITeacher
 from comapoi_cli.hookspecs import hookimpl
 from comapoi_cli.poi_ids import MAX_ID_DIGITS, is_id_list, oversized_number, parse_ids, to_id
 from comapoi_cli.roles import AgentRole, RoleContext
@@ -183,7 +184,7 @@ def _number_problem(answer: str) -> str | None:
 _NEGATIVE_ZERO = re.compile(r"(?<![\d.])-0+(?![\d.])")
 
 
-class _CoMaPOIRole(AgentRole):
+class _CoMaPOIRole(CoMaPOITeacher, AgentRole):  # CoMaPOITeacher: its asks in comapoi data build
     def group_key(self, record: dict[str, Any]) -> str | None:
         return user_key(record)
 

@@ -5,6 +5,8 @@ server stands in for ``vllm serve BASE --enable-lora --lora-modules agent1=DIR .
 library ``http.server`` on top of comapoi's own model loading and greedy generation.
 
     python tests/openai_server.py --base-model DIR --tokenizer DIR --adapter agent1=DIR [--adapter ...] [--port 0]
+    python tests/openai_server.py --base-model DIR --tokenizer DIR --serve-base teacher   (a teacher for data build)
+    python tests/openai_server.py ... --rules rules   (a rule-based teacher for data build, see ``rule_answer``)
 
 Prints ``READY <port>`` on standard output once the model is loaded. Endpoints:
 ``GET /v1/models`` (the adapter names) and ``POST /v1/chat/completions`` (``model`` = an adapter
@@ -30,17 +32,49 @@ def _load(base_model: str, tokenizer: str, adapters: dict[str, Path]) -> Any:
     return load_model(base_model, adapters=adapters, tokenizer=tokenizer, device="cpu", quant="none")
 
 
+def rule_answer(messages: list[dict[str, str]]) -> str:
+    """A teacher by rules, for ``data build`` tests: text asks get a fixed profile; list asks get, on the
+    first try, prose with a year and coordinates (which the build must reject), and on a retry the
+    label followed by the similar POIs (or the trajectory's POIs); users whose id is 3 mod 4 always
+    get prose, so their trajectories end in the rejects file."""
+    import re
+
+    prompt = next((m["content"] for m in messages if m.get("role") == "user"), "")
+    retry = len(messages) > 2 and "cannot be used" in messages[-1].get("content", "")
+    user = re.search(r"(?:user_id|User_id): (\d+)", prompt)
+    label = re.search(r"True Next POI Information.*?POI ID (\d+)", prompt)
+    listing = "comma-separated ids only" in prompt
+    if not listing:
+        return "The user keeps to a few familiar places and moves between them, mostly in the evening."
+    if (user and int(user.group(1)) % 4 == 3) or not retry:
+        return "The user will most likely return in 2012 to the place at 40.7583,-73.9773 near home."
+    similar = re.search(r"Similar POI List: ([\d, ]+)", prompt)
+    pool = [int(x) for x in re.findall(r"\d+", similar.group(1))] if similar else []
+    pool += [int(x) for x in re.findall(r"POI ID (\d+) \(", prompt)]
+    truth = int(label.group(1)) if label else None
+    if "least likely" in prompt:
+        ids = [i for i in dict.fromkeys(reversed(pool)) if i != truth][:20]
+    else:
+        ids = list(dict.fromkeys(([truth] if truth is not None else []) + pool))[:25]
+    return ", ".join(map(str, ids))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--base-model", required=True)
     parser.add_argument("--tokenizer", required=True)
-    parser.add_argument("--adapter", action="append", required=True, help="NAME=DIR")
+    parser.add_argument("--adapter", action="append", default=[], help="NAME=DIR")
+    parser.add_argument("--serve-base", action="append", default=[], help="NAME: serve the base model itself under NAME")
+    parser.add_argument("--rules", action="append", default=[], help="NAME: answer data build's teacher prompts by rule_answer")
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
     adapters = {}
     for item in args.adapter:
         name, _, folder = item.partition("=")
         adapters[name] = Path(folder)
+    if not adapters and not args.serve_base and not args.rules:
+        parser.error("give --adapter NAME=DIR, --serve-base NAME or --rules NAME")
+    served = [*adapters, *args.serve_base, *args.rules]
     loaded = _load(args.base_model, args.tokenizer, adapters)
     from comapoi_cli.models.generation import generate, render_prompts
 
@@ -62,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
         def do_GET(self) -> None:
             if self.path.rstrip("/") == "/v1/models":
                 self._send(200, {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "comapoi-tests"}
-                                                             for n in adapters]})
+                                                             for n in served]})
             else:
                 self._error(404, f"no route {self.path}")
 
@@ -77,15 +111,20 @@ def main(argv: list[str] | None = None) -> None:
             except (ValueError, KeyError, TypeError) as exc:
                 self._error(400, f"bad request: {exc}")
                 return
-            if name not in adapters:
+            if name not in served:
                 self._error(404, f"The model `{name}` does not exist.")
+                return
+            if name in args.rules:
+                self._send(200, {"id": f"chatcmpl-{time.time_ns()}", "object": "chat.completion", "model": name,
+                                 "created": int(time.time()), "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                                     "role": "assistant", "content": rule_answer(messages)}}]})
                 return
             ids = render_prompts(loaded.tokenizer, [messages])[0]
             if loaded.max_context and len(ids) + max_tokens > loaded.max_context:
                 self._error(400, f"This model's maximum context length is {loaded.max_context} tokens; "
                                  f"the request has {len(ids)} + {max_tokens}.")
                 return
-            loaded.use_adapter(name)
+            loaded.use_adapter(name if name in adapters else None)
             text = generate(loaded, [ids], batch_size=1, max_new_tokens=max_tokens)[0]
             self._send(200, {"id": f"chatcmpl-{time.time_ns()}", "object": "chat.completion", "created": int(time.time()),
                              "model": name, "choices": [{"index": 0, "finish_reason": "length",

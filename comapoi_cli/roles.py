@@ -198,14 +198,15 @@ class AgentRole:
     # The teacher sees the label (``TeacherLabel.block``); the student record is exactly the role's
     # inference prompt (``build_inference_prompt``) + the accepted answer, so training = inference.
 
-    #: ``data build --pairs`` writes DPO pairs for this role's id-list records (chosen: the teacher's
-    #: list with the label; rejected: the trajectory's ``negatives`` field, label removed).
-    teacher_pairs: bool = False
-
     def teacher_steps(self) -> tuple[str, ...]:
         """The steps the teacher pass runs per trajectory, in order (default: ``chain_steps()``).
         A step may be teacher-only (no record, e.g. negatives) or derived (no request)."""
         return self.chain_steps()
+
+    def teacher_pairs(self) -> bool:
+        """Whether ``data build --pairs`` writes DPO pairs for this role's id-list records (chosen: the
+        teacher's list with the label; rejected: the trajectory's ``negatives`` field). Default: no."""
+        return False
 
     def teacher_request(self, step: str) -> dict[str, Any]:
         """The sampling of one teacher ask: ``{"temperature": float, "max_new_tokens": int}``."""

@@ -56,6 +56,12 @@ def _keys(nyc: Path, limit: int | None = None) -> list[str]:
     return keys[:limit] if limit else keys
 
 
+def _ids(answer: str) -> list[int]:
+    """The ids of a comma list or of {"next_poi_id": [...]}."""
+    value = json.loads(answer) if answer.startswith("{") else None
+    return value["next_poi_id"] if value else [int(x) for x in answer.split(",")]
+
+
 def _record_key(record: dict) -> str:
     import re
 
@@ -66,7 +72,7 @@ def _record_key(record: dict) -> str:
 def _each_trajectory_has_records_or_a_reject(nyc: Path, out: Path, limit: int | None = None) -> tuple[int, int]:
     """Per trajectory: its 5 records (2 + 2 + 1) or one rejects line with a reason and the raw answer."""
     built: dict[str, dict[str, int]] = {}
-    for role, n in STEPS_WITH_RECORDS.items():
+    for role in STEPS_WITH_RECORDS:
         for record in _lines(out / f"{role}_train_samples.jsonl"):
             built.setdefault(_record_key(record), {}).setdefault(role, 0)
             built[_record_key(record)][role] += 1
@@ -196,9 +202,7 @@ def test_pairs_are_trl_dpo_rows_with_the_label_only_in_chosen(nyc, template_buil
             assert set(pair) == {"prompt", "chosen", "rejected"}
             label = samples[_record_key({"messages": pair["prompt"]})]["label"]
             chosen, rejected = pair["chosen"][0]["content"], pair["rejected"][0]["content"]
-            ids = lambda text: [int(x) for x in text.replace("{", "").replace("}", "").replace('"next_poi_id":', "")
-                                .replace("[", "").replace("]", "").split(",")]
-            assert label in ids(chosen) and label not in ids(rejected)
+            assert label in _ids(chosen) and label not in _ids(rejected)
             assert "True Next POI" not in json.dumps(pair["prompt"])
     assert not (out / "agent1_dpo_pairs.jsonl").exists()
 
@@ -226,7 +230,7 @@ def test_train_tiny_runs_on_the_built_files(template_build, tmp_path):
     data.mkdir(parents=True)
     for role in STEPS_WITH_RECORDS:
         shutil.copy(out / f"{role}_train_samples.jsonl", data)
-    result = run_comapoi("train", "--dataset", "nyc", "--data-dir", str(tmp_path / "data"), "--type", "agent3",
+    result = run_comapoi("train", "--dataset", "nyc", "--data-dir", str(tmp_path / "data"), "--type", "merged",
                          "--model", "tiny", "--max_steps", "1", "--save_freq", "1", "--output_dir", str(tmp_path / "out"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert list((tmp_path / "out").glob("*/sft-nyc/*/adapter_config.json"))

@@ -461,7 +461,8 @@ def build(
         print_json(result.to_dict())
         return
     console.print(table(f"build {dataset}: teacher {result.teacher}", ["file", "records"], list(result.files.items())))
-    rate = f" ({result.processed / result.seconds:.2f} samples/s)" if result.processed and result.seconds else ""
+    rate = (f" ({result.processed / result.teacher_seconds:.2f} samples/s, teacher pass)"
+            if result.processed and result.teacher_seconds else "")
     success(f"{result.built} of {result.trajectories} trajectories built, {result.rejected} rejected"
             f" -> {result.output_dir}{rate}")
     for note in result.notes:

@@ -95,13 +95,14 @@ class BuildResult:
     processed: int
     seconds: float
     teacher: str
+    teacher_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"output_dir": str(self.output_dir), "files": self.files, "rejects": str(self.rejects),
                 "record": str(self.record), "trajectories": self.trajectories, "built": self.built,
                 "rejected": self.rejected, "done_before": self.done_before, "processed": self.processed,
-                "seconds": round(self.seconds, 3), "teacher": self.teacher, "notes": self.notes}
+                "seconds": round(self.seconds, 3), "teacher_seconds": round(self.teacher_seconds, 3), "teacher": self.teacher, "notes": self.notes}
 
 
 @dataclass
@@ -268,8 +269,6 @@ def _generate(session: Any, adapter: Any, prompts: list[list[dict[str, str]]], t
 
 def _run_batch(batch: list[_Item], roles: list[Any], session: Any, adapter: Any, context: ChainContext,
                settings: dict[str, Any], request: BuildRequest, oracle: _Oracle, takes_temperature: bool) -> list[dict[str, Any]]:
-    from comapoi_cli.default_plugins.teacher_engines import template_answer
-
     state: dict[str, dict[str, Any]] = {}
     for item in batch:
         state[item.chain.key] = {"key": item.chain.key, "line": item.chain.line, "label": item.label,
@@ -296,8 +295,7 @@ def _run_batch(batch: list[_Item], roles: list[Any], session: Any, adapter: Any,
                     _accept(role, step, item, st, derived, context, None, [], label)
                     continue
                 prompt = role.build_teacher_prompt(item.chain, st["upstream"], context, step, label)
-                oracle.register(prompt, lambda item=item, st=st, label=label: template_answer(
-                    role.id, step, item.chain, item.trajectory, st["upstream"], context, label, request.seed))
+                oracle.register(prompt, _template_ask(role.id, step, item, st["upstream"], context, label, request.seed))
                 pending.append((item, prompt))
             tries: dict[str, list[dict[str, Any]]] = {item.chain.key: [] for item, _ in pending}
             attempt = 0
@@ -335,6 +333,7 @@ def _run_batch(batch: list[_Item], roles: list[Any], session: Any, adapter: Any,
                             "attempts": len(tries[item.chain.key]), "tries": tries[item.chain.key]}
                     failed = []
                 pending = failed
+    oracle.asks.clear()
     rows = []
     for item in batch:
         st = state[item.chain.key]
@@ -345,6 +344,13 @@ def _run_batch(batch: list[_Item], roles: list[Any], session: Any, adapter: Any,
             st["pairs"] = _pairs(roles, st)
         rows.append(st)
     return rows
+
+
+def _template_ask(role_id: str, step: str, item: _Item, upstream: dict[str, Any], context: ChainContext,
+                  label: TeacherLabel, seed: int) -> Callable[[], str | None]:
+    from comapoi_cli.default_plugins.teacher_engines import template_answer
+
+    return lambda: template_answer(role_id, step, item.chain, item.trajectory, upstream, context, label, seed)
 
 
 def _accept(role: Any, step: str, item: _Item, st: dict[str, Any], answer: TeacherAnswer, context: ChainContext,
@@ -374,7 +380,7 @@ def _pairs(roles: list[Any], st: dict[str, Any]) -> dict[str, list[dict[str, Any
     if not negatives:
         return out
     for role in roles:
-        if not getattr(role, "teacher_pairs", False):
+        if not role.teacher_pairs():
             continue
         for record in st["records"].get(role.id, []):
             prompt, chosen = record["messages"][:-1], record["messages"][-1]["content"]
@@ -443,7 +449,9 @@ def build_dataset(request: BuildRequest, registry: Any, reporter: Reporter = SIL
         notes.append(f"no POI table ({train.parent / (request.dataset + '_poi_info.csv')}): POIs come from the trajectories only")
     items, trains, input_rejects = _read_train(request, world, max_id)
     if not items:
-        raise DataError(f"{train} holds no CoMaPOI trajectory ({len(input_rejects)} lines rejected).")
+        raise DataError(f"{train} holds no CoMaPOI trajectories ({len(input_rejects)} lines rejected, see why with "
+                        "comapoi data build); each line needs a user turn '<historical trajectory of user_U_subtrajectory_S>' "
+                        "with check-ins and an answer {\"next_poi_id\": N}.")
     if request.limit:
         items = items[: request.limit]
     out = Path(request.output_dir) if request.output_dir else train.parent
@@ -483,6 +491,7 @@ def build_dataset(request: BuildRequest, registry: Any, reporter: Reporter = SIL
     todo = [item for item in items if item.chain.key not in done]
     context = ChainContext(dataset=request.dataset, max_poi_id=max_id, world=world)
     processed = 0
+    loop_seconds = 0.0
     description = ""
     if todo:
         _retrieve(retriever, todo, trains, world, max_id, request.seed)
@@ -514,7 +523,7 @@ def build_dataset(request: BuildRequest, registry: Any, reporter: Reporter = SIL
                 _append(journal, rows)
                 done_rows.extend(rows)
                 processed += len(batch)
-                elapsed = time.monotonic() - loop_started
+                elapsed = loop_seconds = time.monotonic() - loop_started
                 rate = processed / elapsed if elapsed > 0 else None
                 remaining = len(todo) - processed
                 reporter.progress_update(len(items) - remaining, rate=rate, eta_s=(remaining / rate) if rate else None)
@@ -535,14 +544,17 @@ def build_dataset(request: BuildRequest, registry: Any, reporter: Reporter = SIL
                    "padded_ids": _sum_note(rows_now, "padded"), "retries": _sum_retries(rows_now),
                    "label_ranks": _label_ranks(rows_now)},
         "seconds_this_run": round(seconds, 3), "processed_this_run": processed,
-        "samples_per_s_this_run": round(processed / seconds, 4) if processed and seconds else None,
+        "teacher_seconds_this_run": round(loop_seconds, 3),
+        # samples = trajectories (5 records each); the teacher pass alone, loading and writing excluded
+        "samples_per_s_this_run": round(processed / loop_seconds, 4) if processed and loop_seconds else None,
     })
     write_json_atomic(record_path, record)
     if rejected:
         notes.append(f"{len(rejected)} trajectory(ies) rejected after {request.retries} retries, with reasons and raw answers, in {rejects_path}")
     return BuildResult(output_dir=out, files=counts, rejects=rejects_path, record=record_path, trajectories=len(items),
                        built=len(rows_now) - len(rejected), rejected=len(rejected), done_before=len(items) - len(todo),
-                       processed=processed, seconds=seconds, teacher=description or request.teacher, notes=notes)
+                       processed=processed, seconds=seconds, teacher=description or request.teacher,
+                       teacher_seconds=loop_seconds, notes=notes)
 
 
 def _write_outputs(out: Path, roles: list[Any], items: list[_Item], rows: list[dict[str, Any]],
@@ -559,7 +571,7 @@ def _write_outputs(out: Path, roles: list[Any], items: list[_Item], rows: list[d
                     handle.write(json.dumps(rec, ensure_ascii=False) + "\n")
                     n += 1
         counts[name] = n
-        if pairs and getattr(role, "teacher_pairs", False):
+        if pairs and role.teacher_pairs():
             pname = PAIRS.format(id=role.id)
             with atomic_writer(out / pname) as handle:
                 n = 0
@@ -603,3 +615,30 @@ def _label_ranks(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
             if rank is not None:
                 out.setdefault(step, Counter())[str(rank)] += 1
     return {step: dict(sorted(c.items(), key=lambda kv: int(kv[0]))) for step, c in out.items()}
+
+
+def synth_with_template(summary: Any, source: Path, poi_info: Any, trajectories: int | None, reporter: Reporter,
+                        started: float) -> Any:
+    """``data synth --source FILE`` of a preset city: ``data build --teacher template --label-rank first``
+    (the true id first in every target, as ``data synth`` always wrote them), so synth and build share
+    one record builder. Fills and returns synth's ``summary``."""
+    from comapoi_cli.plugins import get_registry
+
+    folder = Path(summary.folder)
+    request = BuildRequest(dataset=summary.dataset, train=source, teacher="template", output_dir=folder,
+                           poi_info=Path(poi_info) if poi_info is not None else None, label_rank="first", retries=0,
+                           limit=trajectories or 0, overwrite=True, seed=summary.seed)
+    result = build_dataset(request, get_registry(), reporter)
+    keys = [row["key"] for row in _read_journal(folder / SAMPLES)]
+    summary.trajectories = result.built
+    summary.users = len({key.split("_subtrajectory_")[0] for key in keys})
+    summary.records = {name: n for name, n in result.files.items() if name.endswith("_train_samples.jsonl")}
+    summary.files = [str(folder / name) for name in summary.records]
+    summary.skipped_lines = sum(1 for line in _read_journal_rejects(folder / REJECTS) if "key" not in line)
+    summary.bytes_written = sum((folder / name).stat().st_size for name in summary.records)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _read_journal_rejects(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.exists() else []

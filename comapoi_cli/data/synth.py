@@ -603,6 +603,10 @@ def synth_dataset(
         if not src.is_file():
             raise DataError(f"Cannot find the trajectory file {src}.",
                             hint="Pass a CoMaPOI next-POI file such as nyc_train.jsonl, or leave --source out to simulate a city.")
+        if city is not None:  # one record builder: data build's template teacher writes the records
+            from comapoi_cli.data.build import synth_with_template
+
+            return synth_with_template(summary, src, poi_info, trajectories, reporter, started)
         decimals = city.coord_decimals if city else 8
         max_id = city.max_poi_id if city else None
         world = PoiWorld(max_id if max_id is not None else 0, decimals)

@@ -79,8 +79,7 @@ class CoMaPOITeacher:
 
     id: str
 
-    @property
-    def teacher_pairs(self) -> bool:  # type: ignore[override]
+    def teacher_pairs(self) -> bool:
         return self.id in ("agent2", "agent3")
 
     def teacher_steps(self) -> tuple[str, ...]:

@@ -2,7 +2,8 @@
 
 It answers the teacher prompts of ``data build`` with the answers that ``data synth`` writes from
 its templates (the long-term profile and mobility texts of :mod:`comapoi_cli.data.synth`, candidate
-lists from the user's own POIs and the retrieved list, the true id included), and the build accepts
+lists from the user's own POIs and the retrieved list holding the true id at a random place or not
+at all, as ``data synth`` shows them to agent3), and the build accepts
 them through the same role parsers and the same record builder as an LLM's answers: the template and
 an LLM teacher differ only in the answers. Seeded per trajectory and step (reproducible).
 
@@ -42,12 +43,16 @@ def template_answer(role_id: str, step: str, item: Any, trajectory: Any, upstrea
 
     if (role_id, step) == ("agent1", "profile"):
         return synth._profile(stats, rng, label.category)
+    # candidate lists as data synth shows them to agent3: the true id at a random place, or missing
+    # (synth's hit rates); the build then puts it at its rank in the record's target
     if (role_id, step) == ("agent1", "candidates"):
-        return ", ".join(map(str, ids([label.poi] + own + similar, CANDIDATES)))
+        return ", ".join(map(str, synth._noisy_list(ids(own + similar, CANDIDATES + 1), label.poi, rng, CANDIDATES, 0.55,
+                                                    context.max_poi_id)))
     if (role_id, step) == ("agent2", "pattern"):
         return synth._mobility(traj.checkins, rng, world)
     if (role_id, step) == ("agent2", "candidates"):
-        return ", ".join(map(str, ids([label.poi] + similar + own, CANDIDATES)))
+        return ", ".join(map(str, synth._noisy_list(ids(similar + own, CANDIDATES + 1), label.poi, rng, CANDIDATES, 0.6,
+                                                    context.max_poi_id)))
     if (role_id, step) == ("agent3", "negatives"):
         listed = set(upstream.get("agent1", {}).get("candidates", [])[:10]) | set(upstream.get("agent2", {}).get("candidates", [])[:10])
         pool = [p for p in similar[::-1] if p not in listed and p != label.poi]  # the retrieved list's tail
@@ -57,7 +62,7 @@ def template_answer(role_id: str, step: str, item: Any, trajectory: Any, upstrea
 
 class TemplateSession(EngineSession):
     def __init__(self, spec: EngineSpec):
-        self.oracle = spec.extra.get("teacher_oracle")
+        self.oracle: Any = spec.extra.get("teacher_oracle")
         if self.oracle is None:
             raise UsageError("The template engine answers only 'comapoi data build' (--teacher template); "
                              "the chain needs a model: --engine transformers or openai.")

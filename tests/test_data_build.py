@@ -224,6 +224,19 @@ def test_same_seed_same_files_and_a_second_build_needs_resume_or_overwrite(nyc, 
     assert chain.returncode != 0 and "--model DIR" in chain.stderr and "Traceback" not in chain.stderr
 
 
+def test_synth_from_real_trajectories_is_the_template_teacher(nyc, tmp_path):
+    """One record builder: data synth --source writes what data build --teacher template --label-rank first writes."""
+    synth = run_comapoi("data", "synth", "--dataset", "nyc", "--source", str(nyc / "nyc_train.jsonl"), "--output-dir",
+                        str(tmp_path / "synth"), "--json")
+    assert synth.returncode == 0, synth.stderr
+    assert json.loads(synth.stdout)["records"] == {"agent1_train_samples.jsonl": 50, "agent2_train_samples.jsonl": 50,
+                                                   "agent3_train_samples.jsonl": 25}
+    _build(nyc, tmp_path / "build", "--teacher", "template", "--label-rank", "first", "--retries", "0")
+    for role in STEPS_WITH_RECORDS:
+        name = f"{role}_train_samples.jsonl"
+        assert (tmp_path / "synth" / "nyc" / name).read_bytes() == (tmp_path / "build" / name).read_bytes(), name
+
+
 def test_train_tiny_runs_on_the_built_files(template_build, tmp_path):
     out, _ = template_build
     data = tmp_path / "data" / "nyc"

@@ -12,7 +12,10 @@ On the real nyc training trajectories of ``../shared/data/real/`` (25), it runs 
   shows the engine's and HTTP's own cost).
 
 ``--retries 0``: a random model's answers fail the parser, so its trajectories end in the rejects after
-the first failing ask; the figure is samples/s of that pass (answers are about ``--max-new-tokens`` long).
+the first failing list ask (2 asks each: the profile and the candidates); the figure is samples/s of that
+pass (answers are about ``--max-new-tokens`` long), and ``asks/s`` the requests answered per second. The
+rule teacher row runs with ``--retries 1`` (its first list answer is prose, its retry a valid list: 8 asks
+per built trajectory).
 "samples/s" is the trajectories done / the teacher pass's own time (``teacher_seconds_this_run`` in
 build.json: loading and file writing excluded). Without ``--model`` it builds the tiny base the tests use.
 """
@@ -46,19 +49,20 @@ def _tiny(folder: Path) -> Path:
     return ensure_tiny_model([prepared.train_path])
 
 
-def _build(work: Path, name: str, **kwargs) -> dict:
+def _build(work: Path, name: str, retries: int = 0, **kwargs) -> dict:
     from comapoi_cli.data.build import BuildRequest, build_dataset
     from comapoi_cli.plugins import get_registry
     from comapoi_cli.reporting import Reporter
 
     out = work / name
-    request = BuildRequest(dataset="nyc", train=work / "nyc" / "nyc_train.jsonl", output_dir=out, retries=0,
+    request = BuildRequest(dataset="nyc", train=work / "nyc" / "nyc_train.jsonl", output_dir=out, retries=retries,
                            overwrite=True, **kwargs)
     result = build_dataset(request, get_registry(), Reporter())
     record = json.loads((out / "build.json").read_text())
     return {"row": name, "teacher": request.teacher, "batch_size": request.batch_size, "trajectories": result.processed,
             "built": result.built, "rejected": result.rejected, "teacher_s": record["teacher_seconds_this_run"],
-            "samples_per_s": record["samples_per_s_this_run"], "run_s": round(result.seconds, 3)}
+            "samples_per_s": record["samples_per_s_this_run"], "asks": record["counts"]["asks"],
+            "asks_per_s": record["asks_per_s_this_run"], "run_s": round(result.seconds, 3)}
 
 
 def main() -> None:
@@ -90,7 +94,8 @@ def main() -> None:
         for size in args.batch_sizes:
             rows.append(_build(work, f"openai-tiny-b{size}", teacher="openai", url=url, served_names={"teacher": "tiny"},
                                batch_size=size, limit=args.limit, max_new_tokens=args.max_new_tokens))
-        rows.append(_build(work, "openai-rules-b8", teacher="openai", url=url, served_names={"teacher": "rules"}, batch_size=8))
+        rows.append(_build(work, "openai-rules-b8", retries=1, teacher="openai", url=url, served_names={"teacher": "rules"},
+                           batch_size=8))
     finally:
         server.kill()
         server.wait()
@@ -99,9 +104,10 @@ def main() -> None:
 
     info = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__, "load_average": os.getloadavg(), "rows": rows}
-    print(f"{'row':<20} {'traj':>5} {'built':>5} {'teacher s':>10} {'samples/s':>10} {'run s':>8}")
+    print(f"{'row':<20} {'traj':>5} {'built':>5} {'asks':>5} {'teacher s':>10} {'samples/s':>10} {'asks/s':>8} {'run s':>8}")
     for row in rows:
-        print(f"{row['row']:<20} {row['trajectories']:>5} {row['built']:>5} {row['teacher_s']:>10} {row['samples_per_s']:>10} {row['run_s']:>8}")
+        print(f"{row['row']:<20} {row['trajectories']:>5} {row['built']:>5} {row['asks']:>5} {row['teacher_s']:>10} "
+              f"{row['samples_per_s']:>10} {row['asks_per_s']:>8} {row['run_s']:>8}")
     print(f"load average {info['load_average']}")
     if args.json:
         args.json.write_text(json.dumps(info, indent=2))

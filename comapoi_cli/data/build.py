@@ -273,7 +273,7 @@ def _run_batch(batch: list[_Item], roles: list[Any], session: Any, adapter: Any,
     for item in batch:
         state[item.chain.key] = {"key": item.chain.key, "line": item.chain.line, "label": item.label,
                                  "similar": item.chain.similar, "ranks": {}, "records": {}, "steps": {},
-                                 "upstream": {}, "rejected": None}
+                                 "upstream": {}, "rejected": None, "asks": 0}
     for role in roles:
         labels: dict[str, TeacherLabel] = {}
         for item in batch:
@@ -308,6 +308,8 @@ def _run_batch(batch: list[_Item], roles: list[Any], session: Any, adapter: Any,
                                      {"role": "user", "content": f"That answer cannot be used: {earlier['reason']}. "
                                                                  "Answer again, following the instructions exactly."}]
                     prompts.append(messages)
+                for item, _prompt in pending:
+                    state[item.chain.key]["asks"] += 1
                 answers = _generate(session, adapter, prompts, int(ask["max_new_tokens"]), float(ask["temperature"]),
                                     takes_temperature)
                 failed = []
@@ -541,12 +543,14 @@ def build_dataset(request: BuildRequest, registry: Any, reporter: Reporter = SIL
         "prompt_sha256": _prompt_hashes(rows_now, settings["steps"]),
         "counts": {"trajectories": len(items), "built": len(rows_now) - len(rejected), "rejected": len(rejected),
                    "input_rejects": len(input_rejects), "files": counts, "reject_reasons": dict(reasons.most_common()),
-                   "padded_ids": _sum_note(rows_now, "padded"), "retries": _sum_retries(rows_now),
+                   "padded_ids": _sum_note(rows_now, "padded"), "asks": sum(int(row.get("asks") or 0) for row in rows_now), "retries": _sum_retries(rows_now),
                    "label_ranks": _label_ranks(rows_now)},
         "seconds_this_run": round(seconds, 3), "processed_this_run": processed,
         "teacher_seconds_this_run": round(loop_seconds, 3),
         # samples = trajectories (5 records each); the teacher pass alone, loading and writing excluded
         "samples_per_s_this_run": round(processed / loop_seconds, 4) if processed and loop_seconds else None,
+        "asks_per_s_this_run": (round(sum(int(by_key[item.chain.key].get("asks") or 0) for item in todo) / loop_seconds, 4)
+                                if processed and loop_seconds else None),
     })
     write_json_atomic(record_path, record)
     if rejected:

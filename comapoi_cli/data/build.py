@@ -31,7 +31,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from comapoi_cli.data import synth
 from comapoi_cli.errors import DataError, UsageError
@@ -109,7 +109,6 @@ class BuildResult:
 class _Item:
     chain: ChainItem
     label: int
-    trajectory: Any                              # with the label (the template teacher needs the category)
 
 
 def _sha(value: Any) -> str:
@@ -167,7 +166,7 @@ def _read_train(request: BuildRequest, world: Any, max_id: int) -> tuple[list[_I
                 earlier = histories.get(traj.user)
                 hidden = synth.Trajectory(traj.user, traj.sub, traj.checkins, None)  # type: ignore[arg-type]
                 items.append(_Item(ChainItem(key=key, line=number, trajectory=hidden,
-                                             history=earlier.copy() if earlier is not None else None), traj.next_poi, traj))
+                                             history=earlier.copy() if earlier is not None else None), traj.next_poi))
                 histories.setdefault(traj.user, synth._Stats()).add(traj.checkins, world)
         except UnicodeDecodeError:
             raise DataError(f"The training trajectories {request.train} are not UTF-8 text.") from None
@@ -245,19 +244,34 @@ def _append(path: Path, rows: list[dict[str, Any]]) -> None:
         os.close(fd)
 
 
-class _Oracle:
-    """What the ``template`` teacher needs to answer a prompt: the ask behind it (looked up by prompt)."""
+@dataclass
+class TeacherAsk:
+    """One teacher ask as the build knows it: what an engine without a model (``template``) answers from.
 
-    def __init__(self, seed: int):
-        self.seed = seed
-        self.asks: dict[str, Callable[[], str | None]] = {}
+    Engines find it by the prompt through ``EngineSpec.extra["teacher_asks"]`` (a callable:
+    messages -> ``TeacherAsk`` or None); a model engine ignores it.
+    """
 
-    def register(self, messages: list[dict[str, str]], answer: Callable[[], str | None]) -> None:
-        self.asks[_sha(messages[:2])] = answer
+    role_id: str
+    step: str
+    item: ChainItem
+    upstream: dict[str, Any]
+    context: ChainContext
+    label: TeacherLabel
+    seed: int
 
-    def __call__(self, messages: list[dict[str, str]]) -> str | None:
-        answer = self.asks.get(_sha(messages[:2]))
-        return answer() if answer is not None else None
+
+class _Asks:
+    """The asks in flight, looked up by their prompt (its first two turns: system + user, retries included)."""
+
+    def __init__(self) -> None:
+        self.asks: dict[str, TeacherAsk] = {}
+
+    def register(self, messages: list[dict[str, str]], ask: TeacherAsk) -> None:
+        self.asks[_sha(messages[:2])] = ask
+
+    def __call__(self, messages: list[dict[str, str]]) -> TeacherAsk | None:
+        return self.asks.get(_sha(messages[:2]))
 
 
 def _generate(session: Any, adapter: Any, prompts: list[list[dict[str, str]]], tokens: int, temperature: float,
@@ -268,7 +282,7 @@ def _generate(session: Any, adapter: Any, prompts: list[list[dict[str, str]]], t
 
 
 def _run_batch(batch: list[_Item], roles: list[Any], session: Any, adapter: Any, context: ChainContext,
-               settings: dict[str, Any], request: BuildRequest, oracle: _Oracle, takes_temperature: bool) -> list[dict[str, Any]]:
+               settings: dict[str, Any], request: BuildRequest, in_flight: _Asks, takes_temperature: bool) -> list[dict[str, Any]]:
     state: dict[str, dict[str, Any]] = {}
     for item in batch:
         state[item.chain.key] = {"key": item.chain.key, "line": item.chain.line, "label": item.label,
@@ -295,7 +309,7 @@ def _run_batch(batch: list[_Item], roles: list[Any], session: Any, adapter: Any,
                     _accept(role, step, item, st, derived, context, None, [], label)
                     continue
                 prompt = role.build_teacher_prompt(item.chain, st["upstream"], context, step, label)
-                oracle.register(prompt, _template_ask(role.id, step, item, st["upstream"], context, label, request.seed))
+                in_flight.register(prompt, TeacherAsk(role.id, step, item.chain, st["upstream"], context, label, request.seed))
                 pending.append((item, prompt))
             tries: dict[str, list[dict[str, Any]]] = {item.chain.key: [] for item, _ in pending}
             attempt = 0
@@ -335,7 +349,7 @@ def _run_batch(batch: list[_Item], roles: list[Any], session: Any, adapter: Any,
                             "attempts": len(tries[item.chain.key]), "tries": tries[item.chain.key]}
                     failed = []
                 pending = failed
-    oracle.asks.clear()
+    in_flight.asks.clear()
     rows = []
     for item in batch:
         st = state[item.chain.key]
@@ -346,13 +360,6 @@ def _run_batch(batch: list[_Item], roles: list[Any], session: Any, adapter: Any,
             st["pairs"] = _pairs(roles, st)
         rows.append(st)
     return rows
-
-
-def _template_ask(role_id: str, step: str, item: _Item, upstream: dict[str, Any], context: ChainContext,
-                  label: TeacherLabel, seed: int) -> Callable[[], str | None]:
-    from comapoi_cli.default_plugins.teacher_engines import template_answer
-
-    return lambda: template_answer(role_id, step, item.chain, item.trajectory, upstream, context, label, seed)
 
 
 def _accept(role: Any, step: str, item: _Item, st: dict[str, Any], answer: TeacherAnswer, context: ChainContext,
@@ -497,7 +504,7 @@ def build_dataset(request: BuildRequest, registry: Any, reporter: Reporter = SIL
     description = ""
     if todo:
         _retrieve(retriever, todo, trains, world, max_id, request.seed)
-        oracle = _Oracle(request.seed)
+        in_flight = _Asks()
         if request.teacher == "openai" or teacher_name:
             name = teacher_name or "teacher"
             adapters, adapter = {name: Path(".")}, name
@@ -506,7 +513,7 @@ def build_dataset(request: BuildRequest, registry: Any, reporter: Reporter = SIL
         spec = EngineSpec(base_model=request.model, adapters=adapters, role_adapters={"teacher": adapter or ""},
                           tokenizer=request.model, device=request.device, quant=request.quant, dtype=request.dtype,
                           batch_size=request.batch_size, trust_remote_code=request.trust_remote_code, url=request.url,
-                          api_key=request.api_key, extra={"teacher_oracle": oracle})
+                          api_key=request.api_key, extra={"teacher_asks": in_flight})
         session = engine.open(spec, reporter)
         description = session.description or request.teacher
         try:
@@ -521,7 +528,7 @@ def build_dataset(request: BuildRequest, registry: Any, reporter: Reporter = SIL
         try:
             for start in range(0, len(todo), request.batch_size):
                 batch = todo[start:start + request.batch_size]
-                rows = _run_batch(batch, roles, session, adapter, context, settings, request, oracle, takes_temperature)
+                rows = _run_batch(batch, roles, session, adapter, context, settings, request, in_flight, takes_temperature)
                 _append(journal, rows)
                 done_rows.extend(rows)
                 processed += len(batch)

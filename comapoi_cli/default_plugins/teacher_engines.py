@@ -7,7 +7,7 @@ at all, as ``data synth`` shows them to agent3), and the build accepts
 them through the same role parsers and the same record builder as an LLM's answers: the template and
 an LLM teacher differ only in the answers. Seeded per trajectory and step (reproducible).
 
-It answers only the prompts the build registers (``EngineSpec.extra["teacher_oracle"]``); in
+It answers only the prompts the build registers (``EngineSpec.extra["teacher_asks"]``); in
 ``pipeline run`` it is refused with one sentence.
 """
 
@@ -25,11 +25,13 @@ CANDIDATES = 25
 NEGATIVES = 20
 
 
-def template_answer(role_id: str, step: str, item: Any, trajectory: Any, upstream: dict[str, dict[str, Any]],
-                    context: Any, label: Any, seed: int) -> str | None:
-    """``data synth``'s answer to one teacher ask of CoMaPOI's roles, or None (no template for it)."""
+def template_answer(ask: Any) -> str | None:
+    """``data synth``'s answer to one teacher ask (``comapoi_cli.data.build.TeacherAsk``) of CoMaPOI's
+    roles, or None (no template for it)."""
     from comapoi_cli.data import synth
 
+    role_id, step, item, upstream, context, label, seed = (ask.role_id, ask.step, ask.item, ask.upstream, ask.context,
+                                                           ask.label, ask.seed)
     world = context.world
     rng = random.Random(f"{seed}:{item.key}:{role_id}.{step}")
     traj = item.trajectory
@@ -62,8 +64,8 @@ def template_answer(role_id: str, step: str, item: Any, trajectory: Any, upstrea
 
 class TemplateSession(EngineSession):
     def __init__(self, spec: EngineSpec):
-        self.oracle: Any = spec.extra.get("teacher_oracle")
-        if self.oracle is None:
+        self.asks: Any = spec.extra.get("teacher_asks")
+        if self.asks is None:
             raise UsageError("The template engine answers only 'comapoi data build' (--teacher template); "
                              "the chain needs a model: --engine transformers or openai.")
         self.description = "template (no model: data synth's answers)"
@@ -72,7 +74,8 @@ class TemplateSession(EngineSession):
                  temperature: float = 0.0) -> list[Generation]:
         out = []
         for prompt in prompts:
-            text = self.oracle(prompt)
+            ask = self.asks(prompt)
+            text = template_answer(ask) if ask is not None else None
             out.append(Generation(text) if text is not None else Generation(None, "the template teacher has no answer for this step"))
         return out
 

@@ -1,4 +1,4 @@
-"""``comapoi data``: clean, split, merge, stats, synth.
+"""``comapoi data``: clean, split, merge, stats, synth, build.
 
 Commands parse arguments, call the services in ``comapoi_cli.data`` and render the result
 (Rich tables, or ``--json``). Nothing heavy is imported at module level.
@@ -16,7 +16,7 @@ from comapoi_cli.cli.fields import number_option, old_spelling, one_of, trust_re
 from comapoi_cli.cli.render import console, markup, print_json, success, table, warn
 from comapoi_cli.errors import DataError, UsageError
 
-app = typer.Typer(help="Prepare CoMaPOI training data: clean, split, merge, stats, synth.", no_args_is_help=True)
+app = typer.Typer(help="Prepare CoMaPOI training data: clean, split, merge, stats, synth, build.", no_args_is_help=True)
 
 _DATA_DIR_HELP = "Folder holding {dataset}/ (default: $COMAPOI_DATA_DIR or ./data)."
 _JSON_HELP = "Print the summary as JSON (for scripts)."

@@ -224,6 +224,25 @@ def test_same_seed_same_files_and_a_second_build_needs_resume_or_overwrite(nyc, 
     assert chain.returncode != 0 and "--model DIR" in chain.stderr and "Traceback" not in chain.stderr
 
 
+def test_every_input_line_is_built_or_rejected_with_its_reason(nyc, tmp_path):
+    folder = tmp_path / "nyc"
+    folder.mkdir()
+    lines = (nyc / "nyc_train.jsonl").read_text(encoding="utf-8").splitlines()
+    far = json.loads(lines[0])
+    far["messages"][2]["content"] = json.dumps({"next_poi_id": 999999})
+    (folder / "nyc_train.jsonl").write_text("\n".join(lines[:3] + ["not json", '{"messages": []}', json.dumps(far), lines[1]])
+                                            + "\n", encoding="utf-8")
+    summary = _build(folder, tmp_path / "out", "--teacher", "template")
+    assert summary["built"] == 3 and summary["rejected"] == 0
+    rejects = {row["line"]: row["reason"] for row in _lines(tmp_path / "out" / "build.rejects.jsonl")}
+    assert set(rejects) == {4, 5, 6, 7}
+    assert rejects[4].startswith("not JSON") and "user turn" in rejects[5]
+    assert "outside 0..5091" in rejects[6] and "a second trajectory" in rejects[7]
+    resumed = run_comapoi("data", "build", "--dataset", "nyc", "--train", str(folder / "nyc_train.jsonl"), "--output-dir",
+                          str(tmp_path / "out"), "--label-rank", "first", "--resume")
+    assert resumed.returncode != 0 and "other settings (label_rank, rank_distribution)" in resumed.stderr
+
+
 def test_synth_from_real_trajectories_is_the_template_teacher(nyc, tmp_path):
     """One record builder: data synth --source writes what data build --teacher template --label-rank first writes."""
     synth = run_comapoi("data", "synth", "--dataset", "nyc", "--source", str(nyc / "nyc_train.jsonl"), "--output-dir",

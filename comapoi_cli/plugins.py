@@ -29,6 +29,7 @@ DEFAULT_PLUGINS = (
     "comapoi_cli.default_plugins.trl_backend",
     "comapoi_cli.default_plugins.pipeline_engines",
     "comapoi_cli.default_plugins.pipeline_retrievers",
+    "comapoi_cli.default_plugins.checkin_readers",
 )
 
 

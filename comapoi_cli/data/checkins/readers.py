@@ -279,7 +279,7 @@ class GowallaReader(CheckinReader):
         return table
 
 
-_SPOT_NAME = r"'name':\s*'([^']*)'|\"name\":\s*\"([^\"]*)\""
+_SPOT_NAME = r"""['"]name['"]:\s*['"](?P<name>[^'"]*)['"]"""
 
 
 def _spot_categories(path: Path, pois: Any, default: str, table: CheckinTable) -> Any:
@@ -303,9 +303,7 @@ def _spot_categories(path: Path, pois: Any, default: str, table: CheckinTable) -
         cats = pc.cast(spots.column(names["category"]), pa.string())
     elif "spot_categories" in names:
         text = pc.cast(spots.column(names["spot_categories"]), pa.string())
-        found = pc.extract_regex(text, _SPOT_NAME)
-        cats = pc.coalesce(pc.struct_field(found, [0]), pc.struct_field(found, [1]))
-        cats = pc.if_else(pc.equal(cats, ""), pc.struct_field(found, [1]), cats)
+        cats = pc.struct_field(pc.extract_regex(text, _SPOT_NAME), [0])
     else:
         raise DataError(f"The spots file {path} has no category column (category or spot_categories).")
     cats = pc.fill_null(cats, default)

@@ -90,6 +90,7 @@ def assert_comapoi_plain(path: Path) -> list[dict]:
         assert found and " ".join(
             f"At {w}, {d}, user {u} visit POI ID {p} ({c}, {la},{lo})." for w, d, u, p, c, la, lo in found) == body
         assert all(u == header.group(1) for _, _, u, *_ in found)
+        assert all(dt.datetime.strptime(w, "%Y-%m-%d %H:%M:%S").strftime("%A") == d for w, d, *_ in found)
         assert re.fullmatch(r'\{"next_poi_id": \d+\}', answer["content"])
         records.append(record)
     return records

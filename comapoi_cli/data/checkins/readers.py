@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
-from comapoi_cli.data.checkins.table import CheckinTable, ReadOptions, Reject
+from comapoi_cli.data.checkins.table import CheckinTable, ReadOptions, Reject, arrow
 from comapoi_cli.errors import DataError, UsageError
 
 _NUMBER = r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$"
@@ -139,7 +139,7 @@ def read_delimited(path: Path, file_index: int, ncols: int, *, delimiter: str, h
     cols = {c: parsed.column(c).combine_chunks() for c in parsed.column_names}
     if bad_utf8:  # their emptied lines came back as rows: drop them (already rejected)
         keep = ~np.isin(numbers, np.fromiter(bad_utf8, dtype=np.int64))
-        mask = pa.array(keep)
+        mask = arrow(keep)
         cols = {c: v.filter(mask) for c, v in cols.items()}
         numbers = numbers[keep]
     return cols, numbers
@@ -187,11 +187,11 @@ def check_rows(table: CheckinTable, name: str, file_index: int, raw: dict[str, A
         reasons[(reasons == 0) & flags] = code
     bad = np.nonzero(reasons)[0]
     if len(bad):
-        text = pc.binary_join_element_wise(*[c.take(pa.array(bad)) for c in raw.values()], delimiter).to_pylist()
+        text = pc.binary_join_element_wise(*[c.take(arrow(bad.astype(np.int64))) for c in raw.values()], delimiter).to_pylist()
         for i, row in enumerate(bad.tolist()):
             reason, detail, _ = checks[reasons[row] - 1]
             table.rejects.append(Reject(name, int(numbers[row]), reason, detail, text[i] or ""))
-    good = pa.array(reasons == 0)
+    good = arrow(reasons == 0)
     out = {
         "user": pc.utf8_trim_whitespace(user).filter(good),
         "poi": pc.utf8_trim_whitespace(poi).filter(good),
@@ -200,8 +200,8 @@ def check_rows(table: CheckinTable, name: str, file_index: int, raw: dict[str, A
         "lon": lon_f.filter(good),
         "utc": pc.cast(pc.cast(utc, pa.timestamp("s")), pa.int64()).filter(good),
         "offset": pc.cast(offset, pa.int32()).filter(good),
-        "file": pa.array(np.full(int(np.count_nonzero(reasons == 0)), file_index, dtype=np.int32)),
-        "line": pa.array(numbers[reasons == 0]),
+        "file": arrow(np.full(int(np.count_nonzero(reasons == 0)), file_index, dtype=np.int32)),
+        "line": arrow(numbers[reasons == 0]),
     }
     if session is not None:
         out["session"] = session.filter(good)
@@ -221,7 +221,7 @@ def _offset_array(n: int, minutes: int) -> Any:
     import numpy as np
     import pyarrow as pa
 
-    return pa.array(np.full(n, minutes, dtype=np.int32))
+    return arrow(np.full(n, minutes, dtype=np.int32))
 
 
 # -- the built-in formats ---------------------------------------------------------------------------
@@ -265,7 +265,7 @@ class GowallaReader(CheckinReader):
             utc = pc.strptime(pc.utf8_trim_whitespace(raw["c1"]), format="%Y-%m-%dT%H:%M:%SZ", unit="s",
                               error_is_null=True)
             n = len(raw["c0"])
-            category = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, dtype=np.int32)),
+            category = pa.DictionaryArray.from_arrays(arrow(np.zeros(n, dtype=np.int32)),
                                                       pa.array([options.default_category])).cast(pa.string())
             parts.append(check_rows(table, str(path), index, raw, numbers, delimiter="\t", user=raw["c0"],
                                     poi=raw["c4"], category=category, lat=raw["c2"], lon=raw["c3"], utc=utc,
@@ -422,10 +422,10 @@ class ComapoiReader(CheckinReader):
         table.columns = {
             "user": pa.array(users, pa.string()), "poi": pa.array(pois, pa.string()),
             "category": pa.array(cats, pa.string()),
-            "lat": pa.array(np.asarray(lats, dtype=np.float64)), "lon": pa.array(np.asarray(lons, dtype=np.float64)),
+            "lat": arrow(np.asarray(lats, dtype=np.float64)), "lon": arrow(np.asarray(lons, dtype=np.float64)),
             "utc": pc.cast(pc.cast(utc, pa.timestamp("s")), pa.int64()),
             "offset": _offset_array(len(users), 0),
-            "file": pa.array(np.asarray(files, dtype=np.int32)), "line": pa.array(np.asarray(lines, dtype=np.int64)),
+            "file": arrow(np.asarray(files, dtype=np.int32)), "line": arrow(np.asarray(lines, dtype=np.int64)),
         }
         table.notes.append("comapoi trajectories carry local times: no offset is applied")
         return table

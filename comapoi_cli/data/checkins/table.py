@@ -61,3 +61,18 @@ class ReadOptions:
     utc_offset: int | None = None          # minutes, for formats whose rows carry no offset
     spots: Path | None = None              # gowalla: the spots file (categories)
     default_category: str = "Unknown"      # a POI without a category
+
+
+def arrow(values: Any, type_: Any = None) -> Any:
+    """A pyarrow array over a numpy array's memory (``pa.array(ndarray)`` would import pandas: 1-2 s)."""
+    import numpy as np
+    import pyarrow as pa
+
+    data = np.ascontiguousarray(values)
+    if data.dtype == np.bool_:
+        bits = np.packbits(data, bitorder="little")
+        return pa.Array.from_buffers(pa.bool_(), len(data), [None, pa.py_buffer(bits)])
+    kind = {np.dtype(np.int64): pa.int64(), np.dtype(np.int32): pa.int32(), np.dtype(np.float64): pa.float64(),
+            np.dtype(np.int8): pa.int8()}[data.dtype]
+    array = pa.Array.from_buffers(kind, len(data), [None, pa.py_buffer(data)])
+    return array.view(type_) if type_ is not None else array

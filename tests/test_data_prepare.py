@@ -366,3 +366,30 @@ def test_train_and_pipeline_use_a_prepared_city(tmp_path, registry_env):
                         "--merged", str(run_json.parent), "--limit", "1", "--output-dir", str(tmp_path / "chain2"),
                         env={"COMAPOI_DATASETS_DIR": str(tmp_path / "elsewhere")})
     assert other.returncode == 2 and "Unknown dataset 'newcity'" in other.stderr
+
+
+def test_a_killed_run_leaves_no_partial_output(tmp_path, registry_env):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    raw = write_tsmc(tmp_path / "big.txt", generated_checkins(users=400, pois=600, per_user=400))
+    out = tmp_path / "data"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "comapoi_cli", "data", "prepare", str(raw), "--from", "tsmc2014", "--dataset", "killme",
+           "--output-dir", str(out)]
+    proc = subprocess.Popen(cmd, env={**os.environ, **registry_env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not [p for p in out.iterdir() if p.name.startswith(".killme.")] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    assert proc.poll() is None, "the run ended before it could be killed: make the input larger"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "killme").exists()  # only the temporary folder is left
+    assert [p for p in out.iterdir() if p.name.startswith(".killme.")]
+    again = prepare(registry_env, str(raw), "--from", "tsmc2014", "--dataset", "killme", "--output-dir", str(out))
+    assert again.returncode == 0, again.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["killme"]  # the dead run's temporary folder is gone

@@ -219,7 +219,6 @@ def concat(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _offset_array(n: int, minutes: int) -> Any:
     import numpy as np
-    import pyarrow as pa
 
     return arrow(np.full(n, minutes, dtype=np.int32))
 

@@ -159,16 +159,39 @@ def _empty(step: str, why: str) -> DataError:
 def prepare_checkins(paths: Sequence[str | os.PathLike[str]], dataset: str, settings: PrepareSettings, *,
                      registry: Any, output_dir: str | os.PathLike[str] | None = None, overwrite: bool = False,
                      register: bool = True, reporter: Reporter = SILENT) -> PrepareResult:
-    """Prepare raw check-ins into ``{output_dir}/{dataset}/`` (see the module doc)."""
+    """Prepare raw check-ins into ``{output_dir}/{dataset}/`` (see the module doc).
+
+    The outputs are made in a temporary folder ``.{dataset}.{pid}-XXXX.tmp`` beside the target,
+    created first and renamed into place last: a run that fails or is killed leaves no partial
+    output (a killed run's folder is removed by the next run)."""
+    from comapoi_cli.data.layout import default_data_dir
+    from comapoi_cli.fileio import fs_error, remove_stale_temps, temp_prefix
+
+    if not dataset or "/" in dataset or dataset.startswith(".") or dataset != dataset.strip():
+        raise UsageError(f"--dataset must be a plain name such as nyc or mycity, not '{dataset}'.")
+    out_root = Path(output_dir) if output_dir is not None else default_data_dir()
+    folder = out_root / dataset
+    try:
+        out_root.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(folder)
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(folder.name), suffix=".tmp", dir=out_root))
+    except OSError as exc:
+        raise fs_error(exc, out_root) from None
+    try:
+        return _prepare(paths, dataset, settings, registry=registry, out_root=out_root, tmp=tmp, overwrite=overwrite,
+                        register=register, reporter=reporter)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _prepare(paths: Sequence[str | os.PathLike[str]], dataset: str, settings: PrepareSettings, *, registry: Any,
+             out_root: Path, tmp: Path, overwrite: bool, register: bool, reporter: Reporter) -> PrepareResult:
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from comapoi_cli.data.layout import default_data_dir
     from comapoi_cli.presets import PRESETS
 
-    if not dataset or "/" in dataset or dataset.startswith(".") or dataset != dataset.strip():
-        raise UsageError(f"--dataset must be a plain name such as nyc or mycity, not '{dataset}'.")
     if not paths:
         raise UsageError("Give the raw check-in file(s) to prepare.")
     if settings.window < 2:
@@ -181,7 +204,6 @@ def prepare_checkins(paths: Sequence[str | os.PathLike[str]], dataset: str, sett
             raise DataError(f"Cannot find the check-in file {path}.")
     if settings.spots is not None and not Path(settings.spots).is_file():
         raise DataError(f"Cannot find the spots file {settings.spots}.")
-    out_root = Path(output_dir) if output_dir is not None else default_data_dir()
     folder = out_root / dataset
     names = {
         "train": f"{dataset}_train.jsonl", "val": f"{dataset}_val.jsonl", "test": f"{dataset}_test.jsonl",
@@ -467,11 +489,8 @@ def prepare_checkins(paths: Sequence[str | os.PathLike[str]], dataset: str, sett
 
     # write everything into a temporary folder, then move it into place
     from comapoi_cli import __version__
-    from comapoi_cli.fileio import remove_stale_temps, sha256_file, temp_prefix
+    from comapoi_cli.fileio import sha256_file
 
-    out_root.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(folder)
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(folder.name), suffix=".tmp", dir=out_root))
     try:
         for key in ("train", "val", "test"):
             (tmp / names[key]).write_bytes(outputs[key])
@@ -508,15 +527,10 @@ def prepare_checkins(paths: Sequence[str | os.PathLike[str]], dataset: str, sett
         else:
             for key in [k for k in names if k != "record"] + ["record"]:  # the record last: it names what is there
                 os.replace(tmp / names[key], folder / names[key])
-            shutil.rmtree(tmp, ignore_errors=True)
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         from comapoi_cli.fileio import fs_error
 
         raise fs_error(exc, folder) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     result = PrepareResult(folder, record, {k: folder / v for k, v in names.items()}, notes, len(table.rejects))
     if register and preset is None:
         from comapoi_cli.presets import register_dataset

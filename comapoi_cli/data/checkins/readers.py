@@ -136,7 +136,7 @@ def read_delimited(path: Path, file_index: int, ncols: int, *, delimiter: str, h
     if skipped:
         numbers = np.setdiff1d(numbers, np.asarray(skipped, dtype=np.int64), assume_unique=True)
     table.lines_read += total
-    cols = {c: parsed.column(c).combine_chunks() for c in parsed.column_names}
+    cols = {c: parsed.column(c) for c in parsed.column_names}  # chunked: no copy
     if bad_utf8:  # their emptied lines came back as rows: drop them (already rejected)
         keep = ~np.isin(numbers, np.fromiter(bad_utf8, dtype=np.int64))
         mask = arrow(keep)
@@ -214,7 +214,11 @@ def concat(parts: list[dict[str, Any]]) -> dict[str, Any]:
     if not parts:
         return {}
     keys = [k for k in parts[0] if all(k in p for p in parts)]
-    return {k: pa.concat_arrays([p[k].cast(parts[0][k].type) for p in parts]) for k in keys}
+    def chunks(array: Any) -> list[Any]:
+        return list(array.chunks) if isinstance(array, pa.ChunkedArray) else [array]
+
+    return {k: pa.chunked_array([c.cast(parts[0][k].type) for p in parts for c in chunks(p[k])], parts[0][k].type)
+            for k in keys}
 
 
 def _offset_array(n: int, minutes: int) -> Any:

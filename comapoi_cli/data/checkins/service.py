@@ -54,6 +54,7 @@ SYSTEM_PROMPT = ("Please predict the next one POI ID that user_{user} will visit
                  "[ {{ 'next POI ID': value }} ].")
 PREPARE_RECORD = "prepare.json"
 REJECTS_FILE = "prepare.rejects.jsonl"
+LINES_PER_CHUNK = 50_000  # trajectories turned into text at a time (bounds the memory of the writing)
 DATASET_FILE = "dataset.json"
 
 
@@ -236,8 +237,9 @@ def _prepare(paths: Sequence[str | os.PathLike[str]], dataset: str, settings: Pr
                         f"({len(table.rejects)} line(s) rejected).", hint="See the reasons with --json, or check --from.")
     keep_ids = table.keep_ids if settings.keep_ids is None else settings.keep_ids
 
-    user_codes_arr = pc.dictionary_encode(cols["user"])
-    poi_codes_arr = pc.dictionary_encode(cols["poi"])
+    user_codes_arr = _encoded(cols["user"])
+    poi_codes_arr = _encoded(cols["poi"])
+    session_codes = np.asarray(_encoded(cols["session"]).indices) if "session" in cols else None
     user_dict, poi_dict = user_codes_arr.dictionary, poi_codes_arr.dictionary
     u = np.asarray(user_codes_arr.indices).astype(np.int64)
     p = np.asarray(poi_codes_arr.indices).astype(np.int64)
@@ -253,6 +255,8 @@ def _prepare(paths: Sequence[str | os.PathLike[str]], dataset: str, settings: Pr
     _, first_row = np.unique(p, return_index=True)
     poi_category = cols["category"].take(arrow(first_row.astype(np.int64)))
     poi_lat, poi_lon = lat[first_row], lon[first_row]
+    table.columns = {}  # the text columns are not needed any more (the codes and the POI rows hold them)
+    del cols, user_codes_arr, poi_codes_arr
     keep = np.ones(len(u), dtype=bool)
 
     def counts(mask: Any) -> dict[str, int]:
@@ -300,8 +304,8 @@ def _prepare(paths: Sequence[str | os.PathLike[str]], dataset: str, settings: Pr
     new_user = np.ones(n, dtype=bool)
     new_user[1:] = su[1:] != su[:-1]
     gap = settings.session_gap_hours
-    if gap is None and "session" in cols:
-        source_sessions = np.asarray(pc.dictionary_encode(cols["session"]).indices)[order]
+    if gap is None and session_codes is not None:
+        source_sessions = session_codes[order]
         boundary = new_user.copy()
         boundary[1:] |= source_sessions[1:] != source_sessions[:-1]
         session_rule = "the source's own sessions (trajectory_id)"
@@ -427,47 +431,54 @@ def _prepare(paths: Sequence[str | os.PathLike[str]], dataset: str, settings: Pr
     decimals = settings.coord_decimals
     poi_piece = [""] * len(poi_dict)
     poi_rows = []
-    for code in used_pois.tolist():
-        category = poi_category[code].as_py()
+    used_categories = poi_category.take(arrow(used_pois)).to_pylist()
+    used_raw = poi_dict.take(arrow(used_pois)).to_pylist()
+    for code, category, raw_id in zip(used_pois.tolist(), used_categories, used_raw):
         lat_t, lon_t = format_coord(poi_lat[code], decimals), format_coord(poi_lon[code], decimals)
         poi_piece[code] = f" visit POI ID {poi_new[code]} ({json.dumps(category, ensure_ascii=False)[1:-1]}, {lat_t},{lon_t})."
-        poi_rows.append((int(poi_new[code]), category, lat_t, lon_t, poi_dict[code].as_py()))
+        poi_rows.append((int(poi_new[code]), category, lat_t, lon_t, raw_id))
     poi_rows.sort()
     pieces = pa.array(poi_piece, pa.string())
     # "2012-04-04 15:36:09, Wednesday": the timestamp cast to text (fast; strftime with %A is 50x slower)
     # and the weekday's name by the day number (1970-01-01 was a Thursday)
     weekday = pa.array([", Monday", ", Tuesday", ", Wednesday", ", Thursday", ", Friday", ", Saturday", ", Sunday"])
-    when = _join(arrow(slocal, pa.timestamp("s")).cast(pa.string()), weekday.take(arrow((slocal // 86400 + 3) % 7)))
-    user_text = arrow(uid).cast(pa.string())
-    texts = _join("At ", when, ", user ", user_text, pc.take(pieces, arrow(sp)))
+    system = SYSTEM_PROMPT.split("{user}")
 
-    def lines_for(starts: Any, labels: Any, subs: Any) -> bytes:
-        if not len(labels):
-            return b""
-        lengths = labels - starts
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
-        rows = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
-        history = pa.LargeListArray.from_arrays(arrow(offsets.astype(np.int64)), texts.take(arrow(rows.astype(np.int64))))
-        joined = pc.binary_join(history, pa.scalar(" ", pa.large_string()))
-        users = user_text.take(arrow(labels))
-        subs_t = arrow(subs.astype(np.int64)).cast(pa.string())
-        label_t = arrow(pid[labels]).cast(pa.string())
-        system = SYSTEM_PROMPT.split("{user}")
-        lines = _join(
-            '{"messages": [{"role": "system", "content": "', json_text(system[0]), users, json_text(system[1]),
-            '"}, {"role": "user", "content": "<historical trajectory of user_', users, "_subtrajectory_", subs_t,
-            ">\\n", joined, '"}, {"role": "assistant", "content": "{\\"next_poi_id\\": ', label_t, '}"}]}\n')
-        return b"".join(buf.to_pybytes() for buf in _value_buffers(lines))
+    def write_lines(path: Path, starts: Any, labels: Any, subs: Any) -> None:
+        """Write the trajectories ending at ``labels`` (histories from ``starts``), a chunk at a time."""
+        with open(path, "wb") as handle:
+            for first in range(0, len(labels), LINES_PER_CHUNK):
+                s_, l_ = starts[first:first + LINES_PER_CHUNK], labels[first:first + LINES_PER_CHUNK]
+                lengths = l_ - s_
+                offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+                rows = (np.repeat(s_ - offsets[:-1], lengths) + np.arange(offsets[-1])).astype(np.int64)
+                local = slocal[rows]
+                when = _join(arrow(local, pa.timestamp("s")).cast(pa.string()), weekday.take(arrow((local // 86400 + 3) % 7)))
+                texts = _join("At ", when, ", user ", arrow(uid[rows]).cast(pa.string()), pc.take(pieces, arrow(sp[rows])))
+                joined = pc.binary_join(pa.LargeListArray.from_arrays(arrow(offsets), texts),
+                                        pa.scalar(" ", pa.large_string()))
+                users = arrow(uid[l_]).cast(pa.string())
+                subs_t = arrow(np.asarray(subs[first:first + LINES_PER_CHUNK], dtype=np.int64)).cast(pa.string())
+                label_t = arrow(pid[l_]).cast(pa.string())
+                lines = _join(
+                    '{"messages": [{"role": "system", "content": "', json_text(system[0]), users, json_text(system[1]),
+                    '"}, {"role": "user", "content": "<historical trajectory of user_', users, "_subtrajectory_", subs_t,
+                    ">\\n", joined, '"}, {"role": "assistant", "content": "{\\"next_poi_id\\": ', label_t, '}"}]}\n')
+                for buffer in _value_buffers(lines):
+                    handle.write(buffer)
 
     t_users = uid[t_labels]
     first_of_user = np.ones(len(t_users), dtype=bool)
     first_of_user[1:] = t_users[1:] != t_users[:-1]
     t_subs = np.arange(len(t_users)) - np.maximum.accumulate(np.where(first_of_user, np.arange(len(t_users)), 0)) + 1
-    outputs = {
-        "train": lines_for(t_starts, t_labels, t_subs),
-        "val": lines_for(v_starts, v_labels, np.ones(len(v_labels), dtype=np.int64)),
-        "test": lines_for(e_starts, e_labels, np.ones(len(e_labels), dtype=np.int64)),
-    }
+    try:
+        write_lines(tmp / names["train"], t_starts, t_labels, t_subs)
+        write_lines(tmp / names["val"], v_starts, v_labels, np.ones(len(v_labels), dtype=np.int64))
+        write_lines(tmp / names["test"], e_starts, e_labels, np.ones(len(e_labels), dtype=np.int64))
+    except OSError as exc:
+        from comapoi_cli.fileio import fs_error
+
+        raise fs_error(exc, tmp) from None
 
     # summaries
     def split_summary(mask: Any, labels: Any) -> dict[str, int]:
@@ -492,11 +503,9 @@ def _prepare(paths: Sequence[str | os.PathLike[str]], dataset: str, settings: Pr
     from comapoi_cli.fileio import sha256_file
 
     try:
-        for key in ("train", "val", "test"):
-            (tmp / names[key]).write_bytes(outputs[key])
         _write_csv(tmp / names["poi_info"], ["poi_id", "category", "lat", "lon"], [r[:4] for r in poi_rows])
         _write_csv(tmp / names["poi_ids"], ["poi_id", "raw_poi_id"], [(r[0], r[4]) for r in poi_rows])
-        user_rows = sorted((int(user_new[c]), user_dict[c].as_py()) for c in used_users.tolist())
+        user_rows = sorted(zip(user_new[used_users].tolist(), user_dict.take(arrow(used_users)).to_pylist()))
         _write_csv(tmp / names["user_ids"], ["user_id", "raw_user_id"], user_rows)
         with open(tmp / names["rejects"], "w", encoding="utf-8", newline="") as handle:
             for reject in sorted(table.rejects, key=lambda r: (files.index(Path(r.file)) if Path(r.file) in files else -1, r.line)):
@@ -550,6 +559,14 @@ def _join(*parts: Any) -> Any:
 
     args = [pa.scalar(p, pa.large_string()) if isinstance(p, str) else p.cast(pa.large_string()) for p in parts]
     return pc.binary_join_element_wise(*args, pa.scalar("", pa.large_string()))
+
+
+def _encoded(values: Any) -> Any:
+    """Dictionary-encode a (chunked) string column into one DictionaryArray with one dictionary."""
+    import pyarrow.compute as pc
+
+    encoded = pc.dictionary_encode(values)
+    return encoded.combine_chunks() if hasattr(encoded, "combine_chunks") else encoded
 
 
 def json_text(text: str) -> str:

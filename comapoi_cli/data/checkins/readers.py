@@ -159,31 +159,42 @@ def check_rows(table: CheckinTable, name: str, file_index: int, raw: dict[str, A
 
     n = len(user)
     reasons = np.zeros(n, dtype=np.int8)  # 0 = good
+
+    def lengths(column: Any) -> Any:
+        return np.asarray(pc.binary_length(column).to_numpy(), dtype=np.int64)
+
+    def numbers_of(column: Any, kind: Any, pattern: str) -> tuple[Any, Any]:
+        """The column as numbers and a mask of the texts that are not numbers (the cast is tried first:
+        the regular expression runs only on a column that holds a bad value)."""
+        try:
+            values = pc.cast(column, kind)
+            return values, np.zeros(n, dtype=bool)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            ok = pc.match_substring_regex(column, pattern)
+            values = pc.cast(pc.if_else(ok, pc.utf8_trim_whitespace(column), "0"), kind)
+            return values, ~np.asarray(ok.to_numpy(), dtype=bool)
+
     checks: list[tuple[str, str, Any]] = []
-    all_empty = None
+    total = np.zeros(n, dtype=np.int64)
     for column in raw.values():
-        empty = pc.equal(pc.utf8_trim_whitespace(column), "")
-        all_empty = empty if all_empty is None else pc.and_(all_empty, empty)
-    checks.append(("blank_line", "an empty line", all_empty))
+        total += lengths(column)
+    checks.append(("blank_line", "an empty line", total == 0))
     checks.append(("empty_field", "an empty user, POI or category",
-                   pc.or_(pc.or_(pc.equal(pc.utf8_trim_whitespace(user), ""), pc.equal(pc.utf8_trim_whitespace(poi), "")),
-                          pc.equal(pc.utf8_trim_whitespace(category), ""))))
-    lat_ok = pc.match_substring_regex(lat, _NUMBER)
-    lon_ok = pc.match_substring_regex(lon, _NUMBER)
-    lat_f = pc.cast(pc.if_else(lat_ok, pc.utf8_trim_whitespace(lat), "nan"), pa.float64())
-    lon_f = pc.cast(pc.if_else(lon_ok, pc.utf8_trim_whitespace(lon), "nan"), pa.float64())
-    coords_bad = pc.invert(pc.and_(pc.and_(pc.less_equal(pc.abs(lat_f), 90.0), pc.less_equal(pc.abs(lon_f), 180.0)),
-                                   pc.and_(lat_ok, lon_ok)))
+                   (lengths(user) == 0) | (lengths(poi) == 0) | (lengths(category) == 0)))
+    lat_f, lat_bad = numbers_of(lat, pa.float64(), _NUMBER)
+    lon_f, lon_bad = numbers_of(lon, pa.float64(), _NUMBER)
+    lat_np, lon_np = np.asarray(lat_f.to_numpy()), np.asarray(lon_f.to_numpy())
+    with np.errstate(invalid="ignore"):
+        coords_bad = lat_bad | lon_bad | ~(np.abs(lat_np) <= 90.0) | ~(np.abs(lon_np) <= 180.0)
     checks.append(("bad_coordinates", "latitude or longitude is not a number in range", coords_bad))
-    checks.append(("bad_time", "the time does not parse", pc.is_null(utc)))
+    checks.append(("bad_time", "the time does not parse", np.asarray(pc.is_null(utc).to_numpy(), dtype=bool)))
     if pa.types.is_string(offset.type) or pa.types.is_large_string(offset.type):
-        off_ok = pc.match_substring_regex(offset, _INTEGER)
-        off_i = pc.cast(pc.if_else(off_ok, pc.utf8_trim_whitespace(offset), "0"), pa.int64())
-        off_bad = pc.or_(pc.invert(off_ok), pc.greater(pc.abs(off_i), 1440))
-        checks.append(("bad_offset", "the timezone offset is not a whole number of minutes within a day", off_bad))
+        off_i, off_bad = numbers_of(offset, pa.int64(), _INTEGER)
+        off_np = np.asarray(off_i.to_numpy())
+        checks.append(("bad_offset", "the timezone offset is not a whole number of minutes within a day",
+                       off_bad | (np.abs(off_np) > 1440)))
         offset = off_i
-    for code, (_, _, mask) in enumerate(checks, 1):
-        flags = np.asarray(pc.fill_null(mask, True).to_numpy(zero_copy_only=False), dtype=bool)
+    for code, (_, _, flags) in enumerate(checks, 1):
         reasons[(reasons == 0) & flags] = code
     bad = np.nonzero(reasons)[0]
     if len(bad):
@@ -193,12 +204,12 @@ def check_rows(table: CheckinTable, name: str, file_index: int, raw: dict[str, A
             table.rejects.append(Reject(name, int(numbers[row]), reason, detail, text[i] or ""))
     good = arrow(reasons == 0)
     out = {
-        "user": pc.utf8_trim_whitespace(user).filter(good),
-        "poi": pc.utf8_trim_whitespace(poi).filter(good),
+        "user": user.filter(good),
+        "poi": poi.filter(good),
         "category": category.filter(good),
         "lat": lat_f.filter(good),
         "lon": lon_f.filter(good),
-        "utc": pc.cast(pc.cast(utc, pa.timestamp("s")), pa.int64()).filter(good),
+        "utc": pc.cast(utc, pa.int64()).filter(good),
         "offset": pc.cast(offset, pa.int32()).filter(good),
         "file": arrow(np.full(int(np.count_nonzero(reasons == 0)), file_index, dtype=np.int32)),
         "line": arrow(numbers[reasons == 0]),

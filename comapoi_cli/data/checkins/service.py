@@ -252,7 +252,8 @@ def _prepare(paths: Sequence[str | os.PathLike[str]], dataset: str, settings: Pr
     if keep_ids and not pc.all(pc.match_substring_regex(poi_dict, r"^\d{1,12}$")).as_py():
         raise DataError("The POI ids are not whole numbers, so they cannot be kept; leave out --keep-ids.")
     # The first row of each POI (input order) gives its category and coordinates.
-    _, first_row = np.unique(p, return_index=True)
+    first_row = np.full(len(poi_dict), len(p), dtype=np.int64)
+    first_row[p[::-1]] = np.arange(len(p) - 1, -1, -1)  # the last write wins: each POI's first row
     poi_category = cols["category"].take(arrow(first_row.astype(np.int64)))
     poi_lat, poi_lon = lat[first_row], lon[first_row]
     table.columns = {}  # the text columns are not needed any more (the codes and the POI rows hold them)
@@ -260,7 +261,8 @@ def _prepare(paths: Sequence[str | os.PathLike[str]], dataset: str, settings: Pr
     keep = np.ones(len(u), dtype=bool)
 
     def counts(mask: Any) -> dict[str, int]:
-        return {"rows": int(mask.sum()), "users": int(len(np.unique(u[mask]))), "pois": int(len(np.unique(p[mask])))}
+        return {"rows": int(mask.sum()), "users": int(np.count_nonzero(np.bincount(u[mask]))),
+                "pois": int(np.count_nonzero(np.bincount(p[mask])))}
 
     # 2. region
     boxes = ((settings.bbox,) if settings.bbox else REGIONS[settings.region.lower()] if settings.region else ())
@@ -364,10 +366,10 @@ def _prepare(paths: Sequence[str | os.PathLike[str]], dataset: str, settings: Pr
         rule = "kept as in the source"
     else:
         user_new = np.full(len(user_dict), -1, dtype=np.int64)
-        train_users = np.unique(su[train_mask])
+        train_users = np.nonzero(np.bincount(su[train_mask], minlength=len(user_dict)))[0]
         train_users = train_users[np.argsort(user_rank[train_users], kind="stable")]
         user_new[train_users] = np.arange(len(train_users))
-        rest = np.setdiff1d(np.unique(su), train_users)
+        rest = np.setdiff1d(np.nonzero(np.bincount(su, minlength=len(user_dict)))[0], train_users)
         rest = rest[np.argsort(user_rank[rest], kind="stable")]
         user_new[rest] = np.arange(len(train_users), len(train_users) + len(rest))
         poi_new = np.full(len(poi_dict), -1, dtype=np.int64)
@@ -379,8 +381,8 @@ def _prepare(paths: Sequence[str | os.PathLike[str]], dataset: str, settings: Pr
         rule = ("users by raw id (numeric when whole numbers), POIs by first visit walking users in id order "
                 "and their training check-ins by time")
     uid, pid = user_new[su], poi_new[sp]
-    used_users = np.unique(su)
-    used_pois = np.unique(sp)
+    used_users = np.nonzero(np.bincount(su, minlength=len(user_dict)))[0]
+    used_pois = np.nonzero(np.bincount(sp, minlength=len(poi_dict)))[0]
     steps.append({"step": "ids", "rule": rule, "users": int(len(used_users)), "pois": int(len(used_pois)),
                   "max_poi_id": int(poi_new[used_pois].max()), "id_base": 0})
 
@@ -482,12 +484,13 @@ def _prepare(paths: Sequence[str | os.PathLike[str]], dataset: str, settings: Pr
 
     # summaries
     def split_summary(mask: Any, labels: Any) -> dict[str, int]:
-        return {"checkins": int(mask.sum()), "users": int(len(np.unique(uid[mask]))),
-                "pois": int(len(np.unique(pid[mask]))), "trajectories": int(len(labels))}
+        return {"checkins": int(mask.sum()), "users": int(np.count_nonzero(np.bincount(uid[mask]))),
+                "pois": int(np.count_nonzero(np.bincount(pid[mask]))), "trajectories": int(len(labels))}
 
     summary = {"train": split_summary(part == 0, t_labels), "val": split_summary(part == 1, v_labels),
                "test": split_summary(part == 2, e_labels)}
-    years = sorted({int(y) for y in np.unique(slocal.astype("datetime64[s]").astype("datetime64[Y]").astype(int) + 1970)})
+    year_index = slocal.astype("datetime64[s]").astype("datetime64[Y]").astype(np.int64)
+    years = [int(y) + 1970 + int(year_index.min()) for y in np.nonzero(np.bincount(year_index - year_index.min()))[0]]
     lats = np.array([poi_lat[c] for c in used_pois.tolist()])
     lons = np.array([poi_lon[c] for c in used_pois.tolist()])
     max_poi = int(poi_new[used_pois].max())

@@ -124,8 +124,24 @@ def read_delimited(path: Path, file_index: int, ncols: int, *, delimiter: str, h
             columns = names or []
         convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in columns}, strings_can_be_null=False,
                                        quoted_strings_can_be_null=False)
-        parsed = pacsv.read_csv(pa.py_buffer(data), read_options=read_options, parse_options=parse_options,
-                                convert_options=convert)
+        # First on every core: if no row is malformed (the usual case) that is the result; pyarrow tells
+        # a malformed row's line number only when it reads on one thread, so then it reads again that way.
+        malformed: list[int] = []
+
+        def count(row: Any) -> str:
+            malformed.append(1)
+            return "skip"
+
+        threaded = pacsv.ReadOptions(use_threads=True, column_names=names, encoding=read_options.encoding,
+                                     block_size=1 << 24)
+        parsed = pacsv.read_csv(pa.py_buffer(data), read_options=threaded, convert_options=convert,
+                                parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if quote else False,
+                                                                 ignore_empty_lines=False, newlines_in_values=False,
+                                                                 invalid_row_handler=count))
+        if malformed:
+            del parsed
+            parsed = pacsv.read_csv(pa.py_buffer(data), read_options=read_options, parse_options=parse_options,
+                                    convert_options=convert)
     except pa.ArrowInvalid as exc:
         raise DataError(f"Cannot read {path} as a {'CSV' if delimiter == ',' else 'tab-separated'} file: "
                         f"{str(exc).splitlines()[0]}.") from None

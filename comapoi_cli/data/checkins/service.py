@@ -233,8 +233,10 @@ def _prepare(paths: Sequence[str | os.PathLike[str]], dataset: str, settings: Pr
     steps.append({"step": "read", "lines": table.lines_read, "rows": n_read, "rejected": len(table.rejects),
                   "rejected_by_reason": dict(sorted(reasons.items()))})
     if n_read == 0:
+        first = table.rejects[0] if table.rejects else None
+        why = f"; line {first.line}: {first.reason}, {first.detail}" if first else ""
         raise DataError(f"No check-in could be read from {', '.join(map(str, files))} as {reader.name} "
-                        f"({len(table.rejects)} line(s) rejected).", hint="See the reasons with --json, or check --from.")
+                        f"({len(table.rejects)} line(s) rejected{why}).", hint="Check --from (data prepare --list-formats).")
     keep_ids = table.keep_ids if settings.keep_ids is None else settings.keep_ids
 
     user_codes_arr = _encoded(cols["user"])

@@ -297,6 +297,10 @@ def test_real_getnext_head(tmp_path, registry_env):
         "Bar,40.96517162512245,-74.06274608234698" in (out / "head" / "head_poi_info.csv").read_text()
     stats = run_comapoi("data", "stats", str(out / "head" / "head_test.jsonl"), "--dataset", "head", "--json", env=registry_env)
     assert stats.returncode == 0, stats.stderr
+    # 25 POIs are too few for the agent records' 100 distinct candidates: one sentence (it used to loop forever)
+    synth = run_comapoi("data", "synth", "--dataset", "head", "--source", str(out / "head" / "head_train.jsonl"),
+                        "--output-dir", str(out), env=registry_env, timeout=120)
+    assert synth.returncode == 1 and "at least 100 POIs" in synth.stderr and "Traceback" not in synth.stderr
 
 
 def test_a_plugin_reader(tmp_path, registry_env):

@@ -251,8 +251,9 @@ def _prepare(paths: Sequence[str | os.PathLike[str]], dataset: str, settings: Pr
     line = np.asarray(cols["line"], dtype=np.int64)
     lat = np.asarray(cols["lat"], dtype=np.float64)
     lon = np.asarray(cols["lon"], dtype=np.float64)
-    if keep_ids and not pc.all(pc.match_substring_regex(poi_dict, r"^\d{1,12}$")).as_py():
-        raise DataError("The POI ids are not whole numbers, so they cannot be kept; leave out --keep-ids.")
+    if keep_ids and not (pc.all(pc.match_substring_regex(poi_dict, r"^\d{1,12}$")).as_py()
+                         and pc.all(pc.match_substring_regex(user_dict, r"^\d{1,12}$")).as_py()):
+        raise DataError("The user or POI ids are not whole numbers, so they cannot be kept; use --remap-ids.")
     # The first row of each POI (input order) gives its category and coordinates.
     first_row = np.full(len(poi_dict), len(p), dtype=np.int64)
     first_row[p[::-1]] = np.arange(len(p) - 1, -1, -1)  # the last write wins: each POI's first row

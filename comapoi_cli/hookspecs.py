@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only (no import cost at start-up)
     import typer
 
     from comapoi_cli.backends import Backend
+    from comapoi_cli.data.checkins.readers import CheckinReader
     from comapoi_cli.pipeline.engines import Engine
     from comapoi_cli.pipeline.retrieval import Retriever
     from comapoi_cli.roles import AgentRole
@@ -87,4 +88,18 @@ def register_retrievers(register: "Callable[[Retriever], None]") -> None:
         ``description``, ``prepare(index)`` (called once with the training trajectories and the
         POI table) and ``retrieve(item, k) -> list[int]`` (up to ``k`` ids, best first, for one
         test trajectory). Built in: ``transitions`` (offline and deterministic).
+    """
+
+
+# -- comapoi data prepare: raw check-in formats ------------------------------------------------------------
+
+@hookspec
+def register_checkin_readers(register: "Callable[[CheckinReader], None]") -> None:
+    """Register raw check-in formats for ``comapoi data prepare --from NAME``.
+
+    :param register: call ``register(reader)`` once per format, where ``reader`` is an instance of
+        a subclass of ``comapoi_cli.data.checkins.readers.CheckinReader``: a ``name``, a
+        ``description`` and ``read(paths, options) -> CheckinTable`` (columns user, poi, category,
+        lat, lon, utc seconds, offset minutes, file, line; unreadable rows as ``Reject`` records).
+        Built in: ``tsmc2014``, ``gowalla``, ``getnext``, ``comapoi``.
     """

@@ -30,6 +30,7 @@ DEFAULT_PLUGINS = (
     "comapoi_cli.default_plugins.pipeline_engines",
     "comapoi_cli.default_plugins.pipeline_retrievers",
     "comapoi_cli.default_plugins.teacher_engines",
+    "comapoi_cli.default_plugins.checkin_readers",
 )
 
 

@@ -9,6 +9,10 @@ coordinates carry).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pathlib import Path
 
 # Foursquare category names as they appear in the NYC and TKY check-ins (quirks included:
 # "Ramen /  Noodle House" has two spaces, "Café" is UTF-8).
@@ -69,7 +73,73 @@ PRESETS: dict[str, DatasetPreset] = {
 
 
 def preset_for(dataset: str | None) -> DatasetPreset | None:
-    """The preset of a dataset name (case-insensitive), or None for a dataset comapoi does not know."""
+    """The preset of a dataset name (case-insensitive), or None for a dataset comapoi does not know.
+
+    Besides the built-in presets, a city recorded by ``comapoi data prepare`` (see ``prepared_preset``)."""
     if not dataset:
         return None
-    return PRESETS.get(dataset.lower())
+    return PRESETS.get(dataset.lower()) or prepared_preset(dataset)
+
+
+# -- datasets prepared by ``comapoi data prepare`` ----------------------------------------------------------
+#: Where ``comapoi data prepare`` records a new city so that train, eval and pipeline know it by name:
+#: ``$COMAPOI_DATASETS_DIR/{name}.json`` (default ``$XDG_CONFIG_HOME/comapoi/datasets``, else
+#: ``~/.config/comapoi/datasets``). A ``{data_dir}/{name}/dataset.json`` beside the prepared files
+#: (``$COMAPOI_DATA_DIR`` or ``./data``) is found too.
+DATASETS_ENV = "COMAPOI_DATASETS_DIR"
+
+
+def datasets_dir() -> Path:
+    import os
+    from pathlib import Path
+
+    if os.environ.get(DATASETS_ENV):
+        return Path(os.environ[DATASETS_ENV])
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "comapoi" / "datasets"
+
+
+def _from_record(data: dict) -> DatasetPreset | None:
+    try:
+        bbox = tuple(float(x) for x in data["bbox"])
+        return DatasetPreset(str(data["name"]), str(data.get("description") or ""), int(data["max_poi_id"]),
+                             int(data.get("train_trajectories") or 0), int(data.get("test_trajectories") or 0),
+                             (bbox[0], bbox[1], bbox[2], bbox[3]), tuple(int(y) for y in data.get("years") or ()),
+                             tuple(str(c) for c in data.get("categories") or ()) or _FOURSQUARE_COMMON,
+                             int(data.get("coord_decimals", 8)))
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None
+
+
+def prepared_preset(dataset: str) -> DatasetPreset | None:
+    """The preset ``comapoi data prepare`` recorded for a new city, or None."""
+    import json
+    import os
+    from pathlib import Path
+
+    name = dataset.lower()
+    if not name or "/" in name or name.startswith("."):
+        return None
+    candidates = [datasets_dir() / f"{name}.json",
+                  Path(os.environ.get("COMAPOI_DATA_DIR") or "data") / dataset / "dataset.json"]
+    for path in candidates:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and str(data.get("name", "")).lower() == name:
+            preset = _from_record(data)
+            if preset is not None:
+                return preset
+    return None
+
+
+def register_dataset(record: dict, source: Path) -> Path:
+    """Record a prepared city (``dataset.json``'s content) so that ``preset_for(name)`` finds it."""
+    import json
+
+    from comapoi_cli.fileio import write_text_atomic
+
+    target = datasets_dir() / f"{str(record['name']).lower()}.json"
+    write_text_atomic(target, json.dumps({**record, "source": str(source.resolve())}, indent=2, ensure_ascii=False) + "\n")
+    return target

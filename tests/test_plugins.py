@@ -148,7 +148,7 @@ def test_comapoi_plugins_env_restricts_third_party_plugins(tmp_path, critic_site
     assert {"comapoi_roles", "trl_backend"} <= names  # built-ins always load
     none = json.loads(run_comapoi("plugins", "list", "--json", env={**env, "COMAPOI_PLUGINS": ""}).stdout)
     assert {p["name"] for p in none["plugins"]} == {"comapoi_roles", "trl_backend", "pipeline_engines", "pipeline_retrievers",
-                                                           "teacher_engines"}
+                                                           "teacher_engines", "checkin_readers"}
 
 
 def test_unknown_backend_and_role_are_usage_errors():

@@ -25,7 +25,7 @@ from comapoi_cli.errors import ComapoiError
 
 #: The built-in commands: name -> ("module:attribute", one-line help shown by ``comapoi --help``).
 COMMANDS: dict[str, tuple[str, str]] = {
-    "data": ("comapoi_cli.cli.data:app", "Prepare CoMaPOI training data: clean, split, merge, stats, synth."),
+    "data": ("comapoi_cli.cli.data:app", "Prepare CoMaPOI training data: prepare, clean, split, merge, stats, synth."),
     "train": ("comapoi_cli.cli.train:command", "Fine-tune a LoRA / QLoRA adapter for one CoMaPOI agent role (or all roles merged)."),
     "eval": ("comapoi_cli.cli.eval:app", "Score an adapter on held-out data, or score a predictions file."),
     "adapters": ("comapoi_cli.cli.adapters:app", "Inspect, merge and export trained adapters for serving."),

@@ -16,7 +16,7 @@ from comapoi_cli.cli.fields import number_option, old_spelling, one_of, trust_re
 from comapoi_cli.cli.render import console, markup, print_json, success, table, warn
 from comapoi_cli.errors import DataError, UsageError
 
-app = typer.Typer(help="Prepare CoMaPOI training data: clean, split, merge, stats, synth, build.", no_args_is_help=True)
+app = typer.Typer(help="Prepare CoMaPOI training data: prepare, clean, split, merge, stats, synth, build.", no_args_is_help=True)
 
 _DATA_DIR_HELP = "Folder holding {dataset}/ (default: $COMAPOI_DATA_DIR or ./data)."
 _JSON_HELP = "Print the summary as JSON (for scripts)."
@@ -467,3 +467,81 @@ def build(
             f" -> {result.output_dir}{rate}")
     for note in result.notes:
         warn(note)
+# -- prepare -----------------------------------------------------------------------------------
+#: The paper's users / POIs (CoMaPOI, Table 1), shown beside a prepared preset city.
+_PAPER = {"nyc": (988, 5086), "tky": (2206, 7849), "ca": (1818, 13564)}
+
+
+@app.command()
+def prepare(
+    raw: Optional[List[Path]] = typer.Argument(None, help="Raw check-in file(s) in the --from format."),
+    fmt: Optional[str] = typer.Option(None, "--from", help="Format: tsmc2014, gowalla, getnext, comapoi (or a plugin's); --list-formats shows them."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Name of the result: {output-dir}/{NAME}/{NAME}_train.jsonl ...; a new name becomes a dataset other commands know."),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Folder that receives {dataset}/ (default: $COMAPOI_DATA_DIR or ./data)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace prepared files that are already there."),
+    min_user_checkins: int = number_option(10, "--min-user-checkins", whole=True, minimum=1, help="Drop users with fewer check-ins (repeated with the POI rule until stable)."),
+    min_poi_checkins: int = number_option(10, "--min-poi-checkins", whole=True, minimum=1, help="Drop POIs with fewer check-ins."),
+    session_gap_hours: Optional[float] = number_option(None, "--session-gap-hours", minimum=0, help="Cut a user's sessions at gaps over this many hours (default 24; 0: no cut; getnext: its trajectory_id unless given)."),
+    split: str = typer.Option("80/10/10", "--split", help="Train/val/test shares of the check-ins, in time order."),
+    keep_unseen: bool = typer.Option(False, "--keep-unseen", help="Keep val/test check-ins of users and POIs not seen in training."),
+    window: int = number_option(30, "--window", whole=True, minimum=2, help="Check-ins per trajectory at most, the label included (CoMaPOI: 30)."),
+    region: Optional[str] = typer.Option(None, "--region", help="Keep check-ins inside a named region: ca (California + Nevada)."),
+    bbox: Optional[str] = typer.Option(None, "--bbox", help="Keep check-ins inside LAT_MIN,LAT_MAX,LON_MIN,LON_MAX."),
+    utc_offset: Optional[int] = number_option(None, "--utc-offset", whole=True, minimum=-1440, help="Minutes added to UTC for formats without an offset column (gowalla; default 0)."),
+    encoding: str = typer.Option("auto", "--encoding", help="auto (UTF-8, else Latin-1 for the whole file), utf-8 (bad lines rejected) or latin-1."),
+    coord_decimals: Optional[int] = number_option(None, "--coord-decimals", whole=True, minimum=0, help="Round coordinates to this many decimals (default: as read)."),
+    spots: Optional[Path] = typer.Option(None, "--spots", help="gowalla: spots CSV (id + spot_categories or category) for the POI categories."),
+    keep_ids: Optional[bool] = typer.Option(None, "--keep-ids/--remap-ids", help="Keep the source's integer ids (default for comapoi) or map them to 0..N-1."),
+    list_formats: bool = typer.Option(False, "--list-formats", help="List the registered formats and exit."),
+    as_json: bool = typer.Option(False, "--json", help=_JSON_HELP),
+) -> None:
+    """Turn public raw check-ins into CoMaPOI's trajectories: {NAME}_train/_val/_test.jsonl, {NAME}_poi_info.csv, prepare.json."""
+    from comapoi_cli.data.checkins import PrepareSettings, checkin_readers, parse_bbox, parse_split, prepare_checkins
+
+    registry = _registry()
+    if list_formats:
+        readers = checkin_readers(registry)
+        if as_json:
+            print_json([{"format": name, "description": r.description} for name, r in readers.items()])
+            return
+        console.print(table("Check-in formats (--from)", ["format", "what"], [(n, r.description) for n, r in readers.items()]))
+        return
+    if not fmt:
+        raise UsageError("Say which format the files are in: --from tsmc2014|gowalla|getnext|comapoi.")
+    if not dataset:
+        raise UsageError("Name the result: --dataset NAME.")
+    if not raw:
+        raise UsageError("Give the raw check-in file(s) to prepare.")
+    if region and bbox:
+        raise UsageError("Give --region or --bbox, not both.")
+    settings = PrepareSettings(fmt=fmt, min_user_checkins=min_user_checkins, min_poi_checkins=min_poi_checkins,
+                               session_gap_hours=session_gap_hours, split=parse_split(split), keep_unseen=keep_unseen,
+                               window=window, region=region.lower() if region else None,
+                               bbox=parse_bbox(bbox) if bbox else None, utc_offset=utc_offset, encoding=encoding.lower(),
+                               coord_decimals=coord_decimals, spots=spots, keep_ids=keep_ids)
+    result = prepare_checkins(raw, dataset, settings, registry=registry, output_dir=output_dir, overwrite=overwrite,
+                              reporter=_reporter())
+    if as_json:
+        print_json(result.to_dict())
+        return
+    record = result.record
+    rows = []
+    for step in record["steps"]:
+        shown = {k: v for k, v in step.items() if k not in ("step", "rule", "boxes", "rejected_by_reason")}
+        rows.append((step["step"], ", ".join(f"{k} {v}" for k, v in shown.items())))
+    console.print(table(f"prepare {dataset} from {record['format']}", ["step", "counts"], rows))
+    paper = _PAPER.get(dataset.lower())
+    split_rows = [(name, s["users"], s["pois"], s["checkins"], s["trajectories"]) for name, s in record["summary"].items()]
+    if paper:
+        split_rows.append(("paper (test)", paper[0], paper[1], "", paper[0]))
+    console.print(table("Result", ["split", "users", "POIs", "check-ins", "trajectories"], split_rows))
+    read = record["steps"][0]
+    if result.rejected:
+        warn(f"{result.rejected} raw line(s) could not be read ("
+             + ", ".join(f"{r} {n}" for r, n in read["rejected_by_reason"].items()) + f"): {result.files['rejects']}")
+    for note in result.notes:
+        warn(note)
+    if result.registered:
+        console.print(f"New dataset '{dataset}' recorded in {result.registered}: train, eval and pipeline accept --dataset {dataset}.",
+                      markup=False, soft_wrap=True)
+    success(f"Prepared {result.folder} ({record['id_maps']['users']} users, {record['id_maps']['pois']} POIs)")

@@ -621,6 +621,8 @@ def synth_dataset(
         if max_id is None:
             max_id = max(max(world.info), max(t.next_poi for t in trajs))
             world.max_id = max_id
+        if max_id + 1 < SIMILAR:  # the candidate lists draw SIMILAR distinct ids: fewer would never end
+            raise DataError(f"{src} names POI ids up to {max_id} only; the agent records need at least {SIMILAR} POIs.")
         groups: Iterator[tuple[int, list[Trajectory], Trajectory | None]] = ((t.user, [t], None) for t in trajs)
         planned = len(trajs)
     else:

@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping
 
 from comapoi_cli.errors import UsageError
 from comapoi_cli.roles import MERGED
+from comapoi_cli.models.smollm2 import SMOLLM2
 from comapoi_cli.training.job import DEFAULT_TARGET_MODULES, TINY, TINY_LEARNING_RATE, TrainingJob, _safe_name
 
 ENV_DATA_DIR = "COMAPOI_DATA_DIR"
@@ -206,7 +207,7 @@ class ModelLocation:
 
 
 _MODEL_HINT = ("Pass --model_path DIR (the folder that holds the model's folder) with --model NAME, or --model DIR, "
-               "a Hugging Face id such as Qwen/Qwen2.5-7B-Instruct, or --model tiny.")
+               "a Hugging Face id such as Qwen/Qwen2.5-7B-Instruct, --model tiny or --model smollm2-135m.")
 
 
 def _check_folder(folder: Path, name: str) -> ModelLocation:
@@ -229,6 +230,8 @@ def locate_model(model: str, model_path: str | None, env: Mapping[str, str] | No
     short = _safe_name(Path(model.rstrip("/")).name)
     if model.lower() == TINY and not model_path:
         return ModelLocation("tiny", TINY, TINY)
+    if model.lower() == SMOLLM2 and not model_path:  # converted from its PyPI wheel on first use (models/smollm2.py)
+        return ModelLocation("smollm2", SMOLLM2, SMOLLM2)
     if model_path:
         folder = Path(model_path).expanduser() / model
         if folder.is_dir():

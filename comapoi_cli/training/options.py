@@ -197,7 +197,7 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
 # -- the base model ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ModelLocation:
-    """Where ``--model`` / ``--model_path`` point. ``kind``: tiny, local, hub or missing."""
+    """Where ``--model`` / ``--model_path`` point. ``kind``: tiny, smollm2-135m, local, hub or missing."""
 
     kind: str
     ref: str  #: ``tiny``, an absolute folder, or a Hugging Face id (for ``missing``: what was looked for)
@@ -231,7 +231,7 @@ def locate_model(model: str, model_path: str | None, env: Mapping[str, str] | No
     if model.lower() == TINY and not model_path:
         return ModelLocation("tiny", TINY, TINY)
     if model.lower() == SMOLLM2 and not model_path:  # converted from its PyPI wheel on first use (models/smollm2.py)
-        return ModelLocation("smollm2", SMOLLM2, SMOLLM2)
+        return ModelLocation(SMOLLM2, SMOLLM2, SMOLLM2)
     if model_path:
         folder = Path(model_path).expanduser() / model
         if folder.is_dir():

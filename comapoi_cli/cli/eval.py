@@ -50,7 +50,7 @@ def eval_adapter(
         show_default=False, rich_help_panel="What to evaluate"),
     num_samples: int = number_option(0, "--num-samples", whole=True, minimum=0, help="Evaluate only the first N records (0 = all).", rich_help_panel="What to evaluate"),
     model: Optional[str] = typer.Option(
-        None, "--model", help="Base model folder (or 'tiny'). Default: the base model recorded in run.json.",
+        None, "--model", help="Base model folder (or 'tiny', 'smollm2-135m'). Default: the base model recorded in run.json.",
         show_default=False, rich_help_panel="Generation"),
     batch_size: int = number_option(8, "--batch-size", whole=True, minimum=1, help="Prompts per generation batch.",
                                    rich_help_panel="Generation"),

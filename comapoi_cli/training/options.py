@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from comapoi_cli.errors import UsageError
+from comapoi_cli.models.smollm2 import SMOLLM2
 from comapoi_cli.roles import MERGED
 from comapoi_cli.training.job import DEFAULT_TARGET_MODULES, TINY, TINY_LEARNING_RATE, TrainingJob, _safe_name
 
@@ -196,7 +197,7 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
 # -- the base model ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ModelLocation:
-    """Where ``--model`` / ``--model_path`` point. ``kind``: tiny, local, hub or missing."""
+    """Where ``--model`` / ``--model_path`` point. ``kind``: tiny, smollm2-135m, local, hub or missing."""
 
     kind: str
     ref: str  #: ``tiny``, an absolute folder, or a Hugging Face id (for ``missing``: what was looked for)
@@ -206,7 +207,7 @@ class ModelLocation:
 
 
 _MODEL_HINT = ("Pass --model_path DIR (the folder that holds the model's folder) with --model NAME, or --model DIR, "
-               "a Hugging Face id such as Qwen/Qwen2.5-7B-Instruct, or --model tiny.")
+               "a Hugging Face id such as Qwen/Qwen2.5-7B-Instruct, --model tiny or --model smollm2-135m.")
 
 
 def _check_folder(folder: Path, name: str) -> ModelLocation:
@@ -229,6 +230,8 @@ def locate_model(model: str, model_path: str | None, env: Mapping[str, str] | No
     short = _safe_name(Path(model.rstrip("/")).name)
     if model.lower() == TINY and not model_path:
         return ModelLocation("tiny", TINY, TINY)
+    if model.lower() == SMOLLM2 and not model_path:  # converted from its PyPI wheel on first use (models/smollm2.py)
+        return ModelLocation(SMOLLM2, SMOLLM2, SMOLLM2)
     if model_path:
         folder = Path(model_path).expanduser() / model
         if folder.is_dir():

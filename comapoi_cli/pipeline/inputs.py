@@ -277,6 +277,8 @@ def parse_plain(record: Any, max_poi_id: int, max_user: int | None = None) -> tu
             return f"text that is not a check-in before check-in {number}: {_quote(between.strip())} ({AGENT_RECORD}?)"
         position = match.end()
         stamp, _day, who, poi_text, category, lat_text, lon_text = match.groups()
+        if " visit POI ID " in category:  # the lazy category ran into the next check-in: this one has no coordinates
+            return f"check-in {number} has no coordinates 'lat,lon' ({_quote(category.split(')')[0] + ')')})"
         try:
             when = datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S")
         except ValueError:

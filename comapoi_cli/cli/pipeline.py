@@ -101,6 +101,10 @@ def run(
     compat: str = typer.Option("none", "--compat", help="comapoi: also report what CoMaPOI's own evaluation would print.",
                                rich_help_panel="Output"),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.", rich_help_panel="Output"),
+    allow_train_overlap: bool = typer.Option(False, "--allow-train-overlap",
+                                             help="Score test trajectories that are in --train or in an agent's training "
+                                             "data anyway (refused by default); the scores say so.",
+                                             rich_help_panel="Inputs"),
 ) -> None:
     """Run the chain on test trajectories: Profiler -> Forecaster (with retrieved POIs) -> Final_Predictor.
 
@@ -131,13 +135,14 @@ def run(
         dataset=dataset.lower(), test=test, runs=runs, poi_info=poi_info, train=train, out=out, engine=engine,
         retriever=retriever, url=url, api_key=api_key, served_names=_pairs(served_name, "--served-name"), model=model,
         device=device, quant=quant, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit, resume=resume,
-        overwrite=overwrite, top_k=top_k, compat=compat.lower(), trust_remote_code=trust_remote_code)
+        overwrite=overwrite, top_k=top_k, compat=compat.lower(), trust_remote_code=trust_remote_code,
+        allow_train_overlap=allow_train_overlap)
     try:
         result = run_pipeline(request, get_registry(), _reporter(as_json))
     except KeyboardInterrupt:
         from comapoi_cli.errors import ComapoiError
 
-        raise ComapoiError("Interrupted; every whole batch is saved in the output folder.",
+        raise ComapoiError("Interrupted (Ctrl-C or SIGTERM); every whole batch is saved in the output folder.",
                            hint="Continue with the same command and --resume.", exit_code=130) from None
     if as_json:
         print_json({"out": str(result.out), "predictions": str(result.predictions), "rejects": str(result.rejects),
@@ -190,6 +195,9 @@ def print_scores(scores: dict[str, Any], title: str) -> None:
                         [(key, *(_fmt(m.get(key)) for _, m in columns)) for key in keys]))
     console.print(table("label found in (candidate recall %)", ["stage", "recall %"],
                         [(name, _fmt(value)) for name, value in scores["stages"].items()]))
+    overlap = scores.get("train_overlap")
+    if isinstance(overlap, dict) and overlap.get("warning"):
+        console.print(f"WARNING, NOT HELD OUT: {overlap['warning']}", style="bold", highlight=False, markup=False)
     if scores.get("lines_with_problems"):
         console.print(f"{scores['lines_with_problems']} trajectories had an agent answer missing (see 'problems' in the file).",
                       highlight=False)

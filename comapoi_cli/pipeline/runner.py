@@ -12,6 +12,7 @@ slices of the test file, so a resumed run ends with the same file (timings aside
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -23,7 +24,7 @@ from typing import Any
 
 from comapoi_cli.errors import DataError, UsageError
 from comapoi_cli.fileio import read_json, sha256_file, write_json_atomic
-from comapoi_cli.pipeline import hooks
+from comapoi_cli.pipeline import checks, hooks
 from comapoi_cli.pipeline.chain import ChainContext, ChainItem
 from comapoi_cli.pipeline.engines import EngineSpec
 from comapoi_cli.pipeline.inputs import ChainInputs, load_inputs
@@ -32,6 +33,7 @@ from comapoi_cli.pipeline.scoring import read_predictions, score_lines
 from comapoi_cli.presets import preset_for
 from comapoi_cli.reporting import Reporter
 from comapoi_cli.roles import MERGED
+from comapoi_cli.runs.layout import LOCK_FILE
 
 PREDICTIONS = "predictions.jsonl"
 REJECTS = "rejects.jsonl"
@@ -64,6 +66,7 @@ class PipelineRequest:
     top_k: int = 10
     compat: str = "none"
     trust_remote_code: bool = False
+    allow_train_overlap: bool = False          # score test trajectories that were training data (said loudly)
 
 
 @dataclass
@@ -157,6 +160,7 @@ def _settings(request: PipelineRequest, chain: list[Any], adapters: dict[str, Pa
         "chain": [f"{role.id}.{step}" for role in chain for step in role.chain_steps()],
         "runs": {rid: str(Path(p).resolve()) for rid, p in request.runs.items()},
         "adapters": {name: str(path) for name, path in adapters.items()},
+        "adapter_sha256": checks.adapter_digests(adapters),
         "base_model": base,
         "engine": request.engine,
         "url": request.url,
@@ -221,7 +225,66 @@ def _append(path: Path, lines: list[dict[str, Any]]) -> None:
 
 
 def run_pipeline(request: PipelineRequest, registry: Any, reporter: Reporter) -> PipelineResult:
-    """Run the chain on the test trajectories and score it (see the module doc)."""
+    """Run the chain on the test trajectories and score it (see the module doc).
+
+    SIGTERM stops it like Ctrl-C (``KeyboardInterrupt``): every whole batch is kept for ``--resume``;
+    the output folder is locked while it runs.
+    """
+    from comapoi_cli.data.blocks import sigterm_as_interrupt
+
+    with sigterm_as_interrupt(), contextlib.ExitStack() as stack:
+        return _run_pipeline(request, registry, reporter, stack)
+
+
+def _check_inputs(request: PipelineRequest, runs: dict[str, Any], out: Path, test: Path, train: Path, poi: Path) -> None:
+    """The checks before anything is read or written (docs/pipeline.md, "Checks before scoring")."""
+    checks.check_run_datasets(request.dataset, runs)
+    checks.check_runs_not_locked(runs)
+    checks.check_output_dir(out)
+    outputs = [out / PREDICTIONS, out / REJECTS, out / RECORD, out / LOCK_FILE]
+    checks.check_outputs_not_inputs(outputs, {"--test": test, "--train": train, "--poi-info": poi})
+
+
+def _lock_output(out: Path, stack: contextlib.ExitStack, reporter: Reporter) -> None:
+    """One writer per output folder, like run folders (``runs.lock``): a second run is refused, naming the first."""
+    from comapoi_cli.runs.lock import hold_lock
+
+    stack.enter_context(hold_lock(out / LOCK_FILE, f"The output folder {out}", on_stale=reporter.info))
+
+
+def _check_overlap(request: PipelineRequest, inputs: ChainInputs, runs: dict[str, Any], train: Path,
+                   notes: list[str], reporter: Reporter) -> dict[str, Any] | None:
+    """Refuse test trajectories that were training data (``--train`` or an agent's), unless allowed: then say it."""
+    found, overlap_notes = checks.train_overlap(inputs.items, inputs.train_keys, runs, train)
+    notes.extend(overlap_notes)
+    if not found:
+        return None
+    detail = checks.describe_overlap(found, len(inputs.items))
+    if not request.allow_train_overlap:
+        raise DataError(f"Test trajectories were training data ({detail}), so their scores would not be held out; "
+                        "use training data without the test trajectories, or pass --allow-train-overlap to score them anyway.")
+    reporter.warn(f"--allow-train-overlap: {detail}; these scores are NOT held-out scores.")
+    return {"allowed": True, "test_trajectories": len(inputs.items),
+            "sources": {source: {"count": len(keys), "keys": keys} for source, keys in found.items()},
+            "warning": f"{detail}: these scores are not held-out scores (--allow-train-overlap)"}
+
+
+def _check_resume_adapters(previous: dict[str, Any], settings: dict[str, Any], notes: list[str]) -> None:
+    """A ``--resume`` continues with the adapters it started with: a retrained run is refused, naming it."""
+    recorded = previous.get("adapter_sha256")
+    if not isinstance(recorded, dict):
+        notes.append("the run started before adapter digests were recorded: not checked that the adapters are the same")
+        previous["adapter_sha256"] = settings["adapter_sha256"]
+        return
+    changed = [name for name, digest in settings["adapter_sha256"].items() if recorded.get(name) != digest]
+    if changed:
+        detail = "; ".join(f"{name} ({settings['adapters'].get(name)}): sha256 {settings['adapter_sha256'][name][:12]} now, "
+                           f"{str(recorded.get(name))[:12]} when the run started" for name in changed)
+        raise UsageError(f"--resume: the adapter weights changed since this run started ({detail}): the predictions "
+                         "would mix two adapters; start over with --overwrite, or restore the adapter.")
+
+
+def _run_pipeline(request: PipelineRequest, registry: Any, reporter: Reporter, stack: contextlib.ExitStack) -> PipelineResult:
     started = time.monotonic()
     preset = preset_for(request.dataset)
     if preset is None:
@@ -239,12 +302,16 @@ def run_pipeline(request: PipelineRequest, registry: Any, reporter: Reporter) ->
     train = Path(request.train) if request.train else folder / f"{request.dataset}_train.jsonl"
     runs, base, first_run = _resolve_runs(request)
     adapters, role_adapters = _adapters(request, runs)
-    inputs: ChainInputs = load_inputs(request.dataset, preset.max_poi_id, preset.coord_decimals, test, poi, train)
     out = Path(request.out) if request.out else Path("output") / "pipeline" / request.dataset
-    out.mkdir(parents=True, exist_ok=True)
+    _check_inputs(request, runs, out, test, train, poi)
+    inputs: ChainInputs = load_inputs(request.dataset, preset.max_poi_id, preset.coord_decimals, test, poi, train,
+                                      max_user=preset.users - 1)
+    notes: list[str] = []
+    overlap = _check_overlap(request, inputs, runs, train, notes, reporter)
+    checks.make_output_dir(out)
+    _lock_output(out, stack, reporter)
     predictions, rejects, record_path = out / PREDICTIONS, out / REJECTS, out / RECORD
     settings = _settings(request, chain, adapters, base, test, train, poi)
-    notes: list[str] = []
 
     done_rows: list[dict[str, Any]] = []
     if predictions.exists() and predictions.stat().st_size and not request.overwrite:
@@ -256,6 +323,7 @@ def run_pipeline(request: PipelineRequest, registry: Any, reporter: Reporter) ->
             previous = None
         if not isinstance(previous, dict):
             raise DataError(f"{record_path} is missing or unreadable: --resume cannot check the settings (use --overwrite).")
+        _check_resume_adapters(previous, settings, notes)
         changed = [key for key in settings if previous.get(key) != settings[key]]
         if changed:
             raise UsageError(f"--resume: {out} was started with other settings ({', '.join(changed)}); "
@@ -273,10 +341,16 @@ def run_pipeline(request: PipelineRequest, registry: Any, reporter: Reporter) ->
     if inputs.train_skipped:
         notes.append(f"{inputs.train_skipped} training line{'s' if inputs.train_skipped != 1 else ''} are not trajectories (skipped)")
     if inputs.poi_bad_rows:
-        notes.append(f"{inputs.poi_bad_rows} row{'s' if inputs.poi_bad_rows != 1 else ''} of {poi} are not POIs (skipped)")
+        shown = "; ".join(f"line {r.line}: {r.reason}" for r in inputs.poi_rejected[:3])
+        notes.append(f"{inputs.poi_bad_rows} row{'s' if inputs.poi_bad_rows != 1 else ''} of {poi} are not POIs (skipped: "
+                     f"{shown}{'; ...' if inputs.poi_bad_rows > 3 else ''}; all in {RECORD})")
     for note in notes:
         reporter.info(note)
     record: dict[str, Any] = {"settings": settings, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if inputs.poi_rejected:
+        record["poi_rejected"] = [r.to_dict() for r in inputs.poi_rejected]
+    if overlap:
+        record["train_overlap"] = overlap
     write_json_atomic(record_path, record)
 
     items = inputs.items[: request.limit] if request.limit else inputs.items
@@ -321,6 +395,8 @@ def run_pipeline(request: PipelineRequest, registry: Any, reporter: Reporter) ->
             session.close()
     rows = read_predictions(predictions)
     scores = score_lines(rows, top_k=request.top_k, compat=request.compat)
+    if overlap:
+        scores["train_overlap"] = overlap
     seconds = time.monotonic() - started
     record.update({"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "engine": engine_description or None,
                    "trajectories": len(rows), "rejected": len(inputs.rejected), "scores": scores,

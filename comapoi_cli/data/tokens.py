@@ -41,7 +41,7 @@ def resolve_tokenizer(name: str | os.PathLike[str] | None, corpus_files) -> str 
         return None if name is None else str(name)
     if Path(TINY).exists():  # a folder really named "tiny" in the current directory wins
         return TINY
-    from comapoi_cli.training.tiny import ensure_tiny_model
+    from comapoi_cli.models.tiny import ensure_tiny_model
 
     return str(ensure_tiny_model([str(f) for f in corpus_files]))
 

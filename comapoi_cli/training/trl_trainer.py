@@ -270,7 +270,7 @@ class TRLTrainingPath:
 
     def model_dir(self, prepared: Any) -> str:
         if self.job.is_tiny:
-            from comapoi_cli.training.tiny import ensure_tiny_model, tiny_corpus
+            from comapoi_cli.models.tiny import ensure_tiny_model, tiny_corpus
 
             job = self.job
             corpus = [prepared.train_path]
@@ -664,7 +664,7 @@ def _describe_model(job: TrainingJob, model_dir: str, model: Any) -> dict[str, A
     config = getattr(model, "config", None)
     tiny: dict[str, Any] = {}
     if job.is_tiny:
-        from comapoi_cli.training.tiny import tiny_description
+        from comapoi_cli.models.tiny import tiny_description
 
         tiny = tiny_description(model_dir)  # name tiny:<dataset>:<key>, dataset, key, corpus (to rebuild it)
     return {

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from comapoi_cli.presets import DatasetPreset, preset_for
 
 if TYPE_CHECKING:  # light at run time: roles load on every command
-    from comapoi_cli.pipeline.chain import ChainContext, ChainItem
+    from comapoi_cli.chain import ChainContext, ChainItem
 
 #: ``--type merged`` trains on every role's data together; it is not a role.
 MERGED = "merged"

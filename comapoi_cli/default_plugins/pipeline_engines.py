@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 from comapoi_cli.errors import ComapoiError, UsageError
 from comapoi_cli.hookspecs import hookimpl
-from comapoi_cli.pipeline.engines import Engine, EngineSession, EngineSpec, Generation
+from comapoi_cli.engines import Engine, EngineSession, EngineSpec, Generation
 from comapoi_cli.reporting import Reporter
 
 

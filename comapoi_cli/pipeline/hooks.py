@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from comapoi_cli.errors import UsageError
-from comapoi_cli.pipeline.engines import Engine
-from comapoi_cli.pipeline.retrieval import Retriever
+from comapoi_cli.engines import Engine
+from comapoi_cli.retrievers import Retriever
 
 
 def _collect(registry: Any, hook_name: str, base: type, kind: str) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any
 
 from comapoi_cli.data import synth
 from comapoi_cli.errors import DataError
-from comapoi_cli.pipeline.chain import ChainItem
+from comapoi_cli.chain import ChainItem
 
 POI_COLUMNS = ("poi_id", "category", "lat", "lon")
 

@@ -24,10 +24,10 @@ from typing import Any
 from comapoi_cli.errors import DataError, UsageError
 from comapoi_cli.fileio import read_json, sha256_file, write_json_atomic
 from comapoi_cli.pipeline import hooks
-from comapoi_cli.pipeline.chain import ChainContext, ChainItem
-from comapoi_cli.pipeline.engines import EngineSpec
+from comapoi_cli.chain import ChainContext, ChainItem
+from comapoi_cli.engines import EngineSpec
 from comapoi_cli.pipeline.inputs import ChainInputs, load_inputs
-from comapoi_cli.pipeline.retrieval import SIMILAR, RetrievalIndex
+from comapoi_cli.retrievers import SIMILAR, RetrievalIndex
 from comapoi_cli.pipeline.scoring import read_predictions, score_lines
 from comapoi_cli.presets import preset_for
 from comapoi_cli.reporting import Reporter

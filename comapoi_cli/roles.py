@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from comapoi_cli.leaks import find_leak_in_messages
 from comapoi_cli.presets import DatasetPreset, preset_for
 
 if TYPE_CHECKING:  # light at run time: roles load on every command
@@ -88,9 +89,7 @@ class AgentRole:
         """Return None unless the prompt of ``record`` gives its label away, else how (the detail of
         the ``label_leak`` check). Default: the generic check, a system or user turn that states the
         true next POI ("True Next POI Information", "next POI ID is 22", ``"next_poi_id": 22``;
-        ``comapoi_cli.data.records.find_leak_in_messages``)."""
-        from comapoi_cli.data.records import find_leak_in_messages
-
+        ``comapoi_cli.leaks.find_leak_in_messages``)."""
         return find_leak_in_messages(record.get("messages") or [])
 
     def group_key(self, record: dict[str, Any]) -> str | None:

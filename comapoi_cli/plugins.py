@@ -20,7 +20,9 @@ import pluggy
 
 from comapoi_cli import hookspecs
 from comapoi_cli.backends import Backend
+from comapoi_cli.engines import Engine
 from comapoi_cli.errors import UsageError
+from comapoi_cli.retrievers import Retriever
 from comapoi_cli.roles import MERGED, AgentRole
 
 ENTRY_POINT_GROUP = "comapoi"
@@ -58,6 +60,8 @@ class Registry:
 
     backends: dict[str, Backend] = field(default_factory=dict)
     roles: dict[str, AgentRole] = field(default_factory=dict)
+    engines: dict[str, Engine] = field(default_factory=dict)
+    retrievers: dict[str, Retriever] = field(default_factory=dict)
     plugins: list[PluginInfo] = field(default_factory=list)
     manager: pluggy.PluginManager | None = None
 
@@ -78,6 +82,22 @@ class Registry:
         except KeyError:
             raise UsageError(
                 f"Unknown agent role '{role_id}'; registered roles: {', '.join(self.roles) or 'none'}."
+            ) from None
+
+    def engine(self, name: str) -> Engine:
+        try:
+            return self.engines[name]
+        except KeyError:
+            raise UsageError(
+                f"Unknown engine '{name}'; registered engines: {', '.join(sorted(self.engines)) or 'none'}."
+            ) from None
+
+    def retriever(self, name: str) -> Retriever:
+        try:
+            return self.retrievers[name]
+        except KeyError:
+            raise UsageError(
+                f"Unknown retriever '{name}'; registered retrievers: {', '.join(sorted(self.retrievers)) or 'none'}."
             ) from None
 
     def training_types(self) -> list[str]:
@@ -235,13 +255,16 @@ def build_registry(load_entry_points: bool = True) -> Registry:
 
             try:
                 impl.function(register)
-                for name, _ in pending:
+                names = [name for name, _ in pending]
+                for name in names:
                     if not name:
                         raise ValueError(f"a {kind} without a name")
                     if name == MERGED and kind == "role":
                         raise ValueError(f"'{MERGED}' is reserved and cannot be a role id")
                     if name in store:
                         raise ValueError(f"{kind} '{name}' is already registered by another plugin")
+                    if names.count(name) > 1:
+                        raise ValueError(f"{kind} '{name}' is registered twice")
             except BaseException as exc:
                 _plugin_failure(exc)
                 if info is not None:
@@ -254,6 +277,8 @@ def build_registry(load_entry_points: bool = True) -> Registry:
 
     collect("register_agent_roles", registry.roles, "role", lambda r: r.id, AgentRole)
     collect("register_backends", registry.backends, "backend", lambda b: b.name, Backend)
+    collect("register_engines", registry.engines, "engine", lambda e: e.name, Engine)
+    collect("register_retrievers", registry.retrievers, "retriever", lambda r: r.name, Retriever)
     return registry
 
 

@@ -39,3 +39,6 @@ class Retriever:
 
     def retrieve(self, item: ChainItem, k: int = SIMILAR) -> list[int]:
         raise NotImplementedError
+
+    def describe(self) -> dict[str, str]:
+        return {"name": self.name, "description": self.description}

@@ -87,8 +87,8 @@ def copy_data_dir(agent_data_dir, tmp_path) -> Path:
 def tiny_model_dir(agent_data_dir) -> Path:
     """The ``--model tiny`` folder for the session data's merged training file."""
     from comapoi_cli.data import prepare_training_data
-    from comapoi_cli.plugins import get_registry
     from comapoi_cli.models.tiny import ensure_tiny_model
+    from comapoi_cli.plugins import get_registry
 
     prepared = prepare_training_data(type_="merged", dataset="nyc", data_dir=agent_data_dir, seed=42, test_size=4,
                                      registry=get_registry())

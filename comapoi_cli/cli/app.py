@@ -111,8 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     reaches us here is a ``ComapoiError`` from a service (one sentence, its own exit code) or an
     unexpected exception (one sentence; ``COMAPOI_DEBUG=1`` shows the traceback).
     """
-    _add_plugin_commands()
     try:
+        _add_plugin_commands()  # inside the try: Ctrl-C while a plugin imports is "Interrupted.", not a traceback
         app(args=argv, prog_name="comapoi")
     except ComapoiError as exc:
         error(exc.message, exc.hint)

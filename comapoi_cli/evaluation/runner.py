@@ -25,7 +25,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from comapoi_cli.errors import DataError, UsageError
 from comapoi_cli.evaluation.metrics import RecordOutcome
@@ -41,6 +41,9 @@ from comapoi_cli.roles import MERGED, RoleContext
 from comapoi_cli.runs.info import RunInfo, locate_run  # noqa: F401  (importable from here too)
 from comapoi_cli.runs.layout import ADAPTER_CONFIG, RUN_JSON  # noqa: F401
 from comapoi_cli.runs.record import append_evaluation
+
+if TYPE_CHECKING:  # typing only
+    from comapoi_cli.plugins import Registry
 
 PREDICTIONS_FILE = "predictions.jsonl"
 METRICS_JSON = "metrics.json"
@@ -78,7 +81,7 @@ class DataChoice:
     note: str | None = None
 
 
-def resolve_data(request: EvalRequest, run: RunInfo, type_: str | None, dataset: str | None, registry: Any) -> DataChoice:
+def resolve_data(request: EvalRequest, run: RunInfo, type_: str | None, dataset: str | None, registry: Registry) -> DataChoice:
     """The held-out file to evaluate on.
 
     ``--data`` wins; else the run's own holdout (for a merged run asked for one role, only that
@@ -105,7 +108,7 @@ def resolve_data(request: EvalRequest, run: RunInfo, type_: str | None, dataset:
     raise UsageError("The run records no holdout; say what to evaluate on with --data FILE or --dataset NAME --type TYPE.")
 
 
-def _prepared_holdout(request: EvalRequest, run: RunInfo, type_: str, dataset: str, registry: Any) -> Path:
+def _prepared_holdout(request: EvalRequest, run: RunInfo, type_: str, dataset: str, registry: Registry) -> Path:
     """The ``*_100.jsonl`` holdout of ``dataset``/``type_``, prepared (cleaned, split) if needed.
 
     The data is prepared as the run's training prepared it: its recorded seed, test size and data
@@ -164,7 +167,7 @@ def prompt_hash(messages: Sequence[dict[str, str]]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def load_eval_records(path: Path, type_: str | None, dataset: str | None, registry: Any,
+def load_eval_records(path: Path, type_: str | None, dataset: str | None, registry: Registry,
                       num_samples: int = 0, only_role: str | None = None) -> LoadedRecords:
     """Read held-out records, pick each record's role, and compute its label.
 
@@ -262,7 +265,7 @@ class EvalResult:
     notes: list[str]
 
 
-def evaluate_adapter(request: EvalRequest, registry: Any, reporter: Reporter | None = None) -> EvalResult:
+def evaluate_adapter(request: EvalRequest, registry: Registry, reporter: Reporter | None = None) -> EvalResult:
     """Run ``comapoi eval --adapter``: generate, parse, score, write; returns the evaluation entry.
 
     ``registry``: the plugin registry (its roles parse and label the records). ``reporter``: where

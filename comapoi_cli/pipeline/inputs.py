@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from comapoi_cli.chain import ChainItem
 from comapoi_cli.data import synth
 from comapoi_cli.errors import DataError
-from comapoi_cli.chain import ChainItem
 
 POI_COLUMNS = ("poi_id", "category", "lat", "lon")
 

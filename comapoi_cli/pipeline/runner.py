@@ -19,19 +19,21 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from comapoi_cli.errors import DataError, UsageError
-from comapoi_cli.fileio import read_json, sha256_file, write_json_atomic
-from comapoi_cli.pipeline import hooks
 from comapoi_cli.chain import ChainContext, ChainItem
 from comapoi_cli.engines import EngineSpec
+from comapoi_cli.errors import DataError, UsageError
+from comapoi_cli.fileio import read_json, sha256_file, write_json_atomic
 from comapoi_cli.pipeline.inputs import ChainInputs, load_inputs
-from comapoi_cli.retrievers import SIMILAR, RetrievalIndex
 from comapoi_cli.pipeline.scoring import read_predictions, score_lines
 from comapoi_cli.presets import preset_for
 from comapoi_cli.reporting import Reporter
+from comapoi_cli.retrievers import SIMILAR, RetrievalIndex
 from comapoi_cli.roles import MERGED
+
+if TYPE_CHECKING:  # typing only
+    from comapoi_cli.plugins import Registry
 
 PREDICTIONS = "predictions.jsonl"
 REJECTS = "rejects.jsonl"
@@ -80,7 +82,7 @@ class PipelineResult:
     notes: list[str] = field(default_factory=list)
 
 
-def chain_order(registry: Any, role_ids: list[str]) -> list[Any]:
+def chain_order(registry: Registry, role_ids: list[str]) -> list[Any]:
     """The roles in the order they run: ``chain_position`` ascending; ``chain_after`` right after that role."""
     roles = {rid: registry.role(rid) for rid in role_ids}
     positions: dict[str, float] = {}
@@ -220,7 +222,7 @@ def _append(path: Path, lines: list[dict[str, Any]]) -> None:
         os.close(fd)
 
 
-def run_pipeline(request: PipelineRequest, registry: Any, reporter: Reporter) -> PipelineResult:
+def run_pipeline(request: PipelineRequest, registry: Registry, reporter: Reporter) -> PipelineResult:
     """Run the chain on the test trajectories and score it (see the module doc)."""
     started = time.monotonic()
     preset = preset_for(request.dataset)
@@ -231,8 +233,8 @@ def run_pipeline(request: PipelineRequest, registry: Any, reporter: Reporter) ->
     if not request.runs:
         raise UsageError("Name the trained runs: --agent1 RUN1 --agent2 RUN2 --agent3 RUN3, or --merged RUN.")
     chain = chain_order(registry, list(request.runs))
-    engine = hooks.engine(registry, request.engine)
-    retriever = hooks.retriever(registry, request.retriever)
+    engine = registry.engine(request.engine)
+    retriever = registry.retriever(request.retriever)
     test = Path(request.test)
     folder = test.parent
     poi = Path(request.poi_info) if request.poi_info else folder / f"{request.dataset}_poi_info.csv"

@@ -42,7 +42,6 @@ from comapoi_cli.reporting import Reporter
 from comapoi_cli.runs.datakeys import write_data_keys
 from comapoi_cli.runs.layout import DATA_KEYS, LOCK_FILE, RUN_JSON, checkpoints
 from comapoi_cli.runs.record import RunRecord, versions
-from comapoi_cli.training.start import RunStart, prepare_run_dir, remove_interrupt_checkpoints
 from comapoi_cli.training import chat
 from comapoi_cli.training.devices import (
     DevicePlan,
@@ -71,6 +70,7 @@ from comapoi_cli.training.errors import (
 from comapoi_cli.training.fit import GIB, FitPlan, ModelShape, memory_profile, plan_job, quant_choices
 from comapoi_cli.training.job import TrainingJob, TrainingResult
 from comapoi_cli.training.options import locate_model
+from comapoi_cli.training.start import RunStart, prepare_run_dir, remove_interrupt_checkpoints
 
 
 def require_model(job: TrainingJob) -> None:

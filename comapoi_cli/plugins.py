@@ -10,10 +10,7 @@ names) restricts which third-party plugins load; set it to an empty string to lo
 from __future__ import annotations
 
 import importlib
-import os
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import pluggy
@@ -21,11 +18,11 @@ import pluggy
 from comapoi_cli import hookspecs
 from comapoi_cli.backends import Backend
 from comapoi_cli.engines import Engine
+from comapoi_cli.entrypoints import EntryPointSpec, record_plugin_hooks, third_party_entry_points
 from comapoi_cli.errors import UsageError
 from comapoi_cli.retrievers import Retriever
 from comapoi_cli.roles import MERGED, AgentRole
 
-ENTRY_POINT_GROUP = "comapoi"
 DEFAULT_PLUGINS = (
     "comapoi_cli.default_plugins.comapoi_roles",
     "comapoi_cli.default_plugins.trl_backend",
@@ -122,88 +119,6 @@ def _hookimpls_of(pm: pluggy.PluginManager, plugin: object) -> list[str]:
     return sorted(impl.name for impl in (pm.get_hookcallers(plugin) or []))
 
 
-@dataclass(frozen=True)
-class EntryPointSpec:
-    """A ``comapoi`` entry point as found on ``sys.path``: its name, ``module:attr`` value and distribution."""
-
-    name: str
-    value: str
-    dist: str | None = None
-    version: str | None = None
-
-    def load(self) -> Any:
-        module_name, _, attr = self.value.partition(":")
-        obj: Any = importlib.import_module(module_name.strip())
-        for part in filter(None, attr.strip().split(".")):
-            obj = getattr(obj, part)
-        return obj
-
-
-def _cache_file() -> Path | None:
-    if os.environ.get("COMAPOI_CACHE_DIR"):
-        return Path(os.environ["COMAPOI_CACHE_DIR"]) / "entry-points.json"
-    base = os.environ.get("XDG_CACHE_HOME") or (str(Path.home() / ".cache") if Path.home() != Path("/") else "")
-    return Path(base) / "comapoi" / "entry-points.json" if base else None
-
-
-def _path_key() -> str:
-    """What the installed entry points depend on: the interpreter and each ``sys.path`` entry's mtime
-    (installing or removing a distribution adds or removes a folder there, which changes it)."""
-    parts = [sys.version, sys.prefix]
-    for entry in sys.path:
-        try:
-            parts.append(f"{entry}={os.stat(entry or '.').st_mtime_ns}")
-        except OSError:
-            parts.append(f"{entry}=-")
-    return "\n".join(parts)  # compared as is: hashing it would cost more than it saves
-
-
-def _scan_entry_points() -> list[EntryPointSpec]:
-    from importlib import metadata
-
-    found = []
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        dist = getattr(ep, "dist", None)
-        found.append(EntryPointSpec(ep.name, ep.value, dist.name if dist else None, dist.version if dist else None))
-    return found
-
-
-def entry_point_specs() -> list[EntryPointSpec]:
-    """The ``comapoi`` entry points installed here. Scanning every distribution's metadata costs about
-    0.2 s (importing ``importlib.metadata`` included), more than the rest of ``comapoi --help``; the result
-    is kept in a small cache file, valid while no ``sys.path`` folder changes."""
-    import json
-
-    key, cache = _path_key(), _cache_file()
-    if cache is not None:
-        try:
-            data = json.loads(cache.read_text(encoding="utf-8"))
-            if data.get("key") == key:
-                return [EntryPointSpec(**item) for item in data["entry_points"]]
-        except (OSError, ValueError, TypeError, KeyError):
-            pass
-    specs = _scan_entry_points()
-    if cache is not None:
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"key": key, "entry_points": [s.__dict__ for s in specs]}), encoding="utf-8")
-            os.replace(tmp, cache)
-        except OSError:  # a read-only home: scan every time
-            pass
-    return specs
-
-
-def _third_party_entry_points() -> list[EntryPointSpec]:
-    allowed = os.environ.get("COMAPOI_PLUGINS")
-    wanted = None if allowed is None else {n.strip() for n in allowed.split(",") if n.strip()}
-    unique: dict[str, EntryPointSpec] = {}  # one entry per name (a distribution can be visible twice on sys.path)
-    for ep in entry_point_specs():
-        if wanted is None or ep.name in wanted:
-            unique.setdefault(ep.name, ep)
-    return list(unique.values())
-
-
 def build_registry(load_entry_points: bool = True) -> Registry:
     """Create a plugin manager, load every plugin and collect what they register."""
     pm = pluggy.PluginManager("comapoi")
@@ -230,7 +145,8 @@ def build_registry(load_entry_points: bool = True) -> Registry:
         add(module, PluginInfo(name=module_name.rsplit(".", 1)[1], source="built-in"))
 
     if load_entry_points:
-        for ep in _third_party_entry_points():
+        seen: dict[str, tuple[EntryPointSpec, list[str]]] = {}
+        for ep in third_party_entry_points():
             source = f"entry point ({ep.dist} {ep.version})" if ep.dist else "entry point"
             info = PluginInfo(name=ep.name, source=source)
             try:
@@ -241,6 +157,9 @@ def build_registry(load_entry_points: bool = True) -> Registry:
                 registry.plugins.append(info)
                 continue
             add(plugin, info)
+            if info.error is None:
+                seen[ep.name] = (ep, info.hooks)
+        record_plugin_hooks(seen)  # lets `comapoi --help` skip loading plugins that add no command
 
     def collect(hook_name: str, store: dict[str, Any], kind: str, key: Callable[[Any], str], base: type) -> None:
         hook = getattr(pm.hook, hook_name)

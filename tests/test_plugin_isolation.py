@@ -160,7 +160,8 @@ def test_engines_and_retrievers_go_through_the_same_registry_and_failure_policy(
 
 def test_ctrl_c_while_a_plugin_imports_is_one_line(tmp_path):
     make_entry_point_plugin(tmp_path, "slow_import", "raise KeyboardInterrupt\n")
-    result = run_comapoi("plugins", "list", env={"PYTHONPATH": str(tmp_path)})
-    assert result.returncode == 130
-    assert "Interrupted." in result.stderr
-    assert "Traceback" not in result.stderr
+    for args in (["--help"], ["plugins", "list"], ["nosuch"]):
+        result = run_comapoi(*args, env={"PYTHONPATH": str(tmp_path)})
+        assert result.returncode == 130, (args, result.stderr)
+        assert "Traceback" not in result.stderr, args
+    assert "Interrupted." in run_comapoi("--help", env={"PYTHONPATH": str(tmp_path)}).stderr

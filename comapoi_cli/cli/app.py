@@ -98,10 +98,31 @@ def root(
     """Fine-tune the CoMaPOI agents (Profiler, Forecaster, Final_Predictor) with LoRA / QLoRA."""
 
 
-def _add_plugin_commands() -> None:
+_plugin_commands_added = False
+
+
+def add_plugin_commands() -> None:
+    """Run every plugin's ``register_commands`` on the root app, once per process (``comapoi plugins list``
+    calls it too, to report a plugin whose commands fail)."""
+    global _plugin_commands_added
+    if _plugin_commands_added:
+        return
+    _plugin_commands_added = True
     from comapoi_cli.plugins import get_registry, register_plugin_commands
 
     register_plugin_commands(app, get_registry(), reserved=set(COMMANDS))
+
+
+def _may_run_a_plugin_command(argv: list[str]) -> bool:
+    """Whether this command line may need a plugin's command: not when it names a built-in command
+    (which builds the registry itself if it needs it), nor when no installed plugin adds a command
+    (``comapoi --help`` then loads no plugin: the cached entry-point metadata says so)."""
+    first = next((arg for arg in argv if not arg.startswith("-")), None)
+    if first is not None and normalise_token(first) in COMMANDS:
+        return False
+    from comapoi_cli.entrypoints import plugins_may_add_commands
+
+    return plugins_may_add_commands()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -112,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     unexpected exception (one sentence; ``COMAPOI_DEBUG=1`` shows the traceback).
     """
     try:
-        _add_plugin_commands()  # inside the try: Ctrl-C while a plugin imports is "Interrupted.", not a traceback
+        if _may_run_a_plugin_command(sys.argv[1:] if argv is None else argv):
+            add_plugin_commands()  # inside the try: Ctrl-C while a plugin imports is "Interrupted.", not a traceback
         app(args=argv, prog_name="comapoi")
     except ComapoiError as exc:
         error(exc.message, exc.hint)

@@ -17,9 +17,11 @@ def list_plugins(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
     """List plugins, the backends (usable here or why not), agent roles, engines and retrievers they register."""
+    from comapoi_cli.cli.app import add_plugin_commands
     from comapoi_cli.plugins import get_registry
 
     registry = get_registry()
+    add_plugin_commands()  # so that a plugin whose register_commands fails is listed with its error
     backends = [b.describe() for b in registry.backends.values()]
     roles = [r.describe() for r in registry.roles.values()]
     engines = [e.describe() for e in registry.engines.values()]

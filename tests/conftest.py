@@ -70,9 +70,10 @@ def real_nyc_records() -> list[dict]:
 def agent_data_dir(tmp_path_factory) -> Path:
     """``DIR`` with ``DIR/nyc/agent{1,2,3}_train_samples.jsonl`` (pass as ``--data-dir DIR --dataset nyc``)."""
     from comapoi_cli.data.synth import synth_dataset
+    from comapoi_cli.plugins import get_registry
 
     root = tmp_path_factory.mktemp("data")
-    synth_dataset("nyc", root, plain=False, **SYNTH)
+    synth_dataset("nyc", root, plain=False, **SYNTH, registry=get_registry())
     return root
 
 

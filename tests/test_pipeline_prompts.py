@@ -32,7 +32,7 @@ def split_real(tmp_path_factory) -> tuple[Path, Path, Path]:
     last = {user: i for i, user in enumerate(users)}
     (folder / "train.jsonl").write_text("".join(l for i, l in enumerate(lines) if last[users[i]] != i), encoding="utf-8")
     (folder / "test.jsonl").write_text("".join(l for i, l in enumerate(lines) if last[users[i]] == i), encoding="utf-8")
-    synth_dataset("nyc", folder / "synth", source=REAL_DATA / "nyc_train.jsonl", poi_info=REAL_DATA / "nyc_poi_info.csv")
+    synth_dataset("nyc", folder / "synth", source=REAL_DATA / "nyc_train.jsonl", poi_info=REAL_DATA / "nyc_poi_info.csv", registry=build_registry())
     return folder / "train.jsonl", folder / "test.jsonl", folder / "synth" / "nyc"
 
 

@@ -31,7 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "adapters": ("comapoi_cli.cli.adapters:app", "Inspect, merge and export trained adapters for serving."),
     "plugins": ("comapoi_cli.cli.plugins:app", "Inspect plugins: backends, agent roles, and plugins that failed to load."),
     "env": ("comapoi_cli.cli.env:app", "Show package versions, CUDA and GPUs, and which training backends are usable here."),
-    "pipeline": ("comapoi_cli.cli.pipeline:app", "Run the three trained agents as CoMaPOI chains them, and score the chain."),
+    "pipeline": ("comapoi_cli.cli.pipeline:command", "Run the three trained agents as CoMaPOI chains them, and score the chain."),
 }
 
 

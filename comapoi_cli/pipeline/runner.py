@@ -38,7 +38,6 @@ if TYPE_CHECKING:  # typing only
 PREDICTIONS = "predictions.jsonl"
 REJECTS = "rejects.jsonl"
 RECORD = "pipeline.json"
-BUILTIN_CHAIN = ("agent1", "agent2", "agent3")
 
 
 @dataclass
@@ -231,7 +230,7 @@ def run_pipeline(request: PipelineRequest, registry: Registry, reporter: Reporte
     if request.compat not in ("none", "comapoi"):
         raise UsageError(f"--compat must be none or comapoi, not '{request.compat}'.")
     if not request.runs:
-        raise UsageError("Name the trained runs: --agent1 RUN1 --agent2 RUN2 --agent3 RUN3, or --merged RUN.")
+        raise UsageError("Name the trained runs: --ROLE RUN for each agent (e.g. --agent1 RUN1), or --merged RUN.")
     chain = chain_order(registry, list(request.runs))
     engine = registry.engine(request.engine)
     retriever = registry.retriever(request.retriever)
@@ -322,7 +321,8 @@ def run_pipeline(request: PipelineRequest, registry: Registry, reporter: Reporte
             reporter.progress_stop()
             session.close()
     rows = read_predictions(predictions)
-    scores = score_lines(rows, top_k=request.top_k, compat=request.compat)
+    scores = score_lines(rows, top_k=request.top_k, compat=request.compat,
+                         retrieval_roles=[r.id for r in chain if r.uses_retrieved])
     seconds = time.monotonic() - started
     record.update({"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "engine": engine_description or None,
                    "trajectories": len(rows), "rejected": len(inputs.rejected), "scores": scores,
@@ -380,8 +380,10 @@ def _run_batch(index: int, batch: list[ChainItem], chain: list[Any], role_adapte
     return lines
 
 
-def score_file(path: Path, *, top_k: int = 10, compat: str = "none", max_poi_id: int | None = None) -> dict[str, Any]:
+def score_file(path: Path, *, top_k: int = 10, compat: str = "none", max_poi_id: int | None = None,
+               registry: Registry) -> dict[str, Any]:
     """``comapoi pipeline score FILE``: the scores of a predictions file, as the run computed them."""
     if compat not in ("none", "comapoi"):
         raise UsageError(f"--compat must be none or comapoi, not '{compat}'.")
-    return score_lines(read_predictions(Path(path)), top_k=top_k, compat=compat, max_poi_id=max_poi_id)
+    return score_lines(read_predictions(Path(path)), top_k=top_k, compat=compat, max_poi_id=max_poi_id,
+                       retrieval_roles=[r.id for r in registry.roles.values() if r.uses_retrieved])

@@ -19,7 +19,7 @@ from comapoi_cli import hookspecs
 from comapoi_cli.backends import Backend
 from comapoi_cli.engines import Engine
 from comapoi_cli.entrypoints import EntryPointSpec, record_plugin_hooks, third_party_entry_points
-from comapoi_cli.errors import UsageError
+from comapoi_cli.errors import UsageError, first_line
 from comapoi_cli.retrievers import Retriever
 from comapoi_cli.roles import MERGED, AgentRole
 
@@ -111,7 +111,7 @@ def _plugin_failure(exc: BaseException) -> None:
 def _error_text(exc: BaseException) -> str:
     if isinstance(exc, SystemExit):
         return f"SystemExit({exc.code!r}): the plugin tried to end the program"
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = first_line(exc, default="")
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 

@@ -21,7 +21,7 @@ from typer.core import TyperCommand, TyperGroup
 from comapoi_cli import __version__
 from comapoi_cli.cli.fields import normalise_token
 from comapoi_cli.cli.render import error
-from comapoi_cli.errors import ComapoiError
+from comapoi_cli.errors import ComapoiError, first_line
 
 #: The built-in commands: name -> ("module:attribute", one-line help shown by ``comapoi --help``).
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -147,7 +147,6 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # last resort: one sentence, never a traceback (unless asked for)
         if os.environ.get("COMAPOI_DEBUG"):
             raise
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "no message"
-        error(f"Unexpected {type(exc).__name__}: {first_line}",
+        error(f"Unexpected {type(exc).__name__}: {first_line(exc, default='no message')}",
               "Run again with COMAPOI_DEBUG=1 for the full traceback, and report it.")
         sys.exit(1)

@@ -138,9 +138,9 @@ def score(
     leniently) or "predicted_poi_ids" (a ready ranked list); "id", "role" and "dataset" are
     optional. Invalid lines are reported one by one.
     """
-    from comapoi_cli.evaluation.outputs import now_iso, write_metrics
+    from comapoi_cli.evaluation.outputs import write_metrics
     from comapoi_cli.evaluation.predictions import MAX_SHOWN_PROBLEMS, PredictionsFileError, score_predictions
-    from comapoi_cli.fileio import sha256_file
+    from comapoi_cli.fileio import now_iso, sha256_file
 
     try:
         from comapoi_cli.plugins import get_registry

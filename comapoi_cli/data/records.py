@@ -12,11 +12,14 @@ import base64
 import json
 from array import array
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from comapoi_cli.data.policies import DROP, FAIL, KEEP, WARN, default_policies
 from comapoi_cli.leaks import find_label_leak, find_leak_in_messages
 from comapoi_cli.roles import AgentRole, RoleContext
+
+if TYPE_CHECKING:  # typing only
+    from comapoi_cli.data.tokens import TokenCounter
 
 fast_loads: Callable[[bytes], Any] | None
 try:  # a C JSON parser, 2-3x faster than json's on these records; json is the reference and the fallback
@@ -251,7 +254,7 @@ class RecordChecker:
         self.tokenizer_path = tokenizer
         self.seq_length = seq_length
         self.trust_remote_code = trust_remote_code
-        self._counter = None
+        self._counter: TokenCounter | None = None
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -270,7 +273,7 @@ class RecordChecker:
     def _fatal(self, name: str, detail: str) -> Reject:
         return Reject(name, detail)
 
-    def counter(self):
+    def counter(self) -> TokenCounter | None:
         if self._counter is None and self.tokenizer_path:
             from comapoi_cli.data.tokens import TokenCounter
 

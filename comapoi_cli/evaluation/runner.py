@@ -21,19 +21,18 @@ print: what the runner has to say goes to the ``Reporter`` it is given.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable
 
 from comapoi_cli.errors import DataError, UsageError
 from comapoi_cli.evaluation.metrics import RecordOutcome
-from comapoi_cli.evaluation.outputs import metrics_csv, now_iso
+from comapoi_cli.evaluation.outputs import metrics_csv
 from comapoi_cli.evaluation.predictions import iter_jsonl
 from comapoi_cli.evaluation.scoring import LabelError, Scorer, role_origin, summarize
-from comapoi_cli.fileio import atomic_writer, sha256_file, write_json_atomic, write_text_atomic
-from comapoi_cli.models.generation import generate, record_messages, render_prompts
+from comapoi_cli.fileio import atomic_writer, now_iso, sha256_file, write_json_atomic, write_text_atomic
+from comapoi_cli.models.generation import generate, prompt_hash, record_messages, render_prompts
 from comapoi_cli.models.loading import load_model, plan_device, tokenizer_folder
 from comapoi_cli.models.resolve import resolve_base_model
 from comapoi_cli.reporting import Reporter
@@ -158,13 +157,6 @@ class LoadedRecords:
 
 def _messages(record: Any) -> list[dict[str, str]] | None:
     return record_messages(record)
-
-
-def prompt_hash(messages: Sequence[dict[str, str]]) -> str:
-    """SHA-256 of the prompt turns as canonical JSON (``[{"role", "content"}]``, sorted keys, no spaces)."""
-    canonical = json.dumps([{"role": m["role"], "content": m["content"]} for m in messages],
-                           ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def load_eval_records(path: Path, type_: str | None, dataset: str | None, registry: Registry,

@@ -12,7 +12,6 @@ slices of the test file, so a resumed run ends with the same file (timings aside
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -25,6 +24,7 @@ from comapoi_cli.chain import ChainContext, ChainItem
 from comapoi_cli.engines import EngineSpec
 from comapoi_cli.errors import DataError, UsageError
 from comapoi_cli.fileio import read_json, sha256_file, write_json_atomic
+from comapoi_cli.models.generation import prompt_hash
 from comapoi_cli.pipeline.inputs import ChainInputs, load_inputs
 from comapoi_cli.pipeline.scoring import read_predictions, score_lines
 from comapoi_cli.presets import preset_for
@@ -179,11 +179,6 @@ def frequent_pois(item: ChainItem, k: int = SIMILAR) -> list[int]:
         counts[checkin.poi] += 1
         recency[checkin.poi] = position
     return sorted(counts, key=lambda poi: (-counts[poi], -recency.get(poi, -1), poi))[:k]
-
-
-def _prompt_sha(messages: list[dict[str, str]]) -> str:
-    canonical = json.dumps(messages, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def _read_done(path: Path) -> list[dict[str, Any]]:
@@ -358,7 +353,7 @@ def _run_batch(index: int, batch: list[ChainItem], chain: list[Any], role_adapte
             for item, prompt, answer in zip(batch, prompts, answers):
                 fields = role.parse_chain_output(step, answer.text or "", context)
                 upstream[item.key].setdefault(role.id, {}).update(fields)
-                entry: dict[str, Any] = {"raw": answer.text, **fields, "prompt_sha256": _prompt_sha(prompt)}
+                entry: dict[str, Any] = {"raw": answer.text, **fields, "prompt_sha256": prompt_hash(prompt)}
                 if answer.problem:
                     entry["problem"] = answer.problem
                     problems[item.key].append(f"{role.id}.{step}: {answer.problem}")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from comapoi_cli.errors import UsageError
+from comapoi_cli.errors import UsageError, first_line
 from comapoi_cli.roles import MERGED
 from comapoi_cli.training.job import DEFAULT_TARGET_MODULES, TINY, TINY_LEARNING_RATE, TrainingJob, _safe_name
 
@@ -184,8 +184,7 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     except UsageError:
         raise
     except Exception as exc:  # a syntax error in the user's file: one sentence with the parser's words
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"Config file {file} could not be read: {first}") from None
+        raise UsageError(f"Config file {file} could not be read: {first_line(exc)}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

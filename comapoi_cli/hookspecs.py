@@ -6,7 +6,8 @@ whose names are the hooks below. Third-party plugins are found through the entry
 the same hooks (see ``comapoi_cli/default_plugins/``). docs/plugins.md documents every hook, and
 tests/test_hookspecs.py requires a test for each.
 
-Hooks run when the plugin manager loads, also for ``comapoi --help``: keep their module
+Hooks run when the plugin manager loads: on every command that needs the registry (their
+``--help`` too), and on ``comapoi --help`` when a plugin adds commands. Keep their module
 imports light (no torch, transformers or trl at module level) and import heavy packages inside
 the methods that need them.
 """

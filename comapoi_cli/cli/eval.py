@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 import typer
 
+from comapoi_cli.choices import QUANT_CHOICES
 from comapoi_cli.cli.fields import number_option, trust_remote_code_option
 from comapoi_cli.cli.render import console, err_console, print_json, success, table, warn
 from comapoi_cli.errors import UsageError
@@ -90,7 +91,7 @@ def eval_adapter(
     if adapter is None:
         raise UsageError("Missing option --adapter RUN_DIR (the folder of a trained adapter).",
                          hint="To score a predictions file instead: comapoi eval score FILE")
-    if quant not in ("auto", "4bit", "8bit", "none"):
+    if quant not in QUANT_CHOICES:
         raise UsageError(f"--quant must be auto, 4bit, 8bit or none, not '{quant}'.")
 
     from comapoi_cli.cli.reporting import ConsoleReporter

@@ -7,6 +7,7 @@ from typing import Any, List, Optional
 
 import typer
 
+from comapoi_cli.choices import QUANT_CHOICES
 from comapoi_cli.cli.fields import with_signature
 from comapoi_cli.cli.render import console, err_console, print_json, success, table
 from comapoi_cli.errors import UsageError
@@ -135,7 +136,7 @@ def run(
     assert registry is not None  # command() passes it
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other.")
-    if quant not in ("auto", "4bit", "8bit", "none"):
+    if quant not in QUANT_CHOICES:
         raise UsageError(f"--quant must be auto, 4bit, 8bit or none, not '{quant}'.")
     named = dict(role_runs or {})
     for role_id, folder in _pairs(role, "--role").items():

@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from comapoi_cli.choices import DTYPE_CHOICES, QUANT_CHOICES
 from comapoi_cli.errors import ComapoiError, DataError, UsageError, first_line
 from comapoi_cli.fileio import read_json
 
-QUANTS = ("auto", "4bit", "8bit", "none")
-DTYPES = ("bfloat16", "float16", "float32")
+QUANTS = QUANT_CHOICES
+DTYPES = DTYPE_CHOICES
 
 
 def quiet_libraries(*, datasets: bool = True) -> None:

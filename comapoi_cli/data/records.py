@@ -489,7 +489,7 @@ class RecordChecker:
                 tokens = None
                 if counter is not None:
                     tokens, prompt_tokens = counter.count(record["messages"])
-                    if tokens > self.seq_length:
+                    if self.seq_length is not None and tokens > self.seq_length:
                         where = "answer_lost" if prompt_tokens >= self.seq_length else "answer_cut"
                         result.over_length[where] = result.over_length.get(where, 0) + 1
                         what = ("truncation would remove the whole answer" if where == "answer_lost"

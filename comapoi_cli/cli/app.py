@@ -29,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("comapoi_cli.cli.train:command", "Fine-tune a LoRA / QLoRA adapter for one CoMaPOI agent role (or all roles merged)."),
     "eval": ("comapoi_cli.cli.eval:app", "Score an adapter on held-out data, or score a predictions file."),
     "adapters": ("comapoi_cli.cli.adapters:app", "Inspect, merge and export trained adapters for serving."),
-    "plugins": ("comapoi_cli.cli.plugins:app", "Inspect plugins: backends, agent roles, and plugins that failed to load."),
+    "plugins": ("comapoi_cli.cli.plugins:app", "Inspect plugins: backends, agent roles, engines, retrievers, and plugins that failed to load."),
     "env": ("comapoi_cli.cli.env:app", "Show package versions, CUDA and GPUs, and which training backends are usable here."),
     "pipeline": ("comapoi_cli.cli.pipeline:command", "Run the three trained agents as CoMaPOI chains them, and score the chain."),
 }

@@ -84,23 +84,31 @@ def bare_app(commands: int) -> str:
 
 
 def ratio(runs: int, other: str | None = None) -> None:
+    import tempfile
+
     from comapoi_cli.cli.app import COMMANDS
 
     baseline = [sys.executable, "-c", bare_app(len(COMMANDS)), "--help"]
     comapoi = [sys.executable, "-m", "comapoi_cli", "--help"]
+    # each comapoi its own entry-point cache (COMAPOI_CACHE_DIR), as one user's machine has: on a machine
+    # shared with other checkouts and test runs, each with its own sys.path, one cache file keeps being replaced
+    caches = tempfile.TemporaryDirectory()
+    ours_env = {**ENV, "COMAPOI_CACHE_DIR": os.path.join(caches.name, "ours")}
     other_env = None
     if other:  # the other checkout's comapoi_cli first on sys.path (cwd, as -m puts it first)
-        other_env = {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [other, ENV.get("PYTHONPATH", "")]))}
-    for argv in (baseline, comapoi):  # warm the page cache and the bytecode cache
-        median_of(argv, 2)
+        other_env = {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [other, ENV.get("PYTHONPATH", "")])),
+                     "COMAPOI_CACHE_DIR": os.path.join(caches.name, "other")}
+    median_of(baseline, 2)  # warm the page cache, the bytecode cache and the entry-point caches
+    median_of(comapoi, 2, env=ours_env)
     if other:
         median_of(comapoi, 2, cwd=other, env=other_env)
     base_times, comapoi_times, other_times = [], [], []
     for _ in range(runs):  # alternate, so that all see the same load
         base_times += median_of(baseline, 1)
-        comapoi_times += median_of(comapoi, 1)
+        comapoi_times += median_of(comapoi, 1, env=ours_env)
         if other:
             other_times += median_of(comapoi, 1, cwd=other, env=other_env)
+    caches.cleanup()
     base, ours = statistics.median(base_times), statistics.median(comapoi_times)
     print(f"bare Typer + Rich app, {len(COMMANDS)} commands, --help: median {base:.3f} s (min {min(base_times):.3f})")
     print(f"comapoi --help ({len(COMMANDS)} commands):             median {ours:.3f} s (min {min(comapoi_times):.3f})")

@@ -153,7 +153,7 @@ def run(
     missing = [r for r in required if r not in runs]
     if missing:
         raise UsageError(f"Name a run for every agent: missing --{' --'.join(missing)} "
-                         f"(or --merged RUN for all {len(required)}).")
+                         f"(or --merged RUN for {', '.join(required)}).")
     request = PipelineRequest(
         dataset=dataset.lower(), test=test, runs=runs, poi_info=poi_info, train=train, out=out, engine=engine,
         retriever=retriever, url=url, api_key=api_key, served_names=_pairs(served_name, "--served-name"), model=model,

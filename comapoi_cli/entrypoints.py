@@ -63,29 +63,56 @@ def _scan_entry_points() -> list[EntryPointSpec]:
     return found
 
 
+#: How many ``sys.path`` configurations each cache file remembers (``python -m comapoi_cli`` from another
+#: folder, another virtual environment...): a second one does not evict the first.
+CACHED_PATHS = 8
+
+
+def _cached(cache: Path | None, key: str) -> Any:
+    """The value cached under ``key`` in ``cache`` (``{"by_key": {key: value}}``), or None."""
+    if cache is None:
+        return None
+    try:
+        return json.loads(cache.read_text(encoding="utf-8"))["by_key"].get(key)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
+def _store(cache: Path | None, key: str, value: Any) -> None:
+    """Keep ``value`` under ``key`` in ``cache``, with the last ``CACHED_PATHS`` other keys; atomic, and
+    silent where the folder is not writable (the next start computes it again)."""
+    if cache is None:
+        return
+    try:
+        by_key = json.loads(cache.read_text(encoding="utf-8"))["by_key"]
+        by_key = by_key if isinstance(by_key, dict) else {}
+    except (OSError, ValueError, TypeError, KeyError):
+        by_key = {}
+    by_key.pop(key, None)
+    by_key[key] = value  # the newest last
+    kept = dict(list(by_key.items())[-CACHED_PATHS:])
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"by_key": kept}), encoding="utf-8")
+        os.replace(tmp, cache)
+    except OSError:
+        pass
+
+
 def entry_point_specs() -> list[EntryPointSpec]:
     """The ``comapoi`` entry points installed here. Scanning every distribution's metadata costs about
     0.2 s (importing ``importlib.metadata`` included), more than the rest of ``comapoi --help``; the result
     is kept in a small cache file, valid while no ``sys.path`` folder changes."""
-    import json
-
     key, cache = _path_key(), _cache_file()
-    if cache is not None:
+    cached = _cached(cache, key)
+    if isinstance(cached, list):
         try:
-            data = json.loads(cache.read_text(encoding="utf-8"))
-            if data.get("key") == key:
-                return [EntryPointSpec(**item) for item in data["entry_points"]]
-        except (OSError, ValueError, TypeError, KeyError):
+            return [EntryPointSpec(**item) for item in cached]
+        except TypeError:
             pass
     specs = _scan_entry_points()
-    if cache is not None:
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"key": key, "entry_points": [s.__dict__ for s in specs]}), encoding="utf-8")
-            os.replace(tmp, cache)
-        except OSError:  # a read-only home: scan every time
-            pass
+    _store(cache, key, [s.__dict__ for s in specs])
     return specs
 
 
@@ -121,21 +148,12 @@ def record_plugin_hooks(seen: dict[str, tuple[EntryPointSpec, list[str]]]) -> No
     """Remember, per third-party plugin that loaded, its entry point, its source's mtime and its hooks
     (``seen``: entry-point name -> (spec, hook names)). A plugin that failed to load is not recorded,
     so the next start loads it again."""
-    target = _hooks_file()
-    if target is None:
-        return
     plugins: dict[str, Any] = {}
     for name, (spec, hooks) in seen.items():
         module = sys.modules.get(spec.value.partition(":")[0].strip())
         module_file = getattr(module, "__file__", None)
         plugins[name] = {"value": spec.value, "file": module_file, "stamp": _source_stamp(module_file), "hooks": hooks}
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"key": _path_key(), "plugins": plugins}), encoding="utf-8")
-        os.replace(tmp, target)
-    except OSError:
-        pass
+    _store(_hooks_file(), _path_key(), plugins)
 
 
 def plugins_may_add_commands() -> bool:
@@ -146,14 +164,10 @@ def plugins_may_add_commands() -> bool:
     specs = third_party_entry_points()
     if not specs:
         return False
-    target = _hooks_file()
-    if target is None:
+    recorded = _cached(_hooks_file(), _path_key())
+    if not isinstance(recorded, dict):
         return True
     try:
-        data = json.loads(target.read_text(encoding="utf-8"))
-        if data.get("key") != _path_key():
-            return True
-        recorded = data["plugins"]
         for spec in specs:
             seen = recorded.get(spec.name)
             if (seen is None or seen["value"] != spec.value or "register_commands" in seen["hooks"]

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pytest
 import typer
 
-from tests.support import run_comapoi
+from tests.support import REPO, run_comapoi
 
 HEAVY = ("torch", "transformers", "trl", "datasets", "peft", "bitsandbytes", "accelerate", "unsloth")
 
@@ -149,3 +150,20 @@ def test_no_built_in_plugin_adds_a_command():
 
     registry = build_registry(load_entry_points=False)
     assert all("register_commands" not in p.hooks for p in registry.plugins)
+
+
+def test_the_entry_point_cache_keeps_several_sys_paths(tmp_path):
+    """Two ``sys.path`` configurations used in turn (another folder on PYTHONPATH, another cwd for ``-m``)
+    do not evict each other: the second start of each reads the cache, it does not scan the installed
+    distributions again (which imports ``importlib.metadata``)."""
+    env = {"COMAPOI_CACHE_DIR": str(tmp_path / "cache")}
+    scanned = []
+    for folder in ("a", "b", "a", "b"):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        result = subprocess.run([sys.executable, "-X", "importtime", "-m", "comapoi_cli", "--help"],
+                                capture_output=True, text=True, timeout=120,
+                                env={**os.environ, **env, "PYTHONPATH": os.pathsep.join(
+                                    [str(REPO), str(tmp_path / folder)])})
+        assert result.returncode == 0, result.stderr[-2000:]
+        scanned.append(any(line.rstrip().endswith("| importlib.metadata") for line in result.stderr.splitlines()))
+    assert scanned == [True, True, False, False]

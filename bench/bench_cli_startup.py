@@ -1,11 +1,13 @@
 """How long `comapoi --help` (and sub-command --help) takes, and what it imports.
 
     .venv/bin/python bench/bench_cli_startup.py [--runs 20]
-    .venv/bin/python bench/bench_cli_startup.py --ratio [--runs 30]
+    .venv/bin/python bench/bench_cli_startup.py --ratio [--runs 30] [--other CHECKOUT]
 
 ``--ratio``: `comapoi --help` against a bare Typer + Rich app with the same number of commands (the
 floor any Typer CLI of that size pays), run alternately in one process so both see the same machine
-load; prints both medians and their ratio (target: at most 1.1).
+load; prints both medians and their ratio (target: at most 1.1). ``--other CHECKOUT`` adds a third
+command to the alternation: ``comapoi --help`` of another checkout (e.g. the main branch), so a change
+is compared with what it changes under the same load.
 
 Reports, per command: median / min / max wall time of the whole process (interpreter start
 included) over N runs, and the import time of comapoi's CLI measured with `python -X importtime`.
@@ -64,11 +66,11 @@ app()
 ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 
 
-def median_of(argv: list[str], runs: int) -> list[float]:
+def median_of(argv: list[str], runs: int, cwd: str | None = None, env: dict[str, str] | None = None) -> list[float]:
     times = []
     for _ in range(runs):
         start = time.perf_counter()
-        subprocess.run(argv, check=True, capture_output=True, env=ENV)
+        subprocess.run(argv, check=True, capture_output=True, env=env or ENV, cwd=cwd)
         times.append(time.perf_counter() - start)
     return times
 
@@ -81,30 +83,50 @@ def bare_app(commands: int) -> str:
     return "\n".join([*lines, "app()"])
 
 
-def ratio(runs: int) -> None:
+def ratio(runs: int, other: str | None = None) -> None:
+    import tempfile
+
     from comapoi_cli.cli.app import COMMANDS
 
     baseline = [sys.executable, "-c", bare_app(len(COMMANDS)), "--help"]
     comapoi = [sys.executable, "-m", "comapoi_cli", "--help"]
-    for argv in (baseline, comapoi):  # warm the page cache and the bytecode cache
-        median_of(argv, 2)
-    base_times, comapoi_times = [], []
-    for _ in range(runs):  # alternate, so that both see the same load
+    # each comapoi its own entry-point cache (COMAPOI_CACHE_DIR), as one user's machine has: on a machine
+    # shared with other checkouts and test runs, each with its own sys.path, one cache file keeps being replaced
+    caches = tempfile.TemporaryDirectory()
+    ours_env = {**ENV, "COMAPOI_CACHE_DIR": os.path.join(caches.name, "ours")}
+    other_env = None
+    if other:  # the other checkout's comapoi_cli first on sys.path (cwd, as -m puts it first)
+        other_env = {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [other, ENV.get("PYTHONPATH", "")])),
+                     "COMAPOI_CACHE_DIR": os.path.join(caches.name, "other")}
+    median_of(baseline, 2)  # warm the page cache, the bytecode cache and the entry-point caches
+    median_of(comapoi, 2, env=ours_env)
+    if other:
+        median_of(comapoi, 2, cwd=other, env=other_env)
+    base_times, comapoi_times, other_times = [], [], []
+    for _ in range(runs):  # alternate, so that all see the same load
         base_times += median_of(baseline, 1)
-        comapoi_times += median_of(comapoi, 1)
+        comapoi_times += median_of(comapoi, 1, env=ours_env)
+        if other:
+            other_times += median_of(comapoi, 1, cwd=other, env=other_env)
+    caches.cleanup()
     base, ours = statistics.median(base_times), statistics.median(comapoi_times)
     print(f"bare Typer + Rich app, {len(COMMANDS)} commands, --help: median {base:.3f} s (min {min(base_times):.3f})")
     print(f"comapoi --help ({len(COMMANDS)} commands):             median {ours:.3f} s (min {min(comapoi_times):.3f})")
     print(f"ratio (medians): {ours / base:.3f}; ratio (minimums): {min(comapoi_times) / min(base_times):.3f}; runs {runs}")
+    if other:
+        theirs = statistics.median(other_times)
+        print(f"comapoi --help of {other}: median {theirs:.3f} s (min {min(other_times):.3f}); ratio (medians) "
+              f"{theirs / base:.3f}; ratio (minimums) {min(other_times) / min(base_times):.3f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--ratio", action="store_true", help="comapoi --help against a bare Typer app of the same size")
+    parser.add_argument("--other", help="with --ratio: also time comapoi --help of this other checkout (its folder)")
     args = parser.parse_args()
     if args.ratio:
-        ratio(args.runs)
+        ratio(args.runs, args.other)
         return
     wall_times(["--help"], 2)  # warm the page cache and the bytecode cache
     python_only = median_of([sys.executable, "-c", "pass"], args.runs)

@@ -131,7 +131,7 @@ def make_file(workdir: Path, size_mb: float, seed: int = 11) -> Path:
     if target.exists():
         return target
     trajectories = max(10, int(size_mb * 1e6 / 19_500))  # ~19.5 kB of agent records per trajectory
-    synth_dataset("tky", workdir / f"synth_{size_mb:g}", trajectories=trajectories, seed=seed, plain=False)
+    synth_dataset("tky", workdir / f"synth_{size_mb:g}", trajectories=trajectories, seed=seed, plain=False, registry=_REGISTRY())
     folder = workdir / f"synth_{size_mb:g}" / "tky"
     with open(target, "wb") as out:
         for i in (1, 2, 3):

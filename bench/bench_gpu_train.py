@@ -259,7 +259,7 @@ def build_model(preset: str, data: Path, scratch: Path, log) -> tuple[Path, dict
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from comapoi_cli.training.tiny import IM_END, PAD_TOKEN, ensure_tiny_model
+    from comapoi_cli.models.tiny import IM_END, PAD_TOKEN, ensure_tiny_model
 
     started = time.perf_counter()
     # the tiny model's tokenizer: byte-level BPE trained on this data, Qwen's split rule, ChatML template

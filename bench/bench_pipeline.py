@@ -36,8 +36,9 @@ REAL = REPO.parent / "shared" / "data" / "real"
 
 def _train_tiny(folder: Path) -> Path:
     from comapoi_cli.data.synth import synth_dataset
+    from comapoi_cli.plugins import get_registry
 
-    synth_dataset("nyc", folder / "data", plain=False, trajectories=24, seed=3, min_checkins=3, max_checkins=6)
+    synth_dataset("nyc", folder / "data", plain=False, trajectories=24, seed=3, min_checkins=3, max_checkins=6, registry=get_registry())
     cmd = [sys.executable, "-m", "comapoi_cli", "train", "--dataset", "nyc", "--data-dir", str(folder / "data"),
            "--type", "merged", "--model", "tiny", "--seq-length", "1536", "--batch-size", "2", "--test-size", "4",
            "--max_steps", "8", "--save_freq", "8", "--output_dir", str(folder / "output")]

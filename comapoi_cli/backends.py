@@ -73,7 +73,9 @@ def unusable_reason(backend: Backend) -> str | None:
     except KeyboardInterrupt:
         raise
     except BaseException as exc:
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        from comapoi_cli.errors import first_line
+
+        text = first_line(exc, default="")
         return f"its usability check failed ({type(exc).__name__}{': ' + text if text else ''})"
     return None if reason is None else str(reason)
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import platform
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from comapoi_cli.backends import installed_version
+
+if TYPE_CHECKING:  # typing only
+    from comapoi_cli.plugins import Registry
 
 PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "unsloth", "liger-kernel")
 
@@ -40,7 +43,7 @@ def unsloth_hint(what: str = "the plugin") -> str:
     return f"{gpu}Install {what} with: {unsloth_install_line()}"
 
 
-def environment_report(probe_cuda: bool = True, *, registry: Any) -> dict[str, Any]:
+def environment_report(probe_cuda: bool = True, *, registry: Registry) -> dict[str, Any]:
     """Versions, CUDA and GPUs, and which backends of ``registry`` are usable (and why not).
 
     ``probe_cuda`` imports torch to ask for CUDA (about a second); without it CUDA is not reported.

@@ -32,3 +32,11 @@ class DataError(ComapoiError):
 
 class TrainingError(ComapoiError):
     """A training run that cannot start or could not finish (out of memory, no token carries loss, ...)."""
+
+
+def first_line(exc: BaseException, default: str | None = None) -> str:
+    """The first line of what ``exc`` says, stripped; ``default`` (else the exception's type name) when it says nothing."""
+    text = str(exc).strip()
+    if text:
+        return text.splitlines()[0]
+    return type(exc).__name__ if default is None else default

@@ -31,6 +31,13 @@ _HASH_CHUNK = 1 << 20
 _STALE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[^.]*\.(?:tmp|clean\.jsonl)$")
 
 
+def now_iso() -> str:
+    """The current time, ISO 8601 with the UTC offset, to the second (the stamp of every file comapoi writes)."""
+    import datetime as _dt
+
+    return _dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
 def temp_prefix(name: str) -> str:
     """The prefix of this process's temporary files for the target ``name``."""
     return f".{name}.{os.getpid()}-"

@@ -6,7 +6,8 @@ whose names are the hooks below. Third-party plugins are found through the entry
 the same hooks (see ``comapoi_cli/default_plugins/``). docs/plugins.md documents every hook, and
 tests/test_hookspecs.py requires a test for each.
 
-Hooks run when the plugin manager loads, also for ``comapoi --help``: keep their module
+Hooks run when the plugin manager loads: on every command that needs the registry (their
+``--help`` too), and on ``comapoi --help`` when a plugin adds commands. Keep their module
 imports light (no torch, transformers or trl at module level) and import heavy packages inside
 the methods that need them.
 """
@@ -22,8 +23,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only (no import cost at start-up)
 
     from comapoi_cli.backends import Backend
     from comapoi_cli.data.checkins.readers import CheckinReader
-    from comapoi_cli.pipeline.engines import Engine
-    from comapoi_cli.pipeline.retrieval import Retriever
+    from comapoi_cli.engines import Engine
+    from comapoi_cli.retrievers import Retriever
     from comapoi_cli.roles import AgentRole
 
 hookspec = HookspecMarker("comapoi")
@@ -70,7 +71,7 @@ def register_engines(register: "Callable[[Engine], None]") -> None:
     """Register generation engines for ``comapoi pipeline run --engine NAME``.
 
     :param register: call ``register(engine)`` once per engine, where ``engine`` is an instance of
-        a subclass of ``comapoi_cli.pipeline.engines.Engine``: a ``name``, a ``description`` and
+        a subclass of ``comapoi_cli.engines.Engine``: a ``name``, a ``description`` and
         ``open(spec, reporter) -> EngineSession``, whose ``generate(adapter, prompts,
         max_new_tokens)`` answers a batch of chat prompts with one adapter (greedy) and returns
         one ``Generation`` (text, or None and the reason) per prompt. Built in: ``transformers``
@@ -84,7 +85,7 @@ def register_retrievers(register: "Callable[[Retriever], None]") -> None:
     """Register retrievers of the "similar POIs" the Forecaster refines (``--retriever NAME``).
 
     :param register: call ``register(retriever)`` once per retriever, where ``retriever`` is an
-        instance of a subclass of ``comapoi_cli.pipeline.retrieval.Retriever``: a ``name``, a
+        instance of a subclass of ``comapoi_cli.retrievers.Retriever``: a ``name``, a
         ``description``, ``prepare(index)`` (called once with the training trajectories and the
         POI table) and ``retrieve(item, k) -> list[int]`` (up to ``k`` ids, best first, for one
         test trajectory). Built in: ``transitions`` (offline and deterministic).

@@ -10,20 +10,19 @@ names) restricts which third-party plugins load; set it to an empty string to lo
 from __future__ import annotations
 
 import importlib
-import os
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import pluggy
 
 from comapoi_cli import hookspecs
 from comapoi_cli.backends import Backend
-from comapoi_cli.errors import UsageError
+from comapoi_cli.engines import Engine
+from comapoi_cli.entrypoints import EntryPointSpec, record_plugin_hooks, third_party_entry_points
+from comapoi_cli.errors import UsageError, first_line
+from comapoi_cli.retrievers import Retriever
 from comapoi_cli.roles import MERGED, AgentRole
 
-ENTRY_POINT_GROUP = "comapoi"
 DEFAULT_PLUGINS = (
     "comapoi_cli.default_plugins.comapoi_roles",
     "comapoi_cli.default_plugins.trl_backend",
@@ -60,6 +59,8 @@ class Registry:
 
     backends: dict[str, Backend] = field(default_factory=dict)
     roles: dict[str, AgentRole] = field(default_factory=dict)
+    engines: dict[str, Engine] = field(default_factory=dict)
+    retrievers: dict[str, Retriever] = field(default_factory=dict)
     plugins: list[PluginInfo] = field(default_factory=list)
     manager: pluggy.PluginManager | None = None
 
@@ -82,6 +83,22 @@ class Registry:
                 f"Unknown agent role '{role_id}'; registered roles: {', '.join(self.roles) or 'none'}."
             ) from None
 
+    def engine(self, name: str) -> Engine:
+        try:
+            return self.engines[name]
+        except KeyError:
+            raise UsageError(
+                f"Unknown engine '{name}'; registered engines: {', '.join(sorted(self.engines)) or 'none'}."
+            ) from None
+
+    def retriever(self, name: str) -> Retriever:
+        try:
+            return self.retrievers[name]
+        except KeyError:
+            raise UsageError(
+                f"Unknown retriever '{name}'; registered retrievers: {', '.join(sorted(self.retrievers)) or 'none'}."
+            ) from None
+
     def training_types(self) -> list[str]:
         """What ``train --type`` accepts: ``merged`` and every registered role."""
         return [MERGED, *self.roles]
@@ -96,94 +113,12 @@ def _plugin_failure(exc: BaseException) -> None:
 def _error_text(exc: BaseException) -> str:
     if isinstance(exc, SystemExit):
         return f"SystemExit({exc.code!r}): the plugin tried to end the program"
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = first_line(exc, default="")
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _hookimpls_of(pm: pluggy.PluginManager, plugin: object) -> list[str]:
     return sorted(impl.name for impl in (pm.get_hookcallers(plugin) or []))
-
-
-@dataclass(frozen=True)
-class EntryPointSpec:
-    """A ``comapoi`` entry point as found on ``sys.path``: its name, ``module:attr`` value and distribution."""
-
-    name: str
-    value: str
-    dist: str | None = None
-    version: str | None = None
-
-    def load(self) -> Any:
-        module_name, _, attr = self.value.partition(":")
-        obj: Any = importlib.import_module(module_name.strip())
-        for part in filter(None, attr.strip().split(".")):
-            obj = getattr(obj, part)
-        return obj
-
-
-def _cache_file() -> Path | None:
-    if os.environ.get("COMAPOI_CACHE_DIR"):
-        return Path(os.environ["COMAPOI_CACHE_DIR"]) / "entry-points.json"
-    base = os.environ.get("XDG_CACHE_HOME") or (str(Path.home() / ".cache") if Path.home() != Path("/") else "")
-    return Path(base) / "comapoi" / "entry-points.json" if base else None
-
-
-def _path_key() -> str:
-    """What the installed entry points depend on: the interpreter and each ``sys.path`` entry's mtime
-    (installing or removing a distribution adds or removes a folder there, which changes it)."""
-    parts = [sys.version, sys.prefix]
-    for entry in sys.path:
-        try:
-            parts.append(f"{entry}={os.stat(entry or '.').st_mtime_ns}")
-        except OSError:
-            parts.append(f"{entry}=-")
-    return "\n".join(parts)  # compared as is: hashing it would cost more than it saves
-
-
-def _scan_entry_points() -> list[EntryPointSpec]:
-    from importlib import metadata
-
-    found = []
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        dist = getattr(ep, "dist", None)
-        found.append(EntryPointSpec(ep.name, ep.value, dist.name if dist else None, dist.version if dist else None))
-    return found
-
-
-def entry_point_specs() -> list[EntryPointSpec]:
-    """The ``comapoi`` entry points installed here. Scanning every distribution's metadata costs about
-    0.2 s (importing ``importlib.metadata`` included), more than the rest of ``comapoi --help``; the result
-    is kept in a small cache file, valid while no ``sys.path`` folder changes."""
-    import json
-
-    key, cache = _path_key(), _cache_file()
-    if cache is not None:
-        try:
-            data = json.loads(cache.read_text(encoding="utf-8"))
-            if data.get("key") == key:
-                return [EntryPointSpec(**item) for item in data["entry_points"]]
-        except (OSError, ValueError, TypeError, KeyError):
-            pass
-    specs = _scan_entry_points()
-    if cache is not None:
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"key": key, "entry_points": [s.__dict__ for s in specs]}), encoding="utf-8")
-            os.replace(tmp, cache)
-        except OSError:  # a read-only home: scan every time
-            pass
-    return specs
-
-
-def _third_party_entry_points() -> list[EntryPointSpec]:
-    allowed = os.environ.get("COMAPOI_PLUGINS")
-    wanted = None if allowed is None else {n.strip() for n in allowed.split(",") if n.strip()}
-    unique: dict[str, EntryPointSpec] = {}  # one entry per name (a distribution can be visible twice on sys.path)
-    for ep in entry_point_specs():
-        if wanted is None or ep.name in wanted:
-            unique.setdefault(ep.name, ep)
-    return list(unique.values())
 
 
 def build_registry(load_entry_points: bool = True) -> Registry:
@@ -212,7 +147,8 @@ def build_registry(load_entry_points: bool = True) -> Registry:
         add(module, PluginInfo(name=module_name.rsplit(".", 1)[1], source="built-in"))
 
     if load_entry_points:
-        for ep in _third_party_entry_points():
+        seen: dict[str, tuple[EntryPointSpec, list[str]]] = {}
+        for ep in third_party_entry_points():
             source = f"entry point ({ep.dist} {ep.version})" if ep.dist else "entry point"
             info = PluginInfo(name=ep.name, source=source)
             try:
@@ -223,6 +159,9 @@ def build_registry(load_entry_points: bool = True) -> Registry:
                 registry.plugins.append(info)
                 continue
             add(plugin, info)
+            if info.error is None:
+                seen[ep.name] = (ep, info.hooks)
+        record_plugin_hooks(seen)  # lets `comapoi --help` skip loading plugins that add no command
 
     def collect(hook_name: str, store: dict[str, Any], kind: str, key: Callable[[Any], str], base: type) -> None:
         hook = getattr(pm.hook, hook_name)
@@ -237,13 +176,16 @@ def build_registry(load_entry_points: bool = True) -> Registry:
 
             try:
                 impl.function(register)
-                for name, _ in pending:
+                names = [name for name, _ in pending]
+                for name in names:
                     if not name:
                         raise ValueError(f"a {kind} without a name")
                     if name == MERGED and kind == "role":
                         raise ValueError(f"'{MERGED}' is reserved and cannot be a role id")
                     if name in store:
                         raise ValueError(f"{kind} '{name}' is already registered by another plugin")
+                    if names.count(name) > 1:
+                        raise ValueError(f"{kind} '{name}' is registered twice")
             except BaseException as exc:
                 _plugin_failure(exc)
                 if info is not None:
@@ -256,6 +198,8 @@ def build_registry(load_entry_points: bool = True) -> Registry:
 
     collect("register_agent_roles", registry.roles, "role", lambda r: r.id, AgentRole)
     collect("register_backends", registry.backends, "backend", lambda b: b.name, Backend)
+    collect("register_engines", registry.engines, "engine", lambda e: e.name, Engine)
+    collect("register_retrievers", registry.retrievers, "retriever", lambda r: r.name, Retriever)
     return registry
 
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from comapoi_cli.leaks import find_leak_in_messages
 from comapoi_cli.presets import DatasetPreset, preset_for
 
 if TYPE_CHECKING:  # light at run time: roles load on every command
-    from comapoi_cli.pipeline.chain import ChainContext, ChainItem
+    from comapoi_cli.chain import ChainContext, ChainItem
 
 #: ``--type merged`` trains on every role's data together; it is not a role.
 MERGED = "merged"
@@ -100,6 +101,11 @@ class AgentRole:
     #: and the answer is a candidate list: evaluation also reports the recall of the true id in
     #: the whole list).
     answer_kind: str = "text"
+    #: Whether every CoMaPOI workflow includes this role: ``data synth`` writes its file unasked and
+    #: ``pipeline run`` needs a run for it (``--ID RUN``, or ``--merged RUN``). A role that is not
+    #: required (the default, e.g. a plugin's critic) joins when named: ``data synth --role ID``,
+    #: ``pipeline run --ID RUN``. CoMaPOI's three roles are required.
+    required: bool = False
 
     def data_file_name(self) -> str:
         return self.data_file.format(id=self.id)
@@ -124,9 +130,7 @@ class AgentRole:
         """Return None unless the prompt of ``record`` gives its label away, else how (the detail of
         the ``label_leak`` check). Default: the generic check, a system or user turn that states the
         true next POI ("True Next POI Information", "next POI ID is 22", ``"next_poi_id": 22``;
-        ``comapoi_cli.data.records.find_leak_in_messages``)."""
-        from comapoi_cli.data.records import find_leak_in_messages
-
+        ``comapoi_cli.leaks.find_leak_in_messages``)."""
         return find_leak_in_messages(record.get("messages") or [])
 
     def group_key(self, record: dict[str, Any]) -> str | None:
@@ -158,6 +162,16 @@ class AgentRole:
         text = text.strip()
         return [text] if text else None
 
+    def synth_records(self, example: Any) -> list[dict[str, Any]]:
+        """The training records ``comapoi data synth`` writes to this role's file for one trajectory
+        (each a ``{"messages": [...]}`` chat record). ``example`` is a
+        ``comapoi_cli.data.synth.SynthExample``: the trajectory with its label (``example.trajectory.next_poi``),
+        the POI table, the user's statistics, and what CoMaPOI's simulated agents said about it (profile,
+        pattern, candidate lists, final ranking); ``example.rng(self.id)`` gives the role's own random draws.
+        Build the prompt with the same function as ``build_inference_prompt``. Default: the role has no
+        synthetic data (``data synth`` skips it)."""
+        raise NotImplementedError(f"role {self.id} cannot synthesise training records")
+
     def describe(self) -> dict[str, str]:
         return {
             "id": self.id,
@@ -172,6 +186,9 @@ class AgentRole:
     chain_position: float | None = None
     #: Run right after this role id (e.g. ``"agent3"``); wins over ``chain_position``.
     chain_after: str | None = None
+    #: Whether the role's prompt shows the retriever's "similar POIs" (``ChainItem.similar``): the chain's
+    #: scores then list the retrieved list as a stage right before this role's candidates.
+    uses_retrieved: bool = False
 
     def chain_steps(self) -> tuple[str, ...]:
         """The generations this role makes per trajectory, in order (default: one, ``"answer"``)."""

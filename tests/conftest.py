@@ -78,9 +78,10 @@ def real_nyc_records() -> list[dict]:
 def agent_data_dir(tmp_path_factory) -> Path:
     """``DIR`` with ``DIR/nyc/agent{1,2,3}_train_samples.jsonl`` (pass as ``--data-dir DIR --dataset nyc``)."""
     from comapoi_cli.data.synth import synth_dataset
+    from comapoi_cli.plugins import get_registry
 
     root = tmp_path_factory.mktemp("data")
-    synth_dataset("nyc", root, plain=False, **SYNTH)
+    synth_dataset("nyc", root, plain=False, **SYNTH, registry=get_registry())
     return root
 
 
@@ -95,8 +96,8 @@ def copy_data_dir(agent_data_dir, tmp_path) -> Path:
 def tiny_model_dir(agent_data_dir) -> Path:
     """The ``--model tiny`` folder for the session data's merged training file."""
     from comapoi_cli.data import prepare_training_data
+    from comapoi_cli.models.tiny import ensure_tiny_model
     from comapoi_cli.plugins import get_registry
-    from comapoi_cli.training.tiny import ensure_tiny_model
 
     prepared = prepare_training_data(type_="merged", dataset="nyc", data_dir=agent_data_dir, seed=42, test_size=4,
                                      registry=get_registry())

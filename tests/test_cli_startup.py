@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pytest
 import typer
 
-from tests.support import run_comapoi
+from tests.support import REPO, run_comapoi
 
 HEAVY = ("torch", "transformers", "trl", "datasets", "peft", "bitsandbytes", "accelerate", "unsloth")
 
@@ -106,3 +107,63 @@ def test_no_bool_metavar_in_help():
     for path in (["--help"], ["train", "--help"], ["data", "clean", "--help"], ["env", "--help"]):
         out = run_comapoi(*path).stdout
         assert "<bool>" not in out, path
+
+
+def test_help_loads_no_plugin_unless_one_adds_a_command(tmp_path):
+    """`comapoi --help` imports a plugin only when it may add a command: a plugin seen, unchanged, without
+    ``register_commands`` is not imported again (cached metadata); editing it to add one is seen at once."""
+    from tests.test_plugins import make_entry_point_plugin
+
+    site = tmp_path / "site"
+    site.mkdir()
+    marker = tmp_path / "imported"
+    source = (f"import pathlib\nfrom comapoi_cli import hookimpl\n"
+              f"with pathlib.Path({str(marker)!r}).open('a') as f:\n    f.write('x')\n")
+    make_entry_point_plugin(site, "quiet_plugin", source)
+    env = {"PYTHONPATH": str(site), "COMAPOI_CACHE_DIR": str(tmp_path / "cache")}
+    listing = run_comapoi("plugins", "list", "--json", env=env)  # loads every plugin and records its hooks
+    assert listing.returncode == 0, listing.stderr
+    assert marker.read_text() == "x"
+    for args in (["--help"], ["--version"], ["data", "--help"]):
+        result = run_comapoi(*args, env=env)
+        assert result.returncode == 0, result.stderr
+    assert marker.read_text() == "x"  # not imported again
+    assert "hello" not in run_comapoi("--help", env=env).stdout
+
+    import os
+    import time
+
+    (site / "quiet_plugin.py").write_text(source + "\n@hookimpl\ndef register_commands(app):\n"
+                                          "    @app.command('hello')\n    def hello():\n        print('HELLO')\n")
+    later = time.time() + 5
+    os.utime(site / "quiet_plugin.py", (later, later))  # a new mtime even on a coarse clock
+    result = run_comapoi("--help", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "hello" in result.stdout and marker.read_text() == "xx"
+    assert run_comapoi("hello", env=env).stdout.strip() == "HELLO"
+    assert "hello" in run_comapoi("--help", env=env).stdout  # a plugin with commands is always loaded
+
+
+def test_no_built_in_plugin_adds_a_command():
+    """`comapoi --help` relies on it: only third-party plugins are asked for commands."""
+    from comapoi_cli.plugins import build_registry
+
+    registry = build_registry(load_entry_points=False)
+    assert all("register_commands" not in p.hooks for p in registry.plugins)
+
+
+def test_the_entry_point_cache_keeps_several_sys_paths(tmp_path):
+    """Two ``sys.path`` configurations used in turn (another folder on PYTHONPATH, another cwd for ``-m``)
+    do not evict each other: the second start of each reads the cache, it does not scan the installed
+    distributions again (which imports ``importlib.metadata``)."""
+    env = {"COMAPOI_CACHE_DIR": str(tmp_path / "cache")}
+    scanned = []
+    for folder in ("a", "b", "a", "b"):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        result = subprocess.run([sys.executable, "-X", "importtime", "-m", "comapoi_cli", "--help"],
+                                capture_output=True, text=True, timeout=120,
+                                env={**os.environ, **env, "PYTHONPATH": os.pathsep.join(
+                                    [str(REPO), str(tmp_path / folder)])})
+        assert result.returncode == 0, result.stderr[-2000:]
+        scanned.append(any(line.rstrip().endswith("| importlib.metadata") for line in result.stderr.splitlines()))
+    assert scanned == [True, True, False, False]

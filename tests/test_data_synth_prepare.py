@@ -24,7 +24,7 @@ def _records(path: Path) -> list[dict]:
 
 
 def test_synth_from_real_trajectories(tmp_path):
-    summary = synth_dataset("nyc", tmp_path, source=REAL / "nyc_train.jsonl", poi_info=REAL / "nyc_poi_info.csv")
+    summary = synth_dataset("nyc", tmp_path, source=REAL / "nyc_train.jsonl", poi_info=REAL / "nyc_poi_info.csv", registry=_REGISTRY())
     folder = tmp_path / "nyc"
     truths = [json.loads(json.loads(x)["messages"][2]["content"])["next_poi_id"] for x in real_lines()]
     a1, a2, a3 = (_records(folder / f"agent{i}_train_samples.jsonl") for i in (1, 2, 3))
@@ -46,9 +46,9 @@ def test_synth_from_real_trajectories(tmp_path):
 
 
 def test_synth_simulated_city_is_deterministic_and_realistic(tmp_path):
-    first = synth_dataset("tky", tmp_path / "a", trajectories=40, seed=3)
-    synth_dataset("tky", tmp_path / "b", trajectories=40, seed=3)
-    other = synth_dataset("tky", tmp_path / "c", trajectories=40, seed=4)
+    first = synth_dataset("tky", tmp_path / "a", trajectories=40, seed=3, registry=_REGISTRY())
+    synth_dataset("tky", tmp_path / "b", trajectories=40, seed=3, registry=_REGISTRY())
+    other = synth_dataset("tky", tmp_path / "c", trajectories=40, seed=4, registry=_REGISTRY())
     names = sorted(p.name for p in (tmp_path / "a" / "tky").iterdir())
     assert names == ["agent1_train_samples.jsonl", "agent2_train_samples.jsonl", "agent3_train_samples.jsonl",
                      "tky_poi_info.csv", "tky_test.jsonl", "tky_train.jsonl"]
@@ -76,14 +76,14 @@ def test_synth_simulated_city_is_deterministic_and_realistic(tmp_path):
 
 def test_synth_errors(tmp_path):
     with pytest.raises(UsageError, match="No city preset"):
-        synth_dataset("mycity", tmp_path)
-    assert synth_dataset("mycity", tmp_path, preset="ca", trajectories=5).trajectories == 5
+        synth_dataset("mycity", tmp_path, registry=_REGISTRY())
+    assert synth_dataset("mycity", tmp_path, preset="ca", trajectories=5, registry=_REGISTRY()).trajectories == 5
     with pytest.raises(DataError, match="Cannot find"):
-        synth_dataset("nyc", tmp_path, source=tmp_path / "missing.jsonl")
+        synth_dataset("nyc", tmp_path, source=tmp_path / "missing.jsonl", registry=_REGISTRY())
     junk = tmp_path / "junk.jsonl"
     junk.write_text('{"a": 1}\n')
     with pytest.raises(DataError, match="no CoMaPOI trajectories"):
-        synth_dataset("nyc", tmp_path, source=junk)
+        synth_dataset("nyc", tmp_path, source=junk, registry=_REGISTRY())
 
 
 def test_prepare_reuses_only_while_inputs_are_unchanged(tmp_path, synth_dir):

@@ -66,7 +66,7 @@ def synth_dir(tmp_path_factory) -> Path:
     from comapoi_cli.data.synth import synth_dataset
 
     out = tmp_path_factory.mktemp("synth")
-    synth_dataset("nyc", out, trajectories=60, seed=7)
+    synth_dataset("nyc", out, trajectories=60, seed=7, registry=_REGISTRY())
     return out
 
 

@@ -138,7 +138,7 @@ def test_services_report_progress_through_the_reporter(tmp_path, agent_data_dir,
         assert [c[1][0] for c in recorder.calls if c[0] == "progress_update"][-1] == source.stat().st_size
     monkeypatch.setattr(synth_module, "PROGRESS_MIN_TRAJECTORIES", 5)
     recorder = _Recorder()
-    synth_module.synth_dataset("nyc", tmp_path / "s", trajectories=200, seed=1, plain=False, reporter=recorder)
+    synth_module.synth_dataset("nyc", tmp_path / "s", trajectories=200, seed=1, plain=False, reporter=recorder, registry=get_registry())
     starts = [c for c in recorder.calls if c[0] == "progress_start"]
     assert starts and starts[0][2]["unit"] == "trajectories" and starts[0][1][0] == 200
     assert [c[1][0] for c in recorder.calls if c[0] == "progress_update"][-1] == 200

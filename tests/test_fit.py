@@ -172,7 +172,7 @@ def test_dry_run_plans_for_a_gpu_this_machine_does_not_have(tmp_path):
 
 def tiny_budget_between(micro_low: int, micro_high: int, seq_length: int) -> float:
     """A --memory-budget (GiB) in which micro-batch ``micro_low`` fits and ``micro_high`` does not (tiny model, CPU)."""
-    from comapoi_cli.training.tiny import TINY_RECIPE
+    from comapoi_cli.models.tiny import TINY_RECIPE
 
     shape = ModelShape.from_config(TINY_RECIPE)
     totals = [estimate_memory(shape, profile=TRL, precision="fp32", quant="none", micro_batch=m, seq_length=seq_length,

@@ -208,8 +208,8 @@ def test_critic_plugin_joins_the_chain_after_agent3(critic_site, trained_run, te
 
 def test_transformers_engine_one_base_switched_adapters_and_context_misses(trained_run):
     from comapoi_cli.default_plugins.pipeline_engines import TransformersEngine
+    from comapoi_cli.engines import EngineSpec
     from comapoi_cli.models.loading import tokenizer_folder
-    from comapoi_cli.pipeline.engines import EngineSpec
     from comapoi_cli.reporting import Reporter
     from comapoi_cli.runs.info import locate_run
 

@@ -12,8 +12,8 @@ from tests.test_plugins import make_entry_point_plugin
 PLUGIN = """
     import json
     from comapoi_cli import hookimpl
-    from comapoi_cli.pipeline.engines import Engine, EngineSession, Generation
-    from comapoi_cli.pipeline.retrieval import Retriever
+    from comapoi_cli.engines import Engine, EngineSession, Generation
+    from comapoi_cli.retrievers import Retriever
 
     class FixedRetriever(Retriever):
         name = "fixed"

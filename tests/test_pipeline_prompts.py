@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from comapoi_cli.chain import ChainContext
 from comapoi_cli.data.synth import synth_dataset
-from comapoi_cli.pipeline.chain import ChainContext
 from comapoi_cli.pipeline.inputs import load_inputs
 from comapoi_cli.plugins import build_registry
 from tests.support import REAL_DATA, run_comapoi
@@ -32,7 +32,7 @@ def split_real(tmp_path_factory) -> tuple[Path, Path, Path]:
     last = {user: i for i, user in enumerate(users)}
     (folder / "train.jsonl").write_text("".join(l for i, l in enumerate(lines) if last[users[i]] != i), encoding="utf-8")
     (folder / "test.jsonl").write_text("".join(l for i, l in enumerate(lines) if last[users[i]] == i), encoding="utf-8")
-    synth_dataset("nyc", folder / "synth", source=REAL_DATA / "nyc_train.jsonl", poi_info=REAL_DATA / "nyc_poi_info.csv")
+    synth_dataset("nyc", folder / "synth", source=REAL_DATA / "nyc_train.jsonl", poi_info=REAL_DATA / "nyc_poi_info.csv", registry=build_registry())
     return folder / "train.jsonl", folder / "test.jsonl", folder / "synth" / "nyc"
 
 
@@ -98,7 +98,7 @@ def test_chain_order_declared_by_roles_and_a_plugin_role_after_agent3():
 
 def test_transitions_retriever_is_deterministic_and_label_free():
     from comapoi_cli.default_plugins.pipeline_retrievers import TransitionsRetriever
-    from comapoi_cli.pipeline.retrieval import RetrievalIndex
+    from comapoi_cli.retrievers import RetrievalIndex
 
     inputs = load_inputs("nyc", 5091, 8, REAL_DATA / "nyc_test.jsonl", REAL_DATA / "nyc_poi_info.csv", REAL_DATA / "nyc_train.jsonl")
     assert len(inputs.items) == 24

@@ -97,3 +97,71 @@ def test_a_plugin_installed_after_a_run_is_found(tmp_path):
     make_entry_point_plugin(site, "late", "")
     second = json.loads(run_comapoi("plugins", "list", "--json", env=env).stdout)
     assert "late" in {p["name"] for p in second["plugins"]}
+
+
+def test_engines_and_retrievers_go_through_the_same_registry_and_failure_policy(tmp_path):
+    """A plugin whose register_engines calls sys.exit is recorded against the plugin (it used to end
+    ``pipeline run`` silently with exit code 4); a plugin's engines and retrievers are listed."""
+    make_entry_point_plugin(tmp_path, "exits_in_engines", """
+        import sys
+        from comapoi_cli import hookimpl
+
+        @hookimpl
+        def register_engines(register):
+            sys.exit(4)
+        """)
+    make_entry_point_plugin(tmp_path, "echo_engine", """
+        from comapoi_cli import hookimpl
+        from comapoi_cli.engines import Engine
+        from comapoi_cli.retrievers import Retriever
+
+        class Echo(Engine):
+            name = "echo"
+            description = "says the prompt back"
+
+        class Nearest(Retriever):
+            name = "nearest"
+            description = "the nearest POIs"
+
+        @hookimpl
+        def register_engines(register):
+            register(Echo())
+
+        @hookimpl
+        def register_retrievers(register):
+            register(Nearest())
+            register(Nearest())
+        """)
+    env = {"PYTHONPATH": str(tmp_path)}
+    listing = run_comapoi("plugins", "list", "--json", env=env)
+    assert listing.returncode == 0, listing.stderr
+    data = json.loads(listing.stdout)
+    errors = {p["name"]: p["error"] for p in data["plugins"]}
+    registered = {p["name"]: p["registered"] for p in data["plugins"]}
+    assert errors["exits_in_engines"] == "register_engines failed: SystemExit(4): the plugin tried to end the program"
+    assert registered["pipeline_engines"] == ["engine transformers", "engine openai"]
+    assert registered["pipeline_retrievers"] == ["retriever transitions"]
+    assert registered["echo_engine"] == ["engine echo"]  # its retrievers were refused together: a name twice
+    assert errors["echo_engine"] == "register_retrievers failed: ValueError: retriever 'nearest' is registered twice"
+    assert {e["name"] for e in data["engines"]} == {"transformers", "openai", "echo"}
+    assert [r["name"] for r in data["retrievers"]] == ["transitions"]
+    table = run_comapoi("plugins", "list", env=env)
+    assert "Pipeline engines" in table.stdout and "says the prompt back" in table.stdout
+    assert "engine transformers, engine openai" in table.stdout
+
+    test = tmp_path / "nyc_test.jsonl"
+    test.write_text("")
+    result = run_comapoi("pipeline", "run", "--dataset", "nyc", "--test", str(test), "--merged",
+                         str(tmp_path / "no_run"), "--engine", "nosuch", env=env)
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Unknown engine 'nosuch'; registered engines: echo, openai, transformers." in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_ctrl_c_while_a_plugin_imports_is_one_line(tmp_path):
+    make_entry_point_plugin(tmp_path, "slow_import", "raise KeyboardInterrupt\n")
+    for args in (["--help"], ["plugins", "list"], ["nosuch"]):
+        result = run_comapoi(*args, env={"PYTHONPATH": str(tmp_path)})
+        assert result.returncode == 130, (args, result.stderr)
+        assert "Traceback" not in result.stderr, args
+    assert "Interrupted." in run_comapoi("--help", env={"PYTHONPATH": str(tmp_path)}).stderr

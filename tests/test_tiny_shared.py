@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 
-from comapoi_cli.training import tiny
+from comapoi_cli.models import tiny
 from tests.conftest import TRAIN_FAST
 from tests.support import run_comapoi
 

@@ -13,8 +13,8 @@ import pytest
 pytest.importorskip("transformers")
 
 from comapoi_cli.errors import TrainingError  # noqa: E402
+from comapoi_cli.models.tiny import TINY_CHAT_TEMPLATE  # noqa: E402
 from comapoi_cli.training import chat  # noqa: E402
-from comapoi_cli.training.tiny import TINY_CHAT_TEMPLATE  # noqa: E402
 
 #: Qwen2.5-Instruct's chat template, trimmed of its tool-calling branches (no generation markers).
 QWEN25_TEMPLATE = (

@@ -79,7 +79,7 @@ def test_original_and_kebab_spellings_are_the_same_option():
 
 
 def test_defaults_are_the_originals():
-    job, location = build_job({}, env={})
+    job, location = build_job({}, registry=get_registry(), env={})
     assert (job.seq_length, job.max_steps, job.batch_size, job.gradient_accumulation_steps, job.save_freq) == (2048, 200, 4, 1, 40)
     assert (job.lora_r, job.lora_alpha, job.lora_dropout) == (8, 16, 0.1)
     assert job.target_modules == DEFAULT_TARGET_MODULES and len(job.target_modules) == 7
@@ -87,7 +87,7 @@ def test_defaults_are_the_originals():
     assert (job.weight_decay, job.max_grad_norm, job.lr_scheduler, job.neftune_alpha) == (0.01, 1.0, "cosine", 5.0)
     assert location.kind == "tiny" and job.run_tag == "tiny"
     assert job.learning_rate == 5e-3  # tiny's own default; any other model keeps the original's 1e-4
-    other, _ = build_job({"model": "org/name"}, env={})
+    other, _ = build_job({"model": "org/name"}, registry=get_registry(), env={})
     assert other.learning_rate == 1e-4 and other.run_tag == "name"
     assert job.effective_warmup_steps == 50 and TrainingJob(max_steps=20).effective_warmup_steps == 5
 
@@ -171,9 +171,9 @@ def test_bad_values_are_usage_errors(args, fragment):
 
 def test_run_dir_layout_is_the_originals():
     job, _ = build_job({"output_dir": "res", "run_tag": "exp 1", "dataset": "tky", "type": "agent2", "batch_size": 16,
-                        "gradient_accumulation_steps": 2, "max_steps": 300, "learning_rate": 5e-5, "model": "m/x"}, env={})
+                        "gradient_accumulation_steps": 2, "max_steps": 300, "learning_rate": 5e-5, "model": "m/x"}, registry=get_registry(), env={})
     assert str(job.run_dir) == "res/exp-1/sft-tky/bs16-gas2-ms300-agent2-lr5e-05"
-    job, _ = build_job({"data_path": "/d/my_agent3.jsonl"}, env={})
+    job, _ = build_job({"data_path": "/d/my_agent3.jsonl"}, registry=get_registry(), env={})
     assert job.dataset is None and job.run_dir.parent.name == "sft-my_agent3"
 
 
@@ -182,7 +182,7 @@ def test_environment_defaults(tmp_path):
     (tmp_path / "models" / "qwen-x" / "config.json").write_text("{}")
     env = {"COMAPOI_DATA_DIR": str(tmp_path / "d"), "COMAPOI_OUTPUT_DIR": str(tmp_path / "o"),
            "COMAPOI_MODEL_PATH": str(tmp_path / "models")}
-    job, location = build_job({"model": "qwen-x"}, env=env)
+    job, location = build_job({"model": "qwen-x"}, registry=get_registry(), env=env)
     assert job.data_dir == env["COMAPOI_DATA_DIR"] and job.output_dir == env["COMAPOI_OUTPUT_DIR"]
     assert location.kind == "local" and job.base_model == str((tmp_path / "models" / "qwen-x").resolve())
 
@@ -216,7 +216,7 @@ def test_locate_model(tmp_path):
 
 def test_data_problems(tmp_path):
     registry = get_registry()
-    job, _ = build_job({"data_dir": str(tmp_path), "dataset": "nyc", "type": "agent3"}, env={})
+    job, _ = build_job({"data_dir": str(tmp_path), "dataset": "nyc", "type": "agent3"}, registry=get_registry(), env={})
     assert data_problems(job, registry) == [f"Data folder {tmp_path / 'nyc'} does not exist (--data-dir {tmp_path}, --dataset nyc)."]
     (tmp_path / "nyc").mkdir()
     assert "agent3_train_samples.jsonl" in data_problems(job, registry)[0]

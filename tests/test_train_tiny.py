@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("transformers")
 
 from comapoi_cli.fileio import sha256_file  # noqa: E402
-from comapoi_cli.training import tiny  # noqa: E402
+from comapoi_cli.models import tiny  # noqa: E402
 
 
 def test_tiny_folder_is_a_qwen2_model_with_a_trained_tokenizer(tiny_model_dir):

@@ -24,10 +24,11 @@ from typing import Any, Callable
 
 from comapoi_cli.adapters.export import strip_remote_code
 from comapoi_cli.adapters.listing import require_run_folder
+from comapoi_cli.choices import DTYPE_CHOICES
 from comapoi_cli.errors import ComapoiError, UsageError
 from comapoi_cli.fileio import atomic_folder, read_json, sha256_file, write_json_atomic
 
-DTYPES = ("auto", "bfloat16", "float16", "float32")
+DTYPES = ("auto", *DTYPE_CHOICES)
 MERGE_INFO = "comapoi_merge.json"
 #: Logit tolerance per dtype: ``atol + rtol * max|logit|`` (16-bit weights round W + BA once more).
 TOLERANCE = {"float32": (1e-4, 1e-4), "bfloat16": (1e-2, 6e-2), "float16": (1e-3, 2e-2)}
@@ -82,7 +83,7 @@ def _config_dtype(base_model: str, trust_remote_code: bool = False) -> str | Non
         return None
     value = config.get("dtype") or config.get("torch_dtype")
     value = str(value).replace("torch.", "") if value else None
-    return value if value in ("bfloat16", "float16", "float32") else None
+    return value if value in DTYPE_CHOICES else None
 
 
 def choose_dtype(requested: str, base_model: str, device: str, recorded: str | None,

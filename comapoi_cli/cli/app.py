@@ -21,7 +21,7 @@ from typer.core import TyperCommand, TyperGroup
 from comapoi_cli import __version__
 from comapoi_cli.cli.fields import normalise_token
 from comapoi_cli.cli.render import error
-from comapoi_cli.errors import ComapoiError
+from comapoi_cli.errors import ComapoiError, first_line
 
 #: The built-in commands: name -> ("module:attribute", one-line help shown by ``comapoi --help``).
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -29,9 +29,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("comapoi_cli.cli.train:command", "Fine-tune a LoRA / QLoRA adapter for one CoMaPOI agent role (or all roles merged)."),
     "eval": ("comapoi_cli.cli.eval:app", "Score an adapter on held-out data, or score a predictions file."),
     "adapters": ("comapoi_cli.cli.adapters:app", "Inspect, merge and export trained adapters for serving."),
-    "plugins": ("comapoi_cli.cli.plugins:app", "Inspect plugins: backends, agent roles, and plugins that failed to load."),
+    "plugins": ("comapoi_cli.cli.plugins:app", "Inspect plugins: backends, agent roles, engines, retrievers, and plugins that failed to load."),
     "env": ("comapoi_cli.cli.env:app", "Show package versions, CUDA and GPUs, and which training backends are usable here."),
-    "pipeline": ("comapoi_cli.cli.pipeline:app", "Run the three trained agents as CoMaPOI chains them, and score the chain."),
+    "pipeline": ("comapoi_cli.cli.pipeline:command", "Run the three trained agents as CoMaPOI chains them, and score the chain."),
 }
 
 
@@ -98,10 +98,31 @@ def root(
     """Fine-tune the CoMaPOI agents (Profiler, Forecaster, Final_Predictor) with LoRA / QLoRA."""
 
 
-def _add_plugin_commands() -> None:
+_plugin_commands_added = False
+
+
+def add_plugin_commands() -> None:
+    """Run every plugin's ``register_commands`` on the root app, once per process (``comapoi plugins list``
+    calls it too, to report a plugin whose commands fail)."""
+    global _plugin_commands_added
+    if _plugin_commands_added:
+        return
+    _plugin_commands_added = True
     from comapoi_cli.plugins import get_registry, register_plugin_commands
 
     register_plugin_commands(app, get_registry(), reserved=set(COMMANDS))
+
+
+def _may_run_a_plugin_command(argv: list[str]) -> bool:
+    """Whether this command line may need a plugin's command: not when it names a built-in command
+    (which builds the registry itself if it needs it), nor when no installed plugin adds a command
+    (``comapoi --help`` then loads no plugin: the cached entry-point metadata says so)."""
+    first = next((arg for arg in argv if not arg.startswith("-")), None)
+    if first is not None and normalise_token(first) in COMMANDS:
+        return False
+    from comapoi_cli.entrypoints import plugins_may_add_commands
+
+    return plugins_may_add_commands()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -111,8 +132,9 @@ def main(argv: list[str] | None = None) -> None:
     reaches us here is a ``ComapoiError`` from a service (one sentence, its own exit code) or an
     unexpected exception (one sentence; ``COMAPOI_DEBUG=1`` shows the traceback).
     """
-    _add_plugin_commands()
     try:
+        if _may_run_a_plugin_command(sys.argv[1:] if argv is None else argv):
+            add_plugin_commands()  # inside the try: Ctrl-C while a plugin imports is "Interrupted.", not a traceback
         app(args=argv, prog_name="comapoi")
     except ComapoiError as exc:
         error(exc.message, exc.hint)
@@ -125,7 +147,6 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # last resort: one sentence, never a traceback (unless asked for)
         if os.environ.get("COMAPOI_DEBUG"):
             raise
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "no message"
-        error(f"Unexpected {type(exc).__name__}: {first_line}",
+        error(f"Unexpected {type(exc).__name__}: {first_line(exc, default='no message')}",
               "Run again with COMAPOI_DEBUG=1 for the full traceback, and report it.")
         sys.exit(1)

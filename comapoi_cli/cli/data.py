@@ -355,16 +355,18 @@ def synth(
     min_checkins: int = number_option(12, "--min-checkins", whole=True, minimum=1, help="Simulated: shortest trajectory."),
     max_checkins: int = number_option(36, "--max-checkins", whole=True, minimum=1, help="Simulated: longest trajectory."),
     plain: bool = typer.Option(True, "--plain/--no-plain", help="Simulated: also write {dataset}_train/_test.jsonl and {dataset}_poi_info.csv."),
+    role: Optional[List[str]] = typer.Option(None, "--role", metavar="ROLE", help="Also write the data of this optional role (a plugin's, e.g. agent4); repeat or give a comma list.", show_default=False),
     as_json: bool = typer.Option(False, "--json", help=_JSON_HELP),
 ) -> None:
     """Generate CoMaPOI-format agent files from real trajectories or a simulated city (deterministic)."""
     from comapoi_cli.data.synth import synth_dataset
+    from comapoi_cli.plugins import get_registry
 
     out = one_of(output_dir, out_old, "--output-dir")
-
+    also = [r.strip() for item in role or [] for r in item.split(",") if r.strip()]
     result = synth_dataset(dataset, out, source=source, trajectories=trajectories, seed=seed, preset=preset,
                            poi_info=poi_info, min_checkins=min_checkins, max_checkins=max_checkins, plain=plain,
-                           reporter=_reporter())
+                           reporter=_reporter(), registry=get_registry(), also_roles=also)
     if as_json:
         print_json(result.to_dict())
         return

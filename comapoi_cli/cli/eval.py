@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 import typer
 
+from comapoi_cli.choices import QUANT_CHOICES
 from comapoi_cli.cli.fields import number_option, trust_remote_code_option
 from comapoi_cli.cli.render import console, err_console, print_json, success, table, warn
 from comapoi_cli.errors import UsageError
@@ -90,7 +91,7 @@ def eval_adapter(
     if adapter is None:
         raise UsageError("Missing option --adapter RUN_DIR (the folder of a trained adapter).",
                          hint="To score a predictions file instead: comapoi eval score FILE")
-    if quant not in ("auto", "4bit", "8bit", "none"):
+    if quant not in QUANT_CHOICES:
         raise UsageError(f"--quant must be auto, 4bit, 8bit or none, not '{quant}'.")
 
     from comapoi_cli.cli.reporting import ConsoleReporter
@@ -138,9 +139,9 @@ def score(
     leniently) or "predicted_poi_ids" (a ready ranked list); "id", "role" and "dataset" are
     optional. Invalid lines are reported one by one.
     """
-    from comapoi_cli.evaluation.outputs import now_iso, write_metrics
+    from comapoi_cli.evaluation.outputs import write_metrics
     from comapoi_cli.evaluation.predictions import MAX_SHOWN_PROBLEMS, PredictionsFileError, score_predictions
-    from comapoi_cli.fileio import sha256_file
+    from comapoi_cli.fileio import now_iso, sha256_file
 
     try:
         from comapoi_cli.plugins import get_registry

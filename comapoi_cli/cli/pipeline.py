@@ -7,15 +7,13 @@ from typing import Any, List, Optional
 
 import typer
 
+from comapoi_cli.choices import QUANT_CHOICES
+from comapoi_cli.cli.fields import with_signature
 from comapoi_cli.cli.render import console, err_console, print_json, success, table
 from comapoi_cli.errors import UsageError
+from comapoi_cli.plugins import Registry
 
-app = typer.Typer(
-    no_args_is_help=True,
-    rich_markup_mode="rich",
-    help="Run the three trained agents as CoMaPOI chains them (Profiler -> Forecaster -> Final_Predictor) and score the chain.",
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
+HELP = "Run the three trained agents as CoMaPOI chains them (Profiler -> Forecaster -> Final_Predictor) and score the chain."
 
 _RUN_EPILOG = (
     "Examples:\n\n"
@@ -44,7 +42,34 @@ def _reporter(quiet: bool) -> Any:
     return Reporter() if quiet else ConsoleReporter(err_console)
 
 
-@app.command("run", epilog=_RUN_EPILOG)
+def command(registry: Registry) -> typer.Typer:
+    """The ``pipeline`` group. ``run`` gets one ``--ROLE RUN`` option per registered role that can join the
+    chain (``chain_position`` or ``chain_after``): CoMaPOI's ``--agent1/--agent2/--agent3``, a plugin's too."""
+    import inspect
+
+    chain_roles = [r for r in registry.roles.values() if r.chain_position is not None or r.chain_after is not None]
+    params = [p for name, p in inspect.signature(run).parameters.items() if name not in ("role_runs", "registry")]
+    role_params = {f"role_{i}": role for i, role in enumerate(chain_roles)}
+    at = next(i for i, p in enumerate(params) if p.name == "merged")
+    params[at:at] = [inspect.Parameter(
+        name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Optional[Path],
+        default=typer.Option(None, f"--{role.id}", metavar="RUN", show_default=False, rich_help_panel="Agents",
+                             help=f"Run folder of the {role.display_name or role.id}"
+                                  + ("." if role.required else " (optional: joins the chain when named)."))
+    ) for name, role in role_params.items()]
+
+    def run_command(**values: Any) -> None:
+        role_runs = {role.id: values.pop(name) for name, role in role_params.items()}
+        run(**values, role_runs={k: v for k, v in role_runs.items() if v is not None}, registry=registry)
+
+    run_command.__doc__ = run.__doc__
+    app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich", help=HELP,
+                      context_settings={"help_option_names": ["-h", "--help"]})
+    app.command("run", epilog=_RUN_EPILOG)(with_signature(run_command, params))
+    app.command("score")(score)
+    return app
+
+
 def run(
     dataset: str = typer.Option(..., "--dataset", help="nyc, tky or ca (the POI id range).", show_default=False,
                                 rich_help_panel="Inputs"),
@@ -56,15 +81,9 @@ def run(
     train: Optional[Path] = typer.Option(None, "--train", help="Training trajectories (the users' history, retrieval). "
                                          "Default: {ds}_train.jsonl beside --test.", show_default=False,
                                          rich_help_panel="Inputs"),
-    agent1: Optional[Path] = typer.Option(None, "--agent1", help="Run folder of the Profiler.", show_default=False,
-                                          rich_help_panel="Agents"),
-    agent2: Optional[Path] = typer.Option(None, "--agent2", help="Run folder of the Forecaster.", show_default=False,
-                                          rich_help_panel="Agents"),
-    agent3: Optional[Path] = typer.Option(None, "--agent3", help="Run folder of the Final_Predictor.", show_default=False,
-                                          rich_help_panel="Agents"),
-    merged: Optional[Path] = typer.Option(None, "--merged", help="One run (e.g. --type merged) for every agent not named.",
+    merged: Optional[Path] = typer.Option(None, "--merged", help="One run (e.g. --type merged) for every required agent not named.",
                                           show_default=False, rich_help_panel="Agents"),
-    role: Optional[List[str]] = typer.Option(None, "--role", metavar="ROLE=RUN", help="ROLE=RUN: a plugin role that joins the chain, e.g. "
+    role: Optional[List[str]] = typer.Option(None, "--role", metavar="ROLE=RUN", help="ROLE=RUN: the same as --ROLE RUN, e.g. "
                                              "agent4=RUN4 (the role declares its place).", show_default=False,
                                              rich_help_panel="Agents"),
     engine: str = typer.Option("transformers", "--engine", help="transformers (local) or openai (an OpenAI-compatible "
@@ -105,6 +124,8 @@ def run(
                                              help="Score test trajectories that are in --train or in an agent's training "
                                              "data anyway (refused by default); the scores say so.",
                                              rich_help_panel="Inputs"),
+    role_runs: Optional[dict[str, Path]] = None,
+    registry: Optional[Registry] = None,
 ) -> None:
     """Run the chain on test trajectories: Profiler -> Forecaster (with retrieved POIs) -> Final_Predictor.
 
@@ -115,22 +136,28 @@ def run(
     Ends with CoMaPOI's metrics, per-stage candidate recall and two no-model baselines (docs/pipeline.md).
     """
     from comapoi_cli.pipeline.runner import PipelineRequest, run_pipeline
-    from comapoi_cli.plugins import get_registry
 
+    assert registry is not None  # command() passes it
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other.")
-    if quant not in ("auto", "4bit", "8bit", "none"):
+    if quant not in QUANT_CHOICES:
         raise UsageError(f"--quant must be auto, 4bit, 8bit or none, not '{quant}'.")
+    named = dict(role_runs or {})
+    for role_id, folder in _pairs(role, "--role").items():
+        if role_id in named and named[role_id] != Path(folder):
+            raise UsageError(f"The run of {role_id} was given twice (--{role_id} and --role {role_id}=...); give it once.")
+        registry.role(role_id)  # an unknown role: one sentence, exit 2
+        named[role_id] = Path(folder)
+    required = [r.id for r in registry.roles.values() if r.required]
     runs: dict[str, Path] = {}
-    for role_id, given in (("agent1", agent1), ("agent2", agent2), ("agent3", agent3)):
-        chosen = given or merged
+    for role_id in registry.roles:  # registry order: CoMaPOI's roles, then plugin roles
+        chosen = named.get(role_id) or (merged if role_id in required else None)
         if chosen is not None:
             runs[role_id] = chosen
-    missing = [r for r in ("agent1", "agent2", "agent3") if r not in runs]
+    missing = [r for r in required if r not in runs]
     if missing:
-        raise UsageError(f"Name a run for every agent: missing --{' --'.join(missing)} (or --merged RUN for all three).")
-    for role_id, folder in _pairs(role, "--role").items():
-        runs[role_id] = Path(folder)
+        raise UsageError(f"Name a run for every agent: missing --{' --'.join(missing)} "
+                         f"(or --merged RUN for {', '.join(required)}).")
     request = PipelineRequest(
         dataset=dataset.lower(), test=test, runs=runs, poi_info=poi_info, train=train, out=out, engine=engine,
         retriever=retriever, url=url, api_key=api_key, served_names=_pairs(served_name, "--served-name"), model=model,
@@ -138,7 +165,7 @@ def run(
         overwrite=overwrite, top_k=top_k, compat=compat.lower(), trust_remote_code=trust_remote_code,
         allow_train_overlap=allow_train_overlap)
     try:
-        result = run_pipeline(request, get_registry(), _reporter(as_json))
+        result = run_pipeline(request, registry, _reporter(as_json))
     except KeyboardInterrupt:
         from comapoi_cli.errors import ComapoiError
 
@@ -159,7 +186,6 @@ def run(
     success(f"wrote {result.record}")
 
 
-@app.command("score")
 def score(
     file: Path = typer.Argument(..., help="A predictions.jsonl of 'comapoi pipeline run'.", show_default=False),
     top_k: int = typer.Option(10, "--top-k", min=1, help="The final list length scored as 'final top-k'."),
@@ -168,8 +194,9 @@ def score(
 ) -> None:
     """Re-score a chain's predictions file (the same numbers as the run printed), without a model."""
     from comapoi_cli.pipeline.runner import score_file
+    from comapoi_cli.plugins import get_registry
 
-    scores = score_file(file, top_k=top_k, compat=compat.lower())
+    scores = score_file(file, top_k=top_k, compat=compat.lower(), registry=get_registry())
     if as_json:
         print_json(scores)
         return

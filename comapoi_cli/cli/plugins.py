@@ -9,22 +9,27 @@ from rich.markup import escape
 
 from comapoi_cli.cli.render import console, markup, print_json, table
 
-app = typer.Typer(help="Inspect plugins: backends, agent roles, and plugins that failed to load.", no_args_is_help=True)
+app = typer.Typer(help="Inspect plugins: backends, agent roles, engines, retrievers, and plugins that failed to load.", no_args_is_help=True)
 
 
 @app.command("list")
 def list_plugins(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
-    """List plugins, the backends (usable here or why not) and the agent roles they register."""
+    """List plugins, the backends (usable here or why not), agent roles, engines and retrievers they register."""
+    from comapoi_cli.cli.app import add_plugin_commands
     from comapoi_cli.plugins import get_registry
 
     registry = get_registry()
+    add_plugin_commands()  # so that a plugin whose register_commands fails is listed with its error
     backends = [b.describe() for b in registry.backends.values()]
     roles = [r.describe() for r in registry.roles.values()]
+    engines = [e.describe() for e in registry.engines.values()]
+    retrievers = [r.describe() for r in registry.retrievers.values()]
     plugins = [p.to_dict() for p in registry.plugins]
     if as_json:
-        out: dict[str, Any] = {"plugins": plugins, "backends": backends, "roles": roles}
+        out: dict[str, Any] = {"plugins": plugins, "backends": backends, "roles": roles, "engines": engines,
+                               "retrievers": retrievers}
         if "unsloth" not in registry.backends:
             from comapoi_cli.environment import unsloth_install_line
 
@@ -48,6 +53,14 @@ def list_plugins(
     console.print(table(
         "Agent roles (train --type)", ["id", "name", "data file", "description"],
         [(r["id"], r["display_name"], r["data_file"], r["description"]) for r in roles],
+    ))
+    console.print(table(
+        "Pipeline engines (pipeline run --engine)", ["engine", "description"],
+        [(e["name"], e["description"]) for e in engines],
+    ))
+    console.print(table(
+        "Retrievers (pipeline run --retriever)", ["retriever", "description"],
+        [(r["name"], r["description"]) for r in retrievers],
     ))
     if "unsloth" not in registry.backends:
         from comapoi_cli.environment import unsloth_hint

@@ -17,6 +17,7 @@ import typer
 
 from comapoi_cli.cli.fields import options_from_fields, with_signature
 from comapoi_cli.cli.render import err_console, print_json, success, warn
+from comapoi_cli.plugins import Registry
 from comapoi_cli.training.job import MODEL, OUTPUT, TrainingJob
 
 HELP = """Fine-tune a LoRA / QLoRA adapter for one CoMaPOI agent role (or all roles merged).
@@ -45,7 +46,7 @@ def _explain_backend(name: str) -> "tuple[str, str] | None":
     return "The unsloth backend is a plugin, and it is not installed here.", unsloth_hint()
 
 
-def command(registry: Any) -> typer.Typer:
+def command(registry: Registry) -> typer.Typer:
     """A one-command Typer app holding ``train``, its options derived from ``TrainingJob``."""
     import inspect
 
@@ -65,7 +66,7 @@ def command(registry: Any) -> typer.Typer:
     return app
 
 
-def run(registry: Any, values: dict[str, Any]) -> None:
+def run(registry: Registry, values: dict[str, Any]) -> None:
     from comapoi_cli.training import service
 
     config, dry_run, as_json = values.pop("config"), values.pop("dry_run"), values.pop("as_json")

@@ -236,8 +236,9 @@ def _clean(source: Path, readable: Path, target: Path, rejects_path: Path, check
     parallel = n_workers > 1 and size >= PARALLEL_MIN_BYTES and pool_start_method() is not None
     summary = CleanSummary(str(source), str(target), str(rejects_path), policies=table,
                            bytes_in=size, workers=n_workers if parallel else 1)
-    if checker.tokenizer_path:
-        summary.tokens = {"tokenizer": checker.tokenizer_path, "template": checker.counter().template,
+    counter = checker.counter()
+    if counter is not None:
+        summary.tokens = {"tokenizer": checker.tokenizer_path, "template": counter.template,
                           "seq_length": seq_length, "total": 0, "max": 0}
 
     merge = _Merger(source, summary, table["duplicate"])

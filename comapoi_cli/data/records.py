@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 from array import array
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from comapoi_cli.data.policies import DROP, FAIL, KEEP, WARN, default_policies
+from comapoi_cli.leaks import find_label_leak, find_leak_in_messages
 from comapoi_cli.roles import AgentRole, RoleContext
+
+if TYPE_CHECKING:  # typing only
+    from comapoi_cli.data.tokens import TokenCounter
 
 fast_loads: Callable[[bytes], Any] | None
 try:  # a C JSON parser, 2-3x faster than json's on these records; json is the reference and the fallback
@@ -32,57 +35,6 @@ ROLE_ALIASES = {
 KNOWN_ROLES = ("system", "user", "assistant")
 _KNOWN_SET = frozenset(KNOWN_ROLES)
 _TEXT_PART_TYPES = {"text", "input_text", "output_text"}
-
-# A prompt that states the label: an explicit "True Next POI Information" section (the original
-# inverse prompts), or a value given for the next POI id ("next POI ID is 22", "next_poi_id": 22).
-# Found by str.find on "next" (fast on long prompts), then small regexes on the text around it.
-_LEAK_BEFORE = re.compile(r"(?:true|actual|real|correct|ground[\s_-]*truth|target)[\s_-]*$")
-_LEAK_AFTER = re.compile(
-    r"next[\s_-]*poi(?:[\s_-]*(?:ids?|information|info))?[\"']?\s*(?:is|was|will\s+be|[:=])\s*[\[\"'{(]*\s*(?:poi[\s_-]*id[\"']?\s*[:=]?\s*)?(\d+)")
-
-
-# "next POI" in its usual spellings: found by str.find on the literals "ext" / "EXT" (memchr
-# speed; a regex scan for the same literal is ~10x slower on long prompts), then this regex right
-# after the literal. Together: the pattern ``[nN](?:ext|EXT)[\s_-]*(?:poi|POI|Poi)``.
-_POI_AFTER_EXT = re.compile(r"[\s_-]*(?:poi|POI|Poi)")
-
-
-def find_label_leak(prompt: str) -> str | None:
-    """Why ``prompt`` (the system and user turns) gives the answer away, or None.
-
-    Flags an explicit "True Next POI Information" section (or "actual/ground-truth next POI")
-    and a stated next-POI value such as ``next POI ID is 22`` or ``"next_poi_id": 22``.
-    Placeholders such as ``{"next_poi_id": ["value", ...]}`` in output-format instructions are
-    not leaks.
-    """
-    find = prompt.find
-    after_ext = _POI_AFTER_EXT.match
-    for literal in ("ext", "EXT"):
-        position = find(literal)
-        while position >= 0:
-            index = position - 1
-            if index >= 0 and prompt[index] in "nN" and after_ext(prompt, position + 3):
-                after = prompt[index: index + 80].lower()
-                before = prompt[max(0, index - 24): index].lower()
-                marker = _LEAK_BEFORE.search(before)
-                if marker:
-                    return f"the prompt contains '{prompt[index - len(marker.group(0)): index + 8].strip()}'"
-                value = _LEAK_AFTER.match(after)
-                if value:
-                    return f"the prompt states the next POI id ({prompt[index: index + value.end()].strip()})"
-            position = find(literal, position + 3)  # "ext" cannot overlap itself
-    return None
-
-
-def find_leak_in_messages(messages: list[dict[str, str]]) -> str | None:
-    """:func:`find_label_leak` over each system and user turn (no joined copy of the prompt)."""
-    for message in messages:
-        if message["role"] != "assistant":
-            found = find_label_leak(message["content"])
-            if found:
-                return found
-    return None
-
 
 def conversation_key(messages: list[dict[str, str]]) -> int:
     """A key of a conversation (roles and contents): equal keys mean the same conversation.
@@ -302,7 +254,7 @@ class RecordChecker:
         self.tokenizer_path = tokenizer
         self.seq_length = seq_length
         self.trust_remote_code = trust_remote_code
-        self._counter = None
+        self._counter: TokenCounter | None = None
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -321,7 +273,7 @@ class RecordChecker:
     def _fatal(self, name: str, detail: str) -> Reject:
         return Reject(name, detail)
 
-    def counter(self):
+    def counter(self) -> TokenCounter | None:
         if self._counter is None and self.tokenizer_path:
             from comapoi_cli.data.tokens import TokenCounter
 
@@ -537,7 +489,7 @@ class RecordChecker:
                 tokens = None
                 if counter is not None:
                     tokens, prompt_tokens = counter.count(record["messages"])
-                    if tokens > self.seq_length:
+                    if self.seq_length is not None and tokens > self.seq_length:
                         where = "answer_lost" if prompt_tokens >= self.seq_length else "answer_cut"
                         result.over_length[where] = result.over_length.get(where, 0) + 1
                         what = ("truncation would remove the whole answer" if where == "answer_lost"

@@ -19,7 +19,7 @@ import time
 from array import array
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from comapoi_cli.data.blocks import (
     BLOCK_SIZE,
@@ -42,6 +42,9 @@ from comapoi_cli.data.tokens import DEFAULT_CHARS_PER_TOKEN
 from comapoi_cli.errors import DataError, UsageError
 from comapoi_cli.poi_ids import answer_id_list, to_id
 from comapoi_cli.reporting import SILENT, Reporter
+
+if TYPE_CHECKING:  # typing only
+    from comapoi_cli.data.tokens import TokenCounter
 
 PARALLEL_MIN_BYTES = 8 << 20
 PROGRESS_MIN_BYTES = 64 << 20  # larger files (or any tokenizer run) show progress on a terminal
@@ -123,14 +126,14 @@ class _StatsWorker:
         self.context = context
         self.tokenizer = tokenizer
         self.trust_remote_code = trust_remote_code
-        self._counter = None
+        self._counter: TokenCounter | None = None
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_counter"] = None
         return state
 
-    def counter(self):
+    def counter(self) -> TokenCounter | None:
         if self._counter is None and self.tokenizer:
             from comapoi_cli.data.tokens import TokenCounter
 

@@ -26,6 +26,7 @@ same arguments and seed.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -36,12 +37,16 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from comapoi_cli.errors import DataError, UsageError
 from comapoi_cli.fileio import atomic_writer
 from comapoi_cli.presets import PRESETS, DatasetPreset, preset_for
 from comapoi_cli.reporting import SILENT, Reporter
+from comapoi_cli.roles import AgentRole
+
+if TYPE_CHECKING:  # typing only
+    from comapoi_cli.plugins import Registry
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 PLAIN_SYSTEM = ("Please predict the next one POI ID that user_{u} will visit based on the user's historical "
@@ -416,19 +421,7 @@ def _csv(ids: list[int]) -> str:
     return ", ".join(map(str, ids))
 
 
-class _Writer:
-    def __init__(self, folder: Path, dataset: str):
-        self.folder = folder
-        self.dataset = dataset
-
-    def record(self, user: str, answer: str) -> bytes:
-        return (json.dumps({"messages": [{"role": "system", "content": SYSTEM_PROMPT},
-                                         {"role": "user", "content": user},
-                                         {"role": "assistant", "content": answer}]},
-                           ensure_ascii=False) + "\n").encode("utf-8")
-
-
-# -- the prompts: one builder per record, shared with ``comapoi pipeline`` (inference) -----------
+# -- what the roles' prompt builders use (comapoi_cli/default_plugins/comapoi_roles.py) ----------------
 def current_text(traj: Trajectory) -> str:
     """The current trajectory as every prompt shows it."""
     u, s = traj.user, traj.sub
@@ -456,64 +449,43 @@ def chat_prompt(user_text: str) -> list[dict[str, str]]:
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user_text}]
 
 
-def agent1_profile_prompt(traj: Trajectory, stats: _Stats, world: PoiWorld) -> str:
-    return (
-        f"user_id: {traj.user}, subtrajectory_id: {traj.sub}\n"
-        "You are the Profiler. Build a long-term profile of this user from the historical check-in "
-        "statistics and the current trajectory: the categories the user prefers, when the user is active, "
-        "and the areas the user moves in. Write plain text; do not list POI ids.\n\n"
-        f"{stats.block(world, 'Historical statistics')}\n\n"
-        f"Current trajectory:\n{current_text(traj)}")
+@dataclass
+class SynthExample:
+    """One training trajectory and what CoMaPOI's simulated agents say about it, for the roles'
+    ``synth_records``: every random draw is made here, once, in a fixed order, so a role's records do
+    not depend on which other roles are written. A role that needs draws of its own uses :meth:`rng`."""
+
+    trajectory: Trajectory
+    world: PoiWorld
+    max_poi_id: int
+    seed: int
+    history: _Stats              # the user's long-term statistics (earlier trajectories, else this one)
+    recent: _Stats               # the last 12 check-ins
+    profile: str                 # a long-term profile text (the Profiler's first answer)
+    mobility: str                # a recent mobility pattern text (the Forecaster's first answer)
+    long_term_candidates: list[int]   # 25 ids from the user's places and the area, the true id first
+    similar: list[int]           # the retrieved "Similar POI List" (100 ids; the true id in it 70% of the time)
+    short_term_candidates: list[int]  # 25 ids refined from ``similar``, the true id first
+    seen_long_term: list[int]    # the two candidate lists as upstream models would predict them: the true
+    seen_short_term: list[int]   # id anywhere in them, or missing
+    final: list[int]             # the final ranking, 10 ids, the true id first
+
+    def rng(self, role_id: str) -> random.Random:
+        """A generator of a role's own draws, fixed by the seed, the trajectory and the role id."""
+        return random.Random(f"{self.seed}:{self.trajectory.user}:{self.trajectory.sub}:{role_id}")
 
 
-def agent1_candidates_prompt(traj: Trajectory, profile: str, max_id: int) -> str:
-    return (
-        f"user_id: {traj.user}, subtrajectory_id: {traj.sub}\n"
-        "You are the Profiler. From the long-term profile and the current trajectory, list the 25 POI ids this "
-        "user is most likely to visit next, the most likely first. Answer with exactly 25 unique ids separated "
-        f"by commas; every id lies in 0..{max_id}.\n\n"
-        f"Long-term profile:\n{profile}\n\n"
-        f"Current trajectory:\n{current_text(traj)}")
+def chat_record(user_text: str, answer: str) -> dict[str, Any]:
+    """An agent training record: the system prompt, ``user_text``, and ``answer``."""
+    return {"messages": [{"role": "system", "content": SYSTEM_PROMPT},
+                         {"role": "user", "content": user_text},
+                         {"role": "assistant", "content": answer}]}
 
 
-def agent2_pattern_prompt(traj: Trajectory, recent: _Stats, world: PoiWorld) -> str:
-    return (
-        f"user_id: {traj.user}, subtrajectory_id: {traj.sub}\n"
-        "You are the Forecaster. Describe the user's recent mobility pattern: how the latest check-ins move "
-        "between categories, times and places, and what that suggests for the next visit. Write plain text.\n\n"
-        f"{recent.block(world, 'Recent distribution')}\n\n"
-        f"Current trajectory:\n{current_text(traj)}")
-
-
-def agent2_candidates_prompt(traj: Trajectory, mobility: str, similar: list[int], max_id: int) -> str:
-    return (
-        f"user_id: {traj.user}, subtrajectory_id: {traj.sub}\n"
-        "You are the Forecaster. Refine the retrieved POIs into the 25 ids this user is most likely to visit "
-        "next, the most likely first, using the recent mobility pattern and the current trajectory. Answer with "
-        f"exactly 25 unique ids separated by commas; every id lies in 0..{max_id}.\n\n"
-        f"Mobility pattern:\n{mobility}\n\n"
-        f"Similar POI List: {_csv(similar)}\n\n"
-        f"Current trajectory:\n{current_text(traj)}")
-
-
-def agent3_prompt(traj: Trajectory, profile: str, mobility: str, candidates1: list[int], candidates2: list[int]) -> str:
-    return (
-        f"For User_id: {traj.user}, Subtrajectory_id: {traj.sub}\n"
-        "You are the Final_Predictor. Combine the current trajectory, the long-term profile, the short-term "
-        f"pattern and the two candidate lists into the {FINAL_TOP_K} most likely next POI ids, ranked. "
-        f'Answer in JSON: {{"next_poi_id": [id1, id2, ..., id{FINAL_TOP_K}]}}.\n\n'
-        f"Current trajectory:\n{current_text(traj)}\n\n"
-        f"Long-term profile:\n{profile}\n\n"
-        f"Short-term pattern:\n{mobility}\n\n"
-        f"Candidates from the Profiler: {_csv(candidates1)}\n"
-        f"Candidates from the Forecaster: {_csv(candidates2)}")
-
-
-def _agent_records(traj: Trajectory, history: _Stats, world: PoiWorld, rng: random.Random,
-                   max_id: int) -> tuple[list[bytes], list[bytes], list[bytes]]:
+def draw_example(traj: Trajectory, history: _Stats, world: PoiWorld, rng: random.Random, max_id: int,
+                 seed: int) -> SynthExample:
     stats = history_stats(history, traj, world)
     recent = recent_stats(traj, world)
-    writer = _Writer(Path("."), "")
     truth = traj.next_poi
     next_category = traj.next_category or (world.info.get(truth) or (None,))[0]
 
@@ -527,28 +499,37 @@ def _agent_records(traj: Trajectory, history: _Stats, world: PoiWorld, rng: rand
     profile = _profile(stats, rng, next_category)
     mobility = _mobility(traj.checkins, rng, world)
 
-    a1_profile_prompt = agent1_profile_prompt(traj, stats, world)
-    a1_candidates = _fill([truth] + [p for p in own + nearby if p != truth], CANDIDATES, rng, max_id)
-    a1_list_prompt = agent1_candidates_prompt(traj, profile, max_id)
-    a2_pattern_prompt = agent2_pattern_prompt(traj, recent, world)
+    long_term = _fill([truth] + [p for p in own + nearby if p != truth], CANDIDATES, rng, max_id)
     similar = nearby[:SIMILAR]
     similar = [p for p in similar if p != truth]
     if rng.random() < 0.7:  # retrieval finds the true POI most of the time, at no fixed place
         similar.insert(rng.randrange(len(similar) + 1), truth)
     similar = _fill(similar, SIMILAR, rng, max_id) if len(similar) < SIMILAR else similar[:SIMILAR]
-    a2_candidates = _fill([truth] + [p for p in similar + own if p != truth], CANDIDATES, rng, max_id)
-    a2_list_prompt = agent2_candidates_prompt(traj, mobility, similar, max_id)
-    # agent3 sees the agents' lists as they would predict them: truth anywhere, or missing
+    short_term = _fill([truth] + [p for p in similar + own if p != truth], CANDIDATES, rng, max_id)
+    # the final predictor sees the agents' lists as they would predict them: truth anywhere, or missing
     seen1 = _noisy_list(own + nearby, truth, rng, CANDIDATES, 0.55, max_id)
     seen2 = _noisy_list(similar + own, truth, rng, CANDIDATES, 0.6, max_id)
     pool = [p for p in dict.fromkeys(seen1[:12] + seen2[:12] + own) if p != truth]
     final = _fill([truth] + pool, FINAL_TOP_K, rng, max_id)
-    a3 = agent3_prompt(traj, profile, mobility, seen1, seen2)
-    return (
-        [writer.record(a1_profile_prompt, profile), writer.record(a1_list_prompt, _csv(a1_candidates))],
-        [writer.record(a2_pattern_prompt, mobility), writer.record(a2_list_prompt, _csv(a2_candidates))],
-        [writer.record(a3, json.dumps({"next_poi_id": final}))],
-    )
+    return SynthExample(traj, world, max_id, seed, stats, recent, profile, mobility, long_term, similar, short_term,
+                        seen1, seen2, final)
+
+
+def synth_roles(registry: Registry, also: Sequence[str] = ()) -> list[AgentRole]:
+    """The roles ``data synth`` writes: every required role that can synthesise records, and the roles
+    named in ``also`` (a role that cannot is refused)."""
+    for role_id in also:
+        if not _can_synth(registry.role(role_id)):
+            raise UsageError(f"Role {role_id} cannot synthesise training records (it has no synth_records).")
+    return [role for role in registry.roles.values() if _can_synth(role) and (role.required or role.id in also)]
+
+
+def _can_synth(role: AgentRole) -> bool:
+    return type(role).synth_records is not AgentRole.synth_records
+
+
+def _encode(records: list[dict[str, Any]]) -> bytes:
+    return b"".join((json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8") for r in records)
 
 
 def _plain_record(traj: Trajectory) -> bytes:
@@ -573,8 +554,14 @@ def synth_dataset(
     max_checkins: int = 36,
     plain: bool = True,
     reporter: Reporter = SILENT,
+    registry: Registry,
+    also_roles: Sequence[str] = (),
 ) -> SynthSummary:
-    """Write ``{out}/{dataset}/agent{1,2,3}_train_samples.jsonl`` (and, simulated, the plain files).
+    """Write each role's training file, ``{out}/{dataset}/{role data file}`` (and, simulated, the plain files).
+
+    The roles are the registry's required roles that can synthesise records (CoMaPOI's three) and
+    those named in ``also_roles`` (a plugin role such as ``agent4``); each builds its own records from
+    the trajectory's :class:`SynthExample` (``AgentRole.synth_records``).
 
     Args:
         source: real next-POI trajectories (e.g. ``nyc_train.jsonl``); without it a city is
@@ -597,6 +584,9 @@ def synth_dataset(
     if preset and city is None:
         raise UsageError(f"Unknown city preset '{preset}'; presets: {', '.join(PRESETS)}.")
     summary = SynthSummary(dataset, str(folder), "real" if source else "simulated", str(source) if source else None, seed)
+    roles = synth_roles(registry, also_roles)
+    if not roles:
+        raise UsageError("No registered role can synthesise training records.")
 
     if source is not None:
         src = Path(source)
@@ -637,50 +627,42 @@ def synth_dataset(
     if show:
         reporter.progress_start(planned, description=f"synth {dataset}", unit="trajectories")
 
-    names = [f"{role}_train_samples.jsonl" for role in ("agent1", "agent2", "agent3")]
+    names = [role.data_file_name() for role in roles]
     plain_names = [f"{dataset}_train.jsonl", f"{dataset}_test.jsonl"] if plain and source is None else []
     counts = dict.fromkeys(names + plain_names, 0)
     histories: dict[int, _Stats] = {}
     users: set[int] = set()
-    with atomic_writer(folder / names[0], "wb") as f1, atomic_writer(folder / names[1], "wb") as f2, \
-            atomic_writer(folder / names[2], "wb") as f3:
-        plain_files = None
-        if plain_names:
-            plain_ctx = (atomic_writer(folder / plain_names[0], "wb"), atomic_writer(folder / plain_names[1], "wb"))
-            plain_files = (plain_ctx[0].__enter__(), plain_ctx[1].__enter__())
+    with contextlib.ExitStack() as files:  # every file is written atomically: all of them, or none on an error
+        handles = [files.enter_context(atomic_writer(folder / name, "wb")) for name in names]
+        plain_files = [files.enter_context(atomic_writer(folder / name, "wb")) for name in plain_names]
         try:
             for user, train, test in groups:
                 users.add(user)
                 history = histories.setdefault(user, _Stats()) if source is not None else _Stats()
                 for traj in train:
                     rng = random.Random(seed * 7_919 + traj.user * 104_729 + traj.sub)
-                    r1, r2, r3 = _agent_records(traj, history, world, rng, max_id)
-                    for handle, rows, name in ((f1, r1, names[0]), (f2, r2, names[1]), (f3, r3, names[2])):
-                        handle.write(b"".join(rows))
-                        counts[name] += len(rows)
-                        summary.bytes_written += sum(len(r) for r in rows)
+                    example = draw_example(traj, history, world, rng, max_id, seed)
+                    for role, handle, name in zip(roles, handles, names):
+                        records = role.synth_records(example)
+                        data = _encode(records)
+                        handle.write(data)
+                        counts[name] += len(records)
+                        summary.bytes_written += len(data)
                     history.add(traj.checkins, world)
                     summary.trajectories += 1
                     if show and summary.trajectories % 100 == 0:
                         reporter.progress_update(summary.trajectories)
                     if plain_files:
-                        row = _plain_record(traj)
-                        plain_files[0].write(row)
+                        plain_files[0].write(_plain_record(traj))
                         counts[plain_names[0]] += 1
                 if plain_files and test is not None:
                     plain_files[1].write(_plain_record(test))
                     counts[plain_names[1]] += 1
                     summary.test_trajectories += 1
-        except BaseException as exc:
+        except BaseException:
             if show:
                 reporter.progress_stop()
-            if plain_files:
-                for ctx in plain_ctx:
-                    ctx.__exit__(type(exc), exc, exc.__traceback__)
             raise
-        if plain_files:
-            for ctx in plain_ctx:
-                ctx.__exit__(None, None, None)
     if show:
         reporter.progress_update(summary.trajectories)
         reporter.progress_stop()

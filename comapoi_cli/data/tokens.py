@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from comapoi_cli.errors import DataError
+from comapoi_cli.errors import DataError, first_line
 
 #: Estimated characters (of message content) per token without a tokenizer: measured 1.72-1.87
 #: with the tiny tokenizer on the default ``data synth`` data (docs/data.md, "Token counts"). The
@@ -41,7 +41,7 @@ def resolve_tokenizer(name: str | os.PathLike[str] | None, corpus_files) -> str 
         return None if name is None else str(name)
     if Path(TINY).exists():  # a folder really named "tiny" in the current directory wins
         return TINY
-    from comapoi_cli.training.tiny import ensure_tiny_model
+    from comapoi_cli.models.tiny import ensure_tiny_model
 
     return str(ensure_tiny_model([str(f) for f in corpus_files]))
 
@@ -67,8 +67,7 @@ class TokenCounter:
             tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
                                                       trust_remote_code=trust_remote_code)
         except Exception as exc:  # a broken folder is the user's to fix, not a traceback
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise DataError(f"Could not load a tokenizer from {folder}: {first}") from None
+            raise DataError(f"Could not load a tokenizer from {folder}: {first_line(exc)}") from None
         template = "chat_template" if getattr(tokenizer, "chat_template", None) else "fallback (no chat template)"
         return cls(tokenizer, str(folder), template)
 

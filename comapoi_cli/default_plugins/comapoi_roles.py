@@ -18,14 +18,19 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from comapoi_cli.default_plugins.comapoi_teacher import CoMaPOITeacher
 from comapoi_cli.hookspecs import hookimpl
 from comapoi_cli.poi_ids import MAX_ID_DIGITS, is_id_list, oversized_number, parse_ids, to_id
 from comapoi_cli.roles import AgentRole, RoleContext
 
+if TYPE_CHECKING:  # typing only: data.synth is imported when a prompt is built, not when the plugin loads
+    from comapoi_cli.data.synth import PoiWorld, SynthExample, Trajectory, _Stats
+
 CANDIDATES_PER_LIST = 25
+#: The length of the Final_Predictor's ranking (CoMaPOI: 10).
+FINAL_TOP_K = 10
 
 _USER_PATTERNS = (
     re.compile(r"\buser_id:\s*(\d+)", re.I),
@@ -185,12 +190,91 @@ _NEGATIVE_ZERO = re.compile(r"(?<![\d.])-0+(?![\d.])")
 
 
 class _CoMaPOIRole(CoMaPOITeacher, AgentRole):  # CoMaPOITeacher: its asks in comapoi data build
+    required = True  # every CoMaPOI workflow has the three roles
+
     def group_key(self, record: dict[str, Any]) -> str | None:
         return user_key(record)
 
     def target_ids(self, record: dict[str, Any]) -> list[int] | None:
         ids, _form = answer_ids(_answer(record))
         return ids or None
+
+
+# -- the prompts: one builder per record, shared by data synth (training) and comapoi pipeline (inference) --
+
+def _trajectory_text(traj: "Trajectory") -> str:
+    from comapoi_cli.data.synth import current_text
+
+    return current_text(traj)
+
+
+def _csv(ids: list[int]) -> str:
+    return ", ".join(map(str, ids))
+
+
+def _chat(user_text: str) -> list[dict[str, str]]:
+    from comapoi_cli.data.synth import chat_prompt
+
+    return chat_prompt(user_text)
+
+
+def _record(user_text: str, answer: str) -> dict[str, Any]:
+    from comapoi_cli.data.synth import chat_record
+
+    return chat_record(user_text, answer)
+
+
+def agent1_profile_prompt(traj: "Trajectory", stats: "_Stats", world: "PoiWorld") -> str:
+    return (
+        f"user_id: {traj.user}, subtrajectory_id: {traj.sub}\n"
+        "You are the Profiler. Build a long-term profile of this user from the historical check-in "
+        "statistics and the current trajectory: the categories the user prefers, when the user is active, "
+        "and the areas the user moves in. Write plain text; do not list POI ids.\n\n"
+        f"{stats.block(world, 'Historical statistics')}\n\n"
+        f"Current trajectory:\n{_trajectory_text(traj)}")
+
+
+def agent1_candidates_prompt(traj: "Trajectory", profile: str, max_id: int) -> str:
+    return (
+        f"user_id: {traj.user}, subtrajectory_id: {traj.sub}\n"
+        "You are the Profiler. From the long-term profile and the current trajectory, list the 25 POI ids this "
+        "user is most likely to visit next, the most likely first. Answer with exactly 25 unique ids separated "
+        f"by commas; every id lies in 0..{max_id}.\n\n"
+        f"Long-term profile:\n{profile}\n\n"
+        f"Current trajectory:\n{_trajectory_text(traj)}")
+
+
+def agent2_pattern_prompt(traj: "Trajectory", recent: "_Stats", world: "PoiWorld") -> str:
+    return (
+        f"user_id: {traj.user}, subtrajectory_id: {traj.sub}\n"
+        "You are the Forecaster. Describe the user's recent mobility pattern: how the latest check-ins move "
+        "between categories, times and places, and what that suggests for the next visit. Write plain text.\n\n"
+        f"{recent.block(world, 'Recent distribution')}\n\n"
+        f"Current trajectory:\n{_trajectory_text(traj)}")
+
+
+def agent2_candidates_prompt(traj: "Trajectory", mobility: str, similar: list[int], max_id: int) -> str:
+    return (
+        f"user_id: {traj.user}, subtrajectory_id: {traj.sub}\n"
+        "You are the Forecaster. Refine the retrieved POIs into the 25 ids this user is most likely to visit "
+        "next, the most likely first, using the recent mobility pattern and the current trajectory. Answer with "
+        f"exactly 25 unique ids separated by commas; every id lies in 0..{max_id}.\n\n"
+        f"Mobility pattern:\n{mobility}\n\n"
+        f"Similar POI List: {_csv(similar)}\n\n"
+        f"Current trajectory:\n{_trajectory_text(traj)}")
+
+
+def agent3_prompt(traj: "Trajectory", profile: str, mobility: str, candidates1: list[int], candidates2: list[int]) -> str:
+    return (
+        f"For User_id: {traj.user}, Subtrajectory_id: {traj.sub}\n"
+        "You are the Final_Predictor. Combine the current trajectory, the long-term profile, the short-term "
+        f"pattern and the two candidate lists into the {FINAL_TOP_K} most likely next POI ids, ranked. "
+        f'Answer in JSON: {{"next_poi_id": [id1, id2, ..., id{FINAL_TOP_K}]}}.\n\n'
+        f"Current trajectory:\n{_trajectory_text(traj)}\n\n"
+        f"Long-term profile:\n{profile}\n\n"
+        f"Short-term pattern:\n{mobility}\n\n"
+        f"Candidates from the Profiler: {_csv(candidates1)}\n"
+        f"Candidates from the Forecaster: {_csv(candidates2)}")
 
 
 class _ProfileOrCandidates(_CoMaPOIRole):
@@ -228,14 +312,20 @@ class Profiler(_ProfileOrCandidates):
         return ("profile", "candidates")
 
     def build_inference_prompt(self, trajectory, upstream, context, step="profile"):
-        from comapoi_cli.data import synth
+        from comapoi_cli.data.synth import history_stats
 
         traj = trajectory.trajectory
         if step == "profile":
-            stats = synth.history_stats(trajectory.history, traj, context.world)
-            return synth.chat_prompt(synth.agent1_profile_prompt(traj, stats, context.world))
+            stats = history_stats(trajectory.history, traj, context.world)
+            return _chat(agent1_profile_prompt(traj, stats, context.world))
         profile = upstream.get(self.id, {}).get("profile", "")
-        return synth.chat_prompt(synth.agent1_candidates_prompt(traj, profile, context.max_poi_id))
+        return _chat(agent1_candidates_prompt(traj, profile, context.max_poi_id))
+
+    def synth_records(self, example: "SynthExample") -> list[dict[str, Any]]:
+        traj = example.trajectory
+        return [_record(agent1_profile_prompt(traj, example.history, example.world), example.profile),
+                _record(agent1_candidates_prompt(traj, example.profile, example.max_poi_id),
+                        _csv(example.long_term_candidates))]
 
     def parse_chain_output(self, step, text, context):
         return _chain_fields(step, "profile", text, context)
@@ -248,18 +338,25 @@ class Forecaster(_ProfileOrCandidates):
 
     # comapoi pipeline: the recent pattern, then 25 candidates refined from the retrieved POIs
     chain_position = 2
+    uses_retrieved = True
 
     def chain_steps(self) -> tuple[str, ...]:
         return ("pattern", "candidates")
 
     def build_inference_prompt(self, trajectory, upstream, context, step="pattern"):
-        from comapoi_cli.data import synth
+        from comapoi_cli.data.synth import recent_stats
 
         traj = trajectory.trajectory
         if step == "pattern":
-            return synth.chat_prompt(synth.agent2_pattern_prompt(traj, synth.recent_stats(traj, context.world), context.world))
+            return _chat(agent2_pattern_prompt(traj, recent_stats(traj, context.world), context.world))
         pattern = upstream.get(self.id, {}).get("pattern", "")
-        return synth.chat_prompt(synth.agent2_candidates_prompt(traj, pattern, list(trajectory.similar), context.max_poi_id))
+        return _chat(agent2_candidates_prompt(traj, pattern, list(trajectory.similar), context.max_poi_id))
+
+    def synth_records(self, example: "SynthExample") -> list[dict[str, Any]]:
+        traj = example.trajectory
+        return [_record(agent2_pattern_prompt(traj, example.recent, example.world), example.mobility),
+                _record(agent2_candidates_prompt(traj, example.mobility, example.similar, example.max_poi_id),
+                        _csv(example.short_term_candidates))]
 
     def parse_chain_output(self, step, text, context):
         return _chain_fields(step, "pattern", text, context)
@@ -324,12 +421,15 @@ class FinalPredictor(_CoMaPOIRole):
     def chain_steps(self) -> tuple[str, ...]:
         return ("ranking",)
 
-    def build_inference_prompt(self, trajectory, upstream, context, step="ranking"):
-        from comapoi_cli.data import synth
+    def synth_records(self, example: "SynthExample") -> list[dict[str, Any]]:
+        prompt = agent3_prompt(example.trajectory, example.profile, example.mobility, example.seen_long_term,
+                               example.seen_short_term)
+        return [_record(prompt, json.dumps({"next_poi_id": example.final}))]
 
+    def build_inference_prompt(self, trajectory, upstream, context, step="ranking"):
         one, two = upstream.get("agent1", {}), upstream.get("agent2", {})
-        return synth.chat_prompt(synth.agent3_prompt(trajectory.trajectory, one.get("profile", ""), two.get("pattern", ""),
-                                                     list(one.get("candidates", [])), list(two.get("candidates", []))))
+        return _chat(agent3_prompt(trajectory.trajectory, one.get("profile", ""), two.get("pattern", ""),
+                                   list(one.get("candidates", [])), list(two.get("candidates", []))))
 
     def parse_chain_output(self, step, text, context):
         return {"ranking": parse_ids(text, context.max_poi_id) or []}

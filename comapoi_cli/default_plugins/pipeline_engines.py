@@ -18,9 +18,9 @@ import json
 import time
 from typing import Any, Sequence
 
+from comapoi_cli.engines import Engine, EngineSession, EngineSpec, Generation
 from comapoi_cli.errors import ComapoiError, UsageError
 from comapoi_cli.hookspecs import hookimpl
-from comapoi_cli.pipeline.engines import Engine, EngineSession, EngineSpec, Generation
 from comapoi_cli.reporting import Reporter
 
 

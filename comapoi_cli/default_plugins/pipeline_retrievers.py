@@ -18,7 +18,7 @@ from collections import Counter, defaultdict
 from typing import Any
 
 from comapoi_cli.hookspecs import hookimpl
-from comapoi_cli.pipeline.retrieval import SIMILAR, RetrievalIndex, Retriever
+from comapoi_cli.retrievers import SIMILAR, RetrievalIndex, Retriever
 
 
 def _km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +15,6 @@ from comapoi_cli.evaluation.metrics import METRIC_KEYS
 from comapoi_cli.fileio import write_json_atomic, write_text_atomic
 
 CSV_COLUMNS = ("scope", *METRIC_KEYS)
-
-
-def now_iso() -> str:
-    """The current time, ISO 8601 with the UTC offset, to the second."""
-    return datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")
 
 
 def metrics_csv(metrics: dict[str, Any], by_role: dict[str, dict[str, Any]] | None = None) -> str:

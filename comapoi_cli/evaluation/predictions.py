@@ -20,12 +20,15 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from comapoi_cli.errors import DataError
 from comapoi_cli.evaluation.metrics import RecordOutcome
 from comapoi_cli.evaluation.scoring import LabelError, Scorer, role_origin, summarize
 from comapoi_cli.roles import RoleContext
+
+if TYPE_CHECKING:  # typing only
+    from comapoi_cli.plugins import Registry
 
 MAX_SHOWN_PROBLEMS = 20
 
@@ -107,7 +110,7 @@ def _check_path(path: Path) -> None:
 
 
 def score_predictions(path: str | os.PathLike[str], *, role: str | None = None, dataset: str | None = None,
-                      reparse: bool = False, skip_invalid: bool = False, registry: Any) -> ScoreReport:
+                      reparse: bool = False, skip_invalid: bool = False, registry: Registry) -> ScoreReport:
     """Score a predictions file. Raises ``PredictionsFileError`` listing every bad line
     (unless ``skip_invalid``: then they are left out and listed in ``ScoreReport.skipped``).
 
@@ -159,7 +162,7 @@ def score_predictions(path: str | os.PathLike[str], *, role: str | None = None, 
 
 
 def _score_line(value: Any, role: str | None, dataset: str | None, reparse: bool, scorer_for: Any,
-                registry: Any, seen_ids: dict[str, int], number: int) -> tuple[str, RecordOutcome]:
+                registry: Registry, seen_ids: dict[str, int], number: int) -> tuple[str, RecordOutcome]:
     if not isinstance(value, dict):
         raise ValueError(f"expected a JSON object, got {_json_type(value)}")
     role_id = role

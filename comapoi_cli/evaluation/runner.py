@@ -21,19 +21,18 @@ print: what the runner has to say goes to the ``Reporter`` it is given.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable
 
 from comapoi_cli.errors import DataError, UsageError
 from comapoi_cli.evaluation.metrics import RecordOutcome
-from comapoi_cli.evaluation.outputs import metrics_csv, now_iso
+from comapoi_cli.evaluation.outputs import metrics_csv
 from comapoi_cli.evaluation.predictions import iter_jsonl
 from comapoi_cli.evaluation.scoring import LabelError, Scorer, role_origin, summarize
-from comapoi_cli.fileio import atomic_writer, sha256_file, write_json_atomic, write_text_atomic
-from comapoi_cli.models.generation import generate, record_messages, render_prompts
+from comapoi_cli.fileio import atomic_writer, now_iso, sha256_file, write_json_atomic, write_text_atomic
+from comapoi_cli.models.generation import generate, prompt_hash, record_messages, render_prompts
 from comapoi_cli.models.loading import load_model, plan_device, tokenizer_folder
 from comapoi_cli.models.resolve import resolve_base_model
 from comapoi_cli.reporting import Reporter
@@ -41,6 +40,9 @@ from comapoi_cli.roles import MERGED, RoleContext
 from comapoi_cli.runs.info import RunInfo, locate_run  # noqa: F401  (importable from here too)
 from comapoi_cli.runs.layout import ADAPTER_CONFIG, RUN_JSON  # noqa: F401
 from comapoi_cli.runs.record import append_evaluation
+
+if TYPE_CHECKING:  # typing only
+    from comapoi_cli.plugins import Registry
 
 PREDICTIONS_FILE = "predictions.jsonl"
 METRICS_JSON = "metrics.json"
@@ -78,7 +80,7 @@ class DataChoice:
     note: str | None = None
 
 
-def resolve_data(request: EvalRequest, run: RunInfo, type_: str | None, dataset: str | None, registry: Any) -> DataChoice:
+def resolve_data(request: EvalRequest, run: RunInfo, type_: str | None, dataset: str | None, registry: Registry) -> DataChoice:
     """The held-out file to evaluate on.
 
     ``--data`` wins; else the run's own holdout (for a merged run asked for one role, only that
@@ -105,7 +107,7 @@ def resolve_data(request: EvalRequest, run: RunInfo, type_: str | None, dataset:
     raise UsageError("The run records no holdout; say what to evaluate on with --data FILE or --dataset NAME --type TYPE.")
 
 
-def _prepared_holdout(request: EvalRequest, run: RunInfo, type_: str, dataset: str, registry: Any) -> Path:
+def _prepared_holdout(request: EvalRequest, run: RunInfo, type_: str, dataset: str, registry: Registry) -> Path:
     """The ``*_100.jsonl`` holdout of ``dataset``/``type_``, prepared (cleaned, split) if needed.
 
     The data is prepared as the run's training prepared it: its recorded seed, test size and data
@@ -157,14 +159,7 @@ def _messages(record: Any) -> list[dict[str, str]] | None:
     return record_messages(record)
 
 
-def prompt_hash(messages: Sequence[dict[str, str]]) -> str:
-    """SHA-256 of the prompt turns as canonical JSON (``[{"role", "content"}]``, sorted keys, no spaces)."""
-    canonical = json.dumps([{"role": m["role"], "content": m["content"]} for m in messages],
-                           ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-
-
-def load_eval_records(path: Path, type_: str | None, dataset: str | None, registry: Any,
+def load_eval_records(path: Path, type_: str | None, dataset: str | None, registry: Registry,
                       num_samples: int = 0, only_role: str | None = None) -> LoadedRecords:
     """Read held-out records, pick each record's role, and compute its label.
 
@@ -262,7 +257,7 @@ class EvalResult:
     notes: list[str]
 
 
-def evaluate_adapter(request: EvalRequest, registry: Any, reporter: Reporter | None = None) -> EvalResult:
+def evaluate_adapter(request: EvalRequest, registry: Registry, reporter: Reporter | None = None) -> EvalResult:
     """Run ``comapoi eval --adapter``: generate, parse, score, write; returns the evaluation entry.
 
     ``registry``: the plugin registry (its roles parse and label the records). ``reporter``: where

@@ -9,11 +9,14 @@ it scores POI ids with CoMaPOI's lenient parser (``comapoi_cli.poi_ids``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from comapoi_cli.evaluation.metrics import RecordOutcome, compute_metrics, outcome
 from comapoi_cli.poi_ids import clean_ids, read_ids
 from comapoi_cli.roles import AgentRole, RoleContext
+
+if TYPE_CHECKING:  # typing only
+    from comapoi_cli.plugins import Registry
 
 TEXT, POI_IDS, CANDIDATES = "text", "poi_ids", "candidates"
 KINDS = (TEXT, POI_IDS, CANDIDATES)
@@ -166,7 +169,7 @@ class Scorer:
         return outcome(label, predictions, candidate_list=self.kind == CANDIDATES, text=self.kind == TEXT)
 
 
-def role_origin(registry: Any, role_id: str | None) -> str | None:
+def role_origin(registry: Registry, role_id: str | None) -> str | None:
     """Who registered ``role_id``: "the plugin NAME" for a third-party plugin, None for a built-in role."""
     if role_id is None:
         return None

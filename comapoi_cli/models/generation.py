@@ -21,6 +21,16 @@ if TYPE_CHECKING:
 _MESSAGE_ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
 
 
+def prompt_hash(messages: Sequence[dict[str, str]]) -> str:
+    """SHA-256 of the prompt turns as canonical JSON (``[{"role", "content"}]``, sorted keys, no spaces): the
+    ``prompt_sha256`` that evaluation and the chain record per answer."""
+    import hashlib
+
+    canonical = json.dumps([{"role": m["role"], "content": m["content"]} for m in messages],
+                           ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
 def record_messages(record: Any) -> list[dict[str, str]] | None:
     """A record's conversation as ``[{"role", "content"}]`` (roles system/user/assistant), or None if it has none.
 

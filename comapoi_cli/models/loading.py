@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from comapoi_cli.errors import ComapoiError, DataError, UsageError
+from comapoi_cli.choices import DTYPE_CHOICES, QUANT_CHOICES
+from comapoi_cli.errors import ComapoiError, DataError, UsageError, first_line
 from comapoi_cli.fileio import read_json
 
-QUANTS = ("auto", "4bit", "8bit", "none")
-DTYPES = ("bfloat16", "float16", "float32")
+QUANTS = QUANT_CHOICES
+DTYPES = DTYPE_CHOICES
 
 
 def quiet_libraries(*, datasets: bool = True) -> None:
@@ -153,11 +154,6 @@ def tokenizer_folder(run: Any, base_model: str) -> Path | str:
     ``run`` is a ``comapoi_cli.runs.info.RunInfo`` (``adapter_dir``, ``run_dir``)."""
     return run.adapter_dir if has_tokenizer(run.adapter_dir) else \
         run.run_dir if has_tokenizer(run.run_dir) else base_model
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _remote_code_problem(exc: BaseException, what: str, trust_remote_code: bool) -> DataError | None:

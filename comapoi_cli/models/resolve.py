@@ -148,7 +148,7 @@ def tiny_base(run: RunLike) -> str:
             raise DataError(f"The tiny base model of this run is gone from the cache and cannot be rebuilt: its "
                             f"data file {path} is {'missing' if not path.is_file() else 'changed'}.",
                             hint="Pass the tiny model folder with --model DIR.")
-    from comapoi_cli.training.tiny import ensure_tiny_model
+    from comapoi_cli.models.tiny import ensure_tiny_model
 
     return str(ensure_tiny_model([p for p, _ in corpus], dataset=dataset))
 

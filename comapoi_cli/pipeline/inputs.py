@@ -22,9 +22,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
 
+from comapoi_cli.chain import ChainItem
 from comapoi_cli.data import synth
 from comapoi_cli.errors import DataError
-from comapoi_cli.pipeline.chain import ChainItem
 
 POI_COLUMNS = ("poi_id", "category", "lat", "lon")
 #: The longest id (user, subtrajectory, POI) read, in digits: longer ones are not ids (and ``int()``

@@ -13,32 +13,34 @@ slices of the test file, so a resumed run ends with the same file (timings aside
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from comapoi_cli.chain import ChainContext, ChainItem
+from comapoi_cli.engines import EngineSpec
 from comapoi_cli.errors import DataError, UsageError
 from comapoi_cli.fileio import read_json, sha256_file, write_json_atomic
-from comapoi_cli.pipeline import checks, hooks
-from comapoi_cli.pipeline.chain import ChainContext, ChainItem
-from comapoi_cli.pipeline.engines import EngineSpec
+from comapoi_cli.models.generation import prompt_hash
+from comapoi_cli.pipeline import checks
 from comapoi_cli.pipeline.inputs import ChainInputs, load_inputs
-from comapoi_cli.pipeline.retrieval import SIMILAR, RetrievalIndex
 from comapoi_cli.pipeline.scoring import read_predictions, score_lines
 from comapoi_cli.presets import preset_for
 from comapoi_cli.reporting import Reporter
+from comapoi_cli.retrievers import SIMILAR, RetrievalIndex
 from comapoi_cli.roles import MERGED
 from comapoi_cli.runs.layout import LOCK_FILE
+
+if TYPE_CHECKING:  # typing only
+    from comapoi_cli.plugins import Registry
 
 PREDICTIONS = "predictions.jsonl"
 REJECTS = "rejects.jsonl"
 RECORD = "pipeline.json"
-BUILTIN_CHAIN = ("agent1", "agent2", "agent3")
 
 
 @dataclass
@@ -83,7 +85,7 @@ class PipelineResult:
     notes: list[str] = field(default_factory=list)
 
 
-def chain_order(registry: Any, role_ids: list[str]) -> list[Any]:
+def chain_order(registry: Registry, role_ids: list[str]) -> list[Any]:
     """The roles in the order they run: ``chain_position`` ascending; ``chain_after`` right after that role."""
     roles = {rid: registry.role(rid) for rid in role_ids}
     positions: dict[str, float] = {}
@@ -184,11 +186,6 @@ def frequent_pois(item: ChainItem, k: int = SIMILAR) -> list[int]:
     return sorted(counts, key=lambda poi: (-counts[poi], -recency.get(poi, -1), poi))[:k]
 
 
-def _prompt_sha(messages: list[dict[str, str]]) -> str:
-    canonical = json.dumps(messages, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-
-
 def _read_done(path: Path) -> list[dict[str, Any]]:
     """The whole lines of a predictions file; a partial last line (a killed write) is cut off."""
     if not path.exists():
@@ -224,7 +221,7 @@ def _append(path: Path, lines: list[dict[str, Any]]) -> None:
         os.close(fd)
 
 
-def run_pipeline(request: PipelineRequest, registry: Any, reporter: Reporter) -> PipelineResult:
+def run_pipeline(request: PipelineRequest, registry: Registry, reporter: Reporter) -> PipelineResult:
     """Run the chain on the test trajectories and score it (see the module doc).
 
     SIGTERM stops it like Ctrl-C (``KeyboardInterrupt``): every whole batch is kept for ``--resume``;
@@ -284,7 +281,7 @@ def _check_resume_adapters(previous: dict[str, Any], settings: dict[str, Any], n
                          "would mix two adapters; start over with --overwrite, or restore the adapter.")
 
 
-def _run_pipeline(request: PipelineRequest, registry: Any, reporter: Reporter, stack: contextlib.ExitStack) -> PipelineResult:
+def _run_pipeline(request: PipelineRequest, registry: Registry, reporter: Reporter, stack: contextlib.ExitStack) -> PipelineResult:
     started = time.monotonic()
     preset = preset_for(request.dataset)
     if preset is None:
@@ -292,10 +289,10 @@ def _run_pipeline(request: PipelineRequest, registry: Any, reporter: Reporter, s
     if request.compat not in ("none", "comapoi"):
         raise UsageError(f"--compat must be none or comapoi, not '{request.compat}'.")
     if not request.runs:
-        raise UsageError("Name the trained runs: --agent1 RUN1 --agent2 RUN2 --agent3 RUN3, or --merged RUN.")
+        raise UsageError("Name the trained runs: --ROLE RUN for each agent (e.g. --agent1 RUN1), or --merged RUN.")
     chain = chain_order(registry, list(request.runs))
-    engine = hooks.engine(registry, request.engine)
-    retriever = hooks.retriever(registry, request.retriever)
+    engine = registry.engine(request.engine)
+    retriever = registry.retriever(request.retriever)
     test = Path(request.test)
     folder = test.parent
     poi = Path(request.poi_info) if request.poi_info else folder / f"{request.dataset}_poi_info.csv"
@@ -394,7 +391,8 @@ def _run_pipeline(request: PipelineRequest, registry: Any, reporter: Reporter, s
             reporter.progress_stop()
             session.close()
     rows = read_predictions(predictions)
-    scores = score_lines(rows, top_k=request.top_k, compat=request.compat)
+    scores = score_lines(rows, top_k=request.top_k, compat=request.compat,
+                         retrieval_roles=[r.id for r in chain if r.uses_retrieved])
     if overlap:
         scores["train_overlap"] = overlap
     seconds = time.monotonic() - started
@@ -432,7 +430,7 @@ def _run_batch(index: int, batch: list[ChainItem], chain: list[Any], role_adapte
             for item, prompt, answer in zip(batch, prompts, answers):
                 fields = role.parse_chain_output(step, answer.text or "", context)
                 upstream[item.key].setdefault(role.id, {}).update(fields)
-                entry: dict[str, Any] = {"raw": answer.text, **fields, "prompt_sha256": _prompt_sha(prompt)}
+                entry: dict[str, Any] = {"raw": answer.text, **fields, "prompt_sha256": prompt_hash(prompt)}
                 if answer.problem:
                     entry["problem"] = answer.problem
                     problems[item.key].append(f"{role.id}.{step}: {answer.problem}")
@@ -454,8 +452,10 @@ def _run_batch(index: int, batch: list[ChainItem], chain: list[Any], role_adapte
     return lines
 
 
-def score_file(path: Path, *, top_k: int = 10, compat: str = "none", max_poi_id: int | None = None) -> dict[str, Any]:
+def score_file(path: Path, *, top_k: int = 10, compat: str = "none", max_poi_id: int | None = None,
+               registry: Registry) -> dict[str, Any]:
     """``comapoi pipeline score FILE``: the scores of a predictions file, as the run computed them."""
     if compat not in ("none", "comapoi"):
         raise UsageError(f"--compat must be none or comapoi, not '{compat}'.")
-    return score_lines(read_predictions(Path(path)), top_k=top_k, compat=compat, max_poi_id=max_poi_id)
+    return score_lines(read_predictions(Path(path)), top_k=top_k, compat=compat, max_poi_id=max_poi_id,
+                       retrieval_roles=[r.id for r in registry.roles.values() if r.uses_retrieved])

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Collection, Iterable
 
 from comapoi_cli.errors import DataError
 from comapoi_cli.evaluation.metrics import compute_metrics, outcome
@@ -91,12 +91,15 @@ def _final_raw(line: dict[str, Any]) -> str | None:
     return None
 
 
-def stage_names(line: dict[str, Any], top_k: int) -> list[str]:
+def stage_names(line: dict[str, Any], top_k: int, retrieval_roles: Collection[str] = ()) -> list[str]:
+    """The stages of the candidate-recall table: each role's candidates in chain order, the retrieved list
+    right before the candidates of the first role that refines it (``AgentRole.uses_retrieved``; else
+    second), the final list last."""
     names: list[str] = []
     for role, steps in (line.get("agents") or {}).items():
         for fields in (steps or {}).values():
             if isinstance(fields, dict) and "candidates" in fields:
-                if role == "agent2" and "retrieved" not in names:
+                if role in retrieval_roles and "retrieved" not in names:
                     names.append("retrieved")
                 names.append(f"{role} candidates")
     if "retrieved" not in names:
@@ -118,13 +121,14 @@ def _stage_list(line: dict[str, Any], name: str, top_k: int) -> list[Any]:
 
 
 def score_lines(lines: Iterable[dict[str, Any]], *, top_k: int = 10, compat: str = "none",
-                max_poi_id: int | None = None) -> dict[str, Any]:
-    """Score predictions lines (see the module doc)."""
+                max_poi_id: int | None = None, retrieval_roles: Collection[str] = ()) -> dict[str, Any]:
+    """Score predictions lines (see the module doc); ``retrieval_roles``: the roles whose prompts show the
+    retrieved list (it is reported as the stage before their candidates)."""
     rows = list(lines)
     if not rows:
         raise DataError("No predictions to score.")
     chain, frequent, retrieved, compat_outcomes = [], [], [], []
-    names = stage_names(rows[0], top_k)
+    names = stage_names(rows[0], top_k, retrieval_roles)
     hits = dict.fromkeys(names, 0)
     misses = 0
     for line in rows:

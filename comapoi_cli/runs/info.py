@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from comapoi_cli.errors import DataError, UsageError
+from comapoi_cli.errors import DataError, UsageError, first_line
 from comapoi_cli.runs.layout import ADAPTER_CONFIG, CHECKPOINT_PREFIX, RUN_JSON, RUN_JSON_MAX_BYTES
 
 
@@ -53,7 +53,7 @@ def read_json_file(path: Path, max_bytes: int = RUN_JSON_MAX_BYTES) -> tuple[Any
     try:
         return json.loads(b"".join(chunks).decode("utf-8")), None
     except (ValueError, UnicodeDecodeError) as exc:
-        first = str(exc).splitlines()[0][:120] if str(exc) else ""
+        first = first_line(exc, default="")[:120]
         return None, f"{path.name} is unreadable ({type(exc).__name__}: {first})"
 
 

@@ -8,7 +8,6 @@ while logging, and when the run ends.
 
 from __future__ import annotations
 
-import datetime as _dt
 import os
 import platform
 import socket
@@ -18,15 +17,11 @@ from typing import Any
 
 from comapoi_cli import __version__
 from comapoi_cli.errors import ComapoiError
-from comapoi_cli.fileio import write_json_atomic
+from comapoi_cli.fileio import now_iso, write_json_atomic
 from comapoi_cli.runs.info import read_json_file, read_run_json
 from comapoi_cli.runs.layout import RUN_JSON, RUN_SCHEMA, checkpoints
 
 VERSION_PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "tokenizers")
-
-
-def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds")
 
 
 def versions(extra: tuple[str, ...] = ()) -> dict[str, str | None]:

@@ -9,6 +9,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from comapoi_cli.errors import first_line
 from comapoi_cli.training.errors import DeviceError
 from comapoi_cli.training.job import TrainingJob
 
@@ -68,8 +69,7 @@ def bitsandbytes_problem(device: str) -> str | None:
 
         F.quantize_4bit(torch.ones(64, 64, device=device, dtype=torch.float32))
     except Exception as exc:  # no kernel for this device, a broken install, ...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return f"bitsandbytes cannot quantise on the {device.upper() if device == 'cuda' else device} here ({first[:160]})"
+        return f"bitsandbytes cannot quantise on the {device.upper() if device == 'cuda' else device} here ({first_line(exc)[:160]})"
     return None
 
 

@@ -401,7 +401,7 @@ def dry_run_plan(job: Any, location: Any, profile_name: str) -> dict[str, Any]:
         return {"planned": False, "reason": "made at start from the GPU's free memory (none on the CPU); "
                                             "give --memory-budget GIB to see the plan for a GPU of that size"}
     if location.kind == "tiny":
-        from comapoi_cli.training.tiny import TINY_RECIPE
+        from comapoi_cli.models.tiny import TINY_RECIPE
 
         shape = ModelShape.from_config(TINY_RECIPE)
     elif location.kind == "local":

@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from comapoi_cli.choices import QUANT_CHOICES
 from comapoi_cli.errors import UsageError
 
 #: The LoRA target modules of the original: all seven projections of a Llama/Qwen block.
 DEFAULT_TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TINY = "tiny"
 LOSS_CHOICES = ("assistant", "all")
-QUANT_CHOICES = ("auto", "4bit", "8bit", "none")
 REPORT_TO_CHOICES = ("none", "tensorboard")
 SCHEDULER_CHOICES = ("cosine", "linear", "constant", "constant_with_warmup")
 

@@ -14,12 +14,15 @@ import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from comapoi_cli.errors import UsageError
+from comapoi_cli.errors import UsageError, first_line
 from comapoi_cli.models.smollm2 import SMOLLM2
 from comapoi_cli.roles import MERGED
 from comapoi_cli.training.job import DEFAULT_TARGET_MODULES, TINY, TINY_LEARNING_RATE, TrainingJob, _safe_name
+
+if TYPE_CHECKING:  # typing only
+    from comapoi_cli.plugins import Registry
 
 ENV_DATA_DIR = "COMAPOI_DATA_DIR"
 ENV_OUTPUT_DIR = "COMAPOI_OUTPUT_DIR"
@@ -182,8 +185,7 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     except UsageError:
         raise
     except Exception as exc:  # a syntax error in the user's file: one sentence with the parser's words
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"Config file {file} could not be read: {first}") from None
+        raise UsageError(f"Config file {file} could not be read: {first_line(exc)}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -272,7 +274,7 @@ def env_defaults(env: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
-def build_job(cli: Mapping[str, Any], *, config_file: str | None = None, registry: Any = None,
+def build_job(cli: Mapping[str, Any], *, config_file: str | None = None, registry: Registry,
               env: Mapping[str, str] | None = None) -> tuple[TrainingJob, ModelLocation]:
     """Merge defaults < environment < config file < ``cli`` (only the flags actually given) into a job.
 
@@ -297,16 +299,15 @@ def build_job(cli: Mapping[str, Any], *, config_file: str | None = None, registr
         values["learning_rate"] = TINY_LEARNING_RATE
     job = TrainingJob(**values)
     job.config_file = str(Path(config_file).expanduser()) if config_file else None
-    if registry is not None:
-        if job.type not in registry.training_types():
-            raise UsageError(f"unknown --type '{job.type}'; choose {', '.join(registry.training_types())}.")
-        if job.backend not in registry.backends:
-            known = ", ".join(sorted(registry.backends)) or "none"
-            if job.backend == "unsloth":
-                from comapoi_cli.environment import unsloth_hint
+    if job.type not in registry.training_types():
+        raise UsageError(f"unknown --type '{job.type}'; choose {', '.join(registry.training_types())}.")
+    if job.backend not in registry.backends:
+        known = ", ".join(sorted(registry.backends)) or "none"
+        if job.backend == "unsloth":
+            from comapoi_cli.environment import unsloth_hint
 
-                raise UsageError("The unsloth backend is a plugin, and it is not installed here.", hint=unsloth_hint())
-            raise UsageError(f"unknown --backend '{job.backend}'; choose {known}.")
+            raise UsageError("The unsloth backend is a plugin, and it is not installed here.", hint=unsloth_hint())
+        raise UsageError(f"unknown --backend '{job.backend}'; choose {known}.")
     location = locate_model(job.model, job.model_path, env)
     job.base_model = location.ref if location.kind != "missing" else job.model
     if not job.run_tag:
@@ -316,7 +317,7 @@ def build_job(cli: Mapping[str, Any], *, config_file: str | None = None, registr
     return job, location
 
 
-def data_problems(job: TrainingJob, registry: Any = None) -> list[str]:
+def data_problems(job: TrainingJob, registry: Registry) -> list[str]:
     """Why the job's training data cannot be found (empty when it can); checks existence only."""
     if job.data_path:
         path = Path(job.data_path).expanduser()
@@ -326,8 +327,6 @@ def data_problems(job: TrainingJob, registry: Any = None) -> list[str]:
     folder = Path(job.data_dir).expanduser() / job.dataset
     if not folder.is_dir():
         return [f"Data folder {folder} does not exist (--data-dir {job.data_dir}, --dataset {job.dataset})."]
-    if registry is None:
-        return []
     roles = list(registry.roles.values()) if job.type == MERGED else [registry.role(job.type)]
     names = [role.data_file_name() for role in roles]
     if not any((folder / name).is_file() for name in names):

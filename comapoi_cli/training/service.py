@@ -12,13 +12,16 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from comapoi_cli.backends import Backend, unusable_reason
 from comapoi_cli.errors import ComapoiError
 from comapoi_cli.reporting import Reporter
 from comapoi_cli.training.job import TrainingJob, TrainingResult
 from comapoi_cli.training.options import ModelLocation, build_job, data_problems
+
+if TYPE_CHECKING:  # typing only
+    from comapoi_cli.plugins import Registry
 
 
 @dataclass
@@ -31,7 +34,7 @@ class TrainingPlan:
     launch: list[str] | None  #: ``accelerate launch`` arguments when the run starts a launcher, else None
 
 
-def plan_training(given: Mapping[str, Any], *, registry: Any, argv: list[str], config_file: str | None = None,
+def plan_training(given: Mapping[str, Any], *, registry: Registry, argv: list[str], config_file: str | None = None,
                   env: Mapping[str, str] | None = None) -> TrainingPlan:
     """Resolve the options actually given (``given``: field name -> value) into a plan; ``UsageError`` for bad ones."""
     from comapoi_cli.training.launch import plan_launch
@@ -70,7 +73,7 @@ def device_report(job: TrainingJob) -> tuple[dict[str, Any], str | None]:
     return out, None
 
 
-def dry_run_report(plan: TrainingPlan, registry: Any) -> dict[str, Any]:
+def dry_run_report(plan: TrainingPlan, registry: Registry) -> dict[str, Any]:
     """What ``comapoi train --dry-run`` prints: the job as training resolves it, and every problem found.
 
     Keys: ``job`` (every field), ``resolved`` (what training derives: warm-up and logging steps, the

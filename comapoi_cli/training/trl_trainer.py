@@ -43,7 +43,6 @@ from comapoi_cli.reporting import Reporter
 from comapoi_cli.runs.datakeys import write_data_keys
 from comapoi_cli.runs.layout import DATA_KEYS, LOCK_FILE, RUN_JSON, checkpoints
 from comapoi_cli.runs.record import RunRecord, versions
-from comapoi_cli.runs.start import RunStart, prepare_run_dir, remove_interrupt_checkpoints
 from comapoi_cli.training import chat
 from comapoi_cli.training.devices import (
     DevicePlan,
@@ -72,6 +71,7 @@ from comapoi_cli.training.errors import (
 from comapoi_cli.training.fit import GIB, FitPlan, ModelShape, memory_profile, plan_job, quant_choices
 from comapoi_cli.training.job import TrainingJob, TrainingResult
 from comapoi_cli.training.options import locate_model
+from comapoi_cli.training.start import RunStart, prepare_run_dir, remove_interrupt_checkpoints
 
 
 def require_model(job: TrainingJob) -> None:
@@ -271,7 +271,7 @@ class TRLTrainingPath:
 
     def model_dir(self, prepared: Any) -> str:
         if self.job.is_tiny:
-            from comapoi_cli.training.tiny import ensure_tiny_model, tiny_corpus
+            from comapoi_cli.models.tiny import ensure_tiny_model, tiny_corpus
 
             job = self.job
             corpus = [prepared.train_path]
@@ -672,7 +672,7 @@ def _describe_model(job: TrainingJob, model_dir: str, model: Any) -> dict[str, A
     config = getattr(model, "config", None)
     tiny: dict[str, Any] = {}
     if job.is_tiny:
-        from comapoi_cli.training.tiny import tiny_description
+        from comapoi_cli.models.tiny import tiny_description
 
         tiny = tiny_description(model_dir)  # name tiny:<dataset>:<key>, dataset, key, corpus (to rebuild it)
     elif job.base_model == SMOLLM2:

@@ -61,6 +61,19 @@ class Critic(AgentRole):
     def chain_steps(self) -> tuple[str, ...]:
         return ("rerank",)
 
+    def synth_records(self, example) -> list[dict[str, Any]]:
+        """``comapoi data synth --role agent4``: the Final_Predictor's list (shuffled, as a model might give it),
+        and the true next POI moved to the front."""
+        shown = list(example.final)
+        example.rng(self.id).shuffle(shown)
+        truth = example.trajectory.next_poi
+        reranked = [truth, *[i for i in shown if i != truth]][:RERANKED_LENGTH]
+        return [{"messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": critic_prompt(example.trajectory, shown)},
+            {"role": "assistant", "content": json.dumps({"reranked_poi_ids": reranked})},
+        ]}]
+
     def build_inference_prompt(self, trajectory, upstream, context, step="rerank"):
         return [{"role": "system", "content": "You are a helpful assistant."},
                 {"role": "user", "content": critic_prompt(trajectory.trajectory, list(upstream.get("agent3", {}).get("ranking", [])))}]

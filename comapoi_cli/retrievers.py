@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from comapoi_cli.pipeline.chain import ChainItem
+from comapoi_cli.chain import ChainItem
 
 #: How many similar POIs CoMaPOI retrieves (and ``data synth`` shows agent2).
 SIMILAR = 100
@@ -39,3 +39,6 @@ class Retriever:
 
     def retrieve(self, item: ChainItem, k: int = SIMILAR) -> list[int]:
         raise NotImplementedError
+
+    def describe(self) -> dict[str, str]:
+        return {"name": self.name, "description": self.description}

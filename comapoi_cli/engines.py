@@ -74,3 +74,6 @@ class Engine:
 
     def open(self, spec: EngineSpec, reporter: Reporter) -> EngineSession:
         raise NotImplementedError
+
+    def describe(self) -> dict[str, str]:
+        return {"name": self.name, "description": self.description}

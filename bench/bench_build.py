@@ -40,8 +40,8 @@ REAL = REPO.parent / "shared" / "data" / "real"
 def _tiny(folder: Path) -> Path:
     from comapoi_cli.data import prepare_training_data
     from comapoi_cli.data.synth import synth_dataset
+    from comapoi_cli.models.tiny import ensure_tiny_model
     from comapoi_cli.plugins import get_registry
-    from comapoi_cli.training.tiny import ensure_tiny_model
 
     synth_dataset("nyc", folder / "data", plain=False, trajectories=24, seed=3, min_checkins=3, max_checkins=6)
     prepared = prepare_training_data(type_="merged", dataset="nyc", data_dir=folder / "data", seed=42, test_size=4,

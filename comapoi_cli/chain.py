@@ -15,7 +15,12 @@ Light module (no torch): roles import these types, and plugins load on every com
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from comapoi_cli.errors import UsageError
+
+if TYPE_CHECKING:  # typing only
+    from comapoi_cli.plugins import Registry
 
 #: The field of a role's chain output that is a ranked prediction; the last role in the chain that
 #: gives one makes the final ranking.
@@ -48,3 +53,28 @@ class ChainContext:
     world: Any                    # comapoi_cli.data.synth.PoiWorld: the POI table (+ POIs seen in trajectories)
     top_k: int = 10
     extra: dict[str, Any] = field(default_factory=dict)  # free room for plugins
+
+
+def chain_order(registry: Registry, role_ids: list[str]) -> list[Any]:
+    """The roles in the order they run: ``chain_position`` ascending; ``chain_after`` right after that role."""
+    roles = {rid: registry.role(rid) for rid in role_ids}
+    positions: dict[str, float] = {}
+
+    def position(rid: str, seen: tuple[str, ...] = ()) -> float:
+        if rid in positions:
+            return positions[rid]
+        role = roles[rid]
+        if role.chain_after:
+            if role.chain_after not in roles:
+                raise UsageError(f"Role {rid} runs after {role.chain_after}, which is not in the chain.")
+            if role.chain_after in seen:
+                raise UsageError(f"Roles {', '.join(seen)} each run after the other.")
+            value = position(role.chain_after, (*seen, rid)) + 0.5
+        elif role.chain_position is not None:
+            value = float(role.chain_position)
+        else:
+            raise UsageError(f"Role {rid} cannot join the chain: it declares no chain_position or chain_after.")
+        positions[rid] = value
+        return value
+
+    return sorted(roles.values(), key=lambda r: (position(r.id), r.id))

@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only (no import cost at start-up)
     import typer
 
     from comapoi_cli.backends import Backend
-    from comapoi_cli.data.checkins.readers import CheckinReader
+    from comapoi_cli.checkins import CheckinReader
     from comapoi_cli.engines import Engine
     from comapoi_cli.retrievers import Retriever
     from comapoi_cli.roles import AgentRole
@@ -99,7 +99,7 @@ def register_checkin_readers(register: "Callable[[CheckinReader], None]") -> Non
     """Register raw check-in formats for ``comapoi data prepare --from NAME``.
 
     :param register: call ``register(reader)`` once per format, where ``reader`` is an instance of
-        a subclass of ``comapoi_cli.data.checkins.readers.CheckinReader``: a ``name``, a
+        a subclass of ``comapoi_cli.checkins.CheckinReader``: a ``name``, a
         ``description`` and ``read(paths, options) -> CheckinTable`` (columns user, poi, category,
         lat, lon, utc seconds, offset minutes, file, line; unreadable rows as ``Reject`` records).
         Built in: ``tsmc2014``, ``gowalla``, ``getnext``, ``comapoi``.

@@ -17,6 +17,7 @@ import pluggy
 
 from comapoi_cli import hookspecs
 from comapoi_cli.backends import Backend
+from comapoi_cli.checkins import CheckinReader
 from comapoi_cli.engines import Engine
 from comapoi_cli.entrypoints import EntryPointSpec, record_plugin_hooks, third_party_entry_points
 from comapoi_cli.errors import UsageError, first_line
@@ -61,6 +62,7 @@ class Registry:
     roles: dict[str, AgentRole] = field(default_factory=dict)
     engines: dict[str, Engine] = field(default_factory=dict)
     retrievers: dict[str, Retriever] = field(default_factory=dict)
+    readers: dict[str, CheckinReader] = field(default_factory=dict)
     plugins: list[PluginInfo] = field(default_factory=list)
     manager: pluggy.PluginManager | None = None
 
@@ -97,6 +99,14 @@ class Registry:
         except KeyError:
             raise UsageError(
                 f"Unknown retriever '{name}'; registered retrievers: {', '.join(sorted(self.retrievers)) or 'none'}."
+            ) from None
+
+    def reader(self, name: str) -> CheckinReader:
+        try:
+            return self.readers[name]
+        except KeyError:
+            raise UsageError(
+                f"Unknown check-in format '{name}'; registered formats: {', '.join(sorted(self.readers)) or 'none'}."
             ) from None
 
     def training_types(self) -> list[str]:
@@ -200,6 +210,7 @@ def build_registry(load_entry_points: bool = True) -> Registry:
     collect("register_backends", registry.backends, "backend", lambda b: b.name, Backend)
     collect("register_engines", registry.engines, "engine", lambda e: e.name, Engine)
     collect("register_retrievers", registry.retrievers, "retriever", lambda r: r.name, Retriever)
+    collect("register_checkin_readers", registry.readers, "reader", lambda r: r.name, CheckinReader)
     return registry
 
 

@@ -250,7 +250,7 @@ class AgentRole:
         """The accepted answer, or the reason it is rejected (the build retries, then writes the
         reason and the raw answer to ``build.rejects.jsonl``). Default: a non-empty text that does
         not name the label becomes the target; its fields are ``parse_chain_output``'s."""
-        from comapoi_cli.data.records import find_label_leak
+        from comapoi_cli.leaks import find_label_leak
 
         text = text.strip()
         if not text:

@@ -124,9 +124,9 @@ def test_template_teacher_gives_every_record_and_clean_finds_no_leak(nyc, templa
 def test_student_prompts_are_exactly_the_inference_prompts(nyc, template_build):
     """Rebuild every record's prompt with the roles' build_inference_prompt, from the trajectory (label
     hidden), the user's earlier trajectories and the retrieved list: the same text, and no label block."""
+    from comapoi_cli.chain import ChainContext, ChainItem
     from comapoi_cli.data import synth
-    from comapoi_cli.pipeline.chain import ChainContext, ChainItem
-    from comapoi_cli.pipeline.inputs import read_poi_table
+    from comapoi_cli.data.chain_inputs import read_poi_table
     from comapoi_cli.plugins import get_registry
 
     out, _ = template_build

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from comapoi_cli.chain import ChainContext
+from comapoi_cli.data.chain_inputs import load_inputs
 from comapoi_cli.data.synth import synth_dataset
-from comapoi_cli.pipeline.inputs import load_inputs
 from comapoi_cli.plugins import build_registry
 from tests.support import REAL_DATA, run_comapoi
 

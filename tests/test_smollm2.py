@@ -178,13 +178,12 @@ def served_tiny(trained_run, tmp_path_factory):
 
 
 def _openai_session(url: str, names: list[str], batch_size: int = 2):
-    from comapoi_cli.pipeline.engines import EngineSpec
-    from comapoi_cli.pipeline.hooks import engine
+    from comapoi_cli.engines import EngineSpec
     from comapoi_cli.plugins import get_registry
 
     spec = EngineSpec(base_model=None, adapters={n: Path(n) for n in names}, role_adapters={"agent3": names[0]},
                       url=url, batch_size=batch_size, timeout_s=300)
-    return engine(get_registry(), "openai").open(spec, Reporter())
+    return get_registry().engine("openai").open(spec, Reporter())
 
 
 PROMPTS = [

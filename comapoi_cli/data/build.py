@@ -33,14 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from comapoi_cli.chain import ChainContext, ChainItem
 from comapoi_cli.data import synth
+from comapoi_cli.engines import EngineSpec, Generation
 from comapoi_cli.errors import DataError, UsageError
 from comapoi_cli.fileio import atomic_writer, read_json, sha256_file, write_json_atomic
-from comapoi_cli.pipeline.chain import ChainContext, ChainItem
-from comapoi_cli.pipeline.engines import EngineSpec, Generation
-from comapoi_cli.pipeline.retrieval import SIMILAR, RetrievalIndex
 from comapoi_cli.presets import preset_for
 from comapoi_cli.reporting import SILENT, Reporter
+from comapoi_cli.retrievers import SIMILAR, RetrievalIndex
 from comapoi_cli.roles import TeacherAnswer, TeacherLabel
 
 RECORD = "build.json"
@@ -416,8 +416,7 @@ def synth_is_list(text: str) -> bool:
 
 def build_dataset(request: BuildRequest, registry: Any, reporter: Reporter = SILENT) -> BuildResult:
     """Run the teacher pass (see the module doc)."""
-    from comapoi_cli.pipeline import hooks
-    from comapoi_cli.pipeline.runner import chain_order
+    from comapoi_cli.chain import chain_order
 
     started = time.monotonic()
     preset = preset_for(request.dataset)
@@ -434,8 +433,8 @@ def build_dataset(request: BuildRequest, registry: Any, reporter: Reporter = SIL
         raise DataError(f"Cannot find the training trajectories {train}.",
                         hint="Pass CoMaPOI's plain next-POI file, e.g. --train data/nyc/nyc_train.jsonl.")
     roles = chain_order(registry, list(request.roles))
-    engine = hooks.engine(registry, request.teacher)
-    retriever = hooks.retriever(registry, request.retriever)
+    engine = registry.engine(request.teacher)
+    retriever = registry.retriever(request.retriever)
     teacher_name = request.served_names.get("teacher")
     unknown = sorted(set(request.served_names) - {"teacher"})
     if unknown:
@@ -448,7 +447,7 @@ def build_dataset(request: BuildRequest, registry: Any, reporter: Reporter = SIL
     poi = Path(request.poi_info) if request.poi_info else train.parent / f"{request.dataset}_poi_info.csv"
     notes: list[str] = []
     if poi.exists() or request.poi_info:
-        from comapoi_cli.pipeline.inputs import read_poi_table
+        from comapoi_cli.data.chain_inputs import read_poi_table
 
         _rows, bad = read_poi_table(poi, world)
         if bad:

@@ -16,9 +16,9 @@ from __future__ import annotations
 import random
 from typing import Any, Sequence
 
+from comapoi_cli.engines import Engine, EngineSession, EngineSpec, Generation
 from comapoi_cli.errors import UsageError
 from comapoi_cli.hookspecs import hookimpl
-from comapoi_cli.pipeline.engines import Engine, EngineSession, EngineSpec, Generation
 from comapoi_cli.reporting import Reporter
 
 CANDIDATES = 25

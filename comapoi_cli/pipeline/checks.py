@@ -110,7 +110,7 @@ def train_overlap(items: list[Any], train_keys: dict[str, set[tuple[str, int]]],
     merely a key a simulated dataset happens to reuse. Sources: ``--train`` (the histories and
     the retriever) and each run's recorded training file (run.json ``data.train_file``).
     """
-    from comapoi_cli.pipeline.inputs import first_checkin
+    from comapoi_cli.data.chain_inputs import first_checkin
 
     test = {item.key: first_checkin(item.trajectory) for item in items}
     found: dict[str, list[str]] = {}

@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from comapoi_cli.chain import ChainContext, ChainItem
+from comapoi_cli.chain import ChainContext, ChainItem, chain_order  # chain_order: re-exported
+from comapoi_cli.data.chain_inputs import ChainInputs, load_inputs
 from comapoi_cli.engines import EngineSpec
 from comapoi_cli.errors import DataError, UsageError
 from comapoi_cli.fileio import read_json, sha256_file, write_json_atomic
 from comapoi_cli.models.generation import prompt_hash
 from comapoi_cli.pipeline import checks
-from comapoi_cli.pipeline.inputs import ChainInputs, load_inputs
 from comapoi_cli.pipeline.scoring import read_predictions, score_lines
 from comapoi_cli.presets import preset_for
 from comapoi_cli.reporting import Reporter
@@ -83,31 +83,6 @@ class PipelineResult:
     seconds: float
     engine: str
     notes: list[str] = field(default_factory=list)
-
-
-def chain_order(registry: Registry, role_ids: list[str]) -> list[Any]:
-    """The roles in the order they run: ``chain_position`` ascending; ``chain_after`` right after that role."""
-    roles = {rid: registry.role(rid) for rid in role_ids}
-    positions: dict[str, float] = {}
-
-    def position(rid: str, seen: tuple[str, ...] = ()) -> float:
-        if rid in positions:
-            return positions[rid]
-        role = roles[rid]
-        if role.chain_after:
-            if role.chain_after not in roles:
-                raise UsageError(f"Role {rid} runs after {role.chain_after}, which is not in the chain.")
-            if role.chain_after in seen:
-                raise UsageError(f"Roles {', '.join(seen)} each run after the other.")
-            value = position(role.chain_after, (*seen, rid)) + 0.5
-        elif role.chain_position is not None:
-            value = float(role.chain_position)
-        else:
-            raise UsageError(f"Role {rid} cannot join the chain: it declares no chain_position or chain_after.")
-        positions[rid] = value
-        return value
-
-    return sorted(roles.values(), key=lambda r: (position(r.id), r.id))
 
 
 def _resolve_runs(request: PipelineRequest) -> tuple[dict[str, Any], str, Any]:

@@ -7,9 +7,9 @@ the atomic writing of ``{data}/{name}/``. docs/data.md describes the command.
 
 from __future__ import annotations
 
-from comapoi_cli.data.checkins.readers import CheckinReader, checkin_reader, checkin_readers
+from comapoi_cli.checkins import CheckinReader, CheckinTable, ReadOptions, Reject
+from comapoi_cli.data.checkins.readers import checkin_reader, checkin_readers
 from comapoi_cli.data.checkins.service import PrepareResult, PrepareSettings, parse_bbox, parse_split, prepare_checkins
-from comapoi_cli.data.checkins.table import CheckinTable, ReadOptions, Reject
 
 __all__ = ["CheckinReader", "CheckinTable", "PrepareResult", "PrepareSettings", "ReadOptions", "Reject",
            "checkin_reader", "checkin_readers", "parse_bbox", "parse_split", "prepare_checkins"]

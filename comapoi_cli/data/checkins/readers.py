@@ -12,23 +12,16 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from comapoi_cli.data.checkins.table import CheckinTable, ReadOptions, Reject, arrow
+from comapoi_cli.checkins import CheckinReader, CheckinTable, ReadOptions, Reject, arrow
 from comapoi_cli.errors import DataError, UsageError
+
+if TYPE_CHECKING:  # typing only
+    from comapoi_cli.plugins import Registry
 
 _NUMBER = r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$"
 _INTEGER = r"^\s*[+-]?\d+\s*$"
-
-
-class CheckinReader:
-    """A raw check-in format. Subclasses set ``name`` and ``description`` and implement ``read``."""
-
-    name: str = ""
-    description: str = ""
-
-    def read(self, paths: Sequence[Path], options: ReadOptions) -> CheckinTable:  # pragma: no cover - interface
-        raise NotImplementedError
 
 
 # -- reading delimited files -------------------------------------------------------------------------
@@ -464,41 +457,10 @@ class ComapoiReader(CheckinReader):
 BUILT_IN = (Tsmc2014Reader(), GowallaReader(), GetNextReader(), ComapoiReader())
 
 
-def checkin_readers(registry: Any) -> dict[str, CheckinReader]:
+def checkin_readers(registry: Registry) -> dict[str, CheckinReader]:
     """The readers the plugins registered (``register_checkin_readers``), by name."""
-    store: dict[str, CheckinReader] = {}
-    manager = getattr(registry, "manager", None)
-    if manager is None:
-        return store
-    for impl in manager.hook.register_checkin_readers.get_hookimpls():
-        info = registry.plugin(manager.get_name(impl.plugin) or "")
-        pending: list[CheckinReader] = []
-
-        def register(obj: Any, pending: list[CheckinReader] = pending) -> None:
-            if not isinstance(obj, CheckinReader):
-                raise TypeError(f"register_checkin_readers must register CheckinReader instances, got {type(obj).__name__}")
-            pending.append(obj)
-
-        try:
-            impl.function(register)
-            for obj in pending:
-                if not obj.name:
-                    raise ValueError("a reader without a name")
-                if obj.name in store:
-                    raise ValueError(f"reader '{obj.name}' is already registered by another plugin")
-        except Exception as exc:  # a broken plugin must not break the others
-            if info is not None:
-                info.error = f"register_checkin_readers failed: {type(exc).__name__}: {exc}"
-            continue
-        for obj in pending:
-            store[obj.name] = obj
-            if info is not None and f"reader {obj.name}" not in info.registered:
-                info.registered.append(f"reader {obj.name}")
-    return store
+    return dict(registry.readers)
 
 
-def checkin_reader(registry: Any, name: str) -> CheckinReader:
-    found = checkin_readers(registry)
-    if name not in found:
-        raise UsageError(f"Unknown check-in format '{name}'; registered formats: {', '.join(sorted(found)) or 'none'}.")
-    return found[name]
+def checkin_reader(registry: Registry, name: str) -> CheckinReader:
+    return registry.reader(name)

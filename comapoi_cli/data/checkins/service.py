@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from comapoi_cli.checkins import CheckinTable, ReadOptions, arrow
 from comapoi_cli.data.checkins.readers import checkin_reader
-from comapoi_cli.data.checkins.table import CheckinTable, ReadOptions, arrow
 from comapoi_cli.errors import DataError, UsageError
 from comapoi_cli.reporting import SILENT, Reporter
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 #: The columns of a check-in table (all the same length).
 #: user, poi, category: str; lat, lon: float64; utc: int64 (seconds since 1970, UTC);
@@ -76,3 +76,14 @@ def arrow(values: Any, type_: Any = None) -> Any:
             np.dtype(np.int8): pa.int8()}[data.dtype]
     array = pa.Array.from_buffers(kind, len(data), [None, pa.py_buffer(data)])
     return array.view(type_) if type_ is not None else array
+
+
+class CheckinReader:
+    """A raw check-in format (``comapoi data prepare --from NAME``), registered through the
+    ``register_checkin_readers`` hook. Subclasses set ``name`` and ``description`` and implement ``read``."""
+
+    name: str = ""
+    description: str = ""
+
+    def read(self, paths: Sequence[Path], options: ReadOptions) -> CheckinTable:  # pragma: no cover - interface
+        raise NotImplementedError

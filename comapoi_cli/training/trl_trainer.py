@@ -74,6 +74,8 @@ from comapoi_cli.training.job import TrainingJob, TrainingResult
 from comapoi_cli.training.options import locate_model
 
 
+#: The folder TRL saves its frozen reference copy of the starting adapter in (grpo / dpo with a PEFT model).
+REFERENCE_ADAPTER = "ref"
 #: SFTConfig arguments that GRPOConfig / DPOConfig do not take.
 SFT_ONLY_KWARGS = ("max_length", "packing", "dataset_kwargs", "neftune_noise_alpha", "prediction_loss_only")
 
@@ -632,6 +634,12 @@ class TRLTrainingPath:
             if getattr(trainer, "is_fsdp_enabled", False):
                 trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
             trainer.save_model(str(start.run_dir))
+            reference = start.run_dir / REFERENCE_ADAPTER
+            if job.method != "sft" and is_main_process() and (reference / "adapter_config.json").is_file():
+                import shutil
+
+                # TRL's frozen copy of the starting adapter (the KL / DPO reference): not part of the result
+                shutil.rmtree(reference, ignore_errors=True)
         if is_main_process():
             if status == "finished":
                 removed = remove_interrupt_checkpoints(start.run_dir, job.save_freq, job.max_steps)

@@ -181,12 +181,12 @@ def sft_run(real_agent_data, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def grpo_run(real_agent_data, sft_run, tmp_path_factory) -> tuple[Path, str]:
+def grpo_run(real_agent_data, sft_run, tmp_path_factory) -> tuple[Path, str, list[str]]:
     output = tmp_path_factory.mktemp("rl-grpo") / "out"
-    result = _train(real_agent_data, output, "--type", "agent3", *GRPO_FLAGS, "--max-steps", "2",
-                    "--init-adapter", str(sft_run))
+    args = ["--type", "agent3", *GRPO_FLAGS, "--max-steps", "3", "--init-adapter", str(sft_run)]
+    result = _train(real_agent_data, output, *args)
     assert result.returncode == 0, result.stdout + result.stderr
-    return _only_run(output, "grpo"), result.stderr
+    return _only_run(output, "grpo"), result.stderr, args
 
 
 def _pairs(data: Path, target: Path) -> Path:
@@ -218,13 +218,13 @@ def dpo_run(real_agent_data, tmp_path_factory) -> tuple[Path, Path, list[str]]:
 
 
 def test_grpo_run_logs_rewards_and_records_the_chain(grpo_run, sft_run):
-    run_dir, stderr = grpo_run
-    assert run_dir.parent.name == "grpo-nyc" and run_dir.name == "bs2-gas1-ms2-agent3-lr0.005"
+    run_dir, stderr, _args = grpo_run
+    assert run_dir.parent.name == "grpo-nyc" and run_dir.name == "bs2-gas1-ms3-agent3-lr0.005"
     run = json.loads((run_dir / "run.json").read_text())
     assert run["status"] == "finished" and run["method"] == "grpo" and run["job"]["num_generations"] == 2
     assert run["rewards"]["parts"] == [{"name": "ndcg@10", "weight": 1.0}, {"name": "format", "weight": 0.2}]
     history = run["loss_history"]
-    assert [row["step"] for row in history] == [1, 2]
+    assert [row["step"] for row in history] == [1, 2, 3]
     for row in history:  # every step: the reward and each part (TRL's rewards/<part>/mean), the KL, completion length
         assert {"reward", "rewards/ndcg@10/mean", "rewards/format/mean", "kl", "completions/mean_length"} <= set(row), row
         assert 0 <= row["rewards/ndcg@10/mean"] <= 1 and 0 <= row["rewards/format/mean"] <= 1
@@ -274,7 +274,7 @@ def test_dpo_run_trains_on_pairs_and_rejects_broken_lines(dpo_run):
 
 
 def test_grpo_and_dpo_adapters_are_normal_runs(grpo_run, dpo_run, sft_run, tmp_path):
-    grpo_dir, _ = grpo_run
+    grpo_dir = grpo_run[0]
     dpo_dir = dpo_run[0]
     listed = run_comapoi("adapters", "list", str(grpo_dir.parents[2]), "--json")
     assert listed.returncode == 0, listed.stderr
@@ -299,24 +299,23 @@ def _start(*args: str) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, env=env)
 
 
-def test_dpo_resumes_after_kill_9_to_the_same_adapter(real_agent_data, dpo_run, tmp_path):
+def _kill_and_resume(data: Path, output: Path, kind: str, args: list[str], reference: Path) -> None:
+    """Kill -9 a run once checkpoint-1 is complete, resume it, and expect the uninterrupted run's adapter."""
     from comapoi_cli.fileio import sha256_file
 
-    reference, _pairs_file, args = dpo_run
-    output = tmp_path / "out"
-    full = ["train", "--dataset", "nyc", "--data-dir", str(real_agent_data), *RL_FAST, "--output-dir", str(output), *args]
+    full = ["train", "--dataset", "nyc", "--data-dir", str(data), *RL_FAST, "--output-dir", str(output), *args]
     proc = _start(*full)
     deadline = time.monotonic() + 300
-    while not list(output.glob("*/dpo-*/*/checkpoint-1/trainer_state.json")):
+    while not list(output.glob(f"*/{kind}-*/*/checkpoint-1/trainer_state.json")):
         if proc.poll() is not None:
-            pytest.fail(f"training ended before checkpoint-1:\n{proc.stdout.read()}")
+            pytest.fail(f"training ended (exit code {proc.returncode}) before checkpoint-1:\n{proc.stdout.read()}")
         if time.monotonic() > deadline:
             proc.kill()
             pytest.fail("no checkpoint-1 after 300 s")
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
-    run_dir = _only_run(output, "dpo")
+    run_dir = _only_run(output, kind)
     assert not (run_dir / "adapter_model.safetensors").exists(), "the run finished before it could be killed"
     assert json.loads((run_dir / "run.json").read_text())["status"] == "running"  # what kill -9 leaves
     resumed = run_comapoi(*full, "--resume")
@@ -324,4 +323,15 @@ def test_dpo_resumes_after_kill_9_to_the_same_adapter(real_agent_data, dpo_run, 
     assert "Resuming from checkpoint-" in resumed.stderr
     run = json.loads((run_dir / "run.json").read_text())
     assert run["status"] == "finished" and len(run["segments"]) == 2 and run["progress"]["global_step"] == 3
+    assert run["method"] == kind and run["chain"] == json.loads((reference / "run.json").read_text())["chain"]
     assert sha256_file(run_dir / "adapter_model.safetensors") == sha256_file(reference / "adapter_model.safetensors")
+
+
+def test_dpo_resumes_after_kill_9_to_the_same_adapter(real_agent_data, dpo_run, tmp_path):
+    reference, _pairs_file, args = dpo_run
+    _kill_and_resume(real_agent_data, tmp_path / "out", "dpo", args, reference)
+
+
+def test_grpo_resumes_after_kill_9_to_the_same_adapter(real_agent_data, grpo_run, tmp_path):
+    reference, _stderr, args = grpo_run
+    _kill_and_resume(real_agent_data, tmp_path / "out", "grpo", args, reference)

@@ -71,10 +71,9 @@ def loss_history(log_history: list[dict[str, Any]]) -> tuple[list[dict[str, Any]
     evals: list[dict[str, Any]] = []
     for entry in log_history:
         if "loss" in entry:
-            row = {k: entry[k] for k in ("step", "epoch", "loss", "learning_rate", "grad_norm",
-                                         "mean_token_accuracy", "entropy", "num_input_tokens_seen",
-                                         "train_seconds")
-                   if k in entry}
+            keys = ("step", "epoch", "loss", "learning_rate", "grad_norm", "mean_token_accuracy", "entropy",
+                    "num_input_tokens_seen", "train_seconds")
+            row: dict[str, Any] = {k: entry[k] for k in keys if k in entry}
             # --method grpo / dpo: the reward and its parts (rewards/<part>/mean), the KL, DPO's preference margins
             row.update({k: v for k, v in entry.items() if k.startswith(REWARD_LOG_PREFIXES) and isinstance(v, (int, float))})
             train.append(row)

@@ -73,7 +73,6 @@ from comapoi_cli.training.fit import GIB, FitPlan, ModelShape, memory_profile, p
 from comapoi_cli.training.job import TrainingJob, TrainingResult
 from comapoi_cli.training.options import locate_model
 
-
 #: The folder TRL saves its frozen reference copy of the starting adapter in (grpo / dpo with a PEFT model).
 REFERENCE_ADAPTER = "ref"
 #: SFTConfig arguments that GRPOConfig / DPOConfig do not take.

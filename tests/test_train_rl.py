@@ -240,6 +240,10 @@ def test_grpo_run_logs_rewards_and_records_the_chain(grpo_run, sft_run):
     assert run["init_adapter"] == link and run["lora"]["from"] == str(sft_run.resolve())
     assert "Starting from the adapter of" in stderr
     assert not (run_dir / "ref").exists()  # TRL's frozen reference copy is not part of the result
+    # data_keys.json: the agent3 prompts it sampled on, and every record the SFT run it continues trained on
+    keys = json.loads((run_dir / "data_keys.json").read_text())
+    sft_keys = json.loads((sft_run / "data_keys.json").read_text())["train"]
+    assert set(sft_keys) < set(keys["train"]) and keys["holdout_file"].endswith("agent3_train_samples_100.jsonl")
     from safetensors.torch import load_file
 
     before, after = load_file(str(sft_run / "adapter_model.safetensors")), load_file(str(run_dir / "adapter_model.safetensors"))
@@ -271,6 +275,11 @@ def test_dpo_run_trains_on_pairs_and_rejects_broken_lines(dpo_run):
     for row in run["loss_history"]:
         assert {"rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected"} <= set(row), row
     assert "final_reward_margin" in run["progress"]
+    from comapoi_cli.runs.datakeys import prompt_key
+
+    prompts = [json.loads(line)["prompt"] for line in pairs.read_text().splitlines() if line.startswith('{"prompt": [')]
+    trained = set(json.loads((run_dir / "data_keys.json").read_text())["train"])
+    assert run["data"]["tokens"]["pairs"] == len(trained) >= 2 and trained <= {prompt_key(p) for p in prompts}
 
 
 def test_grpo_and_dpo_adapters_are_normal_runs(grpo_run, dpo_run, sft_run, tmp_path):
@@ -291,6 +300,13 @@ def test_grpo_and_dpo_adapters_are_normal_runs(grpo_run, dpo_run, sft_run, tmp_p
         assert summary["processed"] == 2 and summary["scores"]["n"] == 2
         record = json.loads((out / "pipeline.json").read_text())
         assert len(set(record["settings"]["adapters"])) == 2  # the SFT run for agent1/agent2, the new one for agent3
+    # eval on the GRPO run's holdout (the agent3 split it sampled from); the SFT run before it trained on
+    # merged records, so eval refuses any of them unless told
+    result = run_comapoi("eval", "--adapter", str(grpo_dir), "--max-new-tokens", "8", "--allow-train-overlap",
+                         "--output-dir", str(tmp_path / "eval"), "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    entry = json.loads(result.stdout)
+    assert entry["metrics"]["n"] == 2 and "ndcg@10" in entry["metrics"]
 
 
 def _start(*args: str) -> subprocess.Popen:

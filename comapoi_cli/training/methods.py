@@ -162,6 +162,12 @@ class PreferencePairs:
     too_long: int = 0
     longest: int = 0
 
+    def prompt_keys(self) -> list[str]:
+        """The conversation keys of the pairs' prompts (``data_keys.json``: what eval must not score as held out)."""
+        from comapoi_cli.runs.datakeys import prompt_key
+
+        return [prompt_key(pair["prompt"]) for pair in self.pairs]
+
 
 def prepare_pairs(path: Path) -> PreparedData:
     """Check a pair file line by line; write the rejected lines with their reasons beside it (or say so).

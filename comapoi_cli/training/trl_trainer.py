@@ -100,6 +100,7 @@ class TrainingData:
     rows: list[dict[str, list[int]]] = field(default_factory=list)  #: sft: the tokenised records
     eval_records: int = 0
     rewards: dict[str, Any] | None = None  #: grpo: the reward parts and weights (run.json ``rewards``)
+    train_keys: list[str] | None = None  #: dpo: the conversation keys of the pairs' prompts (data_keys.json)
 
 
 @dataclass
@@ -110,6 +111,7 @@ class AdapterStart:
     lora: dict[str, Any]
     init: dict[str, Any] | None = None
     chain: list[dict[str, Any]] = field(default_factory=list)
+    inherited_keys: list[str] = field(default_factory=list)  #: the training keys of the runs it continues
 
 
 @dataclass
@@ -403,8 +405,9 @@ class TRLTrainingPath:
             progress = _progress_callback(say, job.max_steps)
             interrupt = _interrupt_callback(say)
             record = RunRecord(start.run_dir, start.previous)
-            if is_main_process() and job.method == "sft":  # what eval checks: the holdout's hash, the conversation keys trained on
-                write_data_keys(start.run_dir, Path(prepared.train_path), train_sha, holdout, holdout_sha)
+            if is_main_process():  # what eval checks: the holdout's hash, the conversation keys trained on (the chain's too)
+                write_data_keys(start.run_dir, Path(prepared.train_path), train_sha, holdout, holdout_sha,
+                                train_keys=data.train_keys, inherited_keys=adapter.inherited_keys)
             record.set(
                 backend={"name": self.backend_name, "path": type(self).__module__ + "." + type(self).__qualname__},
                 job=job.to_dict(),
@@ -417,7 +420,7 @@ class TRLTrainingPath:
                 chat_template=loaded.fmt.describe(),
                 data={"train_file": str(prepared.train_path), "train_sha256": train_sha,
                       "holdout_file": str(prepared.holdout_path) if prepared.holdout_path else None,
-                      "holdout_sha256": holdout_sha, "data_keys": DATA_KEYS if job.method == "sft" else None,
+                      "holdout_sha256": holdout_sha, "data_keys": DATA_KEYS,
                       "input_hashes": prepared.input_hashes, "prepare_summary": _small_summary(prepared.summary),
                       "tokens": data.description, "eval_records": data.eval_records},
                 lora=adapter.lora,
@@ -545,11 +548,15 @@ class TRLTrainingPath:
                 "adapter_sha256": sha256_file(info.adapter_dir / "adapter_model.safetensors")
                 if (info.adapter_dir / "adapter_model.safetensors").is_file() else None}
         chain = [*(previous.get("chain") or []), step]
+        from comapoi_cli.runs.datakeys import read_train_keys
+
+        inherited = sorted(read_train_keys(info.run_dir) or ())
         say.info(f"Starting from the adapter of {info.adapter_dir} ({step['method']}, step {step['global_step']}): "
                  f"LoRA r={config.r} alpha={config.lora_alpha}, {trainable:,} trainable parameters of {total:,}.")
         return AdapterStart(model, {"r": config.r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
                                     "target_modules": targets, "trainable_parameters": trainable, "total_parameters": total,
-                                    "from": str(info.adapter_dir.resolve())}, init=step, chain=chain)
+                                    "from": str(info.adapter_dir.resolve())}, init=step, chain=chain,
+                            inherited_keys=inherited)
 
     def build_config(self, plan: DevicePlan, run_dir: Path, has_eval: bool) -> Any:
         """The method's TRL config: SFTConfig, GRPOConfig or DPOConfig (from ``sft_config_kwargs``, so a backend's
@@ -715,7 +722,7 @@ class TRLTrainingPath:
         say.info(f"DPO on {len(found.pairs):,} preference pairs, beta {job.effective_beta:g}")
         dataset = Dataset.from_dict({key: [pair[key] for pair in found.pairs] for key in ("prompt", "chosen", "rejected")})
         return TrainingData(dataset, None, {"pairs": len(found.pairs), "too_long_left_out": found.too_long,
-                                            "longest_pair_tokens": found.longest})
+                                            "longest_pair_tokens": found.longest}, train_keys=found.prompt_keys())
 
     # -- pieces ---------------------------------------------------------------------------------
     def _check_resume_data(self, start: RunStart, train_sha: str) -> None:

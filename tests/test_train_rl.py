@@ -243,7 +243,7 @@ def test_grpo_run_logs_rewards_and_records_the_chain(grpo_run, sft_run):
     # data_keys.json: the agent3 prompts it sampled on, and every record the SFT run it continues trained on
     keys = json.loads((run_dir / "data_keys.json").read_text())
     sft_keys = json.loads((sft_run / "data_keys.json").read_text())["train"]
-    assert set(sft_keys) < set(keys["train"]) and keys["holdout_file"].endswith("agent3_train_samples_100.jsonl")
+    assert set(sft_keys) <= set(keys["train"]) and keys["holdout_file"].endswith("agent3_train_samples_100.jsonl")
     from safetensors.torch import load_file
 
     before, after = load_file(str(sft_run / "adapter_model.safetensors")), load_file(str(run_dir / "adapter_model.safetensors"))
@@ -300,8 +300,8 @@ def test_grpo_and_dpo_adapters_are_normal_runs(grpo_run, dpo_run, sft_run, tmp_p
         assert summary["processed"] == 2 and summary["scores"]["n"] == 2
         record = json.loads((out / "pipeline.json").read_text())
         assert len(set(record["settings"]["adapters"])) == 2  # the SFT run for agent1/agent2, the new one for agent3
-    # eval on the GRPO run's holdout (the agent3 split it sampled from); the SFT run before it trained on
-    # merged records, so eval refuses any of them unless told
+    # eval on the GRPO run's holdout (the agent3 split it sampled from); its data_keys.json holds the SFT run's
+    # training keys too, which eval checks the holdout against (--allow-train-overlap: score them regardless)
     result = run_comapoi("eval", "--adapter", str(grpo_dir), "--max-new-tokens", "8", "--allow-train-overlap",
                          "--output-dir", str(tmp_path / "eval"), "--json")
     assert result.returncode == 0, result.stdout + result.stderr

@@ -392,7 +392,8 @@ class TRLTrainingPath:
             self._check_resume_data(start, train_sha)
             holdout = Path(prepared.holdout_path) if prepared.holdout_path and Path(prepared.holdout_path).is_file() else None
             holdout_sha = sha256_file(holdout) if holdout is not None else None
-            say.info(f"Data: {prepared.summary.get('train', '?')} training records in {prepared.train_path}"
+            noun = "preference pairs" if job.method == "dpo" else "training records"
+            say.info(f"Data: {prepared.summary.get('train', '?')} {noun} in {prepared.train_path}"
                      + (f", {prepared.summary.get('holdout')} held out" if prepared.holdout_path else "")
                      + (" (reused)" if prepared.summary.get("reused") else ""))
             loaded = self.load_step(prepared, plan)

@@ -54,7 +54,7 @@ def _baselines(prompt: list[dict[str, str]]) -> dict[str, list[int]]:
 
 
 def _score(scorer, records, outputs: list[str] | None = None, ranked: list[list[int]] | None = None) -> dict:
-    from comapoi_cli.evaluation.metrics import compute_metrics
+    from comapoi_cli.metrics import compute_metrics
 
     outcomes = []
     for index, record in enumerate(records):

@@ -25,6 +25,7 @@ class Backend:
         multi_process: whether it can run under ``accelerate launch`` / ``torchrun`` with more than one process.
         memory_profile: how ``--fit`` estimates its memory: a key of
             ``comapoi_cli.training.fit.MEMORY_PROFILES`` (``trl``, the default, or ``unsloth``).
+        methods: the ``--method`` values it trains (``sft``, ``grpo``, ``dpo``); default ``("sft",)``.
     """
 
     name: str = ""
@@ -33,6 +34,7 @@ class Backend:
     install_hint: str = ""
     multi_process: bool = True
     memory_profile: str = "trl"
+    methods: tuple[str, ...] = ("sft",)
 
     def unusable_reason(self) -> str | None:
         """Return None if this backend can train on this machine now, else one sentence saying why not.
@@ -62,6 +64,7 @@ class Backend:
             "install_hint": self.install_hint if reason else None,
             "multi_process": self.multi_process,
             "memory_profile": self.memory_profile,
+            "methods": list(getattr(self, "methods", ("sft",))),
         }
 
 
@@ -78,6 +81,15 @@ def unusable_reason(backend: Backend) -> str | None:
         text = first_line(exc, default="")
         return f"its usability check failed ({type(exc).__name__}{': ' + text if text else ''})"
     return None if reason is None else str(reason)
+
+
+def method_problem(backend: Backend, method: str, backends: dict[str, Backend]) -> str | None:
+    """None when ``backend`` trains ``--method method``, else one sentence naming the backends that do."""
+    if method in tuple(getattr(backend, "methods", ("sft",))):
+        return None
+    able = sorted(name for name, other in backends.items() if method in tuple(getattr(other, "methods", ("sft",))))
+    where = (f"use --backend {' or '.join(able)}" if able else "no installed backend trains it")
+    return f"--backend {backend.name} does not train --method {method}: {where}."
 
 
 def missing_packages(*names: str) -> list[str]:

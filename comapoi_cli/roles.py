@@ -16,6 +16,7 @@ from comapoi_cli.presets import DatasetPreset, preset_for
 
 if TYPE_CHECKING:  # light at run time: roles load on every command
     from comapoi_cli.chain import ChainContext, ChainItem
+    from comapoi_cli.rewards import RewardSpec
 
 #: ``--type merged`` trains on every role's data together; it is not a role.
 MERGED = "merged"
@@ -171,6 +172,16 @@ class AgentRole:
         Build the prompt with the same function as ``build_inference_prompt``. Default: the role has no
         synthetic data (``data synth`` skips it)."""
         raise NotImplementedError(f"role {self.id} cannot synthesise training records")
+    def rewards(self, record: dict[str, Any], context: RoleContext) -> "RewardSpec | None":
+        """What ``comapoi train --method grpo`` optimises on this training record, or None when the
+        record is not trained with rewards (a text answer: a profile, a pattern).
+
+        Return a ``comapoi_cli.rewards.RewardSpec``: the record's step, its label (the
+        trajectory's true next POI) and the reward parts, each a named scorer of one completion's
+        text in [0, 1] with a weight. The prompt GRPO samples from is the record's turns before its
+        answer. Default: None (the role is not trained with rewards).
+        """
+        return None
 
     def describe(self) -> dict[str, str]:
         return {

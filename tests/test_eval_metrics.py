@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from comapoi_cli.evaluation.metrics import METRIC_KEYS, compute_metrics, outcome, rank_of
 from comapoi_cli.evaluation.scoring import LabelError, Scorer
+from comapoi_cli.metrics import METRIC_KEYS, compute_metrics, outcome, rank_of
 from comapoi_cli.plugins import build_registry
 from comapoi_cli.poi_ids import clean_ids, is_id_list, parse_ids, read_ids
 from comapoi_cli.roles import AgentRole, RoleContext

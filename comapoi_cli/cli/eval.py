@@ -192,7 +192,7 @@ def _fmt(value: Any) -> str:
 
 
 def _print_metrics(metrics: dict[str, Any], by_role: dict[str, dict[str, Any]], title: str) -> None:
-    from comapoi_cli.evaluation.metrics import METRIC_KEYS
+    from comapoi_cli.metrics import METRIC_KEYS
 
     keys = [k for k in METRIC_KEYS if k in metrics or any(k in m for m in by_role.values())]
     scopes = [("all", metrics), *sorted(by_role.items())]

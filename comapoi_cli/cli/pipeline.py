@@ -210,7 +210,7 @@ def _fmt(value: Any) -> str:
 def print_scores(scores: dict[str, Any], title: str) -> None:
     from rich.markup import escape
 
-    from comapoi_cli.evaluation.metrics import ACC_KS, NDCG_KS
+    from comapoi_cli.metrics import ACC_KS, NDCG_KS
 
     keys = [*(f"acc@{k}" for k in ACC_KS), *(f"ndcg@{k}" for k in NDCG_KS), "mrr"]
     columns = [("chain", scores["chain"]), ("most frequent", scores["baselines"]["frequent"]),

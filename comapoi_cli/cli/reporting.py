@@ -119,6 +119,11 @@ class ConsoleReporter(Reporter):
                                 ("mean_token_accuracy", "token acc", "{:.3f}")):
             if isinstance(logs.get(key), (int, float)):
                 parts.append(f"{label} {fmt.format(logs[key])}")
+        for key, value in logs.items():  # --method grpo: the reward and its parts; dpo: preference accuracy and margin
+            if isinstance(value, (int, float)) and (key == "reward" or (key.startswith("rewards/") and not key.endswith("/std")
+                                                                       and not key.startswith("rewards/chosen")
+                                                                       and not key.startswith("rewards/rejected"))):
+                parts.append(f"{key.removeprefix('rewards/').removesuffix('/mean')} {value:.3f}")
         if tokens_per_s:
             parts.append(f"{tokens_per_s:,.0f} tok/s")
         if eta_s is not None and step < total:

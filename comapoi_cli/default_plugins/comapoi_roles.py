@@ -29,8 +29,10 @@ if TYPE_CHECKING:  # typing only: data.synth is imported when a prompt is built,
     from comapoi_cli.data.synth import PoiWorld, SynthExample, Trajectory, _Stats
 
 CANDIDATES_PER_LIST = 25
-#: The length of the Final_Predictor's ranking (CoMaPOI: 10).
+#: The length of agent3's final prediction (the requested length when a record's target says none).
 FINAL_TOP_K = 10
+#: The reward weights of ``--method grpo``: the ranking reward counts fully, the format reward adds a little.
+RANKING_WEIGHT, FORMAT_WEIGHT = 1.0, 0.2
 
 _USER_PATTERNS = (
     re.compile(r"\buser_id:\s*(\d+)", re.I),
@@ -299,6 +301,29 @@ class _ProfileOrCandidates(_CoMaPOIRole):
     def parse_prediction(self, text: str, context: RoleContext) -> list[Any] | None:
         return parse_ids(text, context.max_poi_id)
 
+    def rewards(self, record: dict[str, Any], context: RoleContext):
+        """Candidate steps: recall of the label in the 25 ids, plus format (an id list of 25 unique ids in
+        range). The label: the record's explicit ``next_poi_id``, else its target list's first id (CoMaPOI
+        lists the true next POI first). Text steps (profile, pattern): None, not trained with rewards."""
+        from comapoi_cli.rewards import RewardPart, RewardSpec, format_score, recall_score
+
+        ids, _form = answer_ids(_answer(record))
+        if not ids:
+            return None
+        explicit = _explicit_label(record)
+        label = int(explicit) if explicit is not None else ids[0]
+        size, max_id = CANDIDATES_PER_LIST, context.max_poi_id
+
+        def recall(text: str) -> float:
+            return recall_score(self.parse_prediction(text, context), label, size)
+
+        def fmt(text: str) -> float:
+            raw, form = answer_ids(text)
+            return format_score(raw, form_ok=form in ("comma", "json"), length=size, max_id=max_id)
+
+        return RewardSpec("candidates", label, (RewardPart(f"recall@{size}", RANKING_WEIGHT, recall),
+                                                RewardPart("format", FORMAT_WEIGHT, fmt)))
+
 
 class Profiler(_ProfileOrCandidates):
     id = "agent1"
@@ -414,6 +439,28 @@ class FinalPredictor(_CoMaPOIRole):
 
     def parse_prediction(self, text: str, context: RoleContext) -> list[Any] | None:
         return parse_ids(text, context.max_poi_id)
+
+    def rewards(self, record: dict[str, Any], context: RoleContext):
+        """NDCG@10 of the parsed list against the label (as ``comapoi eval`` scores it), plus format: valid
+        JSON, ids in range, no duplicates, the requested length (the target list's length)."""
+        from comapoi_cli.rewards import RewardPart, RewardSpec, format_score, ndcg_score
+
+        label_text = self.target(record)
+        if label_text is None or not label_text.lstrip("-").isdigit():
+            return None
+        label = int(label_text)
+        ids, _form = answer_ids(_answer(record))
+        length, max_id = len(ids) if ids else FINAL_TOP_K, context.max_poi_id
+
+        def ndcg(text: str) -> float:
+            return ndcg_score(self.parse_prediction(text, context), label, 10)
+
+        def fmt(text: str) -> float:
+            raw, form = answer_ids(text)
+            return format_score(raw, form_ok=form == "json", length=length, max_id=max_id)
+
+        return RewardSpec("ranking", label, (RewardPart("ndcg@10", RANKING_WEIGHT, ndcg),
+                                             RewardPart("format", FORMAT_WEIGHT, fmt)))
 
     # comapoi pipeline: the final ranking from both profiles and both candidate lists
     chain_position = 3

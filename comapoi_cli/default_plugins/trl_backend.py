@@ -8,10 +8,11 @@ from comapoi_cli.hookspecs import hookimpl
 
 class TRLBackend(Backend):
     name = "trl"
-    description = "TRL SFTTrainer + PEFT LoRA (QLoRA with bitsandbytes); CPU or GPU, one or many processes."
+    description = "TRL SFTTrainer (GRPOTrainer, DPOTrainer) + PEFT LoRA (QLoRA with bitsandbytes); CPU or GPU, one or many processes."
     requires = ("torch", "transformers>=5.17", "trl>=1.15", "peft>=0.21", "bitsandbytes (for --quant 4bit/8bit)")
     install_hint = "pip install -c constraints/default.txt -e ."
     multi_process = True
+    methods = ("sft", "grpo", "dpo")
 
     def unusable_reason(self) -> str | None:
         missing = missing_packages("torch", "transformers", "trl", "peft", "datasets")

@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from comapoi_cli.evaluation.metrics import METRIC_KEYS
 from comapoi_cli.fileio import write_json_atomic, write_text_atomic
+from comapoi_cli.metrics import METRIC_KEYS
 
 CSV_COLUMNS = ("scope", *METRIC_KEYS)
 

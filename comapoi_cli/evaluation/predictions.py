@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from comapoi_cli.errors import DataError
-from comapoi_cli.evaluation.metrics import RecordOutcome
 from comapoi_cli.evaluation.scoring import LabelError, Scorer, role_origin, summarize
+from comapoi_cli.metrics import RecordOutcome
 from comapoi_cli.roles import RoleContext
 
 if TYPE_CHECKING:  # typing only

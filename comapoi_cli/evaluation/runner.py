@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 from comapoi_cli.errors import DataError, UsageError
-from comapoi_cli.evaluation.metrics import RecordOutcome
 from comapoi_cli.evaluation.outputs import metrics_csv
 from comapoi_cli.evaluation.predictions import iter_jsonl
 from comapoi_cli.evaluation.scoring import LabelError, Scorer, role_origin, summarize
 from comapoi_cli.fileio import atomic_writer, now_iso, sha256_file, write_json_atomic, write_text_atomic
+from comapoi_cli.metrics import RecordOutcome
 from comapoi_cli.models.generation import generate, prompt_hash, record_messages, render_prompts
 from comapoi_cli.models.loading import load_model, plan_device, tokenizer_folder
 from comapoi_cli.models.resolve import resolve_base_model

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable
 
-from comapoi_cli.evaluation.metrics import RecordOutcome, compute_metrics, outcome
+from comapoi_cli.metrics import RecordOutcome, compute_metrics, outcome
 from comapoi_cli.poi_ids import clean_ids, read_ids
 from comapoi_cli.roles import AgentRole, RoleContext
 

@@ -2,7 +2,7 @@
 
 From the predictions lines alone (so that ``pipeline score FILE`` reproduces the run's numbers):
 
-- ``chain``: CoMaPOI's metrics (``comapoi_cli.evaluation.metrics``: Acc@1/5/10/20, NDCG@5/10/20,
+- ``chain``: CoMaPOI's metrics (``comapoi_cli.metrics``: Acc@1/5/10/20, NDCG@5/10/20,
   MRR, percent) on each line's final ``ranking`` (the whole list, id 0 included);
 - ``stages``: per-stage candidate recall, the percent of lines whose label is in each role's
   candidate list, in the retrieved list, and in the final top-k, in chain order;
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Collection, Iterable
 
 from comapoi_cli.errors import DataError
-from comapoi_cli.evaluation.metrics import compute_metrics, outcome
+from comapoi_cli.metrics import compute_metrics, outcome
 from comapoi_cli.presets import preset_for
 
 COMPAT_MODES = ("none", "comapoi")

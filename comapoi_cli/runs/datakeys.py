@@ -58,13 +58,18 @@ def file_keys(path: Path) -> list[str]:
 
 
 def write_data_keys(run_dir: Path, train_file: Path, train_sha256: str, holdout_file: Path | None,
-                    holdout_sha256: str | None) -> Path:
+                    holdout_sha256: str | None, *, train_keys: Sequence[str] | None = None,
+                    inherited_keys: Sequence[str] = ()) -> Path:
+    """Write ``data_keys.json``. ``train_keys``: the keys trained on when ``train_file`` holds no chat records
+    (a preference pair file: the keys of its prompts); ``inherited_keys``: those of the runs the adapter
+    started from (``--init-adapter``), which it has seen too."""
     path = run_dir / DATA_KEYS
+    own = list(train_keys) if train_keys is not None else file_keys(train_file)
     write_json_atomic(path, {
         "schema": 1, "key": KEY_KIND,
         "train_file": str(train_file), "train_sha256": train_sha256,
         "holdout_file": str(holdout_file) if holdout_file else None, "holdout_sha256": holdout_sha256,
-        "train": sorted(set(file_keys(train_file))),
+        "train": sorted(set(own) | set(inherited_keys)),
         "holdout": sorted(set(file_keys(holdout_file))) if holdout_file else [],
     })
     return path

@@ -56,19 +56,37 @@ def append_evaluation(run_json: str | os.PathLike[str], entry: dict[str, Any]) -
     write_json_atomic(path, run)
 
 
+#: Logged keys that ``loss_history`` keeps beside the loss (GRPO's rewards and KL, DPO's reward margins).
+REWARD_LOG_PREFIXES = ("reward", "rewards/", "kl", "completions/mean_length")
+
+
 def loss_history(log_history: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The Trainer's log history split into training and evaluation entries (numbers only)."""
     train: list[dict[str, Any]] = []
     evals: list[dict[str, Any]] = []
     for entry in log_history:
         if "loss" in entry:
-            train.append({k: entry[k] for k in ("step", "epoch", "loss", "learning_rate", "grad_norm",
-                                                  "mean_token_accuracy", "entropy", "num_input_tokens_seen",
-                                                  "train_seconds")
-                          if k in entry})
+            keys = ("step", "epoch", "loss", "learning_rate", "grad_norm", "mean_token_accuracy", "entropy",
+                    "num_input_tokens_seen", "train_seconds")
+            row: dict[str, Any] = {k: entry[k] for k in keys if k in entry}
+            # --method grpo / dpo: the reward and its parts (rewards/<part>/mean), the KL, DPO's preference margins
+            row.update({k: v for k, v in entry.items() if k.startswith(REWARD_LOG_PREFIXES) and isinstance(v, (int, float))})
+            train.append(row)
         elif "eval_loss" in entry:
             evals.append({k: entry[k] for k in ("step", "epoch", "eval_loss", "eval_mean_token_accuracy") if k in entry})
     return train, evals
+
+
+def _reward_progress(train: list[dict[str, Any]]) -> dict[str, Any]:
+    """``first_reward`` / ``final_reward`` (GRPO) and ``final_reward_margin`` (DPO), when logged."""
+    out: dict[str, Any] = {}
+    rewards = [row["reward"] for row in train if isinstance(row.get("reward"), (int, float))]
+    if rewards:
+        out.update(first_reward=rewards[0], final_reward=rewards[-1])
+    margins = [row["rewards/margins"] for row in train if isinstance(row.get("rewards/margins"), (int, float))]
+    if margins:
+        out["final_reward_margin"] = margins[-1]
+    return out
 
 
 class RunRecord:
@@ -121,6 +139,7 @@ class RunRecord:
             "first_loss": train[0]["loss"] if train else None,
             "final_loss": train[-1]["loss"] if train else None,
             "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
+            **_reward_progress(train),
             "tokens_trained": tokens,
             "wall_seconds": round(total_wall, 2),
             "train_seconds": round(total_train, 2),

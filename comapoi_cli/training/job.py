@@ -23,6 +23,10 @@ TINY = "tiny"
 LOSS_CHOICES = ("assistant", "all")
 REPORT_TO_CHOICES = ("none", "tensorboard")
 SCHEDULER_CHOICES = ("cosine", "linear", "constant", "constant_with_warmup")
+#: ``--method``: supervised fine-tuning, GRPO with the role's rewards, DPO on preference pairs.
+METHOD_CHOICES = ("sft", "grpo", "dpo")
+#: ``--beta`` when not given: GRPO's KL weight and DPO's temperature.
+DEFAULT_BETA = {"grpo": 0.04, "dpo": 0.1}
 
 #: Fields that do not change what is trained: they may differ between a run and its ``--resume``.
 RUN_CONTROL_FIELDS = frozenset({
@@ -44,6 +48,7 @@ def _safe_name(text: str) -> str:
 DATA, MODEL, TRAINING, LORA, PRECISION, OUTPUT, SCALE = (
     "Data", "Base model", "Training", "LoRA", "Precision and memory", "Outputs and run control",
     "Scale-out (several GPUs or machines)")
+METHOD = "Method: rewards and preferences (--method grpo, dpo)"
 
 #: The default --learning_rate for --model tiny: a randomly initialised model learns nothing visible at 1e-4.
 TINY_LEARNING_RATE = 5e-3
@@ -98,6 +103,22 @@ class TrainingJob:
                                  help="A data check's policy, as `comapoi data clean --on` takes it (repeatable, or a comma list).")
     strict: bool = option(False, panel=DATA, switch="on",
                           help="Refuse the data on any rejected record (as `comapoi data clean --strict`).")
+
+    # -- method ---------------------------------------------------------------------------------
+    method: str = option("sft", panel=METHOD, choices=METHOD_CHOICES,
+                         help="sft: imitate the records' answers; grpo: sample answers to the records' prompts and "
+                              "reward them with the role's rewards (NDCG@10, candidate recall, format); dpo: "
+                              "preference pairs (prompt/chosen/rejected JSONL via --data-path).")
+    init_adapter: str | None = option(None, panel=METHOD, metavar="RUN",
+                                      help="Start from this run's adapter (an SFT run, usually) instead of a new LoRA; "
+                                           "run.json records the chain of runs.")
+    num_generations: int = option(4, panel=METHOD, positive=True,
+                                  help="grpo: completions sampled per prompt (the group whose rewards are compared).")
+    temperature: float = option(1.0, panel=METHOD, positive=True, help="grpo: sampling temperature.")
+    beta: float | None = option(None, panel=METHOD, nonnegative=True, note="0.04 for grpo, 0.1 for dpo",
+                                help="grpo: weight of the KL penalty to the starting model; dpo: the preference temperature.")
+    max_completion_length: int = option(64, panel=METHOD, positive=True,
+                                        help="grpo: tokens generated per completion.")
 
     # -- base model -----------------------------------------------------------------------------
     model: str = option(TINY, panel=MODEL,
@@ -205,8 +226,13 @@ class TrainingJob:
 
     @property
     def run_dir(self) -> Path:
-        """``{output_dir}/{run_tag}/sft-{dataset}/{save_name}``."""
-        return Path(self.output_dir) / self.run_tag / f"sft-{self.dataset_label}" / self.save_name
+        """``{output_dir}/{run_tag}/{method}-{dataset}/{save_name}`` (``sft-{dataset}`` as the original)."""
+        return Path(self.output_dir) / self.run_tag / f"{self.method}-{self.dataset_label}" / self.save_name
+
+    @property
+    def effective_beta(self) -> float:
+        """``--beta``, or the method's default (0.04 for grpo, 0.1 for dpo)."""
+        return self.beta if self.beta is not None else DEFAULT_BETA.get(self.method, 0.0)
 
     @property
     def is_tiny(self) -> bool:
@@ -254,7 +280,7 @@ class TrainingJob:
         if self.fp16 and self.bf16:
             raise UsageError("--fp16 and --bf16 exclude each other; pick one.")
         choices = {"loss": LOSS_CHOICES, "quant": QUANT_CHOICES, "report_to": REPORT_TO_CHOICES,
-                   "lr_scheduler": SCHEDULER_CHOICES}
+                   "lr_scheduler": SCHEDULER_CHOICES, "method": METHOD_CHOICES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UsageError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}.")
@@ -266,6 +292,22 @@ class TrainingJob:
             raise UsageError("--resume and --overwrite exclude each other: continue the run, or start it again.")
         if not self.run_tag:
             raise UsageError("--run-tag must not be empty.")
+        if self.method == "grpo":
+            if self.packing:
+                raise UsageError("--packing is for --method sft: GRPO samples one completion per prompt.")
+            if self.num_generations < 2:
+                raise UsageError("--num-generations must be at least 2 for --method grpo: GRPO compares the rewards "
+                                 "of a group of completions.")
+            if (self.batch_size * self.gradient_accumulation_steps) % self.num_generations:
+                raise UsageError(f"--batch-size x --gradient-accumulation-steps ({self.batch_size} x "
+                                 f"{self.gradient_accumulation_steps}) must be a multiple of --num-generations "
+                                 f"{self.num_generations} for --method grpo (each prompt's group fills whole batches).")
+        if self.method == "dpo":
+            if not self.data_path:
+                raise UsageError("--method dpo trains on preference pairs: give a JSONL of prompt/chosen/rejected "
+                                 "records with --data-path.")
+            if self.packing:
+                raise UsageError("--packing is for --method sft: DPO compares a chosen and a rejected answer per prompt.")
 
     @property
     def policies(self) -> dict[str, str]:

@@ -308,6 +308,14 @@ def build_job(cli: Mapping[str, Any], *, config_file: str | None = None, registr
 
             raise UsageError("The unsloth backend is a plugin, and it is not installed here.", hint=unsloth_hint())
         raise UsageError(f"unknown --backend '{job.backend}'; choose {known}.")
+    from comapoi_cli.backends import method_problem
+
+    problem = method_problem(registry.backend(job.backend), job.method, registry.backends)
+    if problem:
+        raise UsageError(problem)
+    if job.method == "grpo" and job.type == MERGED:
+        roles = ", ".join(sorted(registry.roles))
+        raise UsageError(f"--method grpo trains one role with that role's rewards: give --type {roles}, not merged.")
     location = locate_model(job.model, job.model_path, env)
     job.base_model = location.ref if location.kind != "missing" else job.model
     if not job.run_tag:

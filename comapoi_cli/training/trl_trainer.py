@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,54 @@ from comapoi_cli.training.job import TrainingJob, TrainingResult
 from comapoi_cli.training.options import locate_model
 from comapoi_cli.training.start import RunStart, prepare_run_dir, remove_interrupt_checkpoints
 
+#: The folder TRL saves its frozen reference copy of the starting adapter in (grpo / dpo with a PEFT model).
+REFERENCE_ADAPTER = "ref"
+#: SFTConfig arguments that GRPOConfig / DPOConfig do not take.
+SFT_ONLY_KWARGS = ("max_length", "packing", "dataset_kwargs", "neftune_noise_alpha", "prediction_loss_only")
+
+
+@dataclass
+class LoadedModel:
+    """``load_step``: the base model, its tokenizer, and how its conversations are formatted."""
+
+    model: Any
+    tokenizer: Any
+    model_dir: str
+    pad_note: str
+    fmt: chat.ChatFormat
+
+
+@dataclass
+class TrainingData:
+    """``data_step``: the method's training (and eval) dataset and what run.json says of it."""
+
+    train_dataset: Any
+    eval_dataset: Any | None
+    description: dict[str, Any]  #: run.json ``data.tokens``
+    rows: list[dict[str, list[int]]] = field(default_factory=list)  #: sft: the tokenised records
+    eval_records: int = 0
+    rewards: dict[str, Any] | None = None  #: grpo: the reward parts and weights (run.json ``rewards``)
+    train_keys: list[str] | None = None  #: dpo: the conversation keys of the pairs' prompts (data_keys.json)
+
+
+@dataclass
+class AdapterStart:
+    """``adapter_step``: the model to train (PEFT), its LoRA, and the runs it continues (``--init-adapter``)."""
+
+    model: Any
+    lora: dict[str, Any]
+    init: dict[str, Any] | None = None
+    chain: list[dict[str, Any]] = field(default_factory=list)
+    inherited_keys: list[str] = field(default_factory=list)  #: the training keys of the runs it continues
+
+
+@dataclass
+class TrainOutcome:
+    """``train_step``: finished or interrupted, and the Trainer's state."""
+
+    status: str
+    state: Any
+
 
 def require_model(job: TrainingJob) -> None:
     """Raise ``ModelNotFoundError`` when the job's base model cannot be found (before any heavy work)."""
@@ -97,6 +146,9 @@ class TRLTrainingPath:
         self.reporter = reporter if reporter is not None else Reporter()  # the CLI passes its console reporter
         #: How the run executes (micro-batch, accumulation, checkpointing, weights): set by ``plan_execution``.
         self.execution: FitPlan = FitPlan.as_given(job, job.quant, "")
+        #: --method grpo: the reward functions TRL calls, one per reward part, and their weights (``data_step``).
+        self._reward_funcs: list[Any] = []
+        self._reward_weights: list[float] = []
 
     # -- hooks a backend overrides -------------------------------------------------------------
     def load_model_and_tokenizer(self, model_dir: str, plan: DevicePlan) -> tuple[Any, Any]:
@@ -262,6 +314,11 @@ class TRLTrainingPath:
         from comapoi_cli.data import prepare_training_data
 
         job = self.job
+        if job.method == "dpo":  # a preference pair file: checked line by line, not cleaned as chat records
+            from comapoi_cli.training.methods import prepare_pairs
+
+            with main_process_first():
+                return prepare_pairs(Path(str(job.data_path)).expanduser())
         with main_process_first():
             return prepare_training_data(type_=job.type, dataset=job.dataset, data_dir=Path(job.data_dir).expanduser(),
                                          data_path=Path(job.data_path).expanduser() if job.data_path else None,
@@ -275,7 +332,8 @@ class TRLTrainingPath:
 
             job = self.job
             corpus = [prepared.train_path]
-            if job.dataset and not job.data_path:  # one base per dataset: every role's data, shared by all its runs
+            # one base per dataset: every role's data, shared by all its runs (a dpo pair file trains on that base too)
+            if job.dataset and (not job.data_path or job.method == "dpo"):
                 from comapoi_cli.data.layout import dataset_dir
 
                 names = [role.data_file_name() for role in self.registry.roles.values()]
@@ -315,6 +373,9 @@ class TRLTrainingPath:
         return RunStart(job.run_dir, found[-1][1] if found else None, None, [])
 
     def run(self) -> TrainingResult:
+        """Train the job: check, start the run folder, then the steps ``load_step`` (base model and
+        tokenizer), ``data_step`` (the method's training set), ``adapter_step`` (a new LoRA, or
+        ``--init-adapter``), ``trainer_step`` (the method's TRL trainer), ``train_step``, ``save_step``."""
         job, say = self.job, self.reporter
         t_start = time.monotonic()
         require_model(job)
@@ -339,65 +400,42 @@ class TRLTrainingPath:
             self._check_resume_data(start, train_sha)
             holdout = Path(prepared.holdout_path) if prepared.holdout_path and Path(prepared.holdout_path).is_file() else None
             holdout_sha = sha256_file(holdout) if holdout is not None else None
-            say.info(f"Data: {prepared.summary.get('train', '?')} training records in {prepared.train_path}"
+            noun = "preference pairs" if job.method == "dpo" else "training records"
+            say.info(f"Data: {prepared.summary.get('train', '?')} {noun} in {prepared.train_path}"
                      + (f", {prepared.summary.get('holdout')} held out" if prepared.holdout_path else "")
                      + (" (reused)" if prepared.summary.get("reused") else ""))
-            model_dir = self.model_dir(prepared)
-            if job.is_tiny:
-                self.execution = self.plan_execution(plan, model_dir)
-            say.info(f"Plan: {self.execution.summary()}" + (f" ({self.execution.reason})" if self.execution.reason else ""))
-            say.info(f"Base model: {job.model}" + (f" ({model_dir})" if model_dir != job.model else "")
-                     + f"; {plan.name}, {plan.precision}" + (f", {plan.quant}" if plan.quant != "none" else ""))
-            try:
-                model, tokenizer = self.load_model_and_tokenizer(model_dir, plan)
-            except ComapoiError:
-                raise
-            except OSError as exc:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise ModelNotFoundError(f"Could not load the model {job.model}: {first}") from None
-            pad_note = chat.ensure_pad_token(tokenizer, getattr(model, "config", None))
-            fmt = chat.resolve_chat_format(tokenizer, job.loss, job.chat_template, job.model)
-            train_rows, stats = self._tokenize(tokenizer, fmt, prepared.train_path, job.num_samples, "training")
-            eval_rows = self._eval_rows(tokenizer, fmt, prepared)
-            if job.show_labels and train_rows:
-                say.labels("One training sample as the model sees it", chat.label_segments(tokenizer, **train_rows[0]))
+            loaded = self.load_step(prepared, plan)
+            data = self.data_step(loaded, prepared)
             from transformers import set_seed
 
             set_seed(job.seed)  # LoRA's A matrices are drawn here: the same seed gives the same run
-            model = self.apply_lora(model, plan)
-            trainable, total = model.get_nb_trainable_parameters()
-            say.info(f"LoRA r={job.lora_r} alpha={job.lora_alpha} dropout={job.lora_dropout} on "
-                     f"{', '.join(job.target_modules)}: {trainable:,} trainable parameters of {total:,} "
-                     f"({100 * trainable / max(total, 1):.3f}%)")
-
-            from datasets import Dataset
-
-            def as_dataset(rows: list[dict[str, list[int]]]) -> Any:
-                return Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]})
-
-            args = self.build_sft_config(plan, start.run_dir, bool(eval_rows))
+            adapter = self.adapter_step(loaded, plan)
+            args = self.build_config(plan, start.run_dir, data.eval_dataset is not None)
             progress = _progress_callback(say, job.max_steps)
             interrupt = _interrupt_callback(say)
             record = RunRecord(start.run_dir, start.previous)
-            if is_main_process():  # what eval checks: the holdout's hash, the conversation keys trained on
-                write_data_keys(start.run_dir, Path(prepared.train_path), train_sha, holdout, holdout_sha)
+            if is_main_process():  # what eval checks: the holdout's hash, the conversation keys trained on (the chain's too)
+                write_data_keys(start.run_dir, Path(prepared.train_path), train_sha, holdout, holdout_sha,
+                                train_keys=data.train_keys, inherited_keys=adapter.inherited_keys)
             record.set(
                 backend={"name": self.backend_name, "path": type(self).__module__ + "." + type(self).__qualname__},
                 job=job.to_dict(),
+                method=job.method,
                 versions=versions(self.extra_version_packages),
                 device=plan.to_dict(),
                 fit=self.execution.to_dict(),
-                base_model=_describe_model(job, model_dir, model),
-                tokenizer=_describe_tokenizer(tokenizer, pad_note),
-                chat_template=fmt.describe(),
+                base_model=_describe_model(job, loaded.model_dir, loaded.model),
+                tokenizer=_describe_tokenizer(loaded.tokenizer, loaded.pad_note),
+                chat_template=loaded.fmt.describe(),
                 data={"train_file": str(prepared.train_path), "train_sha256": train_sha,
                       "holdout_file": str(prepared.holdout_path) if prepared.holdout_path else None,
                       "holdout_sha256": holdout_sha, "data_keys": DATA_KEYS,
                       "input_hashes": prepared.input_hashes, "prepare_summary": _small_summary(prepared.summary),
-                      "tokens": stats.to_dict(), "eval_records": len(eval_rows)},
-                lora={"r": job.lora_r, "alpha": job.lora_alpha, "dropout": job.lora_dropout,
-                      "target_modules": list(job.target_modules), "trainable_parameters": trainable,
-                      "total_parameters": total},
+                      "tokens": data.description, "eval_records": data.eval_records},
+                lora=adapter.lora,
+                init_adapter=adapter.init,
+                chain=adapter.chain,
+                rewards=data.rewards,
                 adapter=None,
             )
 
@@ -412,53 +450,18 @@ class TRLTrainingPath:
 
             guard = _finite_callback()
             callbacks = [progress, interrupt, guard, _record_callback(write)]
-            trainer = self.make_trainer(model, tokenizer, args, as_dataset(train_rows),
-                                        as_dataset(eval_rows) if eval_rows else None, callbacks)
+            trainer = self.trainer_step(adapter.model, loaded.tokenizer, args, data, callbacks)
             distributed = describe_distributed(trainer, self.execution)
             record.set(distributed=distributed)
             say.info(batch_line(self.execution.micro_batch, distributed["world_size"], self.execution.gradient_accumulation_steps)
                      + (f" ({distributed['mode']}, {distributed['backend']})" if distributed["world_size"] > 1 else ""))
             self._check_resume_world_size(start, distributed["world_size"])
-            if os.environ.get(DEBUG_SEEN_ENV):
-                _record_seen_samples(trainer, Path(os.environ[DEBUG_SEEN_ENV]), train_rows)
+            if os.environ.get(DEBUG_SEEN_ENV) and data.rows:
+                _record_seen_samples(trainer, Path(os.environ[DEBUG_SEEN_ENV]), data.rows)
             if is_main_process():
                 record.write()
-            interrupt.install()
-            try:
-                trainer.train(resume_from_checkpoint=str(start.resume_from) if start.resume_from else None)
-            except Exception as exc:
-                if _is_out_of_memory(exc):
-                    raise self._oom_error(plan, trainer.state.global_step) from None
-                raise
-            finally:
-                interrupt.uninstall()
-                progress.reporter.progress_stop()
-            if guard.tripped is not None:
-                raise self._non_finite_error(guard.tripped, start.run_dir)
-            state = trainer.state
-            status = "interrupted" if interrupt.stopped_at is not None and state.global_step < job.max_steps else "finished"
-            result = TrainingResult(run_dir=start.run_dir, status=status, global_step=state.global_step,
-                                    max_steps=job.max_steps, run_json=start.run_dir / RUN_JSON)
-            if status == "finished":
-                # every rank: under FSDP / ZeRO-3 gathering the weights is collective (only rank 0 writes)
-                if getattr(trainer, "is_fsdp_enabled", False):
-                    trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-                trainer.save_model(str(start.run_dir))
-            if is_main_process():
-                if status == "finished":
-                    removed = remove_interrupt_checkpoints(start.run_dir, job.save_freq, job.max_steps)
-                    if removed:
-                        say.info(f"Removed the Ctrl-C checkpoints {', '.join(removed)} (the run finished).")
-                    record.set(adapter=_describe_adapter(start.run_dir), finished=_now())
-                    result.adapter_dir = start.run_dir
-                record.set(status=status)
-                record.end_segment(status)
-                write(state)
-                result.final_loss = (record.data.get("progress") or {}).get("final_loss")
-                result.summary = dict(record.data.get("progress") or {})
-            found = checkpoints(start.run_dir)
-            result.checkpoint = found[-1][1] if found else None
-            return result
+            outcome = self.train_step(trainer, start, plan, progress, interrupt, guard)
+            return self.save_step(trainer, start, outcome, record, write)
         except BaseException as exc:
             if record is not None and is_main_process():
                 status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
@@ -473,6 +476,262 @@ class TRLTrainingPath:
             raise
         finally:
             start.release()
+
+    def load_step(self, prepared: Any, plan: DevicePlan) -> LoadedModel:
+        """The base model and its tokenizer (pad token, chat template installed), planned for the device."""
+        job, say = self.job, self.reporter
+        model_dir = self.model_dir(prepared)
+        if job.is_tiny:
+            self.execution = self.plan_execution(plan, model_dir)
+        say.info(f"Plan: {self.execution.summary()}" + (f" ({self.execution.reason})" if self.execution.reason else ""))
+        say.info(f"Base model: {job.model}" + (f" ({model_dir})" if model_dir != job.model else "")
+                 + f"; {plan.name}, {plan.precision}" + (f", {plan.quant}" if plan.quant != "none" else ""))
+        try:
+            model, tokenizer = self.load_model_and_tokenizer(model_dir, plan)
+        except ComapoiError:
+            raise
+        except OSError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelNotFoundError(f"Could not load the model {job.model}: {first}") from None
+        pad_note = chat.ensure_pad_token(tokenizer, getattr(model, "config", None))
+        fmt = chat.resolve_chat_format(tokenizer, job.loss, job.chat_template, job.model)
+        return LoadedModel(model, tokenizer, model_dir, pad_note, fmt)
+
+    def data_step(self, loaded: LoadedModel, prepared: Any) -> TrainingData:
+        """The method's training set: tokenised records (sft), prompts with rewards (grpo), pairs (dpo)."""
+        if self.job.method == "grpo":
+            return self._grpo_data(loaded, prepared)
+        if self.job.method == "dpo":
+            return self._dpo_data(loaded, prepared)
+        job, say = self.job, self.reporter
+        train_rows, stats = self._tokenize(loaded.tokenizer, loaded.fmt, prepared.train_path, job.num_samples, "training")
+        eval_rows = self._eval_rows(loaded.tokenizer, loaded.fmt, prepared)
+        if job.show_labels and train_rows:
+            say.labels("One training sample as the model sees it", chat.label_segments(loaded.tokenizer, **train_rows[0]))
+        from datasets import Dataset
+
+        def as_dataset(rows: list[dict[str, list[int]]]) -> Any:
+            return Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]})
+
+        return TrainingData(as_dataset(train_rows), as_dataset(eval_rows) if eval_rows else None, stats.to_dict(),
+                            rows=train_rows, eval_records=len(eval_rows))
+
+    def adapter_step(self, loaded: LoadedModel, plan: DevicePlan) -> AdapterStart:
+        """A new LoRA (``apply_lora``), or the adapter of ``--init-adapter RUN`` made trainable again."""
+        job, say = self.job, self.reporter
+        if not job.init_adapter:
+            model = self.apply_lora(loaded.model, plan)
+            trainable, total = model.get_nb_trainable_parameters()
+            say.info(f"LoRA r={job.lora_r} alpha={job.lora_alpha} dropout={job.lora_dropout} on "
+                     f"{', '.join(job.target_modules)}: {trainable:,} trainable parameters of {total:,} "
+                     f"({100 * trainable / max(total, 1):.3f}%)")
+            return AdapterStart(model, {"r": job.lora_r, "alpha": job.lora_alpha, "dropout": job.lora_dropout,
+                                        "target_modules": list(job.target_modules), "trainable_parameters": trainable,
+                                        "total_parameters": total})
+        from comapoi_cli.runs.info import locate_run
+
+        info = locate_run(job.init_adapter)
+        theirs = info.base_model
+        if theirs and Path(theirs).is_dir() and Path(loaded.model_dir).is_dir():
+            same = Path(theirs).resolve() == Path(loaded.model_dir).resolve()
+        else:
+            same = theirs in (None, loaded.model_dir, job.model)
+        if not same:
+            raise UsageError(f"--init-adapter {job.init_adapter} was trained on the base model {theirs}, and this run "
+                             f"trains {loaded.model_dir}: an adapter only continues on its own base.",
+                             hint="Pass the same --model (and --dataset, for --model tiny) as that run.")
+        from peft import PeftModel, prepare_model_for_kbit_training
+
+        model = loaded.model
+        if plan.quant != "none" and not shards_weights():
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=self.execution.gradient_checkpointing,
+                                                    gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = PeftModel.from_pretrained(model, str(info.adapter_dir), is_trainable=True)
+        config = model.peft_config["default"]
+        trainable, total = model.get_nb_trainable_parameters()
+        targets = sorted(config.target_modules) if isinstance(config.target_modules, (set, list)) else [str(config.target_modules)]
+        previous = info.run or {}
+        step = {"run_dir": str(info.run_dir.resolve()), "adapter": str(info.adapter_dir.resolve()),
+                "method": (previous.get("job") or {}).get("method") or previous.get("method") or "sft",
+                "type": info.type, "global_step": (previous.get("progress") or {}).get("global_step"),
+                "adapter_sha256": sha256_file(info.adapter_dir / "adapter_model.safetensors")
+                if (info.adapter_dir / "adapter_model.safetensors").is_file() else None}
+        chain = [*(previous.get("chain") or []), step]
+        from comapoi_cli.runs.datakeys import read_train_keys
+
+        inherited = sorted(read_train_keys(info.run_dir) or ())
+        say.info(f"Starting from the adapter of {info.adapter_dir} ({step['method']}, step {step['global_step']}): "
+                 f"LoRA r={config.r} alpha={config.lora_alpha}, {trainable:,} trainable parameters of {total:,}.")
+        return AdapterStart(model, {"r": config.r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
+                                    "target_modules": targets, "trainable_parameters": trainable, "total_parameters": total,
+                                    "from": str(info.adapter_dir.resolve())}, init=step, chain=chain,
+                            inherited_keys=inherited)
+
+    def build_config(self, plan: DevicePlan, run_dir: Path, has_eval: bool) -> Any:
+        """The method's TRL config: SFTConfig, GRPOConfig or DPOConfig (from ``sft_config_kwargs``, so a backend's
+        changes there apply to every method)."""
+        if self.job.method == "sft":
+            return self.build_sft_config(plan, run_dir, has_eval)
+        kwargs = self.sft_config_kwargs(plan, run_dir, has_eval)
+        for key in SFT_ONLY_KWARGS:
+            kwargs.pop(key, None)
+        job = self.job
+        kwargs.update(beta=job.effective_beta, train_sampling_strategy="random", include_num_input_tokens_seen="no",
+                      eval_strategy="no", eval_steps=None)
+        if job.method == "grpo":
+            from trl import GRPOConfig
+
+            kwargs.update(num_generations=job.num_generations, temperature=job.temperature,
+                          max_completion_length=job.max_completion_length, reward_weights=self._reward_weights,
+                          log_completions=False)
+            return GRPOConfig(**kwargs)
+        from trl import DPOConfig
+
+        kwargs.update(max_length=job.seq_length)
+        return DPOConfig(**kwargs)
+
+    def trainer_step(self, model: Any, tokenizer: Any, args: Any, data: TrainingData, callbacks: list[Any]) -> Any:
+        """The method's trainer: ``make_trainer`` (sft; a backend may override it), ``make_grpo_trainer``, ``make_dpo_trainer``."""
+        if self.job.method == "grpo":
+            trainer = self.make_grpo_trainer(model, tokenizer, args, data, callbacks)
+        elif self.job.method == "dpo":
+            trainer = self.make_dpo_trainer(model, tokenizer, args, data, callbacks)
+        else:
+            return self.make_trainer(model, tokenizer, args, data.train_dataset, data.eval_dataset, callbacks)
+        from transformers.trainer_callback import PrinterCallback
+        from transformers.trainer_callback import ProgressCallback as HFProgress
+
+        for noisy in (PrinterCallback, HFProgress):  # comapoi's reporter replaces them
+            trainer.remove_callback(noisy)
+        return trainer
+
+    def make_grpo_trainer(self, model: Any, tokenizer: Any, args: Any, data: TrainingData, callbacks: list[Any]) -> Any:
+        from trl import GRPOTrainer
+
+        return GRPOTrainer(model=model, reward_funcs=self._reward_funcs, args=args, train_dataset=data.train_dataset,
+                           processing_class=tokenizer, callbacks=callbacks)
+
+    def make_dpo_trainer(self, model: Any, tokenizer: Any, args: Any, data: TrainingData, callbacks: list[Any]) -> Any:
+        from trl import DPOTrainer
+
+        return DPOTrainer(model=model, args=args, train_dataset=data.train_dataset, processing_class=tokenizer,
+                          callbacks=callbacks)
+
+    def train_step(self, trainer: Any, start: RunStart, plan: DevicePlan, progress: Any, interrupt: Any,
+                   guard: Any) -> TrainOutcome:
+        """Train (from the checkpoint when resuming); Ctrl-C saves and stops; OOM and NaN become sentences."""
+        job = self.job
+        interrupt.install()
+        try:
+            trainer.train(resume_from_checkpoint=str(start.resume_from) if start.resume_from else None)
+        except Exception as exc:
+            if _is_out_of_memory(exc):
+                raise self._oom_error(plan, trainer.state.global_step) from None
+            raise
+        finally:
+            interrupt.uninstall()
+            progress.reporter.progress_stop()
+        if guard.tripped is not None:
+            raise self._non_finite_error(guard.tripped, start.run_dir)
+        state = trainer.state
+        status = "interrupted" if interrupt.stopped_at is not None and state.global_step < job.max_steps else "finished"
+        return TrainOutcome(status, state)
+
+    def save_step(self, trainer: Any, start: RunStart, outcome: TrainOutcome, record: RunRecord,
+                  write: Any) -> TrainingResult:
+        """The final adapter (once finished), run.json's last word, the result."""
+        job, say = self.job, self.reporter
+        status, state = outcome.status, outcome.state
+        result = TrainingResult(run_dir=start.run_dir, status=status, global_step=state.global_step,
+                                max_steps=job.max_steps, run_json=start.run_dir / RUN_JSON)
+        if status == "finished":
+            # every rank: under FSDP / ZeRO-3 gathering the weights is collective (only rank 0 writes)
+            if getattr(trainer, "is_fsdp_enabled", False):
+                trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+            trainer.save_model(str(start.run_dir))
+            reference = start.run_dir / REFERENCE_ADAPTER
+            if job.method != "sft" and is_main_process() and (reference / "adapter_config.json").is_file():
+                import shutil
+
+                # TRL's frozen copy of the starting adapter (the KL / DPO reference): not part of the result
+                shutil.rmtree(reference, ignore_errors=True)
+        if is_main_process():
+            if status == "finished":
+                removed = remove_interrupt_checkpoints(start.run_dir, job.save_freq, job.max_steps)
+                if removed:
+                    say.info(f"Removed the Ctrl-C checkpoints {', '.join(removed)} (the run finished).")
+                record.set(adapter=_describe_adapter(start.run_dir), finished=_now())
+                result.adapter_dir = start.run_dir
+            record.set(status=status)
+            record.end_segment(status)
+            write(state)
+            result.final_loss = (record.data.get("progress") or {}).get("final_loss")
+            result.summary = dict(record.data.get("progress") or {})
+        found = checkpoints(start.run_dir)
+        result.checkpoint = found[-1][1] if found else None
+        return result
+
+    # -- the data of grpo and dpo -------------------------------------------------------------------
+    def _grpo_data(self, loaded: LoadedModel, prepared: Any) -> TrainingData:
+        from datasets import Dataset
+
+        from comapoi_cli.roles import RoleContext
+        from comapoi_cli.training.methods import reward_functions, reward_prompts
+
+        job, say = self.job, self.reporter
+        role = self.registry.role(job.type)
+        if job.eval_size:
+            say.warn("--eval-size has no loss to compute with --method grpo; score the adapter with comapoi eval.")
+        room = job.seq_length - job.max_completion_length
+        if room <= 0:
+            raise UsageError(f"--seq-length {job.seq_length} leaves no room for a prompt before --max-completion-length "
+                             f"{job.max_completion_length}.")
+        found = reward_prompts(Path(prepared.train_path), role, RoleContext(dataset=job.dataset), loaded.tokenizer,
+                               limit=job.num_samples, max_prompt_tokens=room)
+        if found.text_steps:
+            say.info(f"{found.text_steps:,} {job.type} records are text steps (e.g. a profile or a pattern): GRPO does not "
+                     f"train them (no reward judges a text); train them with --method sft.")
+        if found.too_long:
+            say.warn(f"{found.too_long:,} prompts are longer than --seq-length {job.seq_length} minus --max-completion-length "
+                     f"{job.max_completion_length} (longest: {found.longest_prompt:,} tokens) and are left out.")
+        if not found.prompts:
+            why = ("every record is a text step, which GRPO does not train" if found.text_steps and not found.too_long
+                   else f"every prompt is longer than {room} tokens; raise --seq-length" if found.too_long
+                   else f"role {job.type} declares no rewards (AgentRole.rewards)")
+            raise TrainingDataError(f"No {job.type} record can be trained with --method grpo: {why}.",
+                                    hint="Train text steps with --method sft." if found.text_steps else None)
+        names = found.part_names()
+        self._reward_funcs, self._reward_weights = reward_functions(found.specs, names)
+        say.info(f"GRPO on {len(found.prompts):,} prompts ({', '.join(sorted({s.step for s in found.specs}))} steps), "
+                 f"{job.num_generations} completions each, rewards " + " + ".join(
+                     f"{w:g} x {n}" for n, w in zip(names, self._reward_weights)) + f", beta {job.effective_beta:g}")
+        dataset = Dataset.from_dict({"prompt": found.prompts, "spec_index": list(range(len(found.prompts)))})
+        return TrainingData(dataset, None, found.describe(),
+                            rewards={"parts": [{"name": n, "weight": w} for n, w in zip(names, self._reward_weights)],
+                                     "role": job.type, "label": "the trajectory's true next POI"})
+
+    def _dpo_data(self, loaded: LoadedModel, prepared: Any) -> TrainingData:
+        from datasets import Dataset
+
+        from comapoi_cli.training.methods import read_pairs
+
+        job, say = self.job, self.reporter
+        if job.eval_size:
+            say.warn("--eval-size is not used with --method dpo (no pairs are held out); score the adapter with comapoi eval.")
+        for path in prepared.summary.get("rejects_files") or []:
+            say.warn(f"{prepared.summary.get('rejected')} pair lines were rejected; their reasons are in {path}.")
+        found = read_pairs(Path(prepared.train_path), loaded.tokenizer, limit=job.num_samples, max_tokens=job.seq_length)
+        if found.too_long:
+            say.warn(f"{found.too_long:,} pairs are longer than --seq-length {job.seq_length} (longest: {found.longest:,} "
+                     "tokens) and are left out.")
+        needed = job.batch_size * max(world_size(), 1)
+        if len(found.pairs) < needed:
+            raise TrainingDataError(f"Only {len(found.pairs)} preference pairs are usable, fewer than one batch ({needed}).",
+                                    hint="Lower --batch-size, raise --seq-length, or add pairs.")
+        say.info(f"DPO on {len(found.pairs):,} preference pairs, beta {job.effective_beta:g}")
+        dataset = Dataset.from_dict({key: [pair[key] for pair in found.pairs] for key in ("prompt", "chosen", "rejected")})
+        return TrainingData(dataset, None, {"pairs": len(found.pairs), "too_long_left_out": found.too_long,
+                                            "longest_pair_tokens": found.longest}, train_keys=found.prompt_keys())
 
     # -- pieces ---------------------------------------------------------------------------------
     def _check_resume_data(self, start: RunStart, train_sha: str) -> None:

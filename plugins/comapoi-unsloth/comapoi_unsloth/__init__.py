@@ -60,6 +60,8 @@ class UnslothBackend(Backend):
                 "transformers 5.17.0, trl 1.15.0, datasets 4.8.5 (constraints/unsloth.txt)")
     multi_process = False
     memory_profile = "unsloth"  #: the same as UnslothTrainingPath.memory_profile (--fit's calibration)
+    #: --method values it trains: SFT only for now (its patched trainers are not checked with GRPO / DPO here)
+    methods = ("sft",)
 
     @property
     def install_hint(self) -> str:  # type: ignore[override]

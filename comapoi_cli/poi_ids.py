@@ -80,7 +80,7 @@ def oversized_number(text: str) -> int | None:
 _DIGIT_RUN = re.compile(r"\d{%d,}" % (MAX_ID_DIGITS + 1))
 
 
-_FENCE = re.compile(r"^\s*```[a-zA-Z]*\s*(.*?)\s*```\s*$", re.S)
+ANSWER_FENCE = re.compile(r"^\s*```[a-zA-Z]*\s*(.*?)\s*```\s*$", re.S)
 
 
 def answer_id_list(text: str) -> list[int] | None:
@@ -90,7 +90,7 @@ def answer_id_list(text: str) -> list[int] | None:
     if not isinstance(text, str):
         return None
     body = text.strip()
-    fenced = _FENCE.match(body)
+    fenced = ANSWER_FENCE.match(body)
     if fenced:
         body = fenced.group(1).strip()
     if is_id_list(body):
@@ -300,3 +300,64 @@ def parse_ids(text: str, max_id: int | None = None) -> list[int] | None:
     ``max_id`` ids above it, are rejected. 0 is a valid id.
     """
     return read_ids(text, max_id).ids or None
+
+
+# -- an answer that is nothing but an id list (the CoMaPOI roles' checks, data build's teacher) --------
+ANSWER_FENCE = re.compile(r"^\s*```[a-zA-Z]*\s*(.*?)\s*```\s*$", re.S)
+INT_RUN = re.compile(r"-?\d+")
+_LIST_KEYS = {"nextpoiid", "nextpoiids", "candidates", "candidatepoiids", "candidatelist", "poiids", "predictedpoiids"}
+
+
+def _answer_json_ids(value: Any) -> list[int] | None:
+    """Raw ids of a JSON answer that is a list of ids, or an object holding one under a list key."""
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            if re.sub(r"[^a-z]", "", str(key).lower()) in _LIST_KEYS:
+                return _answer_json_ids(inner)
+        return None
+    if isinstance(value, list) and value:
+        out = []
+        for item in value:
+            if isinstance(item, bool):
+                return None
+            if isinstance(item, int) and abs(item) < 10 ** MAX_ID_DIGITS:
+                out.append(item)
+            elif isinstance(item, str) and item.strip().lstrip("-").isdigit():
+                value_id = to_id(item)
+                if value_id is None:
+                    return None
+                out.append(value_id)
+            else:
+                return None
+        return out
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 10 ** MAX_ID_DIGITS:
+        return [value]
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        single = to_id(value)
+        return None if single is None else [single]
+    return None
+
+
+def answer_ids(answer: str) -> tuple[list[int] | None, str]:
+    """``(raw ids, form)`` of an answer that is an id list; form is ``"comma"``, ``"json"`` or ``"text"``.
+
+    Raw means duplicates and out-of-range ids are kept, so that a check can count them.
+    """
+    text = answer.strip()
+    fenced = ANSWER_FENCE.match(text)
+    if fenced:
+        text = fenced.group(1).strip()
+    if is_id_list(text):
+        numbers = INT_RUN.findall(text)
+        ids = [to_id(n) for n in numbers]
+        if any(i is None for i in ids):
+            return None, "text"  # a number too long to be an id: not an id list
+        return [i for i in ids if i is not None], "comma"
+    if text[:1] in "[{\"":
+        try:
+            ids = _answer_json_ids(json.loads(text))
+        except ValueError:
+            ids = None
+        if ids is not None:
+            return ids, "json"
+    return None, "text"

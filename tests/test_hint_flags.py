@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "comapoi_cli"
 #: Area -> (the files whose strings a command of the area prints, the commands of the area).
 AREAS = {
     "train": (["cli/train.py", "training/*.py", "backends.py", "default_plugins/trl_backend.py"], ["train"]),
-    "data": (["cli/data.py", "data/*.py"], ["data *", "train"]),
+    "data": (["cli/data.py", "data/*.py"], ["data *", "train", "pipeline run"]),  # data/chain_inputs.py: pipeline run's inputs
     "eval": (["cli/eval.py", "evaluation/*.py"], ["eval", "eval *"]),
     # a run's record shows the train flags it was made with
     "adapters": (["cli/adapters.py", "adapters.py", "adapters_*.py", "adapters/*.py"], ["adapters *", "train"]),

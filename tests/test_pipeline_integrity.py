@@ -112,9 +112,11 @@ def test_train_equal_to_test_is_refused(trained_run, tmp_path):
 
 def test_agents_trained_on_the_test_trajectories_are_refused_or_said_loudly(trained_run, tmp_path):
     from comapoi_cli.data.synth import synth_dataset
+    from comapoi_cli.plugins import get_registry
 
     # agent data built from the test trajectories themselves (what a careless `data synth --source nyc_test.jsonl` makes)
-    synth_dataset("nyc", tmp_path / "synth", source=REAL_DATA / "nyc_test.jsonl", poi_info=REAL_DATA / "nyc_poi_info.csv")
+    synth_dataset("nyc", tmp_path / "synth", source=REAL_DATA / "nyc_test.jsonl", poi_info=REAL_DATA / "nyc_poi_info.csv",
+                  registry=get_registry())
     leaked = _copy_run(trained_run, tmp_path / "leaked-run",
                        data={"train_file": str(tmp_path / "synth" / "nyc" / "agent1_train_samples.jsonl")})
     agents = {"agent1": leaked, "agent2": trained_run.run_dir, "agent3": trained_run.run_dir}

@@ -359,12 +359,12 @@ def synth(
     as_json: bool = typer.Option(False, "--json", help=_JSON_HELP),
 ) -> None:
     """Generate CoMaPOI-format agent files from real trajectories or a simulated city (deterministic)."""
-    from comapoi_cli.data.synth import synth_dataset
+    from comapoi_cli.data.build import synthesise
     from comapoi_cli.plugins import get_registry
 
     out = one_of(output_dir, out_old, "--output-dir")
     also = [r.strip() for item in role or [] for r in item.split(",") if r.strip()]
-    result = synth_dataset(dataset, out, source=source, trajectories=trajectories, seed=seed, preset=preset,
+    result = synthesise(dataset, out, source=source, trajectories=trajectories, seed=seed, preset=preset,
                            poi_info=poi_info, min_checkins=min_checkins, max_checkins=max_checkins, plain=plain,
                            reporter=_reporter(), registry=get_registry(), also_roles=also)
     if as_json:

@@ -55,11 +55,11 @@ def list_plugins(
         [(r["id"], r["display_name"], r["data_file"], r["description"]) for r in roles],
     ))
     console.print(table(
-        "Pipeline engines (pipeline run --engine)", ["engine", "description"],
+        "Pipeline engines (comapoi pipeline run --engine)", ["engine", "description"],
         [(e["name"], e["description"]) for e in engines],
     ))
     console.print(table(
-        "Retrievers (pipeline run --retriever)", ["retriever", "description"],
+        "Retrievers (comapoi pipeline run --retriever)", ["retriever", "description"],
         [(r["name"], r["description"]) for r in retrievers],
     ))
     if "unsloth" not in registry.backends:

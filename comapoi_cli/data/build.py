@@ -31,7 +31,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from comapoi_cli.chain import ChainContext, ChainItem
 from comapoi_cli.data import synth
@@ -42,6 +42,9 @@ from comapoi_cli.presets import preset_for
 from comapoi_cli.reporting import SILENT, Reporter
 from comapoi_cli.retrievers import SIMILAR, RetrievalIndex
 from comapoi_cli.roles import TeacherAnswer, TeacherLabel
+
+if TYPE_CHECKING:  # typing only
+    from comapoi_cli.plugins import Registry
 
 RECORD = "build.json"
 REJECTS = "build.rejects.jsonl"
@@ -627,18 +630,26 @@ def _label_ranks(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
     return {step: dict(sorted(c.items(), key=lambda kv: int(kv[0]))) for step, c in out.items()}
 
 
+def synthesise(dataset: str, out: Any = None, *, registry: Registry, reporter: Reporter = SILENT,
+               **options: Any) -> Any:
+    """The ``data synth`` service: :func:`comapoi_cli.data.synth.synth_dataset`, with a preset city's real
+    trajectories (``source=``) written by data build's template teacher (:func:`synth_with_template`)."""
+    from functools import partial
+
+    return synth.synth_dataset(dataset, out, registry=registry, reporter=reporter,
+                               real_writer=partial(synth_with_template, registry=registry), **options)
+
+
 def synth_with_template(summary: Any, source: Path, poi_info: Any, trajectories: int | None, reporter: Reporter,
-                        started: float) -> Any:
+                        started: float, *, registry: Registry) -> Any:
     """``data synth --source FILE`` of a preset city: ``data build --teacher template --label-rank first``
     (the true id first in every target, as ``data synth`` always wrote them), so synth and build share
     one record builder. Fills and returns synth's ``summary``."""
-    from comapoi_cli.plugins import get_registry
-
     folder = Path(summary.folder)
     request = BuildRequest(dataset=summary.dataset, train=source, teacher="template", output_dir=folder,
                            poi_info=Path(poi_info) if poi_info is not None else None, label_rank="first", retries=0,
                            limit=trajectories or 0, overwrite=True, seed=summary.seed)
-    result = build_dataset(request, get_registry(), reporter)
+    result = build_dataset(request, registry, reporter)
     keys = [row["key"] for row in _read_journal(folder / SAMPLES)]
     summary.trajectories = result.built
     summary.users = len({key.split("_subtrajectory_")[0] for key in keys})

@@ -37,7 +37,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from comapoi_cli.errors import DataError, UsageError
 from comapoi_cli.fileio import atomic_writer
@@ -556,6 +556,7 @@ def synth_dataset(
     reporter: Reporter = SILENT,
     registry: Registry,
     also_roles: Sequence[str] = (),
+    real_writer: Callable[..., SynthSummary] | None = None,
 ) -> SynthSummary:
     """Write each role's training file, ``{out}/{dataset}/{role data file}`` (and, simulated, the plain files).
 
@@ -571,6 +572,10 @@ def synth_dataset(
         poi_info: a ``poi_id,category,lat,lon`` table that widens the candidate pool (real mode).
         reporter: hears the progress (unit ``"trajectories"``) of runs of
             :data:`PROGRESS_MIN_TRAJECTORIES` trajectories and more.
+        real_writer: writes the records of a preset city's real trajectories instead of this module
+            (``comapoi_cli.data.build.synthesise`` passes data build's template teacher, so that
+            ``data synth`` and ``data build`` share one record builder); called as
+            ``real_writer(summary, source, poi_info, trajectories, reporter, started)``.
     """
     import time
 
@@ -593,10 +598,8 @@ def synth_dataset(
         if not src.is_file():
             raise DataError(f"Cannot find the trajectory file {src}.",
                             hint="Pass a CoMaPOI next-POI file such as nyc_train.jsonl, or leave --source out to simulate a city.")
-        if city is not None:  # one record builder: data build's template teacher writes the records
-            from comapoi_cli.data.build import synth_with_template
-
-            return synth_with_template(summary, src, poi_info, trajectories, reporter, started)
+        if city is not None and real_writer is not None:  # one record builder: data build's template teacher
+            return real_writer(summary, src, poi_info, trajectories, reporter, started)
         decimals = city.coord_decimals if city else 8
         max_id = city.max_poi_id if city else None
         world = PoiWorld(max_id if max_id is not None else 0, decimals)

@@ -22,7 +22,16 @@ from typing import TYPE_CHECKING, Any
 
 from comapoi_cli.default_plugins.comapoi_teacher import CoMaPOITeacher
 from comapoi_cli.hookspecs import hookimpl
-from comapoi_cli.poi_ids import MAX_ID_DIGITS, is_id_list, oversized_number, parse_ids, to_id
+from comapoi_cli.poi_ids import (
+    ANSWER_FENCE,
+    INT_RUN,
+    MAX_ID_DIGITS,
+    answer_ids,
+    is_id_list,
+    oversized_number,
+    parse_ids,
+    to_id,
+)
 from comapoi_cli.roles import AgentRole, RoleContext
 
 if TYPE_CHECKING:  # typing only: data.synth is imported when a prompt is built, not when the plugin loads
@@ -41,11 +50,8 @@ _USER_PATTERNS = (
     re.compile(r"\buser_(\d+)_subtrajectory", re.I),
     re.compile(r"\buser (\d+) visit POI ID", re.I),
 )
-_FENCE = re.compile(r"^\s*```[a-zA-Z]*\s*(.*?)\s*```\s*$", re.S)
-_INT_LIST = re.compile(r"-?\d+")
 _LIST_GOES_ON = re.compile(r"['\"]?\s*,\s*['\"]?\d")
 _LIST_CAME_BEFORE = re.compile(r"\d['\"]?\s*,\s*['\"]?$")
-_LIST_KEYS = {"nextpoiid", "nextpoiids", "candidates", "candidatepoiids", "candidatelist", "poiids", "predictedpoiids"}
 
 
 def _answer(record: dict[str, Any]) -> str:
@@ -70,61 +76,6 @@ def user_key(record: dict[str, Any]) -> str | None:
     return None
 
 
-def _json_ids(value: Any) -> list[int] | None:
-    """Raw ids of a JSON answer that is a list of ids, or an object holding one under a list key."""
-    if isinstance(value, dict):
-        for key, inner in value.items():
-            if re.sub(r"[^a-z]", "", str(key).lower()) in _LIST_KEYS:
-                return _json_ids(inner)
-        return None
-    if isinstance(value, list) and value:
-        out = []
-        for item in value:
-            if isinstance(item, bool):
-                return None
-            if isinstance(item, int) and abs(item) < 10 ** MAX_ID_DIGITS:
-                out.append(item)
-            elif isinstance(item, str) and item.strip().lstrip("-").isdigit():
-                value_id = to_id(item)
-                if value_id is None:
-                    return None
-                out.append(value_id)
-            else:
-                return None
-        return out
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 10 ** MAX_ID_DIGITS:
-        return [value]
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        single = to_id(value)
-        return None if single is None else [single]
-    return None
-
-
-def answer_ids(answer: str) -> tuple[list[int] | None, str]:
-    """``(raw ids, form)`` of an answer that is an id list; form is ``"comma"``, ``"json"`` or ``"text"``.
-
-    Raw means duplicates and out-of-range ids are kept, so that a check can count them.
-    """
-    text = answer.strip()
-    fenced = _FENCE.match(text)
-    if fenced:
-        text = fenced.group(1).strip()
-    if is_id_list(text):
-        numbers = _INT_LIST.findall(text)
-        ids = [to_id(n) for n in numbers]
-        if any(i is None for i in ids):
-            return None, "text"  # a number too long to be an id: not an id list
-        return [i for i in ids if i is not None], "comma"
-    if text[:1] in "[{\"":
-        try:
-            ids = _json_ids(json.loads(text))
-        except ValueError:
-            ids = None
-        if ids is not None:
-            return ids, "json"
-    return None, "text"
-
-
 def _explicit_label(record: dict[str, Any]) -> str | None:
     """The true next POI id when the record carries it beside the conversation, e.g. a top-level
     ``next_poi_id`` (or ``label``), or the same under ``meta`` / ``metadata`` (for evaluation)."""
@@ -144,7 +95,7 @@ def _explicit_label(record: dict[str, Any]) -> str | None:
 
 def check_candidate_list(answer: str | list[int], context: RoleContext, expected: int = CANDIDATES_PER_LIST) -> str | None:
     """Reason why a candidate list is invalid (count, repeats, range), or None."""
-    raw = answer if isinstance(answer, list) else [i for i in (to_id(n) for n in _INT_LIST.findall(answer)) if i is not None]
+    raw = answer if isinstance(answer, list) else [i for i in (to_id(n) for n in INT_RUN.findall(answer)) if i is not None]
     if len(raw) != expected:
         return f"candidate list has {len(raw)} ids, expected {expected}"
     if len(set(raw)) != len(raw):
@@ -163,7 +114,7 @@ def _number_problem(answer: str) -> str | None:
     if digits is not None:
         return f"the answer holds a number of {digits} digits, which is no POI id"
     text = answer.strip()
-    fenced = _FENCE.match(text)
+    fenced = ANSWER_FENCE.match(text)
     if fenced:
         text = fenced.group(1).strip()
     bad: list[str] = []

@@ -48,7 +48,7 @@ _LIST_GUIDE = "Answer with the comma-separated ids only, no other words or numbe
 
 def strict_ids(text: str, max_id: int) -> list[int] | str:
     """The ids of an answer that is nothing but an id list, or why it is not one."""
-    from comapoi_cli.default_plugins.comapoi_roles import answer_ids
+    from comapoi_cli.poi_ids import answer_ids
 
     ids, _form = answer_ids(text)
     if ids is None:

@@ -372,7 +372,7 @@ class TRLTrainingPath:
             interrupt = _interrupt_callback(say)
             record = RunRecord(start.run_dir, start.previous)
             if is_main_process():  # what eval checks: the holdout's hash, the conversation keys trained on
-                write_data_keys(start.run_dir, Path(prepared.train_path), train_sha, holdout, holdout_sha)
+                write_data_keys(start.run_dir, Path(prepared.train_path), train_sha, holdout, holdout_sha, job.type)
             record.set(
                 backend={"name": self.backend_name, "path": type(self).__module__ + "." + type(self).__qualname__},
                 job=job.to_dict(),

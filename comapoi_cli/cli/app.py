@@ -44,7 +44,7 @@ def _usage_name(self: Any) -> str:
 
 
 if hasattr(TyperArgument, "_usage_display_name"):
-    TyperArgument._usage_display_name = _usage_name
+    TyperArgument._usage_display_name = _usage_name  # type: ignore[method-assign]
 
 
 def load_command(name: str) -> Any:

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from comapoi_cli.errors import DataError
-from comapoi_cli.evaluation.predictions import MAX_SHOWN_PROBLEMS
 from comapoi_cli.evaluation.metrics import compute_metrics, outcome
+from comapoi_cli.evaluation.predictions import MAX_SHOWN_PROBLEMS
 from comapoi_cli.presets import preset_for
 
 COMPAT_MODES = ("none", "comapoi")

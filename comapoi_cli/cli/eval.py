@@ -128,7 +128,8 @@ def _interruptible(work: Any) -> Any:
         with sigterm_as_interrupt():
             return work()
     except KeyboardInterrupt:
-        raise ComapoiError("Interrupted; nothing was written (predictions, metrics and run.json are as they were).",
+        raise ComapoiError("Interrupted; nothing is half written (predictions, metrics and run.json are written "
+                           "atomically once every answer is scored).",
                            hint="Run the same command again to evaluate from the start.", exit_code=130) from None
 
 

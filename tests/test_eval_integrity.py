@@ -113,22 +113,23 @@ HOLD_LOCK = ("import sys, time\nfrom pathlib import Path\nfrom comapoi_cli.runs.
 @pytest.mark.slow
 def test_eval_refuses_a_run_folder_another_process_is_writing_and_names_it(trained_run, tmp_path):
     run_dir = _copy_run(trained_run, tmp_path)
+    data = _labelled_holdout(trained_run, tmp_path / "h.jsonl")  # records this run can score
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_dir)], cwd=REPO, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked", holder.stderr
-        refused = run_comapoi("eval", "--adapter", str(run_dir), "--max-new-tokens", "4")
+        refused = run_comapoi("eval", "--adapter", str(run_dir), "--data", str(data), "--max-new-tokens", "4")
         message = _error_line(refused)
         assert f"The run folder {run_dir} is being written by process {holder.pid} on {socket.gethostname()}" in message
         assert not (run_dir / "metrics.json").exists()
         checkpoint = next(run_dir.glob("checkpoint-*"))
         assert f"is being written by process {holder.pid}" in _error_line(
-            run_comapoi("eval", "--adapter", str(checkpoint), "--max-new-tokens", "4"))
+            run_comapoi("eval", "--adapter", str(checkpoint), "--data", str(data), "--max-new-tokens", "4"))
     finally:
         holder.kill()
         holder.communicate()
-    freed = run_comapoi("eval", "--adapter", str(run_dir), "--data", str(_labelled_holdout(trained_run, tmp_path / "h.jsonl")),
-                        "--num-samples", "1", "--max-new-tokens", "4", "--json")
+    freed = run_comapoi("eval", "--adapter", str(run_dir), "--data", str(data), "--num-samples", "1", "--max-new-tokens", "4",
+                        "--json")
     assert freed.returncode == 0, freed.stdout + freed.stderr
 
 

@@ -26,6 +26,10 @@ ROLE_FAST = ("--seq-length", "1536", "--batch-size", "2", "--test-size", "4", "-
              "--learning_rate", "0.005", "--warmup-steps", "0")
 
 
+#: Pin the math libraries to one thread (deterministic kernels and summation order).
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+
 def one_sentence_error(result) -> str:
     assert result.returncode != 0, result.stdout
     assert "Traceback" not in result.stderr, result.stderr
@@ -241,13 +245,18 @@ def test_qlora_adapter_is_merged_into_16_bit_weights_with_a_note(role_runs, tmp_
     if not role_runs["qlora"]:
         pytest.skip("bitsandbytes cannot train 4-bit on this machine")
     output = tmp_path / "merged"
+    # one thread: the same kernels and summation order on every machine, however loaded
     result = run_comapoi("adapters", "merge", str(role_runs["agent3"]), "--output", str(output), "--dtype", "bfloat16",
-                         "--json")
+                         "--json", env=ONE_THREAD)
     assert result.returncode == 0, result.stderr
     merged = json.loads(result.stdout)
     assert merged["trained_quant"] == "4bit" and merged["dtype"] == "bfloat16"
     assert any("trained on a 4bit quantised base" in n and "bfloat16 weights" in n for n in merged["notes"])
-    assert all(c["ok"] for c in merged["checks"])
+    assert all(c["ok"] for c in merged["checks"]), merged["checks"]
+    # the tolerance is measured: at least NOISE_FACTOR x bfloat16's own error on that input
+    from comapoi_cli.adapters.merge import NOISE_FACTOR
+
+    assert all(c["dtype_error"] > 0 and c["tolerance"] >= NOISE_FACTOR * c["dtype_error"] for c in merged["checks"])
     config = json.loads((output / "config.json").read_text())
     assert "quantization_config" not in config and config.get("dtype", config.get("torch_dtype")) == "bfloat16"
 
@@ -255,6 +264,36 @@ def test_qlora_adapter_is_merged_into_16_bit_weights_with_a_note(role_runs, tmp_
 
     model = AutoModelForCausalLM.from_pretrained(str(output))
     assert {str(p.dtype) for p in model.parameters()} == {"torch.bfloat16"}
+
+
+def test_merge_check_tolerance_still_refuses_a_merge_that_lost_the_adapter(role_runs):
+    """The measured bfloat16 tolerance passes the real merge and refuses the base without the adapter."""
+    import torch
+
+    from comapoi_cli.adapters.merge import _check_inputs, _dtype_errors, _logits, compare_logits
+    from comapoi_cli.models.loading import load_model, tokenizer_folder
+    from comapoi_cli.models.resolve import resolve_base_model
+    from comapoi_cli.runs.info import locate_run
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run = locate_run(role_runs["agent3"])
+        base = resolve_base_model(None, run)
+        loaded = load_model(base, adapters={"adapter": run.adapter_dir}, quant="none", device="cpu", dtype="bfloat16",
+                            dequantize=True, tokenizer=tokenizer_folder(run, base))
+        inputs = _check_inputs(loaded.tokenizer, run, 3)
+        with_adapter = _logits(loaded.model, inputs)
+        with loaded.model.disable_adapter():
+            without = _logits(loaded.model, inputs)
+        merged = loaded.model.merge_and_unload()
+        after = _logits(merged, inputs)
+        errors = _dtype_errors(merged, inputs, after, "bfloat16", [])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(c.ok for c in compare_logits(inputs, with_adapter, after, errors, "bfloat16"))
+    lost = compare_logits(inputs, with_adapter, without, errors, "bfloat16")
+    assert not all(c.ok for c in lost), [(c.max_abs_diff, c.tolerance) for c in lost]
 
 
 # -- export ----------------------------------------------------------------------------------------------

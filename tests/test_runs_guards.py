@@ -72,7 +72,7 @@ def test_eval_refuses_a_resplit_holdout_and_records_it_trained_on(copy_data_dir,
     allowed = run_comapoi("eval", "--adapter", str(run_dir), "--data", str(holdout), "--max-new-tokens", "4",
                           "--allow-train-overlap")
     assert allowed.returncode == 0, allowed.stdout + allowed.stderr
-    assert (f"WARNING: {trained_on} of the {len(now_held_out)} records scored were in this adapter's training data"
+    assert (f"Warning: {trained_on} of the {len(now_held_out)} records scored were in this adapter's training data"
             in " ".join(allowed.stderr.split()))
     entry = json.loads((run_dir / "metrics.json").read_text())
     assert entry["train_overlap"] == trained_on

@@ -16,7 +16,7 @@ import sys
 from typing import Any
 
 import typer
-from typer.core import TyperCommand, TyperGroup
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from comapoi_cli import __version__
 from comapoi_cli.cli.fields import normalise_token
@@ -33,6 +33,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "env": ("comapoi_cli.cli.env:app", "Show package versions, CUDA and GPUs, and which training backends are usable here."),
     "pipeline": ("comapoi_cli.cli.pipeline:command", "Run the three trained agents as CoMaPOI chains them, and score the chain."),
 }
+
+
+def _usage_name(self: Any) -> str:
+    """A positional argument in a usage line: ``FILE`` (required) or ``[FILE]``, as click writes it,
+    instead of typer's ``{file}`` (which reads like a template placeholder)."""
+    name = self.metavar or (self.name or "").upper()
+    name = name if self.required else f"[{name}]"
+    return name + ("..." if self.nargs != 1 else "")
+
+
+if hasattr(TyperArgument, "_usage_display_name"):
+    TyperArgument._usage_display_name = _usage_name  # type: ignore[method-assign]
 
 
 def load_command(name: str) -> Any:

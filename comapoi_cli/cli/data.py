@@ -140,19 +140,36 @@ def clean(
         return
 
     from comapoi_cli.data import clean_file
+    from comapoi_cli.data.clean import NothingKeptError
+    from comapoi_cli.data.stats import role_of_file
 
     target = output or input.with_name(f"{input.name[:-6] if input.name.endswith('.jsonl') else input.stem}_clean.jsonl")
     if target.resolve() == input.resolve():
         raise UsageError("The output would overwrite the input; pass another --output.")
-    result = clean_file(input, target, rejects, role=type_ if type_ and type_ != "merged" else None, dataset=dataset,
-                        max_poi_id=max_poi_id, policies=policies, strict=strict, tokenizer=tokenizer,
-                        seq_length=seq_length, workers=workers, registry=_registry(), reporter=_reporter(),
-                        require_records=True, trust_remote_code=trust_remote_code)
+    role_note = None
+    if type_ is None:  # as data stats does: a canonical file name says its role
+        type_ = role_of_file(input, _registry())
+        if type_ is not None:
+            role_note = f"checked as {type_} records (from the file name {input.name}; --type to choose another)"
+    try:
+        result = clean_file(input, target, rejects, role=type_ if type_ and type_ != "merged" else None, dataset=dataset,
+                            max_poi_id=max_poi_id, policies=policies, strict=strict, tokenizer=tokenizer,
+                            seq_length=seq_length, workers=workers, registry=_registry(), reporter=_reporter(),
+                            require_records=True, trust_remote_code=trust_remote_code)
+    except NothingKeptError as exc:  # the report still comes first: it says why nothing was kept
+        if as_json:
+            print_json({**exc.summary.to_dict(), "in": exc.summary.lines_in, "role": type_})
+        else:
+            _clean_table({**exc.summary.to_dict(), "in": exc.summary.lines_in}, f"clean {input.name}")
+        raise
     data = result.to_dict()
     data["in"] = data["lines_in"]
+    data["role"] = type_
     if as_json:
         print_json(data)
     else:
+        if role_note:
+            console.print(role_note, markup=False, soft_wrap=True)
         _clean_table(data, f"clean {input.name}")
         console.print(f"Output: {result.output}\nRejects: {result.rejects}", markup=False, soft_wrap=True)
         speed = f" ({data['mb_per_s']} MB/s)" if data.get("mb_per_s") else ""
@@ -238,7 +255,7 @@ def merge(
                 files[role_id] = path
         if not files:
             raise DataError(f"Cannot find any agent training file in {folder}.",
-                            hint=f"Create them with: comapoi data synth --dataset {dataset} --out {folder.parent}")
+                            hint=f"Create them with: comapoi data synth --dataset {dataset} --output-dir {folder.parent}")
     else:
         raise UsageError("Give ROLE=FILE pairs, or --dataset NAME.")
     if output is None:

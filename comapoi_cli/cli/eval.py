@@ -104,7 +104,7 @@ def eval_adapter(
         model=model, batch_size=batch_size, max_new_tokens=max_new_tokens, quant=quant, device=device,
         output_dir=output_dir, allow_train_overlap=allow_train_overlap, trust_remote_code=trust_remote_code,
     )
-    result = evaluate_adapter(request, get_registry(), Reporter() if as_json else ConsoleReporter())
+    result = _interruptible(lambda: evaluate_adapter(request, get_registry(), Reporter() if as_json else ConsoleReporter()))
     if as_json:
         print_json({**result.entry, "notes": result.notes, "written": [str(p) for p in result.written]})
         return
@@ -116,10 +116,28 @@ def eval_adapter(
         success(f"wrote {path}")
 
 
+def _interruptible(work: Any) -> Any:
+    """Run ``work()`` with SIGTERM (a batch scheduler's stop) handled like Ctrl-C: a clean stop, nothing half written.
+
+    eval writes its files atomically once every answer is scored, so an interrupted eval leaves the
+    previous predictions, metrics and run.json as they were; the same command starts it again.
+    """
+    from comapoi_cli.data.blocks import sigterm_as_interrupt
+    from comapoi_cli.errors import ComapoiError
+
+    try:
+        with sigterm_as_interrupt():
+            return work()
+    except KeyboardInterrupt:
+        raise ComapoiError("Interrupted; nothing is half written (predictions, metrics and run.json are written "
+                           "atomically once every answer is scored).",
+                           hint="Run the same command again to evaluate from the start.", exit_code=130) from None
+
+
 @app.command("score")
 def score(
     file: Path = typer.Argument(..., help="Predictions file (JSON Lines): label plus output or predicted_poi_ids per line.",
-                                show_default=False),
+                                show_default=False, metavar="FILE"),
     type_: Optional[str] = typer.Option(
         None, "--type", help="Score every line as this role (its parser and target kind). Default: each line's "
         "'role', else POI ids with CoMaPOI's parser.", show_default=False),

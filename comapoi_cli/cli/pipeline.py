@@ -181,13 +181,15 @@ def run(
         rate = result.processed / result.seconds if result.seconds else 0.0
         console.print(f"{result.processed} trajectories in {result.seconds:.1f} s ({rate:.2f}/s)"
                       + (f", {result.done_before} done before" if result.done_before else ""), highlight=False)
-    print_scores(result.scores, title=f"chain on {result.scores['n']} trajectories")
+    print_scores(result.scores, title=f"chain on {result.scores['n']} trajectories",
+                 rejected=_rejected(result.predictions))
     success(f"wrote {result.predictions}")
     success(f"wrote {result.record}")
 
 
 def score(
-    file: Path = typer.Argument(..., help="A predictions.jsonl of 'comapoi pipeline run'.", show_default=False),
+    file: Path = typer.Argument(..., help="A predictions.jsonl of 'comapoi pipeline run'.", show_default=False,
+                                metavar="FILE"),
     top_k: int = typer.Option(10, "--top-k", min=1, help="The final list length scored as 'final top-k'."),
     compat: str = typer.Option("none", "--compat", help="comapoi: also report what CoMaPOI's own evaluation would print."),
     as_json: bool = typer.Option(False, "--json", help="Print the scores as JSON."),
@@ -200,19 +202,26 @@ def score(
     if as_json:
         print_json(scores)
         return
-    print_scores(scores, title=f"{file.name} ({scores['n']} trajectories)")
+    print_scores(scores, title=f"{file.name} ({scores['n']} trajectories)", rejected=_rejected(file))
+
+
+def _rejected(predictions: Path) -> tuple[int, Path] | None:
+    from comapoi_cli.pipeline.scoring import rejected_test_lines
+
+    return rejected_test_lines(predictions)
 
 
 def _fmt(value: Any) -> str:
     return "-" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
-def print_scores(scores: dict[str, Any], title: str) -> None:
+def print_scores(scores: dict[str, Any], title: str, rejected: tuple[int, Path] | None = None) -> None:
+    """The metrics table (with unparsable answers), per-stage recall and empty lists, and what was not scored."""
     from rich.markup import escape
 
     from comapoi_cli.metrics import ACC_KS, NDCG_KS
 
-    keys = [*(f"acc@{k}" for k in ACC_KS), *(f"ndcg@{k}" for k in NDCG_KS), "mrr"]
+    keys = [*(f"acc@{k}" for k in ACC_KS), *(f"ndcg@{k}" for k in NDCG_KS), "mrr", "unparsable"]
     columns = [("chain", scores["chain"]), ("most frequent", scores["baselines"]["frequent"]),
                ("retriever top-k", scores["baselines"]["retriever"])]
     if "compat" in scores:
@@ -220,11 +229,33 @@ def print_scores(scores: dict[str, Any], title: str) -> None:
     console.print(f"[bold]{escape(title)}[/bold]", soft_wrap=True, highlight=False)
     console.print(table(None, ["metric %", *(name for name, _ in columns)],
                         [(key, *(_fmt(m.get(key)) for _, m in columns)) for key in keys]))
-    console.print(table("label found in (candidate recall %)", ["stage", "recall %"],
-                        [(name, _fmt(value)) for name, value in scores["stages"].items()]))
+    empty = scores.get("stages_empty") or {}
+    n = scores.get("n") or 0
+    console.print("[bold]label found in (candidate recall %)[/bold]", soft_wrap=True, highlight=False)
+    console.print(table(None, ["stage", "recall %", "empty lists"],
+                        [(name, _fmt(value), f"{empty.get(name, 0)} of {n}") for name, value in scores["stages"].items()]))
+    summary: list[str] = []
+    unparsable = scores["chain"].get("unparsable")
+    if unparsable:
+        summary.append(f"{unparsable:.1f}% of the final answers could not be parsed (scored as misses)")
+    for name, count in empty.items():
+        if count:
+            summary.append(f"{name}: empty for {count} of {n} trajectories")
+    for reason, count in ((scores.get("compat") or {}).get("misses") or {}).items():
+        summary.append(f"CoMaPOI's eval: {count} answer{'s' if count != 1 else ''} unreadable ({reason})")
+    if scores.get("lines_with_problems"):
+        summary.append(f"{scores['lines_with_problems']} trajectories had an agent answer missing (see 'problems' in the file)")
+    if rejected is not None and rejected[0]:
+        summary.append(f"{rejected[0]} test line{'s' if rejected[0] != 1 else ''} rejected before the run, not scored "
+                       f"(reasons in {rejected[1]})")
+    for kind, label in (("invalid_lines", "not scored"), ("duplicates", "scored once")):
+        lines = scores.get(kind) or []
+        if lines:
+            shown = "; ".join(f"line {item['line']}: {item['reason']}" for item in lines[:5])
+            more = f"; and {len(lines) - 5} more" if len(lines) > 5 else ""
+            summary.append(f"{len(lines)} line{'s' if len(lines) != 1 else ''} of the predictions file {label} ({shown}{more})")
+    for line in summary:
+        console.print(escape(line), soft_wrap=True, highlight=False)
     overlap = scores.get("train_overlap")
     if isinstance(overlap, dict) and overlap.get("warning"):
         console.print(f"WARNING, NOT HELD OUT: {overlap['warning']}", style="bold", highlight=False, markup=False)
-    if scores.get("lines_with_problems"):
-        console.print(f"{scores['lines_with_problems']} trajectories had an agent answer missing (see 'problems' in the file).",
-                      highlight=False)

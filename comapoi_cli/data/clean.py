@@ -50,6 +50,14 @@ PROGRESS_MIN_BYTES = 32 << 20  # larger inputs show progress on a terminal (abou
 WARNING_EXAMPLES = 5
 
 
+class NothingKeptError(DataError):
+    """No record survived cleaning; ``summary`` is the report of the run (what was rejected and why)."""
+
+    def __init__(self, message: str, hint: str | None = None, *, summary: "CleanSummary"):
+        super().__init__(message, hint=hint)
+        self.summary = summary
+
+
 @dataclass
 class CleanSummary:
     """What ``clean_file`` did. ``lines_in == kept + rejected_total`` always holds."""
@@ -183,7 +191,7 @@ def clean_file(
     if tokenizer is not None and seq_length is not None:
         from comapoi_cli.data.tokens import resolve_tokenizer
 
-        tokenizer = resolve_tokenizer(tokenizer, [source])  # "tiny": the tiny model's tokenizer of this data
+        tokenizer = resolve_tokenizer(tokenizer, [source], dataset)  # "tiny": the tiny model's tokenizer of this data
     role_obj = _resolve_role(role, registry)
     ctx = context or make_context(dataset, max_poi_id)
     checker = RecordChecker(role=role_obj, roles=registry.roles, context=ctx, policies=table,
@@ -266,9 +274,11 @@ def _clean(source: Path, readable: Path, target: Path, rejects_path: Path, check
                     raise DataError(f"{source} is empty: there is nothing to clean; "
                                     f"{'the previous output is left as it was' if target.exists() else 'nothing was written'}.")
             if require_records and summary.kept == 0:  # the rejects file says why; the previous output stays
-                raise DataError(f"No record of {source} survived cleaning; "
-                                f"{'the previous output ' + str(target) + ' is left as it was' if target.exists() else 'no output was written'}.",
-                                hint=f"See why in {rejects_path}.")
+                summary.rejected = {name: summary.rejected[name] for name in CHECK_NAMES if name in summary.rejected}
+                raise NothingKeptError(
+                    f"No record of {source} survived cleaning; "
+                    f"{'the previous output ' + str(target) + ' is left as it was' if target.exists() else 'no output was written'}.",
+                    hint=f"See why in {rejects_path}.", summary=summary)
     finally:
         if show:
             reporter.progress_stop()

@@ -48,7 +48,7 @@ def missing_input(path: Path, dataset: str | None = None, role: str | None = Non
     """The one-sentence error for a missing training file, with how to create one."""
     if dataset:
         data_dir = path.parent.parent
-        hint = (f"Create CoMaPOI-format files with: comapoi data synth --dataset {dataset} --out {data_dir} "
+        hint = (f"Create CoMaPOI-format files with: comapoi data synth --dataset {dataset} --output-dir {data_dir} "
                 f"(or point --data-dir / {DATA_DIR_ENV} at the folder holding {dataset}/).")
     else:
         hint = "Pass an existing JSONL file, or create sample data with: comapoi data synth --dataset nyc"

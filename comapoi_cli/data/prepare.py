@@ -177,7 +177,7 @@ def _prepare_training_data(
             if not inputs:
                 expected = ", ".join(r.data_file_name() for r in registry.roles.values())
                 raise DataError(f"Cannot find any agent training file ({expected}) in {source_folder}.",
-                                hint=f"Create them with: comapoi data synth --dataset {dataset} --out {source_folder.parent}")
+                                hint=f"Create them with: comapoi data synth --dataset {dataset} --output-dir {source_folder.parent}")
             stem = MERGED_CLEAN_STEM
             split_input = source_folder / MERGED_FILE
         else:

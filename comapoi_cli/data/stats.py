@@ -289,6 +289,9 @@ def _role_of_file(path: Path, registry) -> str | None:
     return None
 
 
+role_of_file = _role_of_file  #: public name (``comapoi data clean FILE`` infers the role as stats does)
+
+
 def compute_stats(
     files: Iterable[str | os.PathLike[str]] | Mapping[str, str | os.PathLike[str] | None],
     *,
@@ -319,7 +322,7 @@ def compute_stats(
     context = make_context(dataset, max_poi_id)
     from comapoi_cli.data.tokens import resolve_tokenizer
 
-    token_path = resolve_tokenizer(tokenizer, [f for f, _r in items]) if tokenizer else None
+    token_path = resolve_tokenizer(tokenizer, [f for f, _r in items], dataset) if tokenizer else None
     report = StatsReport(files={}, tokenizer=token_path, seq_length=seq_length,
                          chars_per_token=None if token_path else chars_per_token)
     if token_path:
@@ -422,7 +425,7 @@ def dataset_files(dataset: str, data_dir, registry) -> dict[str, str]:
              if (folder / r.data_file_name()).is_file()}
     if not found:
         raise DataError(f"Cannot find any agent training file in {folder}.",
-                        hint=f"Create them with: comapoi data synth --dataset {dataset} --out {folder.parent}")
+                        hint=f"Create them with: comapoi data synth --dataset {dataset} --output-dir {folder.parent}")
     return found
 
 

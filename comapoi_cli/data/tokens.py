@@ -34,16 +34,25 @@ def _fallback_render(messages: Sequence[dict[str, str]], add_generation_prompt: 
 TINY = "tiny"
 
 
-def resolve_tokenizer(name: str | os.PathLike[str] | None, corpus_files) -> str | None:
+def resolve_tokenizer(name: str | os.PathLike[str] | None, corpus_files, dataset: str | None = None) -> str | None:
     """A tokenizer folder for ``--tokenizer``: ``tiny`` builds (or reuses) the tiny model of
-    ``corpus_files`` and gives its folder; anything else is a local folder, as given."""
+    ``corpus_files`` and gives its folder; anything else is a local folder, as given.
+
+    The tiny base is labelled with ``dataset``, else with the known dataset every corpus file's
+    folder is named after (``data/nyc/...``), so that it is ``tiny:nyc:KEY``, not ``tiny:data:KEY``.
+    """
     if name is None or str(name) != TINY:
         return None if name is None else str(name)
     if Path(TINY).exists():  # a folder really named "tiny" in the current directory wins
         return TINY
     from comapoi_cli.models.tiny import ensure_tiny_model
+    from comapoi_cli.presets import preset_for
 
-    return str(ensure_tiny_model([str(f) for f in corpus_files]))
+    files = [str(f) for f in corpus_files]
+    if dataset is None:
+        folders = {Path(f).parent.name.lower() for f in files}
+        dataset = folders.pop() if len(folders) == 1 and preset_for(next(iter(folders))) else None
+    return str(ensure_tiny_model(files, dataset=dataset))
 
 
 @dataclass

@@ -145,6 +145,7 @@ class EvalRecord:
     prompt: list[dict[str, str]]
     label: Any
     prompt_sha256: str
+    answer: str | None = None  #: the reference answer (what the holdout check's trajectory key needs)
 
 
 @dataclass
@@ -216,7 +217,8 @@ def load_eval_records(path: Path, type_: str | None, dataset: str | None, regist
         record_id = value.get("id") if isinstance(value, dict) else None
         ids.append(record_id)
         loaded.records.append(EvalRecord(line=number, id=record_id, role=scorer.name, prompt=prompt, label=label,
-                                         prompt_sha256=prompt_hash(prompt)))
+                                         prompt_sha256=prompt_hash(prompt),
+                                         answer=messages[last_assistant]["content"] if last_assistant is not None else None))
     # the records' own ids when every record has a distinct one, else the line numbers
     usable = all(isinstance(i, (str, int)) and not isinstance(i, bool) for i in ids) and len(set(map(str, ids))) == len(ids)
     for record in loaded.records:
@@ -265,6 +267,7 @@ def evaluate_adapter(request: EvalRequest, registry: Registry, reporter: Reporte
     """
     say = reporter if reporter is not None else Reporter()
     run = locate_run(request.adapter)
+    check_run_not_written(run)
     type_ = request.type or run.type
     if type_ is not None and type_ != MERGED:
         registry.role(type_)
@@ -284,11 +287,13 @@ def evaluate_adapter(request: EvalRequest, registry: Registry, reporter: Reporte
 
     data_sha = sha256_file(data_path)
     holdout_check = check_holdout(run, data_path, data_sha, [r.prompt for r in loaded.records],
-                                  allow_train_overlap=request.allow_train_overlap, explicit=request.data is not None)
+                                  allow_train_overlap=request.allow_train_overlap, explicit=request.data is not None,
+                                  roles=[_role_id(loaded, r) for r in loaded.records],
+                                  answers=[r.answer for r in loaded.records])
     notes += holdout_check.notes
     if holdout_check.overlap:
-        notes.append(f"WARNING: {len(holdout_check.overlap)} of the {len(loaded.records)} records scored were in this "
-                     "adapter's training data (--allow-train-overlap): their scores are not held-out scores")
+        notes.append(f"{len(holdout_check.overlap)} of the {len(loaded.records)} records scored were in this "
+                     "adapter's training data (--allow-train-overlap): their scores are NOT held-out scores")
     device, quant = plan_device(request.device, request.quant, run.quant)
     say.info(f"loading {base_model} ({device}, quantisation {quant}) with the adapter {run.adapter_dir}")
     model = load_model(base_model, adapters={ADAPTER: run.adapter_dir}, quant=quant, device=device,
@@ -322,6 +327,7 @@ def evaluate_adapter(request: EvalRequest, registry: Registry, reporter: Reporte
     metrics, by_role = summarize(scored)
 
     out_dir = request.output_dir or run.adapter_dir
+    check_run_not_written(run)  # again: a training may have started while this one generated
     predictions_path = out_dir / PREDICTIONS_FILE
     with atomic_writer(predictions_path) as handle:
         for row in rows:
@@ -357,6 +363,19 @@ def evaluate_adapter(request: EvalRequest, registry: Registry, reporter: Reporte
     else:
         notes.append(f"{run.run_dir} has no run.json: the metrics are in {METRICS_JSON} only")
     return EvalResult(entry=entry, written=written, notes=notes)
+
+
+def check_run_not_written(run: RunInfo) -> None:
+    """Refuse a run folder whose lock a live process holds (``train --resume`` writing it), naming that process."""
+    from comapoi_cli.runs.lock import check_not_locked
+
+    check_not_locked(run.run_dir)
+
+
+def _role_id(loaded: LoadedRecords, record: EvalRecord) -> str | None:
+    """The role id a record is scored as (None: a plain next-POI record)."""
+    role = loaded.scorers[record.role].role
+    return role.id if role is not None else None
 
 
 def _drop_over_context(records: list[EvalRecord], token_ids: list[list[int]], max_new_tokens: int,

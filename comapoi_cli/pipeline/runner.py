@@ -116,8 +116,10 @@ def _adapters(request: PipelineRequest, runs: dict[str, Any]) -> tuple[dict[str,
         if request.engine == "openai" or role_id in request.served_names:
             name = request.served_names.get(role_id, role_id)
             adapters.setdefault(name, path)
-        else:
-            name = by_path.setdefault(path, role_id)
+        else:  # a merged run is named "merged", not after the first role it serves
+            if path not in by_path:
+                by_path[path] = MERGED if run.type == MERGED and MERGED not in adapters else role_id
+            name = by_path[path]
             adapters[name] = path
         role_adapters[role_id] = name
     return adapters, role_adapters

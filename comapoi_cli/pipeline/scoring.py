@@ -11,7 +11,14 @@ From the predictions lines alone (so that ``pipeline score FILE`` reproduces the
 - with ``compat="comapoi"``, ``compat``: what CoMaPOI's own evaluation would print for the final
   agent's raw answer: its parser (JSON ``next_poi_id``, a regex for ``"next_poi_id": [...]``, a
   fenced block, then ANY integers in the text), the first ``top_k`` (10) kept, only ids in
-  ``1..max_id`` (so POI 0 never scores), duplicates dropped: its Acc@20 equals its Acc@10.
+  ``1..max_id`` (so POI 0 never scores), duplicates dropped: its Acc@20 equals its Acc@10. An
+  answer it cannot read (no id, ``{"next_poi_id": 1e400}``, ``Infinity``) is a miss, counted by
+  reason in ``compat.misses``;
+- ``stages_empty``: per stage, how many lines have an empty list there;
+- ``invalid_lines`` and ``duplicates``: the lines not scored, each with its number and reason
+  (not JSON, invalid UTF-8, nested too deeply, not an object, a field of the wrong type, e.g.
+  ``label: true``, which is no POI id) and the repeats of an earlier line's ``key`` (the first
+  is scored, once). Every line is scored or listed there.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from pathlib import Path
 from typing import Any, Collection, Iterable
 
 from comapoi_cli.errors import DataError
+from comapoi_cli.evaluation.predictions import MAX_SHOWN_PROBLEMS
 from comapoi_cli.metrics import compute_metrics, outcome
 from comapoi_cli.presets import preset_for
 
@@ -34,7 +42,7 @@ _NEXT_LIST = re.compile(r'"next_poi_id"\s*:\s*\[(.*?)\]', re.S)
 def _int(value: Any) -> int | None:
     try:
         return int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: 1e400 and Infinity are floats inf
         return None
 
 
@@ -49,8 +57,18 @@ def _json_next(text: str) -> list[Any] | None:
     return None
 
 
-def comapoi_parse(text: str | None, max_id: int, top_k: int = COMAPOI_TOP_K) -> list[int]:
-    """CoMaPOI's own parsing and cleaning of an answer (quirks kept, see the module doc)."""
+def comapoi_parse(text: str | None, max_id: int, top_k: int = COMAPOI_TOP_K, why: list[str] | None = None) -> list[int]:
+    """CoMaPOI's own parsing and cleaning of an answer (quirks kept, see the module doc).
+
+    When nothing is kept and ``why`` is a list, the reason is appended to it.
+    """
+    out = _comapoi_parse(text, max_id, top_k, why)
+    if not out and why is not None and not why:
+        why.append("no answer" if not text else f"no POI id in 1..{max_id} among the first {top_k} it read")
+    return out
+
+
+def _comapoi_parse(text: str | None, max_id: int, top_k: int, why: list[str] | None) -> list[int]:
     if not text:
         return []
     found = _json_next(text)
@@ -67,6 +85,8 @@ def comapoi_parse(text: str | None, max_id: int, top_k: int = COMAPOI_TOP_K) -> 
     out: list[int] = []
     for value in found[:top_k]:
         poi = _int(value)
+        if poi is None and isinstance(value, float) and why is not None and not why:
+            why.append(f"next_poi_id {value!r} is not a finite number")
         if poi is None or not 1 <= poi <= max_id or poi in out:
             continue
         out.append(poi)
@@ -120,17 +140,35 @@ def _stage_list(line: dict[str, Any], name: str, top_k: int) -> list[Any]:
     return []
 
 
+class PredictionRows(list):
+    """The valid lines of a predictions file, with the lines that were not (``invalid``: (line, reason))
+    and the repeats of an earlier key (``duplicates``: (line, reason))."""
+
+    def __init__(self, rows: Iterable[dict[str, Any]] = (), invalid: list[tuple[int, str]] | None = None,
+                 duplicates: list[tuple[int, str]] | None = None):
+        super().__init__(rows)
+        self.invalid: list[tuple[int, str]] = invalid or []
+        self.duplicates: list[tuple[int, str]] = duplicates or []
+
+
 def score_lines(lines: Iterable[dict[str, Any]], *, top_k: int = 10, compat: str = "none",
                 max_poi_id: int | None = None, retrieval_roles: Collection[str] = ()) -> dict[str, Any]:
-    """Score predictions lines (see the module doc); ``retrieval_roles``: the roles whose prompts show the
+    """Score predictions lines (see the module doc); ``lines`` from :func:`read_predictions` carry the
+    invalid and repeated lines, reported in the result; ``retrieval_roles``: the roles whose prompts show the
     retrieved list (it is reported as the stage before their candidates)."""
+    invalid = list(getattr(lines, "invalid", []))
+    duplicates = list(getattr(lines, "duplicates", []))
     rows = list(lines)
     if not rows:
-        raise DataError("No predictions to score.")
+        detail = f" ({len(invalid)} invalid line{'s' if len(invalid) != 1 else ''}: " + "; ".join(
+            f"line {n}: {why}" for n, why in invalid[:MAX_SHOWN_PROBLEMS]) + ")" if invalid else ""
+        raise DataError(f"No predictions to score{detail}.")
     chain, frequent, retrieved, compat_outcomes = [], [], [], []
     names = stage_names(rows[0], top_k, retrieval_roles)
     hits = dict.fromkeys(names, 0)
+    empty = dict.fromkeys(names, 0)
     misses = 0
+    compat_misses: dict[str, int] = {}
     for line in rows:
         label = line.get("label")
         chain.append(outcome(label, line.get("ranking") or None))
@@ -138,37 +176,146 @@ def score_lines(lines: Iterable[dict[str, Any]], *, top_k: int = 10, compat: str
         retrieved.append(outcome(label, line.get("retrieved") or None))
         misses += 1 if line.get("problems") else 0
         for name in names:
-            hits[name] += 1 if label in _stage_list(line, name, top_k) else 0
+            found = _stage_list(line, name, top_k)
+            hits[name] += 1 if label in found else 0
+            empty[name] += 0 if found else 1
         if compat == "comapoi":
-            compat_outcomes.append(outcome(label, comapoi_parse(_final_raw(line), _max_id(line, max_poi_id)) or None))
+            why: list[str] = []
+            ids = comapoi_parse(_final_raw(line), _max_id(line, max_poi_id), why=why)
+            compat_outcomes.append(outcome(label, ids or None))
+            if not ids:
+                compat_misses[why[0]] = compat_misses.get(why[0], 0) + 1
     n = len(rows)
     result: dict[str, Any] = {
         "n": n,
         "chain": compute_metrics(chain),
         "stages": {name: round(100.0 * hits[name] / n, 4) for name in names},
+        "stages_empty": empty,
         "baselines": {"frequent": compute_metrics(frequent), "retriever": compute_metrics(retrieved)},
         "lines_with_problems": misses,
+        "invalid_lines": [{"line": number, "reason": why} for number, why in invalid],
+        "duplicates": [{"line": number, "reason": why} for number, why in duplicates],
         "top_k": top_k,
     }
     if compat == "comapoi":
-        result["compat"] = {"mode": "comapoi", **compute_metrics(compat_outcomes)}
+        result["compat"] = {"mode": "comapoi", **compute_metrics(compat_outcomes), "misses": compat_misses}
     return result
 
 
-def read_predictions(path: Path) -> list[dict[str, Any]]:
-    """The lines of a predictions file; a line that is not a prediction is one sentence."""
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _id_list_problem(value: Any, name: str, optional: bool = True) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, list) or not all(_is_id(v) for v in value):
+        return f"'{name}' is not a list of POI ids ({_short(value)})"
+    return None
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=True, default=str) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def line_problem(value: Any) -> str | None:
+    """Why a parsed line is not a chain prediction that can be scored (None when it is)."""
+    if not isinstance(value, dict):
+        return f"not a JSON object (a {type(value).__name__})"
+    for name in ("label", "ranking"):
+        if name not in value:
+            return f"no '{name}' (is the file a 'comapoi pipeline run' predictions file?)"
+    if not _is_id(value["label"]):
+        return f"label {_short(value['label'])} is not a POI id (a non-negative integer)"
+    problem = _id_list_problem(value["ranking"], "ranking", optional=False) or _id_list_problem(value.get("retrieved"), "retrieved")
+    if problem:
+        return problem
+    for name, kind in (("key", str), ("dataset", str), ("final_step", str), ("problems", list)):
+        if value.get(name) is not None and not isinstance(value[name], kind):
+            return f"'{name}' is not a {'string' if kind is str else 'list'} ({_short(value[name])})"
+    baselines = value.get("baselines")
+    if baselines is not None:
+        if not isinstance(baselines, dict):
+            return f"'baselines' is not an object ({_short(baselines)})"
+        problem = _id_list_problem(baselines.get("frequent"), "baselines.frequent")
+        if problem:
+            return problem
+    agents = value.get("agents")
+    if agents is not None:
+        if not isinstance(agents, dict):
+            return f"'agents' is not an object ({_short(agents)})"
+        for role, steps in agents.items():
+            if steps is None:
+                continue
+            if not isinstance(steps, dict):
+                return f"'agents.{role}' is not an object ({_short(steps)})"
+            for step, fields in steps.items():
+                if not isinstance(fields, dict):
+                    return f"'agents.{role}.{step}' is not an object ({_short(fields)})"
+                if fields.get("raw") is not None and not isinstance(fields["raw"], str):
+                    return f"'agents.{role}.{step}.raw' is not a string ({_short(fields['raw'])})"
+                problem = (_id_list_problem(fields.get("candidates"), f"agents.{role}.{step}.candidates")
+                           or _id_list_problem(fields.get("ranking"), f"agents.{role}.{step}.ranking"))
+                if problem:
+                    return problem
+    return None
+
+
+def _parse_line(raw: bytes) -> tuple[Any, str | None]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, f"not valid UTF-8 (byte {exc.start + 1})"
+    try:
+        return json.loads(text), None
+    except RecursionError:
+        return None, "nested too deeply to read"
+    except ValueError as exc:
+        reason = str(exc).split(":")[0]
+        if "digits" in str(exc) or "integer string conversion" in str(exc):
+            reason = "a number of more than 4,300 digits"
+        return None, f"not valid JSON ({reason})"
+
+
+def read_predictions(path: Path) -> PredictionRows:
+    """The lines of a predictions file that can be scored, with the others listed (see :class:`PredictionRows`).
+
+    Read as bytes, line by line: one invalid UTF-8 line, one line nested too deeply, one line of the
+    wrong shape is listed with its number and reason, and the other lines are scored. A UTF-8 BOM and
+    CRLF line ends are fine. A line repeating an earlier line's ``key`` is listed as a duplicate.
+    """
     if not path.is_file():
         raise DataError(f"Cannot find the predictions file {path}." if not path.exists() else f"{path} is not a file.")
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, text in enumerate(handle, 1):
-            if not text.strip():
+    rows = PredictionRows()
+    first_of: dict[str, int] = {}
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            if not raw.strip():
                 continue
-            try:
-                value = json.loads(text)
-            except ValueError:
-                raise DataError(f"Line {number} of {path} is not JSON: is the file a 'comapoi pipeline run' predictions file?") from None
-            if not isinstance(value, dict) or "label" not in value or "ranking" not in value:
-                raise DataError(f"Line {number} of {path} is not a chain prediction (it lacks 'label' or 'ranking').")
+            value, problem = _parse_line(raw)
+            if problem is None:
+                problem = line_problem(value)
+            if problem is not None:
+                rows.invalid.append((number, problem))
+                continue
+            key = value.get("key")
+            if isinstance(key, str):
+                if key in first_of:
+                    rows.duplicates.append((number, f"repeats line {first_of[key]}'s key {_short(key)}: scored once"))
+                    continue
+                first_of[key] = number
             rows.append(value)
     return rows
+
+
+def rejected_test_lines(predictions: Path) -> tuple[int, Path] | None:
+    """How many test lines the run that wrote ``predictions`` rejected (its ``rejects.jsonl`` beside it)."""
+    rejects = Path(predictions).parent / "rejects.jsonl"
+    try:
+        with open(rejects, "rb") as handle:
+            return sum(1 for line in handle if line.strip()), rejects
+    except OSError:
+        return None

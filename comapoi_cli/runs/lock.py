@@ -4,7 +4,9 @@
 holder's pid, host and command as JSON) and releases and removes it on exit. A second writer is
 refused with one sentence naming the holder. The kernel drops a ``flock`` when its process dies,
 so the lock of a killed run is free at once; a lock file whose recorded pid is dead on this host
-is taken over (and said so through ``on_stale``). Nothing here imports torch.
+is taken over (and said so through ``on_stale``). Lock files are opened without following
+symbolic links (``O_NOFOLLOW``): a link planted where a lock file goes is refused with one
+sentence, and its target is never written. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -43,12 +45,27 @@ def process_alive(pid: Any, host: Any) -> bool | None:
     return True
 
 
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _refuse_link(path: Path, exc: OSError) -> None:
+    """Raise one sentence when ``exc`` came from opening a symbolic link with O_NOFOLLOW."""
+    if exc.errno == errno.ELOOP or path.is_symlink():
+        raise UsageError(f"The lock file {path} is a symbolic link; comapoi never follows links for its lock "
+                         "files (that would overwrite the link's target).",
+                         hint=f"Remove the link {path} and run again.") from None
+
+
 def read_holder(path: Path) -> dict[str, Any]:
-    """What a lock file says about its holder (empty when unreadable)."""
+    """What a lock file says about its holder (empty when unreadable or a link)."""
     try:
-        with open(path, "rb") as handle:  # a regular file we created; small
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+    except OSError:
+        return {}
+    try:
+        with os.fdopen(fd, "rb") as handle:  # a regular file we created; small
             data = json.loads(handle.read(64 * 1024).decode("utf-8") or "{}")
-    except (OSError, ValueError, UnicodeDecodeError):
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -82,12 +99,17 @@ def acquire(path: Path, what: str, *, wait: float = 0.0, on_stale: Callable[[str
 
     Raises:
         LockedError: another live process holds it.
+        UsageError: ``path`` is a symbolic link (never followed).
     """
     deadline = time.monotonic() + wait
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         previous = read_holder(path)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o644)
+        except OSError as exc:
+            _refuse_link(path, exc)
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -141,12 +163,12 @@ def output_lock_path(output: Path) -> Path:
 
 
 def check_not_locked(run_dir: Path) -> None:
-    """Refuse when a live process holds ``run_dir``'s lock (e.g. export of a run still training)."""
+    """Refuse when a live process holds ``run_dir``'s lock (e.g. export or eval of a run still training)."""
     path = run_lock_path(run_dir)
-    if not path.is_file() or path.is_symlink():
+    if path.is_symlink() or not path.is_file():
         return
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
     except OSError:
         return
     try:

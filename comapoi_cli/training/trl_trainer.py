@@ -112,7 +112,7 @@ class AdapterStart:
     lora: dict[str, Any]
     init: dict[str, Any] | None = None
     chain: list[dict[str, Any]] = field(default_factory=list)
-    inherited_keys: list[str] = field(default_factory=list)  #: the training keys of the runs it continues
+    inherited_keys: Any = None  #: the training keys of the runs it continues (runs.datakeys.TrainKeys), or None
 
 
 @dataclass
@@ -415,7 +415,7 @@ class TRLTrainingPath:
             interrupt = _interrupt_callback(say)
             record = RunRecord(start.run_dir, start.previous)
             if is_main_process():  # what eval checks: the holdout's hash, the conversation keys trained on (the chain's too)
-                write_data_keys(start.run_dir, Path(prepared.train_path), train_sha, holdout, holdout_sha,
+                write_data_keys(start.run_dir, Path(prepared.train_path), train_sha, holdout, holdout_sha, job.type,
                                 train_keys=data.train_keys, inherited_keys=adapter.inherited_keys)
             record.set(
                 backend={"name": self.backend_name, "path": type(self).__module__ + "." + type(self).__qualname__},
@@ -559,7 +559,7 @@ class TRLTrainingPath:
         chain = [*(previous.get("chain") or []), step]
         from comapoi_cli.runs.datakeys import read_train_keys
 
-        inherited = sorted(read_train_keys(info.run_dir) or ())
+        inherited = read_train_keys(info.run_dir)
         say.info(f"Starting from the adapter of {info.adapter_dir} ({step['method']}, step {step['global_step']}): "
                  f"LoRA r={config.r} alpha={config.lora_alpha}, {trainable:,} trainable parameters of {total:,}.")
         return AdapterStart(model, {"r": config.r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,

@@ -47,7 +47,10 @@ def test_installed_but_unusable_unsloth_shows_its_install_hint_literally():
     _check_line(install_line(backend["install_hint"]))
     result = run_comapoi("plugins", "list", env=WIDE)  # the table cell may fold the line: compare without the folds
     assert result.returncode == 0
-    flat = "".join(result.stdout.replace("│", "").split())
+    # the "usable" column of the Backends table, read cell by cell (other columns may fold beside it)
+    backends = result.stdout.split("Backends", 1)[1].split("└", 1)[0]
+    cells = [line.split("│")[2] for line in backends.splitlines() if line.count("│") >= 4]
+    flat = "".join("".join(cells).split())
     assert "".join(backend["install_hint"].split()) in flat and "[unsloth]" in result.stdout
 
 

@@ -1,22 +1,23 @@
 """``comapoi pipeline run``: the trained agents chained as CoMaPOI chains them, on test trajectories.
 
-Per batch of test trajectories, each role of the chain (in the order the roles declare:
-``chain_position`` / ``chain_after``) runs each of its steps on the whole batch: the role builds
-its prompts (``build_inference_prompt``, the builders ``data synth`` uses for the training
-records), the engine answers them with the role's adapter, the role parses the answers
-(``parse_chain_output``) for the roles downstream. After each batch its lines are appended to
-``predictions.jsonl`` in one write and fsync'ed, so a killed run loses at most the batch in
-flight and ``--resume`` continues from the last whole batch; the batches are the same fixed
-slices of the test file, so a resumed run ends with the same file (timings aside).
+Each role of the chain (in the order the roles declare: ``chain_position`` / ``chain_after``)
+runs each of its steps: the role builds its prompts (``build_inference_prompt``, the builders
+``data synth`` uses for the training records), the engine answers them with the role's adapter,
+the role parses the answers (``parse_chain_output``) for the roles downstream. The scheduler
+(:mod:`comapoi_cli.pipeline.scheduler`) drives the engine: a server (``openai``) gets each
+trajectory's next step as soon as its previous answer arrives, ``--concurrency`` requests in
+flight; the local ``transformers`` engine runs each step on fixed slices of ``--batch-size``
+trajectories. Lines are appended to ``predictions.jsonl`` in test-file order, in whole lines,
+fsync'ed, so a killed run loses at most the lines in flight and ``--resume`` continues it to
+the same file (timings aside); a line deleted from the file is run again and put back in its
+place.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,9 @@ from comapoi_cli.pipeline import hooks
 from comapoi_cli.pipeline.chain import ChainContext, ChainItem
 from comapoi_cli.pipeline.engines import EngineSpec
 from comapoi_cli.pipeline.inputs import ChainInputs, load_inputs
-from comapoi_cli.pipeline.retrieval import SIMILAR, RetrievalIndex
+from comapoi_cli.pipeline.http import redact_url
+from comapoi_cli.pipeline.retrieval import RetrievalIndex
+from comapoi_cli.pipeline.scheduler import ChainPlan, frequent_pois, run_concurrent, run_lockstep  # noqa: F401
 from comapoi_cli.pipeline.scoring import read_predictions, score_lines
 from comapoi_cli.presets import preset_for
 from comapoi_cli.reporting import Reporter
@@ -37,6 +40,9 @@ PREDICTIONS = "predictions.jsonl"
 REJECTS = "rejects.jsonl"
 RECORD = "pipeline.json"
 BUILTIN_CHAIN = ("agent1", "agent2", "agent3")
+#: requests in flight for a concurrent engine (a server) unless --concurrency says otherwise
+DEFAULT_CONCURRENCY = 64
+SCHEDULERS = ("auto", "concurrent", "lockstep")
 
 
 @dataclass
@@ -64,6 +70,10 @@ class PipelineRequest:
     top_k: int = 10
     compat: str = "none"
     trust_remote_code: bool = False
+    concurrency: int | None = None              # requests in flight (concurrent engines); default 64
+    request_timeout: float = 600.0              # openai: seconds for one whole answer
+    retries: int = 3                            # openai: attempts after the first (connection errors, 429, 5xx)
+    scheduler: str = "auto"                     # auto, concurrent or lockstep (benchmarks compare them)
 
 
 @dataclass
@@ -159,30 +169,12 @@ def _settings(request: PipelineRequest, chain: list[Any], adapters: dict[str, Pa
         "adapters": {name: str(path) for name, path in adapters.items()},
         "base_model": base,
         "engine": request.engine,
-        "url": request.url,
+        "url": redact_url(request.url),
         "retriever": request.retriever,
         "batch_size": request.batch_size,
         "max_new_tokens": request.max_new_tokens,
         "top_k": request.top_k,
     }
-
-
-def frequent_pois(item: ChainItem, k: int = SIMILAR) -> list[int]:
-    """The no-model baseline: the user's POIs (training history + current trajectory), most visited
-    first, the most recently visited first among equals, then the smaller id."""
-    counts: Counter = Counter()
-    recency: dict[int, int] = {}
-    if item.history is not None:
-        counts.update(item.history.pois)
-    for position, checkin in enumerate(item.trajectory.checkins):
-        counts[checkin.poi] += 1
-        recency[checkin.poi] = position
-    return sorted(counts, key=lambda poi: (-counts[poi], -recency.get(poi, -1), poi))[:k]
-
-
-def _prompt_sha(messages: list[dict[str, str]]) -> str:
-    canonical = json.dumps(messages, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def _read_done(path: Path) -> list[dict[str, Any]]:
@@ -292,6 +284,7 @@ def run_pipeline(request: PipelineRequest, registry: Any, reporter: Reporter) ->
         if batch:
             todo_batches.append((start // request.batch_size, batch))
     already = sum(1 for item in items if item.key in done)
+    todo = [item for item in items if item.key not in done]
     processed = 0
     engine_description = ""
     if todo_batches:
@@ -299,26 +292,44 @@ def run_pipeline(request: PipelineRequest, registry: Any, reporter: Reporter) ->
                           tokenizer=_tokenizer_dir(first_run, base), device=request.device, quant=request.quant,
                           dtype=request.dtype, run_quant=first_run.quant, batch_size=request.batch_size,
                           trust_remote_code=request.trust_remote_code, url=request.url, api_key=request.api_key,
+                          timeout_s=request.request_timeout, retries=request.retries,
+                          concurrency=request.concurrency or DEFAULT_CONCURRENCY,
                           extra={"run_dtype": first_run.dtype})
         session = engine.open(spec, reporter)
         engine_description = session.description
+        concurrent = _concurrent(request, session)
+        how = (f"{request.concurrency or DEFAULT_CONCURRENCY} requests in flight" if concurrent
+               else f"batches of {request.batch_size}")
         reporter.info(f"chain {' -> '.join(settings['chain'])} on {len(items)} trajectories "
-                      f"({already} done before){' with ' + engine_description if engine_description else ''}")
+                      f"({already} done before), {how}{' with ' + engine_description if engine_description else ''}")
         reporter.progress_start(len(items), already, description="chain", unit="trajectories")
+        plan = ChainPlan(chain=chain, role_adapters=role_adapters, context=context, labels=inputs.labels,
+                         retriever=retriever, max_new_tokens=request.max_new_tokens)
         loop_started = time.monotonic()
+        counted = [0]
+
+        def emit(lines: list[dict[str, Any]]) -> None:
+            _append(predictions, lines)
+            counted[0] += len(lines)
+
+        def progress(done_now: int, answers: int, in_flight: int) -> None:
+            elapsed = time.monotonic() - loop_started
+            rate = counted[0] / elapsed if elapsed > 0 and counted[0] else None
+            remaining = len(items) - already - counted[0]
+            reporter.progress_update(already + counted[0], rate=rate, eta_s=(remaining / rate) if rate else None,
+                                     in_flight=in_flight, answers_per_s=(answers / elapsed) if elapsed > 0 else None)
+
         try:
-            for index, batch in todo_batches:
-                lines = _run_batch(index, batch, chain, role_adapters, session, retriever, context, inputs.labels, request)
-                _append(predictions, lines)
-                processed += len(batch)
-                elapsed = time.monotonic() - loop_started
-                rate = processed / elapsed if elapsed > 0 else None
-                remaining = len(items) - already - processed
-                reporter.progress_update(already + processed, rate=rate,
-                                         eta_s=(remaining / rate) if rate else None)
+            if concurrent:
+                run_concurrent(todo, plan, session, concurrency=request.concurrency or DEFAULT_CONCURRENCY,
+                               emit=emit, progress=progress)
+            else:
+                run_lockstep(todo_batches, plan, session, emit=emit, progress=progress)
         finally:
+            processed = counted[0]
             reporter.progress_stop()
             session.close()
+    _in_test_order(predictions, [item.key for item in inputs.items])
     rows = read_predictions(predictions)
     scores = score_lines(rows, top_k=request.top_k, compat=request.compat)
     seconds = time.monotonic() - started
@@ -330,52 +341,43 @@ def run_pipeline(request: PipelineRequest, registry: Any, reporter: Reporter) ->
                           done_before=already, processed=processed, seconds=seconds, engine=engine_description, notes=notes)
 
 
+def _concurrent(request: PipelineRequest, session: Any) -> bool:
+    if request.scheduler not in SCHEDULERS:
+        raise UsageError(f"--scheduler must be {', '.join(SCHEDULERS)}, not '{request.scheduler}'.")
+    if request.scheduler == "concurrent" and not session.concurrent:
+        raise UsageError(f"The {request.engine} engine answers batches only: --scheduler concurrent needs a server engine.")
+    return bool(session.concurrent) and request.scheduler != "lockstep"
+
+
+def _in_test_order(path: Path, keys: list[str]) -> None:
+    """Put the lines of ``path`` back in test-file order (a line deleted and run again on --resume lands last)."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_bytes().splitlines(keepends=True) if line.strip()]
+    place = {key: index for index, key in enumerate(keys)}
+
+    def where(line: bytes) -> int:
+        try:
+            key = json.loads(line).get("key")
+        except (ValueError, AttributeError):
+            return len(place)
+        return place.get(key, len(place)) if isinstance(key, str) else len(place)
+
+    positions = [where(line) for line in lines]
+    if positions == sorted(positions):
+        return
+    from comapoi_cli.fileio import atomic_writer
+
+    order = sorted(range(len(lines)), key=lambda i: (positions[i], i))
+    with atomic_writer(path, "wb") as handle:
+        for i in order:
+            handle.write(lines[i])
+
+
 def _tokenizer_dir(run: Any, base: str) -> str:
     from comapoi_cli.models.loading import tokenizer_folder
 
     return str(tokenizer_folder(run, base))
-
-
-def _run_batch(index: int, batch: list[ChainItem], chain: list[Any], role_adapters: dict[str, str], session: Any,
-               retriever: Any, context: ChainContext, labels: dict[str, int], request: PipelineRequest) -> list[dict[str, Any]]:
-    batch_started = time.monotonic()
-    retrieval_started = time.monotonic()
-    for item in batch:
-        item.similar = list(retriever.retrieve(item, SIMILAR))[:SIMILAR]
-    stages: dict[str, float] = {"retrieval": round(time.monotonic() - retrieval_started, 4)}
-    upstream: dict[str, dict[str, dict[str, Any]]] = {item.key: {} for item in batch}
-    agents: dict[str, dict[str, dict[str, Any]]] = {item.key: {} for item in batch}
-    problems: dict[str, list[str]] = {item.key: [] for item in batch}
-    final: dict[str, tuple[str, list[int]]] = {}
-    for role in chain:
-        for step in role.chain_steps():
-            prompts = [role.build_inference_prompt(item, upstream[item.key], context, step) for item in batch]
-            step_started = time.monotonic()
-            answers = session.generate(role_adapters[role.id], prompts, request.max_new_tokens)
-            stages[f"{role.id}.{step}"] = round(time.monotonic() - step_started, 4)
-            for item, prompt, answer in zip(batch, prompts, answers):
-                fields = role.parse_chain_output(step, answer.text or "", context)
-                upstream[item.key].setdefault(role.id, {}).update(fields)
-                entry: dict[str, Any] = {"raw": answer.text, **fields, "prompt_sha256": _prompt_sha(prompt)}
-                if answer.problem:
-                    entry["problem"] = answer.problem
-                    problems[item.key].append(f"{role.id}.{step}: {answer.problem}")
-                agents[item.key].setdefault(role.id, {})[step] = entry
-                if "ranking" in fields:
-                    final[item.key] = (f"{role.id}.{step}", list(fields["ranking"]))
-    total = round(time.monotonic() - batch_started, 4)
-    lines = []
-    for item in batch:
-        step_name, ranking = final.get(item.key, (None, []))
-        lines.append({
-            "key": item.key, "line": item.line, "dataset": context.dataset, "user": item.user,
-            "subtrajectory": item.sub, "label": labels[item.key],
-            "retrieved": item.similar, "agents": agents[item.key], "ranking": ranking, "final_step": step_name,
-            "baselines": {"frequent": frequent_pois(item)},
-            "problems": problems[item.key],
-            "timings": {"batch": index, "batch_size": len(batch), "batch_seconds": total, "stage_seconds": stages},
-        })
-    return lines
 
 
 def score_file(path: Path, *, top_k: int = 10, compat: str = "none", max_poi_id: int | None = None) -> dict[str, Any]:

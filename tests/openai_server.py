@@ -18,7 +18,7 @@ the misbehaviours the engine must survive (the tests of the HTTP client pick one
 
 ``--chat``: ok, echo-key (the Authorization header in the answer), number, blank, null,
 usage-list, short-body, huge (2 MB), drip (a byte every 0.5 s), redirect (302/307 to
-``--redirect-to``). ``--models``: ok, list, data5, no-id, escape (a name with an escape
+``--redirect-to``); ``--delay S`` before each answer. ``--models``: ok, list, data5, no-id, escape (a name with an escape
 sequence). ``--log`` gets one JSON line per request (path, authorization, time).
 """
 
@@ -101,6 +101,8 @@ def scripted(args: argparse.Namespace, names: list[str]) -> None:
                 headers = {"Retry-After": str(args.retry_after)} if args.retry_after is not None else None
                 self._send(args.fail_status, {"error": {"message": f"scripted failure {number}"}}, headers)
                 return
+            if args.delay:
+                time.sleep(args.delay)
             mode = args.chat
             if mode == "redirect":
                 self._raw(args.redirect_status, b"", {"Location": args.redirect_to + self.path})
@@ -164,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--redirect-to", default="")
     parser.add_argument("--redirect-status", type=int, default=307)
     parser.add_argument("--log", default=None)
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds before each chat answer")
     args = parser.parse_args(argv)
     adapters = {}
     for item in args.adapter:

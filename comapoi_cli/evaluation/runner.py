@@ -6,11 +6,13 @@ The steps, each a function so that tests and plugins can reuse them:
 2. :func:`resolve_data` picks the held-out file: ``--data``, ``--dataset/--type`` (prepared by
    the data services), or the holdout the run recorded.
 3. :func:`load_eval_records` reads it and finds each record's label with its role's ``target()``.
-4. ``comapoi_cli.models`` resolves the base model (``resolve_base_model``), loads it with the
-   adapter (``load_model``: PEFT, never running a model folder's own code unless asked), renders
-   each prompt with the tokenizer's chat template (``render_prompts``) and decodes greedily in
-   left-padded batches, longest prompts first (``generate``), reporting progress to the caller's
-   ``Reporter``.
+4. The engine generates (the ``register_engines`` hook, as ``pipeline run``): ``transformers``
+   loads the resolved base model (``resolve_base_model``) with the adapter (PEFT, never running
+   a model folder's own code unless asked) and decodes greedily in left-padded batches;
+   ``openai`` asks an OpenAI-compatible server that serves the adapter (``--url``,
+   ``--served-name``), ``--concurrency`` requests in flight
+   (:func:`comapoi_cli.pipeline.scheduler.answer_all`). A prompt longer than the model's
+   context, or a server's failure, is a miss with its reason (never truncated).
 5. Each output is parsed and scored (``comapoi_cli.evaluation.scoring``); predictions.jsonl,
    metrics.json and metrics.csv are written atomically beside the adapter, and the result is
    appended to run.json's ``evaluations``.
@@ -21,7 +23,6 @@ print: what the runner has to say goes to the ``Reporter`` it is given.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +34,8 @@ from comapoi_cli.evaluation.outputs import metrics_csv, now_iso
 from comapoi_cli.evaluation.predictions import iter_jsonl
 from comapoi_cli.evaluation.scoring import LabelError, Scorer, role_origin, summarize
 from comapoi_cli.fileio import atomic_writer, sha256_file, write_json_atomic, write_text_atomic
-from comapoi_cli.models.generation import generate, record_messages, render_prompts
-from comapoi_cli.models.loading import load_model, plan_device, tokenizer_folder
+from comapoi_cli.models.generation import record_messages
+from comapoi_cli.models.loading import plan_device, tokenizer_folder
 from comapoi_cli.models.resolve import resolve_base_model
 from comapoi_cli.reporting import Reporter
 from comapoi_cli.roles import MERGED, RoleContext
@@ -67,6 +68,15 @@ class EvalRequest:
     trust_remote_code: bool = False
     #: score held-out records that were in the run's training data (by conversation key), with a warning
     allow_train_overlap: bool = False
+    #: the engine that generates (``transformers`` local, ``openai`` a server, or a plugin's)
+    engine: str = "transformers"
+    url: str | None = None
+    api_key: str | None = None
+    #: openai: the adapter's served model name (default: the run's type, e.g. agent3)
+    served_name: str | None = None
+    concurrency: int | None = None
+    request_timeout: float = 600.0
+    retries: int = 3
 
 
 @dataclass
@@ -159,9 +169,9 @@ def _messages(record: Any) -> list[dict[str, str]] | None:
 
 def prompt_hash(messages: Sequence[dict[str, str]]) -> str:
     """SHA-256 of the prompt turns as canonical JSON (``[{"role", "content"}]``, sorted keys, no spaces)."""
-    canonical = json.dumps([{"role": m["role"], "content": m["content"]} for m in messages],
-                           ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    from comapoi_cli.pipeline.scheduler import prompt_sha
+
+    return prompt_sha(messages)
 
 
 def load_eval_records(path: Path, type_: str | None, dataset: str | None, registry: Any,
@@ -294,23 +304,28 @@ def evaluate_adapter(request: EvalRequest, registry: Any, reporter: Reporter | N
     if holdout_check.overlap:
         notes.append(f"WARNING: {len(holdout_check.overlap)} of the {len(loaded.records)} records scored were in this "
                      "adapter's training data (--allow-train-overlap): their scores are not held-out scores")
-    device, quant = plan_device(request.device, request.quant, run.quant)
-    say.info(f"loading {base_model} ({device}, quantisation {quant}) with the adapter {run.adapter_dir}")
-    model = load_model(base_model, adapters={ADAPTER: run.adapter_dir}, quant=quant, device=device,
-                       recorded_dtype=run.dtype, tokenizer=tokenizer_folder(run, base_model),
-                       trust_remote_code=request.trust_remote_code)
-    token_ids = render_prompts(model.tokenizer, [r.prompt for r in loaded.records])
-    max_new_tokens = request.max_new_tokens or auto_max_new_tokens(
-        model.tokenizer, data_path, (r.line for r in loaded.records))
-    records, token_ids = _drop_over_context(loaded.records, token_ids, max_new_tokens, model.max_context, notes)
-    if not records:
-        raise DataError(f"Every prompt in {data_path} is longer than the model's context ({model.max_context} tokens).")
-    outputs = generate(model, token_ids, batch_size=request.batch_size, max_new_tokens=max_new_tokens,
-                       reporter=say, description="generating", unit="records")
+    session, served = _open_engine(request, run, type_, base_model, registry, say)
+    try:
+        tokenizer = _tokenizer(session, run, base_model, request) if not request.max_new_tokens else None
+        max_new_tokens = request.max_new_tokens or auto_max_new_tokens(
+            tokenizer, data_path, (r.line for r in loaded.records))
+        records = loaded.records
+        answers = _answer(session, served, records, max_new_tokens, request, say)
+    finally:
+        session.close()
+    misses: dict[str, int] = {}
+    for answer in answers:
+        if answer.problem:
+            _count(misses, answer.problem.split(" (attempt")[0])
+    if misses and sum(misses.values()) == len(records) and all("exceeds the model's context" in m for m in misses):
+        raise DataError(f"Every prompt in {data_path} is longer than the model's context (+ {max_new_tokens} new tokens).")
+    notes += [f"{count} record{'s' if count != 1 else ''} got no answer, scored as misses: {reason}"
+              for reason, count in misses.items()]
+    outputs = [answer.text or "" for answer in answers]
 
     rows: list[dict[str, Any]] = []
     scored: list[tuple[str, RecordOutcome]] = []
-    for record, output in zip(records, outputs):
+    for record, output, answer in zip(records, outputs, answers):
         scorer = loaded.scorers[record.role]
         parsed = scorer.parse_output(output)
         item = scorer.outcome(record.label, parsed.predictions)
@@ -323,6 +338,10 @@ def evaluate_adapter(request: EvalRequest, registry: Any, reporter: Reporter | N
         row["rank"] = item.rank
         if parsed.problem and parsed.predictions is None:
             row["parse_error"] = parsed.problem
+        if answer.problem:
+            row["problem"] = answer.problem
+        if answer.attempts > 1:
+            row["retries"] = answer.attempts - 1
         rows.append(row)
     metrics, by_role = summarize(scored)
 
@@ -344,8 +363,9 @@ def evaluate_adapter(request: EvalRequest, registry: Any, reporter: Reporter | N
         "predictions": str(predictions_path.resolve()),
         "records": loaded.total,
         "skipped": loaded.total - len(records),
-        "generation": {"greedy": True, "batch_size": request.batch_size, "max_new_tokens": max_new_tokens,
-                       "quant": model.quant, "dtype": model.dtype, "device": model.device},
+        "no_answer": sum(misses.values()),
+        "generation": {"greedy": True, "engine": request.engine, "batch_size": request.batch_size,
+                       "max_new_tokens": max_new_tokens, **_engine_facts(session, request, served)},
     }
     if by_role:
         entry["by_role"] = by_role
@@ -364,13 +384,64 @@ def evaluate_adapter(request: EvalRequest, registry: Any, reporter: Reporter | N
     return EvalResult(entry=entry, written=written, notes=notes)
 
 
-def _drop_over_context(records: list[EvalRecord], token_ids: list[list[int]], max_new_tokens: int,
-                       max_context: int | None, notes: list[str]) -> tuple[list[EvalRecord], list[list[int]]]:
-    if not max_context:
-        return records, token_ids
-    keep = [i for i, ids in enumerate(token_ids) if len(ids) + max_new_tokens <= max_context]
-    dropped = len(records) - len(keep)
-    if dropped:
-        notes.append(f"skipped {dropped} record{'s' if dropped != 1 else ''}: prompt + {max_new_tokens} new tokens "
-                     f"exceed the model's context of {max_context} tokens (never truncated)")
-    return [records[i] for i in keep], [token_ids[i] for i in keep]
+def _open_engine(request: EvalRequest, run: RunInfo, type_: str | None, base_model: str, registry: Any,
+                 say: Reporter) -> tuple[Any, str]:
+    """The engine session that answers, and the adapter's name there (``adapter`` locally, the served name on a server)."""
+    from comapoi_cli.pipeline import hooks
+    from comapoi_cli.pipeline.engines import EngineSpec
+    from comapoi_cli.pipeline.http import redact_url
+
+    engine = hooks.engine(registry, request.engine)
+    if request.engine == "transformers":
+        served = ADAPTER
+    else:
+        served = request.served_name or (type_ if type_ else ADAPTER)
+    device, quant = plan_device(request.device, request.quant, run.quant) if request.engine == "transformers" \
+        else (request.device, request.quant)
+    if request.engine == "transformers":
+        say.info(f"loading {base_model} ({device}, quantisation {quant}) with the adapter {run.adapter_dir}")
+    else:
+        say.info(f"{request.engine} engine: {redact_url(request.url) or '(no --url)'} serving {served}")
+    spec = EngineSpec(base_model=base_model, adapters={served: run.adapter_dir}, role_adapters={type_ or ADAPTER: served},
+                      tokenizer=str(tokenizer_folder(run, base_model)), device=device, quant=quant, run_quant=run.quant,
+                      batch_size=request.batch_size, trust_remote_code=request.trust_remote_code, url=request.url,
+                      api_key=request.api_key, timeout_s=request.request_timeout, retries=request.retries,
+                      concurrency=request.concurrency or 64, extra={"run_dtype": run.dtype})
+    return engine.open(spec, say), served
+
+
+def _tokenizer(session: Any, run: RunInfo, base_model: str, request: EvalRequest) -> Any:
+    """The tokenizer that counts the reference answers' tokens (the engine's own when it has one)."""
+    loaded = getattr(session, "loaded", None)
+    if loaded is not None and getattr(loaded, "tokenizer", None) is not None:
+        return loaded.tokenizer
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(tokenizer_folder(run, base_model)),
+                                             trust_remote_code=request.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"Cannot read the run's tokenizer to size the answers ({exc}).",
+                         hint="Pass --max-new-tokens N.") from None
+
+
+def _answer(session: Any, served: str, records: list[EvalRecord], max_new_tokens: int, request: EvalRequest,
+            say: Reporter) -> list[Any]:
+    from comapoi_cli.pipeline.scheduler import answer_all
+
+    say.progress_start(len(records), description="generating", unit="records")
+    try:
+        return answer_all(session, served, [r.prompt for r in records], max_new_tokens, batch_size=request.batch_size,
+                          concurrency=request.concurrency or 64,
+                          on_done=lambda done, in_flight: say.progress_update(done, in_flight=in_flight))
+    finally:
+        say.progress_stop()
+
+
+def _engine_facts(session: Any, request: EvalRequest, served: str) -> dict[str, Any]:
+    from comapoi_cli.pipeline.http import redact_url
+
+    loaded = getattr(session, "loaded", None)
+    if loaded is not None:
+        return {"quant": loaded.quant, "dtype": loaded.dtype, "device": loaded.device}
+    return {"url": redact_url(request.url), "served_name": served, "description": session.description}

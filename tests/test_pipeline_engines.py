@@ -137,15 +137,25 @@ def test_redirect_to_another_origin_is_not_followed(trained_run, tmp_path):
         assert elsewhere.requests() == []  # the key never reached the other origin
 
 
-def test_secrets_are_never_recorded(trained_run, tmp_path):
-    with Server("--chat", "echo-key") as server:
+@pytest.mark.parametrize("with_key", [True, False])
+def test_secrets_are_never_recorded(trained_run, tmp_path, with_key):
+    import base64
+
+    with Server("--chat", "echo-key", log=tmp_path / "log.jsonl") as server:
         url = f"http://alice:hunter2pass@127.0.0.1:{server.port}/v1"
-        result = run_comapoi(*chain(trained_run.run_dir, tmp_path / "out", url, "--limit", "1"))
+        args = chain(trained_run.run_dir, tmp_path / "out", url, "--limit", "1")
+        if not with_key:
+            at = args.index("--api-key")
+            args = args[:at] + args[at + 2:]  # no --api-key: the URL's user:pass is the Basic auth
+        result = run_comapoi(*args)
+        sent = {r["authorization"] for r in server.requests()}
     assert result.returncode == 0, result.stderr
+    basic = base64.b64encode(b"alice:hunter2pass").decode()
+    assert sent == ({f"Bearer {KEY}"} if with_key else {f"Basic {basic}"})
     (row,) = _rows(tmp_path / "out" / "predictions.jsonl")
-    assert row["agents"]["agent1"]["profile"]["raw"] == "your key is [redacted]"
+    assert row["agents"]["agent1"]["profile"]["raw"] == "your key is " + ("[redacted]" if with_key else "Basic [redacted]")
     recorded = _files_text(tmp_path / "out") + result.stdout + result.stderr
-    assert KEY not in recorded and "hunter2pass" not in recorded
+    assert KEY not in recorded and "hunter2pass" not in recorded and basic not in recorded
     record = json.loads((tmp_path / "out" / "pipeline.json").read_text())
     assert record["settings"]["url"] == f"http://alice:[redacted]@127.0.0.1:{server.port}/v1"
 
@@ -225,18 +235,20 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes_the_same_file(concurrent_run, 
 def test_eval_scores_an_adapter_served_by_a_server(trained_run, tmp_path):
     import shutil
 
-    holdout = trained_run.run_json["data"]["holdout_file"]
+    holdout = REAL_DATA / "nyc_test.jsonl"  # plain next-POI records: each answer's first id is scored
     run = tmp_path / "run"
     shutil.copytree(trained_run.run_dir, run, ignore=shutil.ignore_patterns("checkpoint-*"))  # eval appends to run.json
     with Server(names=("merged",), log=tmp_path / "log.jsonl") as server:
         result = run_comapoi("eval", "--adapter", str(run), "--engine", "openai", "--url", server.url,
-                             "--api-key", KEY, "--max-new-tokens", "8", "--output-dir", str(tmp_path / "eval"), "--json")
+                             "--api-key", KEY, "--data", str(holdout), "--max-new-tokens", "8", "--output-dir", str(tmp_path / "eval"),
+                             "--concurrency", "4", "--json")
         chats = [r for r in server.requests() if r["path"].endswith("/chat/completions")]
     assert result.returncode == 0, result.stderr
     entry = json.loads(result.stdout)
     rows = _rows(tmp_path / "eval" / "predictions.jsonl")
     records = sum(1 for line in Path(holdout).read_text(encoding="utf-8").splitlines() if line.strip())
-    assert len(rows) == len(chats) == records - entry["skipped"] > 0
-    assert all(r["output"] == '{"next_poi_id": [1, 2, 3]}' for r in rows)
+    assert len(rows) == len(chats) == records == 24 and entry["skipped"] == 0
+    assert all(r["output"] == '{"next_poi_id": [1, 2, 3]}' and r["predicted_poi_ids"][0] == 1 for r in rows)
+    assert entry["metrics"]["n"] == 24 and entry["metrics"]["unparsable"] == 0
     assert entry["generation"]["engine"] == "openai" and entry["generation"]["served_name"] == "merged"
     assert KEY not in _files_text(tmp_path / "eval") and KEY not in (run / "run.json").read_text()

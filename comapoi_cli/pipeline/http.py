@@ -146,16 +146,49 @@ class ClientSettings:
     concurrency: int = 64
     backoff_s: float = 0.5
 
+    def credentials(self) -> tuple[str, str] | None:
+        """The ``user:pass@`` of ``url``, if any (sent as Basic auth when there is no API key)."""
+        try:
+            parts = urlsplit(self.url)
+        except ValueError:
+            return None
+        if parts.username is None:
+            return None
+        from urllib.parse import unquote
+
+        return unquote(parts.username), unquote(parts.password or "")
+
+    def secrets(self) -> list[str]:
+        """What must never be recorded: the API key, the URL's password, and their Authorization forms."""
+        import base64
+
+        out = [self.api_key] if self.api_key else []
+        creds = self.credentials()
+        if creds is not None and creds[1]:
+            out += [creds[1], base64.b64encode(f"{creds[0]}:{creds[1]}".encode("utf-8")).decode("ascii")]
+        return out
+
 
 def _timeout(httpx: Any, settings: ClientSettings) -> Any:
     return httpx.Timeout(settings.timeout_s, connect=min(CONNECT_TIMEOUT_S, settings.timeout_s))
 
 
 def _headers(settings: ClientSettings) -> dict[str, str]:
+    import base64
+
     headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    creds = settings.credentials()
     if settings.api_key:
         headers["Authorization"] = f"Bearer {settings.api_key}"
+    elif creds is not None:
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{creds[0]}:{creds[1]}".encode("utf-8")).decode("ascii")
     return headers
+
+
+def _without_userinfo(base: str) -> str:
+    parts = urlsplit(base)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
 
 
 def _status_reason(status: int, body: bytes, settings: ClientSettings) -> str:
@@ -168,7 +201,7 @@ def _status_reason(status: int, body: bytes, settings: ClientSettings) -> str:
         message = body[:200].decode("utf-8", "replace")
     message = str(message).strip().splitlines()[0] if str(message).strip() else ""
     text = f"server answered {status}" + (f": {printable(message)}" if message else "")
-    return redact(text, settings.api_key) or text
+    return redact(text, *settings.secrets()) or text
 
 
 def _redirect_target(httpx: Any, response: Any, method: str, settings: ClientSettings) -> Any:
@@ -239,7 +272,8 @@ class AsyncOpenAIClient:
         httpx = httpx_module()
         self.httpx = httpx
         self.settings = settings
-        self.base = api_base(settings.url)
+        self.base = _without_userinfo(api_base(settings.url))  # credentials go in the header we build
+        self.secrets = settings.secrets()
         limits = httpx.Limits(max_connections=max(1, settings.concurrency), max_keepalive_connections=max(1, settings.concurrency))
         self.client = httpx.AsyncClient(timeout=_timeout(httpx, settings), follow_redirects=False, limits=limits,
                                         headers=_headers(settings), trust_env=False)
@@ -270,7 +304,7 @@ class AsyncOpenAIClient:
             except httpx.TimeoutException as exc:
                 raise _Failure(f"request timed out ({type(exc).__name__}, --request-timeout {self.settings.timeout_s:g} s)") from None
             except httpx.TransportError as exc:
-                reason = redact(str(exc) or type(exc).__name__, self.settings.api_key)
+                reason = redact(str(exc) or type(exc).__name__, *self.secrets)
                 raise _Failure(f"request failed: {printable(reason)}", retry=True) from None
         raise _Failure(f"more than {MAX_REDIRECTS} redirects")
 
@@ -300,9 +334,8 @@ class AsyncOpenAIClient:
             payload, attempts = await self.request("POST", "/chat/completions", body)
             text, tokens = parse_chat(payload)
         except _Failure as exc:
-            return Generation(None, redact(exc.reason, self.settings.api_key),
-                              attempts=getattr(exc, "attempts", attempts))
-        return Generation(redact(text, self.settings.api_key), None, tokens, attempts=attempts)
+            return Generation(None, redact(exc.reason, *self.secrets), attempts=getattr(exc, "attempts", attempts))
+        return Generation(redact(text, *self.secrets), None, tokens, attempts=attempts)
 
     async def models(self) -> set[str]:
         try:

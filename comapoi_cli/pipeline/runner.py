@@ -43,6 +43,8 @@ BUILTIN_CHAIN = ("agent1", "agent2", "agent3")
 #: requests in flight for a concurrent engine (a server) unless --concurrency says otherwise
 DEFAULT_CONCURRENCY = 64
 SCHEDULERS = ("auto", "concurrent", "lockstep")
+#: settings a resumed run may change: the server's address (a restarted server; the served names are checked)
+RESUME_MAY_CHANGE = frozenset({"url"})
 
 
 @dataclass
@@ -248,7 +250,7 @@ def run_pipeline(request: PipelineRequest, registry: Any, reporter: Reporter) ->
             previous = None
         if not isinstance(previous, dict):
             raise DataError(f"{record_path} is missing or unreadable: --resume cannot check the settings (use --overwrite).")
-        changed = [key for key in settings if previous.get(key) != settings[key]]
+        changed = [key for key in settings if key not in RESUME_MAY_CHANGE and previous.get(key) != settings[key]]
         if changed:
             raise UsageError(f"--resume: {out} was started with other settings ({', '.join(changed)}); "
                              "use the same ones, another --out, or --overwrite.")

@@ -93,6 +93,7 @@ class OpenAISession(EngineSession):
         self.description = f"openai: {redact_url(self.base)}, models {', '.join(printable(n) for n in spec.adapters)}"
         self._client: Any = None
         self._loop: Any = None
+        self._batch_loop: Any = None
 
     def _async_client(self) -> Any:
         import asyncio
@@ -113,16 +114,25 @@ class OpenAISession(EngineSession):
             await client.aclose()
 
     def generate(self, adapter: str, prompts: Sequence[list[dict[str, str]]], max_new_tokens: int) -> list[Generation]:
-        """The batch path: every prompt in flight at once (``--batch-size`` of them), the answers in order."""
+        """The batch path: every prompt in flight at once, the answers in order (one event loop kept
+        across calls, so that connections are reused)."""
         import asyncio
 
-        async def batch() -> list[Generation]:
-            try:
-                return list(await asyncio.gather(*(self.agenerate(adapter, p, max_new_tokens) for p in prompts)))
-            finally:
-                await self.aclose()
+        if self._batch_loop is None:
+            self._batch_loop = asyncio.new_event_loop()
 
-        return asyncio.run(batch())
+        async def batch() -> list[Generation]:
+            return list(await asyncio.gather(*(self.agenerate(adapter, p, max_new_tokens) for p in prompts)))
+
+        return self._batch_loop.run_until_complete(batch())
+
+    def close(self) -> None:
+        if self._batch_loop is not None:
+            loop, self._batch_loop = self._batch_loop, None
+            try:
+                loop.run_until_complete(self.aclose())
+            finally:
+                loop.close()
 
 
 class OpenAIEngine(Engine):

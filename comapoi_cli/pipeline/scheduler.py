@@ -196,19 +196,27 @@ async def ordered(count: int, work: Callable[[int], Awaitable[Any]], *, window: 
                   emit: Callable[[list[Any]], None], tick: Callable[[int], None] | None = None) -> None:
     """Run ``work(0..count-1)`` with at most ``window`` started and not yet emitted; emit results in index order.
 
-    On an error or a cancellation (Ctrl-C) the work in flight is cancelled; what was emitted stays.
+    Each finished piece of work lands in a queue (O(1) per result, however many are running). On
+    an error or a cancellation (Ctrl-C) the work in flight is cancelled; what was emitted stays.
     """
     results: dict[int, Any] = {}
-    running: dict[asyncio.Task, int] = {}
+    finished: asyncio.Queue[tuple[int, asyncio.Task]] = asyncio.Queue()
+    running: set[asyncio.Task] = set()
     next_start = next_emit = 0
+
+    def start(index: int) -> None:
+        task = asyncio.ensure_future(work(index))
+        running.add(task)
+        task.add_done_callback(lambda done, index=index: finished.put_nowait((index, done)))
+
     try:
         while next_emit < count:
             while next_start < count and next_start - next_emit < window:
-                running[asyncio.ensure_future(work(next_start))] = next_start
+                start(next_start)
                 next_start += 1
-            finished, _ = await asyncio.wait(list(running), return_when=asyncio.FIRST_COMPLETED)
-            for task in finished:
-                results[running.pop(task)] = task.result()
+            index, task = await finished.get()
+            running.discard(task)
+            results[index] = task.result()  # an error in one trajectory's work stops the run
             ready = []
             while next_emit in results:
                 ready.append(results.pop(next_emit))

@@ -165,7 +165,7 @@ class ClientSettings:
         out = [self.api_key] if self.api_key else []
         creds = self.credentials()
         if creds is not None and creds[1]:
-            out += [creds[1], base64.b64encode(f"{creds[0]}:{creds[1]}".encode("utf-8")).decode("ascii")]
+            out += [creds[1], base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode("ascii")]
         return out
 
 
@@ -181,7 +181,7 @@ def _headers(settings: ClientSettings) -> dict[str, str]:
     if settings.api_key:
         headers["Authorization"] = f"Bearer {settings.api_key}"
     elif creds is not None:
-        headers["Authorization"] = "Basic " + base64.b64encode(f"{creds[0]}:{creds[1]}".encode("utf-8")).decode("ascii")
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode("ascii")
     return headers
 
 
@@ -314,9 +314,8 @@ class AsyncOpenAIClient:
         while True:
             attempt += 1
             try:
-                async with asyncio.timeout(self.settings.timeout_s):
-                    return await self._attempt(method, path, body), attempt
-            except TimeoutError:
+                return await asyncio.wait_for(self._attempt(method, path, body), self.settings.timeout_s), attempt
+            except asyncio.TimeoutError:
                 failure = _Failure(f"no whole answer within --request-timeout {self.settings.timeout_s:g} s")
             except _Failure as exc:
                 failure = exc

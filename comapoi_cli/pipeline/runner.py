@@ -25,10 +25,10 @@ from typing import Any
 from comapoi_cli.errors import DataError, UsageError
 from comapoi_cli.fileio import read_json, sha256_file, write_json_atomic
 from comapoi_cli.pipeline import hooks
-from comapoi_cli.pipeline.chain import ChainContext, ChainItem
+from comapoi_cli.pipeline.chain import ChainContext
 from comapoi_cli.pipeline.engines import EngineSpec
-from comapoi_cli.pipeline.inputs import ChainInputs, load_inputs
 from comapoi_cli.pipeline.http import redact_url
+from comapoi_cli.pipeline.inputs import ChainInputs, load_inputs
 from comapoi_cli.pipeline.retrieval import RetrievalIndex
 from comapoi_cli.pipeline.scheduler import ChainPlan, frequent_pois, run_concurrent, run_lockstep  # noqa: F401
 from comapoi_cli.pipeline.scoring import read_predictions, score_lines

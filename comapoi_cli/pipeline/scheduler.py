@@ -33,7 +33,6 @@ from typing import Any, Awaitable, Callable, Sequence
 from comapoi_cli.pipeline.chain import RANKING, ChainContext, ChainItem
 from comapoi_cli.pipeline.engines import EngineSession, Generation
 from comapoi_cli.pipeline.retrieval import SIMILAR
-from comapoi_cli.reporting import Reporter
 
 Ask = Callable[[str, list[dict[str, str]], int], Awaitable[Generation]]
 
@@ -207,7 +206,11 @@ async def ordered(count: int, work: Callable[[int], Awaitable[Any]], *, window: 
     def start(index: int) -> None:
         task = asyncio.ensure_future(work(index))
         running.add(task)
-        task.add_done_callback(lambda done, index=index: finished.put_nowait((index, done)))
+
+        def report(done: asyncio.Task) -> None:
+            finished.put_nowait((index, done))
+
+        task.add_done_callback(report)
 
     try:
         while next_emit < count:

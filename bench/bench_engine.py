@@ -25,9 +25,9 @@ Compared, in one run, on the same server:
   trajectories one after another and each trajectory's steps one after another.
 
 Each row gives the whole run's trajectories/s (ramp-up and the drain of the last, long-tailed
-trajectories included) and the steady rate between the 10th and 90th percentile of the finish
-times, and this process's CPU time per request (the client's cost: prompts, retrieval, HTTP,
-parsing), which bounds the rate a loaded machine can reach.
+trajectories included: with few trajectories per slot the drain weighs) and this process's CPU
+time per request (the client's cost: prompts, retrieval, HTTP, parsing), which bounds the rate
+a loaded machine can reach.
 """
 
 from __future__ import annotations
@@ -157,73 +157,42 @@ def stats(url: str) -> dict[str, Any]:
         return json.loads(response.read())
 
 
-def steady(finished: list[float]) -> float:
-    """Trajectories/s between the 10th and the 90th percentile of the finish times (no ramp-up, no drain)."""
-    times = sorted(finished)
-    first, last = int(0.1 * len(times)), int(0.9 * len(times)) - 1
-    span = times[last] - times[first]
-    return (last - first) / span if span > 0 else float("nan")
-
-
 def check(lines: list[dict[str, Any]], count: int) -> None:
     misses = sum(len(line["problems"]) for line in lines)
     if len(lines) != count or misses:
         raise SystemExit(f"benchmark run broken: {len(lines)} lines of {count}, {misses} misses")
 
 
-def run_concurrent(url: str, plan: Any, items: list[Any], concurrency: int) -> tuple[float, float]:
-    """``scheduler.run_concurrent``'s own parts (``ordered``, ``Throttle``, ``chain_one``), with each
-    trajectory's finish time recorded (the emitted lines come in test order, in bursts)."""
-    from comapoi_cli.pipeline.scheduler import Throttle, chain_one, ordered
+def run_concurrent(url: str, plan: Any, items: list[Any], concurrency: int) -> float:
+    from comapoi_cli.pipeline.scheduler import run_concurrent as schedule
 
     session = open_session(url, concurrency, concurrency)
     lines: list[dict[str, Any]] = []
-    finished: list[float] = []
-
-    async def main() -> None:
-        throttle = Throttle(session, concurrency)
-
-        async def one(index: int) -> dict[str, Any]:
-            line = await chain_one(items[index], plan, throttle)
-            finished.append(time.perf_counter())
-            return line
-
-        try:
-            await ordered(len(items), one, window=max(4 * concurrency, 16), emit=lines.extend)
-        finally:
-            await session.aclose()
-
     started = time.perf_counter()
-    asyncio.run(main())
+    schedule(items, plan, session, concurrency=concurrency, emit=lines.extend, progress=lambda *a: None)
     seconds = time.perf_counter() - started
     check(lines, len(items))
-    return seconds, steady(finished)
+    return seconds
 
 
-def run_lockstep(url: str, plan: Any, items: list[Any], batch_size: int) -> tuple[float, float]:
+def run_lockstep(url: str, plan: Any, items: list[Any], batch_size: int) -> float:
     from comapoi_cli.pipeline.scheduler import run_lockstep as schedule
 
     session = open_session(url, batch_size, batch_size)
     batches = [(i // batch_size, items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
     lines: list[dict[str, Any]] = []
-    finished: list[float] = []
-
-    def emit(new: list[dict[str, Any]]) -> None:
-        lines.extend(new)
-        finished.extend([time.perf_counter()] * len(new))
-
     started = time.perf_counter()
-    schedule(batches, plan, session, emit=emit, progress=lambda *a: None)
+    schedule(batches, plan, session, emit=lines.extend, progress=lambda *a: None)
     seconds = time.perf_counter() - started
     session.close()
     check(lines, len(items))
-    return seconds, steady(finished)
+    return seconds
 
 
 _WORKER: dict[str, Any] = {}
 
 
-def _worker_run(args: tuple[str, list[int]]) -> list[tuple[dict[str, Any], float]]:
+def _worker_run(args: tuple[str, list[int]]) -> list[dict[str, Any]]:
     """One CoMaPOI-style worker: its trajectories one after another, each one's steps one after another."""
     from comapoi_cli.pipeline.scheduler import chain_one
 
@@ -231,19 +200,16 @@ def _worker_run(args: tuple[str, list[int]]) -> list[tuple[dict[str, Any], float
     plan, items = _WORKER["plan"], _WORKER["items"]
     session = open_session(url, 1, 1)
 
-    async def sequential() -> list[tuple[dict[str, Any], float]]:
-        out = []
+    async def sequential() -> list[dict[str, Any]]:
         try:
-            for i in indices:  # perf_counter is CLOCK_MONOTONIC: comparable across processes on Linux
-                out.append((await chain_one(items[i], plan, session.agenerate), time.perf_counter()))
-            return out
+            return [await chain_one(items[i], plan, session.agenerate) for i in indices]
         finally:
             await session.aclose()
 
     return asyncio.run(sequential())
 
 
-def run_workers(url: str, plan: Any, items: list[Any], workers: int) -> tuple[float, float]:
+def run_workers(url: str, plan: Any, items: list[Any], workers: int) -> float:
     _WORKER.update(plan=plan, items=items)
     shares = [(url, list(range(w, len(items), workers))) for w in range(workers)]
     context = multiprocessing.get_context("fork")
@@ -252,8 +218,8 @@ def run_workers(url: str, plan: Any, items: list[Any], workers: int) -> tuple[fl
         started = time.perf_counter()
         results = pool.map(_worker_run, shares)
         seconds = time.perf_counter() - started
-    check([line for share in results for line, _ in share], len(items))
-    return seconds, steady([at for share in results for _, at in share])
+    check([line for share in results for line in share], len(items))
+    return seconds
 
 
 def main() -> None:
@@ -287,13 +253,13 @@ def main() -> None:
             load = os.getloadavg()[0]
             cpu = time.process_time()
             if name == "concurrent":
-                seconds, mid = run_concurrent(url, plan, items, args.concurrency)
+                seconds = run_concurrent(url, plan, items, args.concurrency)
                 how = f"{args.concurrency} in flight"
             elif name == "lockstep":
-                seconds, mid = run_lockstep(url, plan, items, args.concurrency)
+                seconds = run_lockstep(url, plan, items, args.concurrency)
                 how = f"batches of {args.concurrency}"
             else:
-                seconds, mid = run_workers(url, plan, items, args.workers)
+                seconds = run_workers(url, plan, items, args.workers)
                 how = f"{args.workers} worker processes"
             cpu = time.process_time() - cpu  # this process only (the comapoi workers' CPU is theirs)
             drawn = stats(url)
@@ -301,7 +267,6 @@ def main() -> None:
             rows.append({"scheduler": name, "how": how, "trajectories": len(items), "seconds": round(seconds, 3),
                          "traj_per_s": round(len(items) / seconds, 2), "mean_latency_ms": round(drawn["mean_s"] * 1000, 1),
                          "ideal_traj_per_s": round(ideal, 2), "of_ideal": round(len(items) / seconds / ideal, 3),
-                         "steady_traj_per_s": round(mid, 2), "steady_of_ideal": round(mid / ideal, 3),
                          "load_before": round(load, 2),
                          "client_cpu_ms_per_request": round(1000 * cpu / (len(items) * steps), 2) if name != "comapoi" else None})
     finally:
@@ -314,13 +279,12 @@ def main() -> None:
                "server_cap": args.server_cap}
     print(json.dumps(machine))
     print("| scheduler | how | trajectories | seconds | traj/s | server mean latency | ideal traj/s | of ideal "
-          "| steady traj/s (10-90%) | steady of ideal | client CPU per request | load before |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| client CPU per request | load before |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         cpu_text = "-" if row["client_cpu_ms_per_request"] is None else f"{row['client_cpu_ms_per_request']} ms"
         print(f"| {row['scheduler']} | {row['how']} | {row['trajectories']} | {row['seconds']} | {row['traj_per_s']} | "
-              f"{row['mean_latency_ms']} ms | {row['ideal_traj_per_s']} | {row['of_ideal']} | {row['steady_traj_per_s']} | "
-              f"{row['steady_of_ideal']} | {cpu_text} | {row['load_before']} |")
+              f"{row['mean_latency_ms']} ms | {row['ideal_traj_per_s']} | {row['of_ideal']} | {cpu_text} | {row['load_before']} |")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
 

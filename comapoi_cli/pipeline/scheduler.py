@@ -244,7 +244,7 @@ def run_concurrent(items: Sequence[ChainItem], plan: ChainPlan, session: EngineS
         throttle = Throttle(session, concurrency)
         try:
             await ordered(len(items), lambda i: chain_one(items[i], plan, throttle),
-                          window=window or max(4 * concurrency, 16), emit=emit,
+                          window=window or max(16 * concurrency, 256), emit=emit,
                           tick=lambda done: progress(done, throttle.answers, throttle.in_flight))
         finally:
             await session.aclose()

@@ -222,6 +222,8 @@ def run_pipeline(request: PipelineRequest, registry: Any, reporter: Reporter) ->
         raise UsageError(f"Unknown dataset '{request.dataset}'; the chain needs its POI id range (nyc, tky, ca).")
     if request.compat not in ("none", "comapoi"):
         raise UsageError(f"--compat must be none or comapoi, not '{request.compat}'.")
+    if request.scheduler not in SCHEDULERS:
+        raise UsageError(f"--scheduler must be {', '.join(SCHEDULERS)}, not '{request.scheduler}'.")
     if not request.runs:
         raise UsageError("Name the trained runs: --agent1 RUN1 --agent2 RUN2 --agent3 RUN3, or --merged RUN.")
     chain = chain_order(registry, list(request.runs))
@@ -344,8 +346,6 @@ def run_pipeline(request: PipelineRequest, registry: Any, reporter: Reporter) ->
 
 
 def _concurrent(request: PipelineRequest, session: Any) -> bool:
-    if request.scheduler not in SCHEDULERS:
-        raise UsageError(f"--scheduler must be {', '.join(SCHEDULERS)}, not '{request.scheduler}'.")
     if request.scheduler == "concurrent" and not session.concurrent:
         raise UsageError(f"The {request.engine} engine answers batches only: --scheduler concurrent needs a server engine.")
     return bool(session.concurrent) and request.scheduler != "lockstep"

@@ -261,11 +261,12 @@ def test_eval_scores_a_server_failure_as_a_miss_with_its_reason(trained_run, tmp
     shutil.copytree(trained_run.run_dir, run, ignore=shutil.ignore_patterns("checkpoint-*"))
     with Server("--chat", "null", names=("served-merged",)) as server:
         result = run_comapoi("eval", "--adapter", str(run), "--engine", "openai", "--url", server.url, "--served-name",
-                             "served-merged", "--data", str(REAL_DATA / "nyc_test.jsonl"), "--max-new-tokens", "8",
+                             "served-merged", "--data", str(REAL_DATA / "nyc_test.jsonl"),
                              "--retries", "0", "--output-dir", str(tmp_path / "eval"), "--json")
     assert result.returncode == 0, result.stderr
     entry = json.loads(result.stdout)
     assert entry["metrics"]["n"] == 24 and entry["metrics"]["acc@20"] == 0 and entry["no_answer"] == 24
+    assert entry["generation"]["max_new_tokens"] > 16  # sized with the run's tokenizer, without a local model
     assert "24 records got no answer, scored as misses: the server's answer has a null content" in entry["notes"]
     rows = _rows(tmp_path / "eval" / "predictions.jsonl")
     assert all(r["problem"] == "the server's answer has a null content" and r["rank"] is None for r in rows)

@@ -415,14 +415,9 @@ def _tokenizer(session: Any, run: RunInfo, base_model: str, request: EvalRequest
     loaded = getattr(session, "loaded", None)
     if loaded is not None and getattr(loaded, "tokenizer", None) is not None:
         return loaded.tokenizer
-    from transformers import AutoTokenizer
+    from comapoi_cli.models.loading import load_tokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(str(tokenizer_folder(run, base_model)),
-                                             trust_remote_code=request.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"Cannot read the run's tokenizer to size the answers ({exc}).",
-                         hint="Pass --max-new-tokens N.") from None
+    return load_tokenizer(tokenizer_folder(run, base_model), trust_remote_code=request.trust_remote_code)
 
 
 def _answer(session: Any, served: str, records: list[EvalRecord], max_new_tokens: int, request: EvalRequest,

@@ -140,8 +140,11 @@ def scripted(args: argparse.Namespace, names: list[str]) -> None:
             else:
                 self._raw(200, data)
 
-    server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
-    server.daemon_threads = True
+    class Server(ThreadingHTTPServer):
+        request_queue_size = 256  # many clients connect at once (the default backlog of 5 resets some)
+        daemon_threads = True
+
+    server = Server(("127.0.0.1", args.port), Handler)
     print(f"READY {server.server_address[1]}", flush=True)
     try:
         server.serve_forever()

@@ -2,8 +2,20 @@
 
 An engine is registered through the ``register_engines`` hook (built in:
 ``comapoi_cli/default_plugins/pipeline_engines.py``). ``Engine.open(spec, reporter)`` returns an
-``EngineSession``; the chain calls ``session.generate(adapter, prompts, max_new_tokens)`` once per
-agent step and batch of trajectories, switching adapters between calls, and ``close()`` at the end.
+``EngineSession``, which answers prompts in one of two ways:
+
+- a *batch* session (``concurrent = False``, the local ``transformers`` engine) answers
+  ``generate(adapter, prompts, max_new_tokens)``: one call per agent step and batch of
+  trajectories (the same step across trajectories, one adapter per call);
+- a *concurrent* session (``concurrent = True``, the ``openai`` engine) also answers
+  ``await agenerate(adapter, messages, max_new_tokens)``, one prompt at a time, many in flight:
+  the scheduler (:mod:`comapoi_cli.pipeline.scheduler`) moves each trajectory to its next step as
+  soon as its answer arrives, up to ``--concurrency`` requests at once.
+
+``close()`` (and, for a concurrent session, ``await aclose()`` in the loop that used it) at the
+end. ``eval``, ``pipeline run`` (and the teacher pass of ``data build``) all generate through
+these sessions: :func:`comapoi_cli.models.answering.answer_all` answers a list of independent
+prompts with either kind. :func:`context_problem` is the one context-overflow rule.
 
 Light module (no torch): engines import their heavy libraries inside ``open``.
 """
@@ -24,6 +36,16 @@ class Generation:
     text: str | None
     problem: str | None = None
     prompt_tokens: int | None = None
+    #: requests it took (retries on connection errors, 429 and 5xx); 1 for a local engine
+    attempts: int = 1
+
+
+def context_problem(prompt_tokens: int, max_new_tokens: int, max_context: int | None) -> str | None:
+    """The one context-overflow rule: why a prompt is not generated (None: it fits). Never truncated."""
+    if max_context and prompt_tokens + max_new_tokens > max_context:
+        return (f"prompt of {prompt_tokens} tokens + {max_new_tokens} new tokens exceeds the model's "
+                f"context of {max_context} tokens (never truncated)")
+    return None
 
 
 @dataclass
@@ -49,6 +71,10 @@ class EngineSpec:
     url: str | None = None
     api_key: str | None = None
     timeout_s: float = 600.0
+    #: openai: attempts after the first on connection errors, 429 and 5xx
+    retries: int = 3
+    #: concurrent engines: requests in flight at most
+    concurrency: int = 64
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -59,8 +85,19 @@ class EngineSession:
     #: tokens the model reads at most (prompt + new tokens), if known: longer prompts are a miss with a reason
     max_context: int | None = None
 
+    #: True: ``agenerate`` answers one prompt at a time and many may be in flight (a server)
+    concurrent: bool = False
+
     def generate(self, adapter: str, prompts: Sequence[list[dict[str, str]]], max_new_tokens: int) -> list[Generation]:
         raise NotImplementedError
+
+    async def agenerate(self, adapter: str, messages: list[dict[str, str]], max_new_tokens: int) -> Generation:
+        """One answer (concurrent sessions); by default the batch path with a batch of one."""
+        return self.generate(adapter, [messages], max_new_tokens)[0]
+
+    async def aclose(self) -> None:
+        """Release what ``agenerate`` opened in the running event loop."""
+        return None
 
     def close(self) -> None:
         return None

@@ -67,8 +67,9 @@ def fake_model(monkeypatch):
         calls["base_model"] = base_model
         calls["adapters"] = adapters
         calls["trust_remote_code"] = trust_remote_code
+        names = list(adapters or {})
         return LoadedModel(model=None, tokenizer=tokenizer, device="cpu", dtype="float32", quant="none",
-                                  max_context=None)
+                           max_context=None, adapter_names=names, active_adapter=names[0] if names else None)
 
     def generate(loaded, token_ids, *, batch_size, max_new_tokens, reporter=None, **kwargs):
         calls["max_new_tokens"] = max_new_tokens
@@ -78,8 +79,11 @@ def fake_model(monkeypatch):
             out.append(answers.get(messages[-1]["content"], ""))
         return out
 
-    monkeypatch.setattr(runner, "load_model", load_model)
-    monkeypatch.setattr(runner, "generate", generate)
+    # eval generates through the transformers engine, which imports these inside its methods
+    from comapoi_cli.models import generation, loading
+
+    monkeypatch.setattr(loading, "load_model", load_model)
+    monkeypatch.setattr(generation, "generate", generate)
     return answers, calls
 
 

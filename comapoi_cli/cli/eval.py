@@ -55,6 +55,23 @@ def eval_adapter(
         show_default=False, rich_help_panel="Generation"),
     batch_size: int = number_option(8, "--batch-size", whole=True, minimum=1, help="Prompts per generation batch.",
                                    rich_help_panel="Generation"),
+    engine: str = typer.Option("transformers", "--engine", help="transformers (local) or openai (an OpenAI-compatible "
+                               "server such as vLLM serving the adapter), or a plugin's engine.", rich_help_panel="Engine"),
+    url: Optional[str] = typer.Option(None, "--url", help="openai engine: the server, e.g. http://localhost:8000/v1.",
+                                      show_default=False, rich_help_panel="Engine"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="OPENAI_API_KEY", help="openai engine: the key, if "
+                                          "the server wants one (never written anywhere).", show_default=False,
+                                          rich_help_panel="Engine"),
+    served_name: Optional[str] = typer.Option(None, "--served-name", help="openai engine: the adapter's served model "
+                                              "name (vllm serve --lora-modules NAME=DIR). Default: the run's type.",
+                                              show_default=False, rich_help_panel="Engine"),
+    concurrency: Optional[int] = number_option(None, "--concurrency", whole=True, minimum=1, help="openai engine: "
+                                               "requests in flight at once. Default: 64.", show_default=False,
+                                               rich_help_panel="Engine"),
+    request_timeout: float = number_option(600.0, "--request-timeout", above=0, help="openai engine: seconds for one "
+                                           "whole answer (a timeout is a miss with its reason).", rich_help_panel="Engine"),
+    retries: int = number_option(3, "--retries", whole=True, minimum=0, help="openai engine: attempts after the first on "
+                                 "connection errors, 429 and 5xx.", rich_help_panel="Engine"),
     max_new_tokens: Optional[int] = number_option(None, "--max-new-tokens", whole=True, minimum=1, help="Tokens to generate per answer. Default: 1.5 x the longest "
         "reference answer + 16 (at most 512).", show_default=False, rich_help_panel="Generation"),
     quant: str = typer.Option(
@@ -73,7 +90,7 @@ def eval_adapter(
     """Score an adapter on held-out records with CoMaPOI's metrics (Acc@k, NDCG@k, MRR).
 
     Loads the run's base model (or --model) with the adapter, generates greedily in batches with
-    the tokenizer's chat template, parses each answer with the role's parser and scores it against
+    the tokenizer's chat template (or asks a server that serves the adapter: --engine openai --url), parses each answer with the role's parser and scores it against
     the record's target. Writes predictions.jsonl, metrics.json and metrics.csv beside the adapter
     and appends the result to the run's run.json ("evaluations").
 
@@ -103,6 +120,8 @@ def eval_adapter(
         adapter=adapter, data=data, dataset=dataset, type=type_, data_dir=data_dir, num_samples=num_samples,
         model=model, batch_size=batch_size, max_new_tokens=max_new_tokens, quant=quant, device=device,
         output_dir=output_dir, allow_train_overlap=allow_train_overlap, trust_remote_code=trust_remote_code,
+        engine=engine, url=url, api_key=api_key, served_name=served_name, concurrency=concurrency,
+        request_timeout=request_timeout, retries=retries,
     )
     result = _interruptible(lambda: evaluate_adapter(request, get_registry(), Reporter() if as_json else ConsoleReporter()))
     if as_json:

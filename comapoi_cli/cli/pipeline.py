@@ -99,8 +99,16 @@ def run(
                                         show_default=False, rich_help_panel="Engine"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.", rich_help_panel="Engine"),
     quant: str = typer.Option("auto", "--quant", help="auto, 4bit, 8bit or none.", rich_help_panel="Engine"),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Trajectories per batch (generation batch, and the "
-                                   "unit written and resumed).", rich_help_panel="Engine"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="transformers engine: trajectories per generation "
+                                   "batch (each chain step runs on the whole batch).", rich_help_panel="Engine"),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", min=1, help="openai engine: requests in flight at "
+                                              "once; each trajectory moves on as soon as its answer arrives. Default: 64.",
+                                              show_default=False, rich_help_panel="Engine"),
+    request_timeout: float = typer.Option(600.0, "--request-timeout", min=0.001, help="openai engine: seconds for one "
+                                          "whole answer (a timeout is a miss with its reason).", rich_help_panel="Engine"),
+    retries: int = typer.Option(3, "--retries", min=0, help="openai engine: attempts after the first on connection "
+                                "errors, 429 and 5xx (with backoff; Retry-After honoured).", rich_help_panel="Engine"),
+    scheduler: str = typer.Option("auto", "--scheduler", hidden=True, help="auto, concurrent or lockstep (benchmarks)."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Tokens per agent answer (CoMaPOI: 256).",
                                        rich_help_panel="Engine"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code.",
@@ -111,7 +119,7 @@ def run(
                                        show_default=False, rich_help_panel="Output"),
     limit: int = typer.Option(0, "--limit", min=0, help="Run only the first N test trajectories (0 = all).",
                               rich_help_panel="Output"),
-    resume: bool = typer.Option(False, "--resume", help="Continue a run that stopped, from its last whole batch.",
+    resume: bool = typer.Option(False, "--resume", help="Continue a run that stopped, from its last whole line.",
                                 rich_help_panel="Output"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over, replacing the folder's predictions.",
                                    rich_help_panel="Output"),
@@ -131,7 +139,7 @@ def run(
 
     Each role builds its prompts with the same builders as 'comapoi data synth' (no label in them).
 
-    predictions.jsonl gets one line per trajectory, written batch by batch; --resume continues a killed run.
+    predictions.jsonl gets one line per trajectory, in test-file order, written as they finish; --resume continues a killed run.
 
     Ends with CoMaPOI's metrics, per-stage candidate recall and two no-model baselines (docs/pipeline.md).
     """
@@ -163,13 +171,14 @@ def run(
         retriever=retriever, url=url, api_key=api_key, served_names=_pairs(served_name, "--served-name"), model=model,
         device=device, quant=quant, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit, resume=resume,
         overwrite=overwrite, top_k=top_k, compat=compat.lower(), trust_remote_code=trust_remote_code,
-        allow_train_overlap=allow_train_overlap)
+        allow_train_overlap=allow_train_overlap, concurrency=concurrency, request_timeout=request_timeout, retries=retries,
+        scheduler=scheduler.lower())
     try:
         result = run_pipeline(request, registry, _reporter(as_json))
     except KeyboardInterrupt:
         from comapoi_cli.errors import ComapoiError
 
-        raise ComapoiError("Interrupted (Ctrl-C or SIGTERM); every whole batch is saved in the output folder.",
+        raise ComapoiError("Interrupted (Ctrl-C or SIGTERM); every finished line is saved in the output folder.",
                            hint="Continue with the same command and --resume.", exit_code=130) from None
     if as_json:
         print_json({"out": str(result.out), "predictions": str(result.predictions), "rejects": str(result.rejects),

@@ -96,12 +96,13 @@ class ConsoleReporter(Reporter):
             if eta_s is None and rate and self._total:
                 eta_s = max(0.0, (self._total - done) / rate)
         unit = f" {self._unit}/s" if self._unit else "/s"
+        extra = _flow(fields)
         if self._progress is None:  # not a terminal: a plain line, at most every PLAIN_EVERY_S seconds
             now = time.monotonic()
             if now - self._last_line >= PLAIN_EVERY_S or (self._total is not None and done >= self._total):
                 self._last_line = now
                 total = "?" if self._total is None else str(self._total)
-                rate_text = "-" if not rate else f"{rate:,.{2 if rate < 10 else 1}f}{unit}"
+                rate_text = ("-" if not rate else f"{rate:,.{2 if rate < 10 else 1}f}{unit}") + extra
                 self.console.print(f"{self._description or 'progress'}: {done}/{total} {self._unit}  {rate_text}  "
                                    f"ETA {format_duration(eta_s)}", highlight=False, markup=False, soft_wrap=True)
             return
@@ -109,7 +110,7 @@ class ConsoleReporter(Reporter):
             self._task, completed=done,
             loss="-" if loss is None else f"{loss:.4f}", lr="-" if lr is None else f"{lr:.2e}",
             tps="-" if tokens_per_s is None else f"{tokens_per_s:,.0f}", eta=format_duration(eta_s),
-            rate="-" if not rate else f"{rate:,.{2 if rate < 10 else 1}f}{unit}",
+            rate=("-" if not rate else f"{rate:,.{2 if rate < 10 else 1}f}{unit}") + extra,
         )
 
     def log_line(self, step: int, total: int, logs: dict[str, Any], tokens_per_s: float | None, eta_s: float | None) -> None:
@@ -138,3 +139,15 @@ class ConsoleReporter(Reporter):
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+
+def _flow(fields: dict[str, Any]) -> str:
+    """A generation's flow for the progress line: answers/s and requests in flight (when given)."""
+    parts = []
+    answers = fields.get("answers_per_s")
+    if isinstance(answers, (int, float)) and answers > 0:
+        parts.append(f"{answers:,.{2 if answers < 10 else 1}f} answers/s")
+    in_flight = fields.get("in_flight")
+    if isinstance(in_flight, int) and in_flight > 0:
+        parts.append(f"{in_flight} in flight")
+    return ("  " + "  ".join(parts)) if parts else ""

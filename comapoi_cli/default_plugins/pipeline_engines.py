@@ -7,19 +7,19 @@
 - ``openai``: any OpenAI-compatible server (``vllm serve BASE --enable-lora --lora-modules
   agent1=DIR1 agent2=DIR2 agent3=DIR3``): ``/v1/chat/completions`` with the adapter's served
   name as ``model``, temperature 0; the served names are checked against ``/v1/models`` up front.
-  Requests of a batch go out in parallel (``--batch-size`` at a time); standard library only.
+  A concurrent session: the scheduler keeps up to ``--concurrency`` requests in flight; the HTTP
+  client (timeouts, retries, size cap, redirects, secrets) is :mod:`comapoi_cli.models.http`.
 
 Heavy imports stay inside the methods (plugins load on every command).
 """
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any, Sequence
 
-from comapoi_cli.engines import Engine, EngineSession, EngineSpec, Generation
-from comapoi_cli.errors import ComapoiError, UsageError
+from comapoi_cli.engines import Engine, EngineSession, EngineSpec, Generation, context_problem
+from comapoi_cli.errors import UsageError
 from comapoi_cli.hookspecs import hookimpl
 from comapoi_cli.reporting import Reporter
 
@@ -46,9 +46,9 @@ class TransformersSession(EngineSession):
         out: list[Generation] = [Generation(None, None, len(ids)) for ids in token_ids]
         keep = []
         for index, ids in enumerate(token_ids):
-            if self.max_context and len(ids) + max_new_tokens > self.max_context:
-                out[index].problem = (f"prompt of {len(ids)} tokens + {max_new_tokens} new tokens exceeds the model's "
-                                      f"context of {self.max_context} tokens (never truncated)")
+            problem = context_problem(len(ids), max_new_tokens, self.max_context)
+            if problem:
+                out[index].problem = problem
             else:
                 keep.append(index)
         if keep:
@@ -69,75 +69,70 @@ class TransformersEngine(Engine):
 
 
 class OpenAISession(EngineSession):
+    """Chat completions against an OpenAI-compatible server (:mod:`comapoi_cli.models.http`)."""
+
+    concurrent = True
+
     def __init__(self, spec: EngineSpec, reporter: Reporter):
+        from comapoi_cli.models.http import ClientSettings, api_base, printable, redact_url, served_models
+
         if not spec.url:
             raise UsageError("The openai engine needs the server's address: --url http://HOST:PORT/v1.")
         self.spec = spec
-        self.base = spec.url.rstrip("/")
-        if not self.base.endswith("/v1"):
-            self.base += "/v1"
-        served = self._served()
+        self.base = api_base(spec.url)
+        self.settings = ClientSettings(url=spec.url, api_key=spec.api_key, timeout_s=spec.timeout_s, retries=spec.retries,
+                                       concurrency=max(spec.concurrency, spec.batch_size))
+        served = served_models(self.settings)
         missing = [name for name in spec.adapters if name not in served]
+        shown = redact_url(spec.url)
         if missing:
-            raise UsageError(f"The server at {spec.url} does not serve {', '.join(missing)} (it serves: "
-                             f"{', '.join(sorted(served)) or 'nothing'}).",
-                             hint="Start it with --lora-modules " + " ".join(f"{n}=DIR" for n in spec.adapters)
-                             + ", or name the served adapters with --served-name ROLE=NAME.")
-        self.description = f"openai: {self.base}, models {', '.join(spec.adapters)}"
+            raise UsageError(f"The server at {shown} does not serve {', '.join(printable(n) for n in missing)} (it serves: "
+                             f"{', '.join(printable(n, 60) for n in sorted(served)[:20]) or 'nothing'}).",
+                             hint="Start it with --lora-modules " + " ".join(f"{printable(n)}=DIR" for n in spec.adapters)
+                             + ", or name the served adapters with --served-name.")
+        self.description = f"openai: {redact_url(self.base)}, models {', '.join(printable(n) for n in spec.adapters)}"
+        self._client: Any = None
+        self._loop: Any = None
+        self._batch_loop: Any = None
 
-    def _request(self, path: str, body: dict[str, Any] | None = None) -> Any:
-        import urllib.request
+    def _async_client(self) -> Any:
+        import asyncio
 
-        data = None if body is None else json.dumps(body).encode("utf-8")
-        request = urllib.request.Request(self.base + path, data=data, method="GET" if body is None else "POST")
-        request.add_header("Content-Type", "application/json")
-        if self.spec.api_key:
-            request.add_header("Authorization", f"Bearer {self.spec.api_key}")
-        with urllib.request.urlopen(request, timeout=self.spec.timeout_s) as response:
-            return json.loads(response.read().decode("utf-8"))
+        from comapoi_cli.models.http import AsyncOpenAIClient
 
-    def _served(self) -> set[str]:
-        import urllib.error
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._loop is not loop:
+            self._client, self._loop = AsyncOpenAIClient(self.settings), loop
+        return self._client
 
-        try:
-            listing = self._request("/models")
-        except urllib.error.HTTPError as exc:
-            raise ComapoiError(f"The server at {self.spec.url} answered {exc.code} to /v1/models.") from None
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise ComapoiError(f"Cannot reach an OpenAI-compatible server at {self.spec.url} ({reason}).",
-                               hint="Start it first, e.g. the vllm serve command that 'comapoi adapters export' prints.") from None
-        return {str(m.get("id")) for m in (listing.get("data") or []) if isinstance(m, dict)}
+    async def agenerate(self, adapter: str, messages: list[dict[str, str]], max_new_tokens: int) -> Generation:
+        return await self._async_client().chat(adapter, messages, max_new_tokens)
 
-    def _one(self, adapter: str, messages: list[dict[str, str]], max_new_tokens: int) -> Generation:
-        import urllib.error
-
-        body = {"model": adapter, "messages": messages, "temperature": 0, "max_tokens": max_new_tokens}
-        try:
-            answer = self._request("/chat/completions", body)
-        except urllib.error.HTTPError as exc:
-            try:
-                detail = json.loads(exc.read().decode("utf-8")).get("error", {})
-                message = detail.get("message") if isinstance(detail, dict) else str(detail)
-            except Exception:
-                message = exc.reason
-            return Generation(None, f"server answered {exc.code}: {str(message).strip().splitlines()[0] if message else ''}")
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            return Generation(None, f"request failed: {getattr(exc, 'reason', exc)}")
-        try:
-            text = answer["choices"][0]["message"]["content"]
-        except (KeyError, IndexError, TypeError):
-            return Generation(None, "the server's answer holds no choices[0].message.content")
-        tokens = (answer.get("usage") or {}).get("prompt_tokens")
-        return Generation((text or "").strip(), None, tokens if isinstance(tokens, int) else None)
+    async def aclose(self) -> None:
+        if self._client is not None:
+            client, self._client, self._loop = self._client, None, None
+            await client.aclose()
 
     def generate(self, adapter: str, prompts: Sequence[list[dict[str, str]]], max_new_tokens: int) -> list[Generation]:
-        from concurrent.futures import ThreadPoolExecutor
+        """The batch path: every prompt in flight at once, the answers in order (one event loop kept
+        across calls, so that connections are reused)."""
+        import asyncio
 
-        if len(prompts) == 1 or self.spec.batch_size == 1:
-            return [self._one(adapter, p, max_new_tokens) for p in prompts]
-        with ThreadPoolExecutor(max_workers=min(self.spec.batch_size, len(prompts))) as pool:
-            return list(pool.map(lambda p: self._one(adapter, p, max_new_tokens), prompts))
+        if self._batch_loop is None:
+            self._batch_loop = asyncio.new_event_loop()
+
+        async def batch() -> list[Generation]:
+            return list(await asyncio.gather(*(self.agenerate(adapter, p, max_new_tokens) for p in prompts)))
+
+        return self._batch_loop.run_until_complete(batch())
+
+    def close(self) -> None:
+        if self._batch_loop is not None:
+            loop, self._batch_loop = self._batch_loop, None
+            try:
+                loop.run_until_complete(self.aclose())
+            finally:
+                loop.close()
 
 
 class OpenAIEngine(Engine):
@@ -145,9 +140,11 @@ class OpenAIEngine(Engine):
     description = "An OpenAI-compatible server (vllm serve --lora-modules agent1=... agent2=... agent3=...)."
 
     def open(self, spec: EngineSpec, reporter: Reporter) -> EngineSession:
+        from comapoi_cli.models.http import redact_url
+
         started = time.monotonic()
         session = OpenAISession(spec, reporter)
-        reporter.info(f"server {session.base} serves {', '.join(spec.adapters)} ({time.monotonic() - started:.1f} s to check)")
+        reporter.info(f"server {redact_url(session.base)} serves {', '.join(spec.adapters)} ({time.monotonic() - started:.1f} s to check)")
         return session
 
 

@@ -6,11 +6,13 @@ The steps, each a function so that tests and plugins can reuse them:
 2. :func:`resolve_data` picks the held-out file: ``--data``, ``--dataset/--type`` (prepared by
    the data services), or the holdout the run recorded.
 3. :func:`load_eval_records` reads it and finds each record's label with its role's ``target()``.
-4. ``comapoi_cli.models`` resolves the base model (``resolve_base_model``), loads it with the
-   adapter (``load_model``: PEFT, never running a model folder's own code unless asked), renders
-   each prompt with the tokenizer's chat template (``render_prompts``) and decodes greedily in
-   left-padded batches, longest prompts first (``generate``), reporting progress to the caller's
-   ``Reporter``.
+4. The engine generates (the ``register_engines`` hook, as ``pipeline run``): ``transformers``
+   loads the resolved base model (``resolve_base_model``) with the adapter (PEFT, never running
+   a model folder's own code unless asked) and decodes greedily in left-padded batches;
+   ``openai`` asks an OpenAI-compatible server that serves the adapter (``--url``,
+   ``--served-name``), ``--concurrency`` requests in flight
+   (:func:`comapoi_cli.models.answering.answer_all`). A prompt longer than the model's
+   context, or a server's failure, is a miss with its reason (never truncated).
 5. Each output is parsed and scored (``comapoi_cli.evaluation.scoring``); predictions.jsonl,
    metrics.json and metrics.csv are written atomically beside the adapter, and the result is
    appended to run.json's ``evaluations``.
@@ -32,8 +34,8 @@ from comapoi_cli.evaluation.predictions import iter_jsonl
 from comapoi_cli.evaluation.scoring import LabelError, Scorer, role_origin, summarize
 from comapoi_cli.fileio import atomic_writer, now_iso, sha256_file, write_json_atomic, write_text_atomic
 from comapoi_cli.metrics import RecordOutcome
-from comapoi_cli.models.generation import generate, prompt_hash, record_messages, render_prompts
-from comapoi_cli.models.loading import load_model, plan_device, tokenizer_folder
+from comapoi_cli.models.generation import prompt_hash, record_messages
+from comapoi_cli.models.loading import plan_device, tokenizer_folder
 from comapoi_cli.models.resolve import resolve_base_model
 from comapoi_cli.reporting import Reporter
 from comapoi_cli.roles import MERGED, RoleContext
@@ -69,6 +71,15 @@ class EvalRequest:
     trust_remote_code: bool = False
     #: score held-out records that were in the run's training data (by conversation key), with a warning
     allow_train_overlap: bool = False
+    #: the engine that generates (``transformers`` local, ``openai`` a server, or a plugin's)
+    engine: str = "transformers"
+    url: str | None = None
+    api_key: str | None = None
+    #: openai: the adapter's served model name (default: the run's type, e.g. agent3)
+    served_name: str | None = None
+    concurrency: int | None = None
+    request_timeout: float = 600.0
+    retries: int = 3
 
 
 @dataclass
@@ -294,23 +305,28 @@ def evaluate_adapter(request: EvalRequest, registry: Registry, reporter: Reporte
     if holdout_check.overlap:
         notes.append(f"{len(holdout_check.overlap)} of the {len(loaded.records)} records scored were in this "
                      "adapter's training data (--allow-train-overlap): their scores are NOT held-out scores")
-    device, quant = plan_device(request.device, request.quant, run.quant)
-    say.info(f"loading {base_model} ({device}, quantisation {quant}) with the adapter {run.adapter_dir}")
-    model = load_model(base_model, adapters={ADAPTER: run.adapter_dir}, quant=quant, device=device,
-                       recorded_dtype=run.dtype, tokenizer=tokenizer_folder(run, base_model),
-                       trust_remote_code=request.trust_remote_code)
-    token_ids = render_prompts(model.tokenizer, [r.prompt for r in loaded.records])
-    max_new_tokens = request.max_new_tokens or auto_max_new_tokens(
-        model.tokenizer, data_path, (r.line for r in loaded.records))
-    records, token_ids = _drop_over_context(loaded.records, token_ids, max_new_tokens, model.max_context, notes)
-    if not records:
-        raise DataError(f"Every prompt in {data_path} is longer than the model's context ({model.max_context} tokens).")
-    outputs = generate(model, token_ids, batch_size=request.batch_size, max_new_tokens=max_new_tokens,
-                       reporter=say, description="generating", unit="records")
+    session, served = _open_engine(request, run, type_, base_model, registry, say)
+    try:
+        tokenizer = _tokenizer(session, run, base_model, request) if not request.max_new_tokens else None
+        max_new_tokens = request.max_new_tokens or auto_max_new_tokens(
+            tokenizer, data_path, (r.line for r in loaded.records))
+        records = loaded.records
+        answers = _answer(session, served, records, max_new_tokens, request, say)
+    finally:
+        session.close()
+    misses: dict[str, int] = {}
+    for answer in answers:
+        if answer.problem:
+            _count(misses, answer.problem.split(" (attempt")[0])
+    if misses and sum(misses.values()) == len(records) and all("exceeds the model's context" in m for m in misses):
+        raise DataError(f"Every prompt in {data_path} is longer than the model's context (+ {max_new_tokens} new tokens).")
+    notes += [f"{count} record{'s' if count != 1 else ''} got no answer, scored as misses: {reason}"
+              for reason, count in misses.items()]
+    outputs = [answer.text or "" for answer in answers]
 
     rows: list[dict[str, Any]] = []
     scored: list[tuple[str, RecordOutcome]] = []
-    for record, output in zip(records, outputs):
+    for record, output, answer in zip(records, outputs, answers):
         scorer = loaded.scorers[record.role]
         parsed = scorer.parse_output(output)
         item = scorer.outcome(record.label, parsed.predictions)
@@ -323,6 +339,10 @@ def evaluate_adapter(request: EvalRequest, registry: Registry, reporter: Reporte
         row["rank"] = item.rank
         if parsed.problem and parsed.predictions is None:
             row["parse_error"] = parsed.problem
+        if answer.problem:
+            row["problem"] = answer.problem
+        if answer.attempts > 1:
+            row["retries"] = answer.attempts - 1
         rows.append(row)
     metrics, by_role = summarize(scored)
 
@@ -345,8 +365,9 @@ def evaluate_adapter(request: EvalRequest, registry: Registry, reporter: Reporte
         "predictions": str(predictions_path.resolve()),
         "records": loaded.total,
         "skipped": loaded.total - len(records),
-        "generation": {"greedy": True, "batch_size": request.batch_size, "max_new_tokens": max_new_tokens,
-                       "quant": model.quant, "dtype": model.dtype, "device": model.device},
+        "no_answer": sum(misses.values()),
+        "generation": {"greedy": True, "engine": request.engine, "batch_size": request.batch_size,
+                       "max_new_tokens": max_new_tokens, **_engine_facts(session, request, served)},
     }
     if by_role:
         entry["by_role"] = by_role
@@ -378,13 +399,58 @@ def _role_id(loaded: LoadedRecords, record: EvalRecord) -> str | None:
     return role.id if role is not None else None
 
 
-def _drop_over_context(records: list[EvalRecord], token_ids: list[list[int]], max_new_tokens: int,
-                       max_context: int | None, notes: list[str]) -> tuple[list[EvalRecord], list[list[int]]]:
-    if not max_context:
-        return records, token_ids
-    keep = [i for i, ids in enumerate(token_ids) if len(ids) + max_new_tokens <= max_context]
-    dropped = len(records) - len(keep)
-    if dropped:
-        notes.append(f"skipped {dropped} record{'s' if dropped != 1 else ''}: prompt + {max_new_tokens} new tokens "
-                     f"exceed the model's context of {max_context} tokens (never truncated)")
-    return [records[i] for i in keep], [token_ids[i] for i in keep]
+def _open_engine(request: EvalRequest, run: RunInfo, type_: str | None, base_model: str, registry: Registry,
+                 say: Reporter) -> tuple[Any, str]:
+    """The engine session that answers, and the adapter's name there (``adapter`` locally, the served name on a server)."""
+    from comapoi_cli.engines import EngineSpec
+    from comapoi_cli.models.http import redact_url
+
+    engine = registry.engine(request.engine)
+    if request.engine == "transformers":
+        served = ADAPTER
+    else:
+        served = request.served_name or (type_ if type_ else ADAPTER)
+    device, quant = plan_device(request.device, request.quant, run.quant) if request.engine == "transformers" \
+        else (request.device, request.quant)
+    if request.engine == "transformers":
+        say.info(f"loading {base_model} ({device}, quantisation {quant}) with the adapter {run.adapter_dir}")
+    else:
+        say.info(f"{request.engine} engine: {redact_url(request.url) or '(no --url)'} serving {served}")
+    spec = EngineSpec(base_model=base_model, adapters={served: run.adapter_dir}, role_adapters={type_ or ADAPTER: served},
+                      tokenizer=str(tokenizer_folder(run, base_model)), device=device, quant=quant, run_quant=run.quant,
+                      batch_size=request.batch_size, trust_remote_code=request.trust_remote_code, url=request.url,
+                      api_key=request.api_key, timeout_s=request.request_timeout, retries=request.retries,
+                      concurrency=request.concurrency or 64, extra={"run_dtype": run.dtype})
+    return engine.open(spec, say), served
+
+
+def _tokenizer(session: Any, run: RunInfo, base_model: str, request: EvalRequest) -> Any:
+    """The tokenizer that counts the reference answers' tokens (the engine's own when it has one)."""
+    loaded = getattr(session, "loaded", None)
+    if loaded is not None and getattr(loaded, "tokenizer", None) is not None:
+        return loaded.tokenizer
+    from comapoi_cli.models.loading import load_tokenizer
+
+    return load_tokenizer(tokenizer_folder(run, base_model), trust_remote_code=request.trust_remote_code)
+
+
+def _answer(session: Any, served: str, records: list[EvalRecord], max_new_tokens: int, request: EvalRequest,
+            say: Reporter) -> list[Any]:
+    from comapoi_cli.models.answering import answer_all
+
+    say.progress_start(len(records), description="generating", unit="records")
+    try:
+        return answer_all(session, served, [r.prompt for r in records], max_new_tokens, batch_size=request.batch_size,
+                          concurrency=request.concurrency or 64,
+                          on_done=lambda done, in_flight: say.progress_update(done, in_flight=in_flight))
+    finally:
+        say.progress_stop()
+
+
+def _engine_facts(session: Any, request: EvalRequest, served: str) -> dict[str, Any]:
+    from comapoi_cli.models.http import redact_url
+
+    loaded = getattr(session, "loaded", None)
+    if loaded is not None:
+        return {"quant": loaded.quant, "dtype": loaded.dtype, "device": loaded.device}
+    return {"url": redact_url(request.url), "served_name": served, "description": session.description}

@@ -1,13 +1,16 @@
 """``comapoi pipeline run``: the trained agents chained as CoMaPOI chains them, on test trajectories.
 
-Per batch of test trajectories, each role of the chain (in the order the roles declare:
-``chain_position`` / ``chain_after``) runs each of its steps on the whole batch: the role builds
-its prompts (``build_inference_prompt``, the builders ``data synth`` uses for the training
-records), the engine answers them with the role's adapter, the role parses the answers
-(``parse_chain_output``) for the roles downstream. After each batch its lines are appended to
-``predictions.jsonl`` in one write and fsync'ed, so a killed run loses at most the batch in
-flight and ``--resume`` continues from the last whole batch; the batches are the same fixed
-slices of the test file, so a resumed run ends with the same file (timings aside).
+Each role of the chain (in the order the roles declare: ``chain_position`` / ``chain_after``)
+runs each of its steps: the role builds its prompts (``build_inference_prompt``, the builders
+``data synth`` uses for the training records), the engine answers them with the role's adapter,
+the role parses the answers (``parse_chain_output``) for the roles downstream. The scheduler
+(:mod:`comapoi_cli.pipeline.scheduler`) drives the engine: a server (``openai``) gets each
+trajectory's next step as soon as its previous answer arrives, ``--concurrency`` requests in
+flight; the local ``transformers`` engine runs each step on fixed slices of ``--batch-size``
+trajectories. Lines are appended to ``predictions.jsonl`` in test-file order, in whole lines,
+fsync'ed, so a killed run loses at most the lines in flight and ``--resume`` continues it to
+the same file (timings aside); a line deleted from the file is run again and put back in its
+place.
 """
 
 from __future__ import annotations
@@ -16,22 +19,22 @@ import contextlib
 import json
 import os
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from comapoi_cli.chain import ChainContext, ChainItem, chain_order  # chain_order: re-exported
+from comapoi_cli.chain import ChainContext, chain_order  # chain_order: re-exported
 from comapoi_cli.data.chain_inputs import ChainInputs, load_inputs
 from comapoi_cli.engines import EngineSpec
 from comapoi_cli.errors import DataError, UsageError
 from comapoi_cli.fileio import read_json, sha256_file, write_json_atomic
-from comapoi_cli.models.generation import prompt_hash
+from comapoi_cli.models.http import redact_url
 from comapoi_cli.pipeline import checks
+from comapoi_cli.pipeline.scheduler import ChainPlan, frequent_pois, run_concurrent, run_lockstep  # noqa: F401
 from comapoi_cli.pipeline.scoring import read_predictions, score_lines
 from comapoi_cli.presets import preset_for
 from comapoi_cli.reporting import Reporter
-from comapoi_cli.retrievers import SIMILAR, RetrievalIndex
+from comapoi_cli.retrievers import RetrievalIndex
 from comapoi_cli.roles import MERGED
 from comapoi_cli.runs.layout import LOCK_FILE
 
@@ -41,6 +44,11 @@ if TYPE_CHECKING:  # typing only
 PREDICTIONS = "predictions.jsonl"
 REJECTS = "rejects.jsonl"
 RECORD = "pipeline.json"
+#: requests in flight for a concurrent engine (a server) unless --concurrency says otherwise
+DEFAULT_CONCURRENCY = 64
+SCHEDULERS = ("auto", "concurrent", "lockstep")
+#: settings a resumed run may change: the server's address (a restarted server; the served names are checked)
+RESUME_MAY_CHANGE = frozenset({"url"})
 
 
 @dataclass
@@ -69,6 +77,10 @@ class PipelineRequest:
     compat: str = "none"
     trust_remote_code: bool = False
     allow_train_overlap: bool = False          # score test trajectories that were training data (said loudly)
+    concurrency: int | None = None              # requests in flight (concurrent engines); default 64
+    request_timeout: float = 600.0              # openai: seconds for one whole answer
+    retries: int = 3                            # openai: attempts after the first (connection errors, 429, 5xx)
+    scheduler: str = "auto"                     # auto, concurrent or lockstep (benchmarks compare them)
 
 
 @dataclass
@@ -142,25 +154,12 @@ def _settings(request: PipelineRequest, chain: list[Any], adapters: dict[str, Pa
         "adapter_sha256": checks.adapter_digests(adapters),
         "base_model": base,
         "engine": request.engine,
-        "url": request.url,
+        "url": redact_url(request.url),
         "retriever": request.retriever,
         "batch_size": request.batch_size,
         "max_new_tokens": request.max_new_tokens,
         "top_k": request.top_k,
     }
-
-
-def frequent_pois(item: ChainItem, k: int = SIMILAR) -> list[int]:
-    """The no-model baseline: the user's POIs (training history + current trajectory), most visited
-    first, the most recently visited first among equals, then the smaller id."""
-    counts: Counter = Counter()
-    recency: dict[int, int] = {}
-    if item.history is not None:
-        counts.update(item.history.pois)
-    for position, checkin in enumerate(item.trajectory.checkins):
-        counts[checkin.poi] += 1
-        recency[checkin.poi] = position
-    return sorted(counts, key=lambda poi: (-counts[poi], -recency.get(poi, -1), poi))[:k]
 
 
 def _read_done(path: Path) -> list[dict[str, Any]]:
@@ -265,6 +264,8 @@ def _run_pipeline(request: PipelineRequest, registry: Registry, reporter: Report
         raise UsageError(f"Unknown dataset '{request.dataset}'; the chain needs its POI id range (nyc, tky, ca).")
     if request.compat not in ("none", "comapoi"):
         raise UsageError(f"--compat must be none or comapoi, not '{request.compat}'.")
+    if request.scheduler not in SCHEDULERS:
+        raise UsageError(f"--scheduler must be {', '.join(SCHEDULERS)}, not '{request.scheduler}'.")
     if not request.runs:
         raise UsageError("Name the trained runs: --ROLE RUN for each agent (e.g. --agent1 RUN1), or --merged RUN.")
     chain = chain_order(registry, list(request.runs))
@@ -298,7 +299,7 @@ def _run_pipeline(request: PipelineRequest, registry: Registry, reporter: Report
         if not isinstance(previous, dict):
             raise DataError(f"{record_path} is missing or unreadable: --resume cannot check the settings (use --overwrite).")
         _check_resume_adapters(previous, settings, notes)
-        changed = [key for key in settings if previous.get(key) != settings[key]]
+        changed = [key for key in settings if key not in RESUME_MAY_CHANGE and previous.get(key) != settings[key]]
         if changed:
             raise UsageError(f"--resume: {out} was started with other settings ({', '.join(changed)}); "
                              "use the same ones, another --out, or --overwrite.")
@@ -340,6 +341,7 @@ def _run_pipeline(request: PipelineRequest, registry: Registry, reporter: Report
         if batch:
             todo_batches.append((start // request.batch_size, batch))
     already = sum(1 for item in items if item.key in done)
+    todo = [item for item in items if item.key not in done]
     processed = 0
     engine_description = ""
     if todo_batches:
@@ -347,26 +349,44 @@ def _run_pipeline(request: PipelineRequest, registry: Registry, reporter: Report
                           tokenizer=_tokenizer_dir(first_run, base), device=request.device, quant=request.quant,
                           dtype=request.dtype, run_quant=first_run.quant, batch_size=request.batch_size,
                           trust_remote_code=request.trust_remote_code, url=request.url, api_key=request.api_key,
+                          timeout_s=request.request_timeout, retries=request.retries,
+                          concurrency=request.concurrency or DEFAULT_CONCURRENCY,
                           extra={"run_dtype": first_run.dtype})
         session = engine.open(spec, reporter)
         engine_description = session.description
+        concurrent = _concurrent(request, session)
+        how = (f"{request.concurrency or DEFAULT_CONCURRENCY} requests in flight" if concurrent
+               else f"batches of {request.batch_size}")
         reporter.info(f"chain {' -> '.join(settings['chain'])} on {len(items)} trajectories "
-                      f"({already} done before){' with ' + engine_description if engine_description else ''}")
+                      f"({already} done before), {how}{' with ' + engine_description if engine_description else ''}")
         reporter.progress_start(len(items), already, description="chain", unit="trajectories")
+        plan = ChainPlan(chain=chain, role_adapters=role_adapters, context=context, labels=inputs.labels,
+                         retriever=retriever, max_new_tokens=request.max_new_tokens)
         loop_started = time.monotonic()
+        counted = [0]
+
+        def emit(lines: list[dict[str, Any]]) -> None:
+            _append(predictions, lines)
+            counted[0] += len(lines)
+
+        def progress(done_now: int, answers: int, in_flight: int) -> None:
+            elapsed = time.monotonic() - loop_started
+            rate = counted[0] / elapsed if elapsed > 0 and counted[0] else None
+            remaining = len(items) - already - counted[0]
+            reporter.progress_update(already + counted[0], rate=rate, eta_s=(remaining / rate) if rate else None,
+                                     in_flight=in_flight, answers_per_s=(answers / elapsed) if elapsed > 0 else None)
+
         try:
-            for index, batch in todo_batches:
-                lines = _run_batch(index, batch, chain, role_adapters, session, retriever, context, inputs.labels, request)
-                _append(predictions, lines)
-                processed += len(batch)
-                elapsed = time.monotonic() - loop_started
-                rate = processed / elapsed if elapsed > 0 else None
-                remaining = len(items) - already - processed
-                reporter.progress_update(already + processed, rate=rate,
-                                         eta_s=(remaining / rate) if rate else None)
+            if concurrent:
+                run_concurrent(todo, plan, session, concurrency=request.concurrency or DEFAULT_CONCURRENCY,
+                               emit=emit, progress=progress)
+            else:
+                run_lockstep(todo_batches, plan, session, emit=emit, progress=progress)
         finally:
+            processed = counted[0]
             reporter.progress_stop()
             session.close()
+    _in_test_order(predictions, [item.key for item in inputs.items])
     rows = read_predictions(predictions)
     scores = score_lines(rows, top_k=request.top_k, compat=request.compat,
                          retrieval_roles=[r.id for r in chain if r.uses_retrieved])
@@ -381,52 +401,41 @@ def _run_pipeline(request: PipelineRequest, registry: Registry, reporter: Report
                           done_before=already, processed=processed, seconds=seconds, engine=engine_description, notes=notes)
 
 
+def _concurrent(request: PipelineRequest, session: Any) -> bool:
+    if request.scheduler == "concurrent" and not session.concurrent:
+        raise UsageError(f"The {request.engine} engine answers batches only: --scheduler concurrent needs a server engine.")
+    return bool(session.concurrent) and request.scheduler != "lockstep"
+
+
+def _in_test_order(path: Path, keys: list[str]) -> None:
+    """Put the lines of ``path`` back in test-file order (a line deleted and run again on --resume lands last)."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_bytes().splitlines(keepends=True) if line.strip()]
+    place = {key: index for index, key in enumerate(keys)}
+
+    def where(line: bytes) -> int:
+        try:
+            key = json.loads(line).get("key")
+        except (ValueError, AttributeError):
+            return len(place)
+        return place.get(key, len(place)) if isinstance(key, str) else len(place)
+
+    positions = [where(line) for line in lines]
+    if positions == sorted(positions):
+        return
+    from comapoi_cli.fileio import atomic_writer
+
+    order = sorted(range(len(lines)), key=lambda i: (positions[i], i))
+    with atomic_writer(path, "wb") as handle:
+        for i in order:
+            handle.write(lines[i])
+
+
 def _tokenizer_dir(run: Any, base: str) -> str:
     from comapoi_cli.models.loading import tokenizer_folder
 
     return str(tokenizer_folder(run, base))
-
-
-def _run_batch(index: int, batch: list[ChainItem], chain: list[Any], role_adapters: dict[str, str], session: Any,
-               retriever: Any, context: ChainContext, labels: dict[str, int], request: PipelineRequest) -> list[dict[str, Any]]:
-    batch_started = time.monotonic()
-    retrieval_started = time.monotonic()
-    for item in batch:
-        item.similar = list(retriever.retrieve(item, SIMILAR))[:SIMILAR]
-    stages: dict[str, float] = {"retrieval": round(time.monotonic() - retrieval_started, 4)}
-    upstream: dict[str, dict[str, dict[str, Any]]] = {item.key: {} for item in batch}
-    agents: dict[str, dict[str, dict[str, Any]]] = {item.key: {} for item in batch}
-    problems: dict[str, list[str]] = {item.key: [] for item in batch}
-    final: dict[str, tuple[str, list[int]]] = {}
-    for role in chain:
-        for step in role.chain_steps():
-            prompts = [role.build_inference_prompt(item, upstream[item.key], context, step) for item in batch]
-            step_started = time.monotonic()
-            answers = session.generate(role_adapters[role.id], prompts, request.max_new_tokens)
-            stages[f"{role.id}.{step}"] = round(time.monotonic() - step_started, 4)
-            for item, prompt, answer in zip(batch, prompts, answers):
-                fields = role.parse_chain_output(step, answer.text or "", context)
-                upstream[item.key].setdefault(role.id, {}).update(fields)
-                entry: dict[str, Any] = {"raw": answer.text, **fields, "prompt_sha256": prompt_hash(prompt)}
-                if answer.problem:
-                    entry["problem"] = answer.problem
-                    problems[item.key].append(f"{role.id}.{step}: {answer.problem}")
-                agents[item.key].setdefault(role.id, {})[step] = entry
-                if "ranking" in fields:
-                    final[item.key] = (f"{role.id}.{step}", list(fields["ranking"]))
-    total = round(time.monotonic() - batch_started, 4)
-    lines = []
-    for item in batch:
-        step_name, ranking = final.get(item.key, (None, []))
-        lines.append({
-            "key": item.key, "line": item.line, "dataset": context.dataset, "user": item.user,
-            "subtrajectory": item.sub, "label": labels[item.key],
-            "retrieved": item.similar, "agents": agents[item.key], "ranking": ranking, "final_step": step_name,
-            "baselines": {"frequent": frequent_pois(item)},
-            "problems": problems[item.key],
-            "timings": {"batch": index, "batch_size": len(batch), "batch_seconds": total, "stage_seconds": stages},
-        })
-    return lines
 
 
 def score_file(path: Path, *, top_k: int = 10, compat: str = "none", max_poi_id: int | None = None,

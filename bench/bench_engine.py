@@ -111,9 +111,8 @@ def serve(median_ms: float, p99_ratio: float, cap: int, seed: int) -> None:
 
 
 def build_plan(trajectories: int) -> tuple[Any, list[Any]]:
-    from comapoi_cli.data.chain_inputs import load_inputs
-
     from comapoi_cli.chain import ChainContext
+    from comapoi_cli.data.chain_inputs import load_inputs
     from comapoi_cli.pipeline.runner import chain_order
     from comapoi_cli.pipeline.scheduler import ChainPlan
     from comapoi_cli.plugins import get_registry

@@ -152,6 +152,35 @@ def _user_order(users: Any) -> Any:
     return rank
 
 
+def _in_input_order(fidx: Any, line: Any) -> bool:
+    """Whether the rows come by file index, then line number (as every built-in reader returns them)."""
+    import numpy as np
+
+    if len(fidx) < 2:
+        return True
+    step = np.diff(fidx)
+    return bool(((step > 0) | ((step == 0) & (np.diff(line) > 0))).all())
+
+
+def _sort_by(major: Any, minor: Any, *, tie: tuple[Any, ...] | None) -> Any:
+    """Indices that sort by ``major``, then ``minor`` (``None``: none), then the row order, or ``tie``'s
+    keys (numpy lexsort order, last key first) when given. Two whole-number keys that fit one int64
+    are sorted as one key (a stable argsort: 3-4x faster than lexsort's pass per key)."""
+    import numpy as np
+
+    if tie is None and len(major):
+        major = np.asarray(major, dtype=np.int64)
+        lo, span = int(major.min()), int(major.max()) - int(major.min()) + 1
+        if minor is None:
+            return np.argsort(major, kind="stable")
+        minor = np.asarray(minor, dtype=np.int64)
+        mlo, mspan = int(minor.min()), int(minor.max()) - int(minor.min()) + 1
+        if span * mspan < 2 ** 62:
+            return np.argsort((major - lo) * mspan + (minor - mlo), kind="stable")
+    keys = (*(tie or ()), *(() if minor is None else (minor,)), major)
+    return np.lexsort(keys)
+
+
 def _empty(step: str, why: str) -> DataError:
     return DataError(f"No check-in is left after {step} ({why}).",
                      hint="Loosen that setting, or check that the files are the format given to --from.")
@@ -298,7 +327,8 @@ def _prepare(paths: Sequence[str | os.PathLike[str]], dataset: str, settings: Pr
     # 4. local time; sort every user's check-ins by time
     idx = np.nonzero(keep)[0]
     user_rank = _user_order(user_dict)
-    order = idx[np.lexsort((line[idx], fidx[idx], utc[idx], user_rank[u[idx]]))]
+    in_input_order = _in_input_order(fidx, line)  # rows by file, then line: ties need no more keys
+    order = idx[_sort_by(user_rank[u[idx]], utc[idx], tie=None if in_input_order else (line[idx], fidx[idx]))]
     su, sp, sutc = u[order], p[order], utc[order]
     slocal = sutc + offset[order] * 60
     n = len(order)
@@ -324,7 +354,7 @@ def _prepare(paths: Sequence[str | os.PathLike[str]], dataset: str, settings: Pr
     steps.append({"step": "sessions", "rule": session_rule, "session_gap_hours": gap, "sessions": int(session[-1] + 1)})
 
     # 6. chronological split of the whole city
-    by_time = np.lexsort((line[order], fidx[order], sutc))
+    by_time = _sort_by(sutc, order if in_input_order else None, tie=None if in_input_order else (line[order], fidx[order]))
     n_train = int(n * settings.split[0])
     n_val = int(n * (settings.split[0] + settings.split[1])) - n_train
     part = np.empty(n, dtype=np.int8)
@@ -443,32 +473,58 @@ def _prepare(paths: Sequence[str | os.PathLike[str]], dataset: str, settings: Pr
         poi_piece[code] = f" visit POI ID {poi_new[code]} ({json.dumps(category, ensure_ascii=False)[1:-1]}, {lat_t},{lon_t})."
         poi_rows.append((int(poi_new[code]), category, lat_t, lon_t, raw_id))
     poi_rows.sort()
-    pieces = pa.array(poi_piece, pa.string())
-    # "2012-04-04 15:36:09, Wednesday": the timestamp cast to text (fast; strftime with %A is 50x slower)
-    # and the weekday's name by the day number (1970-01-01 was a Thursday)
-    weekday = pa.array([", Monday", ", Tuesday", ", Wednesday", ", Thursday", ", Friday", ", Saturday", ", Sunday"])
+    pieces = pa.array(poi_piece, pa.large_string())
+    # "At 2012-04-04 15:36:09, Wednesday, user ": looked up, not formatted per check-in: the day's
+    # "At 2012-04-04 " (pyarrow's timestamp-to-text cast of the day's midnight, " 00:00:00" cut off) and
+    # "15:36:09, Wednesday, user " by second of the day and weekday (1970-01-01 was a Thursday)
+    day_all = slocal // 86400
+    day_lo, day_hi = (int(day_all.min()), int(day_all.max())) if n else (0, 0)
+    dense_days = day_hi - day_lo < 1_000_000
+    days = np.arange(day_lo, day_hi + 1, dtype=np.int64) if dense_days else np.unique(day_all)
+    del day_all
+    day_text = pc.utf8_slice_codeunits(arrow(days * 86400, pa.timestamp("s")).cast(pa.large_string()), 0, -9)
+    day_text = _join("At ", day_text, " ")
+    clock = pc.utf8_slice_codeunits(arrow(np.arange(86400, dtype=np.int64), pa.timestamp("s")).cast(pa.large_string()), -8)
+    weekday = pa.array([", Monday, user ", ", Tuesday, user ", ", Wednesday, user ", ", Thursday, user ", ", Friday, user ",
+                        ", Saturday, user ", ", Sunday, user "], pa.large_string())
+    clock_day = _join(clock.take(arrow(np.repeat(np.arange(86400, dtype=np.int64), 7))),
+                      weekday.take(arrow(np.tile(np.arange(7, dtype=np.int64), 86400))))  # index: second * 7 + weekday
     system = SYSTEM_PROMPT.split("{user}")
 
     def write_lines(path: Path, starts: Any, labels: Any, subs: Any) -> None:
-        """Write the trajectories ending at ``labels`` (histories from ``starts``), a chunk at a time."""
+        """Write the trajectories ending at ``labels`` (histories from ``starts``), a chunk at a time.
+
+        One text per history check-in, made by one element-wise join: the line's head (JSON up to the
+        history) before its first check-in and " " before the others, the check-in, and the line's tail
+        (the label, the JSON's end) after its last; the chunk's lines are then these texts back to back."""
         with open(path, "wb") as handle:
             for first in range(0, len(labels), LINES_PER_CHUNK):
                 s_, l_ = starts[first:first + LINES_PER_CHUNK], labels[first:first + LINES_PER_CHUNK]
                 lengths = l_ - s_
+                if len(lengths) and int(lengths.min()) < 1:  # every trajectory has history (steps 9)
+                    raise AssertionError("a trajectory without history")
                 offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
                 rows = (np.repeat(s_ - offsets[:-1], lengths) + np.arange(offsets[-1])).astype(np.int64)
                 local = slocal[rows]
-                when = _join(arrow(local, pa.timestamp("s")).cast(pa.string()), weekday.take(arrow((local // 86400 + 3) % 7)))
-                texts = _join("At ", when, ", user ", arrow(uid[rows]).cast(pa.string()), pc.take(pieces, arrow(sp[rows])))
-                joined = pc.binary_join(pa.LargeListArray.from_arrays(arrow(offsets), texts),
-                                        pa.scalar(" ", pa.large_string()))
-                users = arrow(uid[l_]).cast(pa.string())
-                subs_t = arrow(np.asarray(subs[first:first + LINES_PER_CHUNK], dtype=np.int64)).cast(pa.string())
-                label_t = arrow(pid[l_]).cast(pa.string())
-                lines = _join(
-                    '{"messages": [{"role": "system", "content": "', json_text(system[0]), users, json_text(system[1]),
-                    '"}, {"role": "user", "content": "<historical trajectory of user_', users, "_subtrajectory_", subs_t,
-                    ">\\n", joined, '"}, {"role": "assistant", "content": "{\\"next_poi_id\\": ', label_t, '}"}]}\n')
+                day = local // 86400
+                second = local - day * 86400
+                day_index = day - day_lo if dense_days else np.searchsorted(days, day)
+                users = arrow(uid[l_]).cast(pa.large_string())
+                subs_t = arrow(np.asarray(subs[first:first + LINES_PER_CHUNK], dtype=np.int64)).cast(pa.large_string())
+                label_t = arrow(pid[l_]).cast(pa.large_string())
+                heads = _join('{"messages": [{"role": "system", "content": "', json_text(system[0]), users,
+                              json_text(system[1]), '"}, {"role": "user", "content": "<historical trajectory of user_',
+                              users, "_subtrajectory_", subs_t, ">\\n")
+                tails = _join('"}, {"role": "assistant", "content": "{\\"next_poi_id\\": ', label_t, '}"}]}\n')
+                head_index = np.zeros(len(rows), dtype=np.int64)
+                head_index[offsets[:-1]] = np.arange(1, len(l_) + 1)
+                tail_index = np.zeros(len(rows), dtype=np.int64)
+                tail_index[offsets[1:] - 1] = np.arange(1, len(l_) + 1)
+                heads = pa.concat_arrays([pa.array([" "], pa.large_string()), heads])
+                tails = pa.concat_arrays([pa.array([""], pa.large_string()), tails])
+                lines = _join(heads.take(arrow(head_index)), day_text.take(arrow(day_index.astype(np.int64))),
+                              clock_day.take(arrow(second * 7 + (day + 3) % 7)), arrow(uid[rows]).cast(pa.large_string()),
+                              pieces.take(arrow(sp[rows])), tails.take(arrow(tail_index)))
                 for buffer in _value_buffers(lines):
                     handle.write(buffer)
 
@@ -563,7 +619,8 @@ def _join(*parts: Any) -> Any:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    args = [pa.scalar(p, pa.large_string()) if isinstance(p, str) else p.cast(pa.large_string()) for p in parts]
+    args = [pa.scalar(p, pa.large_string()) if isinstance(p, str)
+            else p if p.type == pa.large_string() else p.cast(pa.large_string()) for p in parts]
     return pc.binary_join_element_wise(*args, pa.scalar("", pa.large_string()))
 
 

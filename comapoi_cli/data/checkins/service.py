@@ -135,6 +135,15 @@ def format_coord(value: float, decimals: int | None) -> str:
     return text
 
 
+def _coord_texts(values: Any, decimals: int | None) -> list[str]:
+    """``format_coord`` of every value of a float64 array (without rounding: ``repr`` of each, the few
+    in exponent form redone)."""
+    if decimals is not None:
+        return [format_coord(v, decimals) for v in values]
+    texts = list(map(repr, values.tolist()))
+    return [format_coord(float(values[i]), None) if "e" in t else t for i, t in enumerate(texts)]
+
+
 # -- the steps ------------------------------------------------------------------------------------------
 def _user_order(users: Any) -> Any:
     """Rank of each dictionary entry of the user ids: numeric order when all are whole numbers, else text order."""
@@ -468,10 +477,15 @@ def _prepare(paths: Sequence[str | os.PathLike[str]], dataset: str, settings: Pr
     poi_rows = []
     used_categories = poi_category.take(arrow(used_pois)).to_pylist()
     used_raw = poi_dict.take(arrow(used_pois)).to_pylist()
-    for code, category, raw_id in zip(used_pois.tolist(), used_categories, used_raw):
-        lat_t, lon_t = format_coord(poi_lat[code], decimals), format_coord(poi_lon[code], decimals)
-        poi_piece[code] = f" visit POI ID {poi_new[code]} ({json.dumps(category, ensure_ascii=False)[1:-1]}, {lat_t},{lon_t})."
-        poi_rows.append((int(poi_new[code]), category, lat_t, lon_t, raw_id))
+    category_text: dict[str, str] = {}  # a category's JSON-escaped text, made once per category
+    for code, new_id, category, raw_id, lat_t, lon_t in zip(
+            used_pois.tolist(), poi_new[used_pois].tolist(), used_categories, used_raw,
+            _coord_texts(poi_lat[used_pois], decimals), _coord_texts(poi_lon[used_pois], decimals)):
+        escaped = category_text.get(category)
+        if escaped is None:
+            escaped = category_text[category] = json.dumps(category, ensure_ascii=False)[1:-1]
+        poi_piece[code] = f" visit POI ID {new_id} ({escaped}, {lat_t},{lon_t})."
+        poi_rows.append((new_id, category, lat_t, lon_t, raw_id))
     poi_rows.sort()
     pieces = pa.array(poi_piece, pa.large_string())
     # "At 2012-04-04 15:36:09, Wednesday, user ": looked up, not formatted per check-in: the day's
@@ -550,8 +564,7 @@ def _prepare(paths: Sequence[str | os.PathLike[str]], dataset: str, settings: Pr
                "test": split_summary(part == 2, e_labels)}
     year_index = slocal.astype("datetime64[s]").astype("datetime64[Y]").astype(np.int64)
     years = [int(y) + 1970 + int(year_index.min()) for y in np.nonzero(np.bincount(year_index - year_index.min()))[0]]
-    lats = np.array([poi_lat[c] for c in used_pois.tolist()])
-    lons = np.array([poi_lon[c] for c in used_pois.tolist()])
+    lats, lons = poi_lat[used_pois], poi_lon[used_pois]
     max_poi = int(poi_new[used_pois].max())
     if preset is not None and max_poi > preset.max_poi_id:
         raise DataError(f"The prepared POI ids run to {max_poi}, beyond the {preset.name} preset's 0..{preset.max_poi_id} "

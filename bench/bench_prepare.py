@@ -10,8 +10,13 @@ times in fresh processes:
 2. ``prepare``: the whole ``comapoi data prepare`` command (CLI start-up, reading, checks, filters,
    split, ids, trajectories, writing, hashes), with the default settings, and with ``--region ca``.
 
-Each runs ``--repeat`` times; the best wall time and the peak resident memory (ru_maxrss of the
-child) are printed as JSON. Usage: ``python bench/bench_prepare.py [--rows N] [--dir DIR]``.
+The machine may be loaded by other jobs, so the commands run in ``--repeat`` rounds, one of each
+kind per round, alternating (read, prepare, ...; the next round again), and the JSON gives per kind
+the median wall time (the ratios use these), the best, every time, the median CPU time (user +
+system of the child) and the peak resident memory (ru_maxrss of the child), plus the load average
+before and after. ``--baseline-repo DIR`` adds the default prepare run from another checkout (an
+older commit) to every round, for a before/after under the same load.
+Usage: ``python bench/bench_prepare.py [--rows N] [--dir DIR] [--repeat N] [--baseline-repo DIR]``.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,7 +78,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=6_442_892)
     parser.add_argument("--dir", type=Path, default=None, help="Work folder (default: a temporary folder).")
-    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--baseline-repo", type=Path, default=None,
+                        help="Another checkout whose default prepare also runs in every round (before/after).")
+    parser.add_argument("--no-region", action="store_true", help="Leave out the --region ca runs.")
     args = parser.parse_args()
     work = args.dir or Path(tempfile.mkdtemp(prefix="bench-prepare-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -81,42 +90,63 @@ def main() -> None:
         t = time.perf_counter()
         generate(raw, args.rows)
         print(f"generated {raw} ({raw.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t:.1f} s", file=sys.stderr)
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "COMAPOI_DATASETS_DIR": str(work / "datasets")}
-    results: dict[str, dict[str, float]] = {}
 
-    def measure(name: str, cmd: list[str]) -> None:
-        best = None
-        for _ in range(args.repeat):
-            # ru_maxrss of RUSAGE_CHILDREN is the largest child so far: run each kind in its own process tree
-            probe = [sys.executable, "-c", "import resource, subprocess, sys, time; t = time.perf_counter(); "
-                     "r = subprocess.run(sys.argv[1:]); "
-                     "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
-                     "sys.exit(r.returncode)", *cmd]
-            done = subprocess.run(probe, capture_output=True, text=True, env=env)
-            if done.returncode:
-                raise SystemExit(f"{name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-            wall, rss = done.stdout.strip().splitlines()[-1].split()
-            if best is None or float(wall) < best["seconds"]:
-                best = {"seconds": round(float(wall), 2), "peak_rss_mb": round(int(rss) / 1024)}
-        results[name] = best or {}
-        print(name, results[name], file=sys.stderr)
+    def env_for(repo: Path) -> dict[str, str]:
+        return {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                "COMAPOI_DATASETS_DIR": str(work / "datasets")}
 
-    measure("read (pyarrow.csv.read_csv)", [sys.executable, "-c", READ, str(raw)])
+    times: dict[str, list[dict[str, float]]] = {}
+
+    def measure(name: str, cmd: list[str], repo: Path = REPO) -> None:
+        # ru_maxrss of RUSAGE_CHILDREN is the largest child so far: run each command in its own process tree
+        probe = [sys.executable, "-c", "import resource, subprocess, sys, time; t = time.perf_counter(); "
+                 "r = subprocess.run(sys.argv[1:]); u = resource.getrusage(resource.RUSAGE_CHILDREN); "
+                 "print(time.perf_counter() - t, u.ru_maxrss, u.ru_utime + u.ru_stime); "
+                 "sys.exit(r.returncode)", *cmd]
+        done = subprocess.run(probe, capture_output=True, text=True, env=env_for(repo))
+        if done.returncode:
+            raise SystemExit(f"{name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+        wall, rss, cpu = done.stdout.strip().splitlines()[-1].split()
+        run = {"seconds": round(float(wall), 2), "cpu_seconds": round(float(cpu), 2), "peak_rss_mb": round(int(rss) / 1024)}
+        times.setdefault(name, []).append(run)
+        print(name, run, f"load {os.getloadavg()[0]:.1f}", file=sys.stderr)
+
     out = work / "data"
-    prepare = [sys.executable, "-m", "comapoi_cli", "data", "prepare", str(raw), "--from", "gowalla",
-               "--output-dir", str(out), "--overwrite", "--json"]
-    measure("prepare (defaults)", prepare + ["--dataset", "gwall"])
-    measure("prepare --region ca", prepare + ["--dataset", "gwca", "--region", "ca"])
+    prepare = ["-m", "comapoi_cli", "data", "prepare", str(raw), "--from", "gowalla", "--output-dir", str(out),
+               "--overwrite", "--json"]
+    load_before = os.getloadavg()
+    for _ in range(args.repeat):
+        measure("read (pyarrow.csv.read_csv)", [sys.executable, "-c", READ, str(raw)])
+        measure("prepare (defaults)", [sys.executable, *prepare, "--dataset", "gwall"])
+        if args.baseline_repo is not None:
+            measure("baseline prepare (defaults)", [sys.executable, *prepare, "--dataset", "gwbase"],
+                    repo=args.baseline_repo.resolve())
+        if not args.no_region:
+            measure("prepare --region ca", [sys.executable, *prepare, "--dataset", "gwca", "--region", "ca"])
+
+    def median(values: list[float]) -> float:
+        ordered = sorted(values)
+        middle = len(ordered) // 2
+        return round(ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2, 2)
+
+    results = {name: {"seconds": median([r["seconds"] for r in runs]), "best": min(r["seconds"] for r in runs),
+                      "all": [r["seconds"] for r in runs], "cpu_seconds": median([r["cpu_seconds"] for r in runs]),
+                      "peak_rss_mb": max(r["peak_rss_mb"] for r in runs)} for name, runs in times.items()}
     record = json.loads((out / "gwall" / "prepare.json").read_text())
-    read = results["read (pyarrow.csv.read_csv)"]["seconds"]
-    report = {
-        "rows": args.rows, "bytes": raw.stat().st_size, "results": results,
-        "ratio_defaults": round(results["prepare (defaults)"]["seconds"] / read, 2),
-        "ratio_region_ca": round(results["prepare --region ca"]["seconds"] / read, 2),
-        "prepared": record["summary"], "machine": {"cpus": os.cpu_count(), "load": os.getloadavg(),
-                                                   "python": platform.python_version(), "platform": platform.platform()},
-    }
+    read = results["read (pyarrow.csv.read_csv)"]
+    report: dict[str, Any] = {"rows": args.rows, "bytes": raw.stat().st_size, "rounds": args.repeat, "results": results}
+    for name, key in (("prepare (defaults)", "defaults"), ("baseline prepare (defaults)", "baseline_defaults"),
+                      ("prepare --region ca", "region_ca")):
+        if name in results:
+            report[f"ratio_{key}"] = round(results[name]["seconds"] / read["seconds"], 2)
+            report[f"cpu_ratio_{key}"] = round(results[name]["cpu_seconds"] / read["cpu_seconds"], 2)
+    if args.baseline_repo is not None:
+        same = all((out / "gwall" / f.name.replace("gwbase", "gwall")).read_bytes() == f.read_bytes()
+                   for f in sorted((out / "gwbase").glob("gwbase_*")))
+        report["baseline_outputs_identical"] = same
+    report["prepared"] = record["summary"]
+    report["machine"] = {"cpus": os.cpu_count(), "load_before": load_before, "load_after": os.getloadavg(),
+                         "python": platform.python_version(), "platform": platform.platform()}
     import pyarrow
 
     report["machine"]["pyarrow"] = pyarrow.__version__

@@ -212,19 +212,23 @@ def check_rows(table: CheckinTable, name: str, file_index: int, raw: dict[str, A
             reason, detail, _ = checks[reasons[row] - 1]
             table.rejects.append(Reject(name, int(numbers[row]), reason, detail, text[i] or ""))
     good = arrow(reasons == 0)
+
+    def kept(column: Any) -> Any:
+        return column.filter(good) if len(bad) else column  # no copy when every row is good (the usual case)
+
     out = {
-        "user": user.filter(good),
-        "poi": poi.filter(good),
-        "category": category.filter(good),
-        "lat": lat_f.filter(good),
-        "lon": lon_f.filter(good),
-        "utc": pc.cast(utc, pa.int64()).filter(good),
-        "offset": pc.cast(offset, pa.int32()).filter(good),
+        "user": kept(user),
+        "poi": kept(poi),
+        "category": kept(category),
+        "lat": kept(lat_f),
+        "lon": kept(lon_f),
+        "utc": kept(pc.cast(utc, pa.int64())),
+        "offset": kept(pc.cast(offset, pa.int32())),
         "file": arrow(np.full(int(np.count_nonzero(reasons == 0)), file_index, dtype=np.int32)),
-        "line": arrow(numbers[reasons == 0]),
+        "line": arrow(numbers[reasons == 0]) if len(bad) else arrow(numbers),
     }
     if session is not None:
-        out["session"] = session.filter(good)
+        out["session"] = kept(session)
     return out
 
 

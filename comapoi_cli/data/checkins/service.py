@@ -30,11 +30,14 @@ rejected row. Outputs are built in a temporary folder and moved into place at th
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
 import shutil
 import tempfile
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -56,6 +59,7 @@ PREPARE_RECORD = "prepare.json"
 REJECTS_FILE = "prepare.rejects.jsonl"
 LINES_PER_CHUNK = 50_000  # trajectories turned into text at a time (bounds the memory of the writing)
 DATASET_FILE = "dataset.json"
+WORKERS = max(2, min(4, os.cpu_count() or 1))  # threads beside the main one (pyarrow and hashlib release the GIL)
 
 
 @dataclass
@@ -135,6 +139,15 @@ def format_coord(value: float, decimals: int | None) -> str:
     return text
 
 
+def _coord_texts(values: Any, decimals: int | None) -> list[str]:
+    """``format_coord`` of every value of a float64 array (without rounding: ``repr`` of each, the few
+    in exponent form redone)."""
+    if decimals is not None:
+        return [format_coord(v, decimals) for v in values]
+    texts = list(map(repr, values.tolist()))
+    return [format_coord(float(values[i]), None) if "e" in t else t for i, t in enumerate(texts)]
+
+
 # -- the steps ------------------------------------------------------------------------------------------
 def _user_order(users: Any) -> Any:
     """Rank of each dictionary entry of the user ids: numeric order when all are whole numbers, else text order."""
@@ -150,6 +163,35 @@ def _user_order(users: Any) -> Any:
     rank = np.empty(len(users), dtype=np.int64)
     rank[order] = np.arange(len(users))
     return rank
+
+
+def _in_input_order(fidx: Any, line: Any) -> bool:
+    """Whether the rows come by file index, then line number (as every built-in reader returns them)."""
+    import numpy as np
+
+    if len(fidx) < 2:
+        return True
+    step = np.diff(fidx)
+    return bool(((step > 0) | ((step == 0) & (np.diff(line) > 0))).all())
+
+
+def _sort_by(major: Any, minor: Any, *, tie: tuple[Any, ...] | None) -> Any:
+    """Indices that sort by ``major``, then ``minor`` (``None``: none), then the row order, or ``tie``'s
+    keys (numpy lexsort order, last key first) when given. Two whole-number keys that fit one int64
+    are sorted as one key (a stable argsort: 3-4x faster than lexsort's pass per key)."""
+    import numpy as np
+
+    if tie is None and len(major):
+        major = np.asarray(major, dtype=np.int64)
+        lo, span = int(major.min()), int(major.max()) - int(major.min()) + 1
+        if minor is None:
+            return np.argsort(major, kind="stable")
+        minor = np.asarray(minor, dtype=np.int64)
+        mlo, mspan = int(minor.min()), int(minor.max()) - int(minor.min()) + 1
+        if span * mspan < 2 ** 62:
+            return np.argsort((major - lo) * mspan + (minor - mlo), kind="stable")
+    keys = (*(tie or ()), *(() if minor is None else (minor,)), major)
+    return np.lexsort(keys)
 
 
 def _empty(step: str, why: str) -> DataError:
@@ -179,14 +221,18 @@ def prepare_checkins(paths: Sequence[str | os.PathLike[str]], dataset: str, sett
     except OSError as exc:
         raise fs_error(exc, out_root) from None
     try:
-        return _prepare(paths, dataset, settings, registry=registry, out_root=out_root, tmp=tmp, overwrite=overwrite,
-                        register=register, reporter=reporter)
+        # threads for work that releases the GIL beside the main line (hashing the inputs, encoding two
+        # columns at once, building the next chunk of lines while one is written): wall time, not CPU time
+        with ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="comapoi-prepare") as pool:
+            return _prepare(paths, dataset, settings, registry=registry, out_root=out_root, tmp=tmp,
+                            overwrite=overwrite, register=register, reporter=reporter, pool=pool)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _prepare(paths: Sequence[str | os.PathLike[str]], dataset: str, settings: PrepareSettings, *, registry: Any,
-             out_root: Path, tmp: Path, overwrite: bool, register: bool, reporter: Reporter) -> PrepareResult:
+             out_root: Path, tmp: Path, overwrite: bool, register: bool, reporter: Reporter,
+             pool: ThreadPoolExecutor) -> PrepareResult:
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -218,6 +264,9 @@ def _prepare(paths: Sequence[str | os.PathLike[str]], dataset: str, settings: Pr
             raise UsageError(f"{folder} already holds {existing[0]}; pass --overwrite to replace the prepared files.")
     preset = PRESETS.get(dataset.lower())  # a built-in city: its id range must hold the result
 
+    from comapoi_cli.fileio import sha256_file
+
+    hashed = [pool.submit(sha256_file, f) for f in [*files, *([Path(settings.spots)] if settings.spots else [])]]
     reader = checkin_reader(registry, settings.fmt)
     options = ReadOptions(encoding=settings.encoding, utc_offset=settings.utc_offset,
                           spots=Path(settings.spots) if settings.spots else None)
@@ -239,8 +288,9 @@ def _prepare(paths: Sequence[str | os.PathLike[str]], dataset: str, settings: Pr
                         f"({len(table.rejects)} line(s) rejected{why}).", hint="Check --from (data prepare --list-formats).")
     keep_ids = table.keep_ids if settings.keep_ids is None else settings.keep_ids
 
-    user_codes_arr = _encoded(cols["user"])
+    encoding_users = pool.submit(_encoded, cols["user"])
     poi_codes_arr = _encoded(cols["poi"])
+    user_codes_arr = encoding_users.result()
     session_codes = np.asarray(_encoded(cols["session"]).indices) if "session" in cols else None
     user_dict, poi_dict = user_codes_arr.dictionary, poi_codes_arr.dictionary
     u = np.asarray(user_codes_arr.indices).astype(np.int64)
@@ -298,7 +348,8 @@ def _prepare(paths: Sequence[str | os.PathLike[str]], dataset: str, settings: Pr
     # 4. local time; sort every user's check-ins by time
     idx = np.nonzero(keep)[0]
     user_rank = _user_order(user_dict)
-    order = idx[np.lexsort((line[idx], fidx[idx], utc[idx], user_rank[u[idx]]))]
+    in_input_order = _in_input_order(fidx, line)  # rows by file, then line: ties need no more keys
+    order = idx[_sort_by(user_rank[u[idx]], utc[idx], tie=None if in_input_order else (line[idx], fidx[idx]))]
     su, sp, sutc = u[order], p[order], utc[order]
     slocal = sutc + offset[order] * 60
     n = len(order)
@@ -324,7 +375,7 @@ def _prepare(paths: Sequence[str | os.PathLike[str]], dataset: str, settings: Pr
     steps.append({"step": "sessions", "rule": session_rule, "session_gap_hours": gap, "sessions": int(session[-1] + 1)})
 
     # 6. chronological split of the whole city
-    by_time = np.lexsort((line[order], fidx[order], sutc))
+    by_time = _sort_by(sutc, order if in_input_order else None, tie=None if in_input_order else (line[order], fidx[order]))
     n_train = int(n * settings.split[0])
     n_val = int(n * (settings.split[0] + settings.split[1])) - n_train
     part = np.empty(n, dtype=np.int8)
@@ -438,48 +489,97 @@ def _prepare(paths: Sequence[str | os.PathLike[str]], dataset: str, settings: Pr
     poi_rows = []
     used_categories = poi_category.take(arrow(used_pois)).to_pylist()
     used_raw = poi_dict.take(arrow(used_pois)).to_pylist()
-    for code, category, raw_id in zip(used_pois.tolist(), used_categories, used_raw):
-        lat_t, lon_t = format_coord(poi_lat[code], decimals), format_coord(poi_lon[code], decimals)
-        poi_piece[code] = f" visit POI ID {poi_new[code]} ({json.dumps(category, ensure_ascii=False)[1:-1]}, {lat_t},{lon_t})."
-        poi_rows.append((int(poi_new[code]), category, lat_t, lon_t, raw_id))
+    category_text: dict[str, str] = {}  # a category's JSON-escaped text, made once per category
+    for code, new_id, category, raw_id, lat_t, lon_t in zip(
+            used_pois.tolist(), poi_new[used_pois].tolist(), used_categories, used_raw,
+            _coord_texts(poi_lat[used_pois], decimals), _coord_texts(poi_lon[used_pois], decimals)):
+        escaped = category_text.get(category)
+        if escaped is None:
+            escaped = category_text[category] = json.dumps(category, ensure_ascii=False)[1:-1]
+        poi_piece[code] = f" visit POI ID {new_id} ({escaped}, {lat_t},{lon_t})."
+        poi_rows.append((new_id, category, lat_t, lon_t, raw_id))
     poi_rows.sort()
-    pieces = pa.array(poi_piece, pa.string())
-    # "2012-04-04 15:36:09, Wednesday": the timestamp cast to text (fast; strftime with %A is 50x slower)
-    # and the weekday's name by the day number (1970-01-01 was a Thursday)
-    weekday = pa.array([", Monday", ", Tuesday", ", Wednesday", ", Thursday", ", Friday", ", Saturday", ", Sunday"])
+    pieces = pa.array(poi_piece, pa.large_string())
+    # "At 2012-04-04 15:36:09, Wednesday, user ": looked up, not formatted per check-in: the day's
+    # "At 2012-04-04 " (pyarrow's timestamp-to-text cast of the day's midnight, " 00:00:00" cut off) and
+    # "15:36:09, Wednesday, user " by second of the day and weekday (1970-01-01 was a Thursday)
+    day_all = slocal // 86400
+    day_lo, day_hi = (int(day_all.min()), int(day_all.max())) if n else (0, 0)
+    dense_days = day_hi - day_lo < 1_000_000
+    days = np.arange(day_lo, day_hi + 1, dtype=np.int64) if dense_days else np.unique(day_all)
+    del day_all
+    day_text = pc.utf8_slice_codeunits(arrow(days * 86400, pa.timestamp("s")).cast(pa.large_string()), 0, -9)
+    day_text = _join("At ", day_text, " ")
+    clock = pc.utf8_slice_codeunits(arrow(np.arange(86400, dtype=np.int64), pa.timestamp("s")).cast(pa.large_string()), -8)
+    weekday = pa.array([", Monday, user ", ", Tuesday, user ", ", Wednesday, user ", ", Thursday, user ", ", Friday, user ",
+                        ", Saturday, user ", ", Sunday, user "], pa.large_string())
+    clock_day = _join(clock.take(arrow(np.repeat(np.arange(86400, dtype=np.int64), 7))),
+                      weekday.take(arrow(np.tile(np.arange(7, dtype=np.int64), 86400))))  # index: second * 7 + weekday
     system = SYSTEM_PROMPT.split("{user}")
 
-    def write_lines(path: Path, starts: Any, labels: Any, subs: Any) -> None:
-        """Write the trajectories ending at ``labels`` (histories from ``starts``), a chunk at a time."""
+    def chunk_lines(starts: Any, labels: Any, subs: Any) -> Any:
+        """The lines of the trajectories ending at ``labels`` (histories from ``starts``).
+
+        One text per history check-in, made by one element-wise join: the line's head (JSON up to the
+        history) before its first check-in and " " before the others, the check-in, and the line's tail
+        (the label, the JSON's end) after its last; the lines are then these texts back to back."""
+        lengths = labels - starts
+        if len(lengths) and int(lengths.min()) < 1:  # every trajectory has history (step 9)
+            raise AssertionError("a trajectory without history")
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        rows = (np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])).astype(np.int64)
+        local = slocal[rows]
+        day = local // 86400
+        second = local - day * 86400
+        day_index = day - day_lo if dense_days else np.searchsorted(days, day)
+        users = arrow(uid[labels]).cast(pa.large_string())
+        subs_t = arrow(np.asarray(subs, dtype=np.int64)).cast(pa.large_string())
+        label_t = arrow(pid[labels]).cast(pa.large_string())
+        heads = _join('{"messages": [{"role": "system", "content": "', json_text(system[0]), users,
+                      json_text(system[1]), '"}, {"role": "user", "content": "<historical trajectory of user_',
+                      users, "_subtrajectory_", subs_t, ">\\n")
+        tails = _join('"}, {"role": "assistant", "content": "{\\"next_poi_id\\": ', label_t, '}"}]}\n')
+        head_index = np.zeros(len(rows), dtype=np.int64)
+        head_index[offsets[:-1]] = np.arange(1, len(labels) + 1)
+        tail_index = np.zeros(len(rows), dtype=np.int64)
+        tail_index[offsets[1:] - 1] = np.arange(1, len(labels) + 1)
+        heads = pa.concat_arrays([pa.array([" "], pa.large_string()), heads])
+        tails = pa.concat_arrays([pa.array([""], pa.large_string()), tails])
+        return _join(heads.take(arrow(head_index)), day_text.take(arrow(day_index.astype(np.int64))),
+                     clock_day.take(arrow(second * 7 + (day + 3) % 7)), arrow(uid[rows]).cast(pa.large_string()),
+                     pieces.take(arrow(sp[rows])), tails.take(arrow(tail_index)))
+
+    def write_lines(path: Path, starts: Any, labels: Any, subs: Any) -> str:
+        """Write the lines, ``LINES_PER_CHUNK`` at a time (up to ``WORKERS`` chunks built at once, written
+        in order); return the file's SHA-256."""
+        digest = hashlib.sha256()
+        pending: deque[Any] = deque()
+
+        def flush() -> None:
+            for buffer in _value_buffers(pending.popleft().result()):
+                handle.write(buffer)
+                digest.update(buffer)
+
         with open(path, "wb") as handle:
             for first in range(0, len(labels), LINES_PER_CHUNK):
-                s_, l_ = starts[first:first + LINES_PER_CHUNK], labels[first:first + LINES_PER_CHUNK]
-                lengths = l_ - s_
-                offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-                rows = (np.repeat(s_ - offsets[:-1], lengths) + np.arange(offsets[-1])).astype(np.int64)
-                local = slocal[rows]
-                when = _join(arrow(local, pa.timestamp("s")).cast(pa.string()), weekday.take(arrow((local // 86400 + 3) % 7)))
-                texts = _join("At ", when, ", user ", arrow(uid[rows]).cast(pa.string()), pc.take(pieces, arrow(sp[rows])))
-                joined = pc.binary_join(pa.LargeListArray.from_arrays(arrow(offsets), texts),
-                                        pa.scalar(" ", pa.large_string()))
-                users = arrow(uid[l_]).cast(pa.string())
-                subs_t = arrow(np.asarray(subs[first:first + LINES_PER_CHUNK], dtype=np.int64)).cast(pa.string())
-                label_t = arrow(pid[l_]).cast(pa.string())
-                lines = _join(
-                    '{"messages": [{"role": "system", "content": "', json_text(system[0]), users, json_text(system[1]),
-                    '"}, {"role": "user", "content": "<historical trajectory of user_', users, "_subtrajectory_", subs_t,
-                    ">\\n", joined, '"}, {"role": "assistant", "content": "{\\"next_poi_id\\": ', label_t, '}"}]}\n')
-                for buffer in _value_buffers(lines):
-                    handle.write(buffer)
+                part_ = slice(first, first + LINES_PER_CHUNK)
+                pending.append(pool.submit(chunk_lines, starts[part_], labels[part_], subs[part_]))
+                if len(pending) > WORKERS:
+                    flush()
+            while pending:
+                flush()
+        return digest.hexdigest()
 
     t_users = uid[t_labels]
     first_of_user = np.ones(len(t_users), dtype=bool)
     first_of_user[1:] = t_users[1:] != t_users[:-1]
     t_subs = np.arange(len(t_users)) - np.maximum.accumulate(np.where(first_of_user, np.arange(len(t_users)), 0)) + 1
     try:
-        write_lines(tmp / names["train"], t_starts, t_labels, t_subs)
-        write_lines(tmp / names["val"], v_starts, v_labels, np.ones(len(v_labels), dtype=np.int64))
-        write_lines(tmp / names["test"], e_starts, e_labels, np.ones(len(e_labels), dtype=np.int64))
+        line_hashes = {
+            "train": write_lines(tmp / names["train"], t_starts, t_labels, t_subs),
+            "val": write_lines(tmp / names["val"], v_starts, v_labels, np.ones(len(v_labels), dtype=np.int64)),
+            "test": write_lines(tmp / names["test"], e_starts, e_labels, np.ones(len(e_labels), dtype=np.int64)),
+        }
     except OSError as exc:
         from comapoi_cli.fileio import fs_error
 
@@ -494,8 +594,7 @@ def _prepare(paths: Sequence[str | os.PathLike[str]], dataset: str, settings: Pr
                "test": split_summary(part == 2, e_labels)}
     year_index = slocal.astype("datetime64[s]").astype("datetime64[Y]").astype(np.int64)
     years = [int(y) + 1970 + int(year_index.min()) for y in np.nonzero(np.bincount(year_index - year_index.min()))[0]]
-    lats = np.array([poi_lat[c] for c in used_pois.tolist()])
-    lons = np.array([poi_lon[c] for c in used_pois.tolist()])
+    lats, lons = poi_lat[used_pois], poi_lon[used_pois]
     max_poi = int(poi_new[used_pois].max())
     if preset is not None and max_poi > preset.max_poi_id:
         raise DataError(f"The prepared POI ids run to {max_poi}, beyond the {preset.name} preset's 0..{preset.max_poi_id} "
@@ -506,8 +605,6 @@ def _prepare(paths: Sequence[str | os.PathLike[str]], dataset: str, settings: Pr
 
     # write everything into a temporary folder, then move it into place
     from comapoi_cli import __version__
-    from comapoi_cli.fileio import sha256_file
-
     try:
         _write_csv(tmp / names["poi_info"], ["poi_id", "category", "lat", "lon"], [r[:4] for r in poi_rows])
         _write_csv(tmp / names["poi_ids"], ["poi_id", "raw_poi_id"], [(r[0], r[4]) for r in poi_rows])
@@ -517,10 +614,10 @@ def _prepare(paths: Sequence[str | os.PathLike[str]], dataset: str, settings: Pr
             for reject in sorted(table.rejects, key=lambda r: (files.index(Path(r.file)) if Path(r.file) in files else -1, r.line)):
                 handle.write(json.dumps(reject.to_dict(), ensure_ascii=False) + "\n")
         (tmp / names["dataset"]).write_text(json.dumps(dataset_record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        inputs = [{"path": str(f), "sha256": sha256_file(f), "bytes": f.stat().st_size,
-                   "encoding": table.encodings.get(str(f))} for f in files]
+        inputs = [{"path": str(f), "sha256": hashed[i].result(), "bytes": f.stat().st_size,
+                   "encoding": table.encodings.get(str(f))} for i, f in enumerate(files)]
         if settings.spots:
-            inputs.append({"path": str(settings.spots), "role": "spots", "sha256": sha256_file(settings.spots),
+            inputs.append({"path": str(settings.spots), "role": "spots", "sha256": hashed[-1].result(),
                            "bytes": Path(settings.spots).stat().st_size})
         record = {
             "comapoi": __version__, "dataset": dataset, "format": reader.name, "inputs": inputs,
@@ -530,7 +627,7 @@ def _prepare(paths: Sequence[str | os.PathLike[str]], dataset: str, settings: Pr
             "id_maps": {"users": int(len(used_users)), "pois": int(len(used_pois)), "id_base": 0,
                         "max_poi_id": max_poi, "user_file": names["user_ids"], "poi_file": names["poi_ids"]},
             "notes": notes,
-            "outputs": {names[k]: sha256_file(tmp / names[k])
+            "outputs": {names[k]: line_hashes[k] if k in line_hashes else sha256_file(tmp / names[k])
                         for k in ("train", "val", "test", "poi_info", "poi_ids", "user_ids", "rejects", "dataset")},
         }
         (tmp / names["record"]).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -563,7 +660,8 @@ def _join(*parts: Any) -> Any:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    args = [pa.scalar(p, pa.large_string()) if isinstance(p, str) else p.cast(pa.large_string()) for p in parts]
+    args = [pa.scalar(p, pa.large_string()) if isinstance(p, str)
+            else p if p.type == pa.large_string() else p.cast(pa.large_string()) for p in parts]
     return pc.binary_join_element_wise(*args, pa.scalar("", pa.large_string()))
 
 

@@ -2,7 +2,7 @@
 
 A reader is registered through the ``register_checkin_readers`` hook (built in:
 ``comapoi_cli.default_plugins.checkin_readers``: tsmc2014, gowalla, getnext, comapoi). It turns
-raw files into one :class:`~comapoi_cli.data.checkins.table.CheckinTable`. The delimited formats
+raw files into one :class:`~comapoi_cli.checkins.CheckinTable`. The delimited formats
 are parsed by pyarrow's CSV reader (C++, columnar) and checked with pyarrow compute functions:
 no Python loop runs per row, except over the rows that are rejected.
 """

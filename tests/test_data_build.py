@@ -268,6 +268,25 @@ def test_train_tiny_runs_on_the_built_files(template_build, tmp_path):
     assert list((tmp_path / "out").glob("*/sft-nyc/*/adapter_config.json"))
 
 
+def test_built_pairs_train_with_dpo(template_build, tmp_path):
+    """`data build --pairs` output is what `train --method dpo` reads, without a flag more (issues 23, 24)."""
+    out, _ = template_build
+    data = tmp_path / "data" / "nyc"
+    data.mkdir(parents=True)
+    for role in STEPS_WITH_RECORDS:
+        shutil.copy(out / f"{role}_train_samples.jsonl", data)
+    result = run_comapoi("train", "--dataset", "nyc", "--data-dir", str(tmp_path / "data"), "--type", "agent3",
+                         "--method", "dpo", "--data-path", str(out / "agent3_dpo_pairs.jsonl"), "--model", "tiny",
+                         "--seq-length", "3000", "--batch-size", "1", "--max_steps", "1", "--save_freq", "1",
+                         "--output_dir", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "25 preference pairs" in result.stdout + result.stderr
+    runs = list((tmp_path / "out").glob("*/dpo-nyc/*/adapter_config.json"))
+    assert len(runs) == 1
+    run = json.loads((runs[0].parent / "run.json").read_text())
+    assert run["status"] == "finished" and run["method"] == "dpo"
+
+
 # -- the tiny local model as teacher --------------------------------------------------------------
 TINY_FLAGS = ("--limit", "3", "--batch-size", "1", "--retries", "1", "--max-new-tokens", "8", "--device", "cpu")
 

@@ -147,11 +147,11 @@ def test_resume_refuses_an_adapter_retrained_in_place(trained_run, tmp_path):
     first = run_comapoi(*_chain(out, run=run, extra=("--limit", "1", "--batch-size", "1")))
     assert first.returncode == 0, first.stderr
     settings = json.loads((out / "pipeline.json").read_text())["settings"]
-    assert settings["adapter_sha256"] == {"agent1": sha256_file(run / "adapter_model.safetensors")}
+    assert settings["adapter_sha256"] == {"merged": sha256_file(run / "adapter_model.safetensors")}  # one adapter for all
     # retrained in place: other weights under the same folder
     shutil.copy(trained_run.run_dir / "checkpoint-4" / "adapter_model.safetensors", run / "adapter_model.safetensors")
     resumed = run_comapoi(*_chain(out, run=run, extra=("--limit", "2", "--batch-size", "1", "--resume")))
-    _refused(resumed, "--resume: the adapter weights changed since this run started", "agent1")
+    _refused(resumed, "--resume: the adapter weights changed since this run started", "merged (")
     assert len(_rows(out / "predictions.jsonl")) == 1
 
 

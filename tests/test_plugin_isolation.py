@@ -143,7 +143,7 @@ def test_engines_and_retrievers_go_through_the_same_registry_and_failure_policy(
     assert registered["pipeline_retrievers"] == ["retriever transitions"]
     assert registered["echo_engine"] == ["engine echo"]  # its retrievers were refused together: a name twice
     assert errors["echo_engine"] == "register_retrievers failed: ValueError: retriever 'nearest' is registered twice"
-    assert {e["name"] for e in data["engines"]} == {"transformers", "openai", "echo"}
+    assert {e["name"] for e in data["engines"]} == {"transformers", "openai", "template", "echo"}
     assert [r["name"] for r in data["retrievers"]] == ["transitions"]
     table = run_comapoi("plugins", "list", env=env)
     assert "Pipeline engines" in table.stdout and "says the prompt back" in table.stdout
@@ -154,7 +154,7 @@ def test_engines_and_retrievers_go_through_the_same_registry_and_failure_policy(
     result = run_comapoi("pipeline", "run", "--dataset", "nyc", "--test", str(test), "--merged",
                          str(tmp_path / "no_run"), "--engine", "nosuch", env=env)
     assert result.returncode == 2, (result.returncode, result.stderr)
-    assert "Unknown engine 'nosuch'; registered engines: echo, openai, transformers." in result.stderr
+    assert "Unknown engine 'nosuch'; registered engines: echo, openai, template, transformers." in result.stderr
     assert "Traceback" not in result.stderr
 
 

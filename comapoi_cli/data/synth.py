@@ -598,6 +598,9 @@ def synth_dataset(
         if not src.is_file():
             raise DataError(f"Cannot find the trajectory file {src}.",
                             hint="Pass a CoMaPOI next-POI file such as nyc_train.jsonl, or leave --source out to simulate a city.")
+        if city is not None and city.max_poi_id + 1 < SIMILAR:  # the candidate lists draw SIMILAR distinct ids
+            raise DataError(f"{dataset} has POI ids up to {city.max_poi_id} only; the agent records need at least "
+                            f"{SIMILAR} POIs.")
         if city is not None and real_writer is not None:  # one record builder: data build's template teacher
             return real_writer(summary, src, poi_info, trajectories, reporter, started)
         decimals = city.coord_decimals if city else 8

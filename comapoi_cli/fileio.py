@@ -172,3 +172,43 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: handle.read(_HASH_CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# -- journals: JSONL files written a batch of whole lines at a time, read back by --resume ----------------------
+def read_journal(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The whole lines of a journal (``pipeline run``'s predictions, ``data build``'s samples); a partial last
+    line (a killed write) is cut off the file. A line that is not JSON is one sentence (``DataError``)."""
+    from comapoi_cli.errors import DataError
+
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        with open(path, "r+b") as handle:
+            handle.truncate(end)
+            handle.flush()
+            os.fsync(handle.fileno())
+    rows = []
+    for number, line in enumerate(data[:end].splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            raise DataError(f"Line {number} of {path} is not JSON; --resume cannot continue it (use --overwrite).") from None
+    return rows
+
+
+def append_journal(path: str | os.PathLike[str], rows: list[dict[str, Any]]) -> None:
+    """Append whole JSON lines in one write, fsync'ed (a kill leaves at most a partial last line)."""
+    payload = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)

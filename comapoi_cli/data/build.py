@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import os
 import random
 import time
 from collections import Counter
@@ -37,7 +36,7 @@ from comapoi_cli.chain import ChainContext, ChainItem
 from comapoi_cli.data import synth
 from comapoi_cli.engines import EngineSpec, Generation
 from comapoi_cli.errors import DataError, UsageError
-from comapoi_cli.fileio import atomic_writer, read_json, sha256_file, write_json_atomic
+from comapoi_cli.fileio import append_journal, atomic_writer, read_journal, read_json, sha256_file, write_json_atomic
 from comapoi_cli.presets import preset_for
 from comapoi_cli.reporting import SILENT, Reporter
 from comapoi_cli.retrievers import SIMILAR, RetrievalIndex
@@ -212,39 +211,6 @@ def _settings(request: BuildRequest, roles: list[Any], poi: Path | None, teacher
         "retries": request.retries, "pairs": request.pairs, "limit": request.limit, "seed": request.seed,
         "batch_size": request.batch_size,
     }
-
-
-def _read_journal(path: Path) -> list[dict[str, Any]]:
-    """The whole lines of the journal; a partial last line (a killed write) is cut off."""
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-        with open(path, "r+b") as handle:
-            handle.truncate(end)
-            handle.flush()
-            os.fsync(handle.fileno())
-    rows = []
-    for number, line in enumerate(data[:end].splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                raise DataError(f"Line {number} of {path} is not JSON; --resume cannot continue it (use --overwrite).") from None
-    return rows
-
-
-def _append(path: Path, rows: list[dict[str, Any]]) -> None:
-    payload = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-    try:
-        view = memoryview(payload)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -485,7 +451,7 @@ def build_dataset(request: BuildRequest, registry: Any, reporter: Reporter = SIL
         if changed:
             raise UsageError(f"--resume: {out} was built with other settings ({', '.join(changed)}); "
                              "use the same ones, another --output-dir, or --overwrite.")
-        done_rows = _read_journal(journal)
+        done_rows = read_journal(journal)
     else:
         if not request.overwrite and not request.resume:
             existing = [p for p in outputs if p.exists() and p.stat().st_size]
@@ -531,7 +497,7 @@ def build_dataset(request: BuildRequest, registry: Any, reporter: Reporter = SIL
             for start in range(0, len(todo), request.batch_size):
                 batch = todo[start:start + request.batch_size]
                 rows = _run_batch(batch, roles, session, adapter, context, settings, request, in_flight, takes_temperature)
-                _append(journal, rows)
+                append_journal(journal, rows)
                 done_rows.extend(rows)
                 processed += len(batch)
                 elapsed = loop_seconds = time.monotonic() - loop_started
@@ -650,7 +616,7 @@ def synth_with_template(summary: Any, source: Path, poi_info: Any, trajectories:
                            poi_info=Path(poi_info) if poi_info is not None else None, label_rank="first", retries=0,
                            limit=trajectories or 0, overwrite=True, seed=summary.seed)
     result = build_dataset(request, registry, reporter)
-    keys = [row["key"] for row in _read_journal(folder / SAMPLES)]
+    keys = [row["key"] for row in read_journal(folder / SAMPLES)]
     summary.trajectories = result.built
     summary.users = len({key.split("_subtrajectory_")[0] for key in keys})
     summary.records = {name: n for name, n in result.files.items() if name.endswith("_train_samples.jsonl")}

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ from comapoi_cli.chain import ChainContext, chain_order  # chain_order: re-expor
 from comapoi_cli.data.chain_inputs import ChainInputs, load_inputs
 from comapoi_cli.engines import EngineSpec
 from comapoi_cli.errors import DataError, UsageError
-from comapoi_cli.fileio import read_json, sha256_file, write_json_atomic
+from comapoi_cli.fileio import append_journal, read_journal, read_json, sha256_file, write_json_atomic
 from comapoi_cli.models.http import redact_url
 from comapoi_cli.pipeline import checks
 from comapoi_cli.pipeline.scheduler import ChainPlan, frequent_pois, run_concurrent, run_lockstep  # noqa: F401
@@ -162,41 +161,6 @@ def _settings(request: PipelineRequest, chain: list[Any], adapters: dict[str, Pa
     }
 
 
-def _read_done(path: Path) -> list[dict[str, Any]]:
-    """The whole lines of a predictions file; a partial last line (a killed write) is cut off."""
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-        with open(path, "r+b") as handle:
-            handle.truncate(end)
-            handle.flush()
-            os.fsync(handle.fileno())
-    rows = []
-    for number, line in enumerate(data[:end].splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            raise DataError(f"Line {number} of {path} is not JSON; --resume cannot continue it (use --overwrite).") from None
-    return rows
-
-
-def _append(path: Path, lines: list[dict[str, Any]]) -> None:
-    payload = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-    try:
-        view = memoryview(payload)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def run_pipeline(request: PipelineRequest, registry: Registry, reporter: Reporter) -> PipelineResult:
     """Run the chain on the test trajectories and score it (see the module doc).
 
@@ -303,7 +267,7 @@ def _run_pipeline(request: PipelineRequest, registry: Registry, reporter: Report
         if changed:
             raise UsageError(f"--resume: {out} was started with other settings ({', '.join(changed)}); "
                              "use the same ones, another --out, or --overwrite.")
-        done_rows = _read_done(predictions)
+        done_rows = read_journal(predictions)
     elif predictions.exists():
         predictions.unlink()
     from comapoi_cli.fileio import atomic_writer
@@ -366,7 +330,7 @@ def _run_pipeline(request: PipelineRequest, registry: Registry, reporter: Report
         counted = [0]
 
         def emit(lines: list[dict[str, Any]]) -> None:
-            _append(predictions, lines)
+            append_journal(predictions, lines)
             counted[0] += len(lines)
 
         def progress(done_now: int, answers: int, in_flight: int) -> None:

@@ -2,7 +2,7 @@
 # The main job on the embedded default, on the CPU: set-up (see bootstrap.sh), then the whole
 # pipeline on generated sample data and ONE tiny base model built offline (nothing is downloaded):
 #
-#   data synth -> clean -> split -> merge -> stats
+#   data synth -> clean -> split -> merge -> stats -> build (the teacher pass, template teacher)
 #   -> train agent1, agent2, agent3 (LoRA, TRL + PEFT) on the one tiny base of the dataset
 #   -> adapters list / show -> eval agent3 on its holdout -> eval score
 #   -> adapters export of the three agents (one vLLM command) / merge
@@ -35,6 +35,11 @@ step data clean --dataset nyc --type merged
 step data split --dataset nyc --type agent3 --test-size 0.2 --group-by user
 step data merge --dataset nyc --shuffle
 step data stats --dataset nyc --seq-length "$seq_length" --plot "$demo/lengths.png"
+# The teacher pass (CoMaPOI's inverse pass without its defects) over the plain training trajectories,
+# here with the no-model template teacher (--teacher transformers --model DIR or openai --url ... for an
+# LLM): agent records whose prompts are exactly the chain's, the label at a sampled rank, DPO pairs.
+step data build --dataset nyc --train "$demo/data/nyc/nyc_train.jsonl" --teacher template --pairs \
+  --output-dir "$demo/build" --overwrite
 # Fine-tune the three agents. The first run builds the dataset's tiny base (its tokenizer trained
 # on all three agents' data); the other runs reuse it, so the three adapters share one base model.
 for type in agent1 agent2 agent3; do

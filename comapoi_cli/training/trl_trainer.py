@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from comapoi_cli.errors import ComapoiError
+from comapoi_cli.errors import ComapoiError, first_line
 from comapoi_cli.fileio import sha256_file
 from comapoi_cli.models.loading import quiet_libraries
 from comapoi_cli.models.smollm2 import SMOLLM2
@@ -192,7 +192,7 @@ class TRLTrainingPath:
         try:
             return get_peft_model(model, config)
         except ValueError as exc:  # e.g. a target module this architecture does not have
-            raise UsageError(f"LoRA cannot be applied: {str(exc).splitlines()[0]}",
+            raise UsageError(f"LoRA cannot be applied: {first_line(exc)}",
                              hint="Check --target-modules against the model's module names (or use all-linear).") from None
 
     def sft_config_kwargs(self, plan: DevicePlan, run_dir: Path, has_eval: bool) -> dict[str, Any]:
@@ -491,8 +491,7 @@ class TRLTrainingPath:
         except ComapoiError:
             raise
         except OSError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelNotFoundError(f"Could not load the model {job.model}: {first}") from None
+            raise ModelNotFoundError(f"Could not load the model {job.model}: {first_line(exc)}") from None
         pad_note = chat.ensure_pad_token(tokenizer, getattr(model, "config", None))
         fmt = chat.resolve_chat_format(tokenizer, job.loss, job.chat_template, job.model)
         return LoadedModel(model, tokenizer, model_dir, pad_note, fmt)

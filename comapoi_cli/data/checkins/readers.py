@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from comapoi_cli.checkins import CheckinReader, CheckinTable, ReadOptions, Reject, arrow
-from comapoi_cli.errors import DataError, UsageError
+from comapoi_cli.errors import DataError, UsageError, first_line
 
 if TYPE_CHECKING:  # typing only
     from comapoi_cli.plugins import Registry
@@ -137,7 +137,7 @@ def read_delimited(path: Path, file_index: int, ncols: int, *, delimiter: str, h
                                     convert_options=convert)
     except pa.ArrowInvalid as exc:
         raise DataError(f"Cannot read {path} as a {'CSV' if delimiter == ',' else 'tab-separated'} file: "
-                        f"{str(exc).splitlines()[0]}.") from None
+                        f"{first_line(exc)}.") from None
     rows = parsed.num_rows
     first = 2 if header else 1
     total = rows + len(skipped)
@@ -320,7 +320,7 @@ def _spot_categories(path: Path, pois: Any, default: str, table: CheckinTable) -
         spots = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(strings_can_be_null=False),
                                parse_options=pacsv.ParseOptions(newlines_in_values=True))
     except (OSError, pa.ArrowInvalid) as exc:
-        raise DataError(f"Cannot read the spots file {path}: {str(exc).splitlines()[0]}.") from None
+        raise DataError(f"Cannot read the spots file {path}: {first_line(exc)}.") from None
     names = {c.lower(): c for c in spots.column_names}
     id_col = next((names[c] for c in ("id", "spot_id", "location_id", "location") if c in names), None)
     if id_col is None:

@@ -212,3 +212,28 @@ def append_journal(path: str | os.PathLike[str], rows: list[dict[str, Any]]) -> 
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def read_recorded_settings(record_path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``settings`` a resumable command recorded in its JSON record (``pipeline.json``, ``build.json``),
+    for ``--resume`` to compare; a missing or unreadable record is one sentence (``DataError``)."""
+    from comapoi_cli.errors import DataError
+
+    path = Path(record_path)
+    try:
+        previous = read_json(path).get("settings") if path.is_file() else None
+    except (ValueError, AttributeError):
+        previous = None
+    if not isinstance(previous, dict):
+        raise DataError(f"{path} is missing or unreadable: --resume cannot check the settings (use --overwrite).")
+    return previous
+
+
+def iter_raw_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, bytes]]:
+    """``(line number, bytes)`` of each non-blank line of a file, a UTF-8 BOM on the first line removed."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            if raw.strip():
+                yield number, raw

@@ -36,7 +36,14 @@ from comapoi_cli.chain import ChainContext, ChainItem
 from comapoi_cli.data import synth
 from comapoi_cli.engines import EngineSpec, Generation
 from comapoi_cli.errors import DataError, UsageError
-from comapoi_cli.fileio import append_journal, atomic_writer, read_journal, read_json, sha256_file, write_json_atomic
+from comapoi_cli.fileio import (
+    append_journal,
+    atomic_writer,
+    read_journal,
+    read_recorded_settings,
+    sha256_file,
+    write_json_atomic,
+)
 from comapoi_cli.presets import preset_for
 from comapoi_cli.reporting import SILENT, Reporter
 from comapoi_cli.retrievers import SIMILAR, RetrievalIndex
@@ -441,12 +448,7 @@ def build_dataset(request: BuildRequest, registry: Any, reporter: Reporter = SIL
     if journal.exists() and journal.stat().st_size and not request.overwrite:
         if not request.resume:
             raise UsageError(f"{out} holds a build ({SAMPLES}); continue it with --resume, or start over with --overwrite.")
-        try:
-            previous = read_json(record_path).get("settings") if record_path.is_file() else None
-        except (ValueError, AttributeError):
-            previous = None
-        if not isinstance(previous, dict):
-            raise DataError(f"{record_path} is missing or unreadable: --resume cannot check the settings (use --overwrite).")
+        previous = read_recorded_settings(record_path)
         changed = [key for key in settings if previous.get(key) != settings[key]]
         if changed:
             raise UsageError(f"--resume: {out} was built with other settings ({', '.join(changed)}); "

@@ -25,6 +25,7 @@ from typing import Any, Iterator
 from comapoi_cli.chain import ChainItem
 from comapoi_cli.data import synth
 from comapoi_cli.errors import DataError
+from comapoi_cli.fileio import iter_raw_lines
 
 POI_COLUMNS = ("poi_id", "category", "lat", "lon")
 #: The longest id (user, subtrajectory, POI) read, in digits: longer ones are not ids (and ``int()``
@@ -183,16 +184,11 @@ def _poi_row(row: dict[str, Any], world: Any, max_poi_id: int | None, areas: Cou
 
 def _lines(path: Path) -> Iterator[tuple[int, str | None, bytes]]:
     """``(line number, text or None when not UTF-8, raw bytes)`` of each non-blank line."""
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, 1):
-            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            if not raw.strip():
-                continue
-            try:
-                yield number, raw.decode("utf-8"), raw
-            except UnicodeDecodeError:
-                yield number, None, raw
+    for number, raw in iter_raw_lines(path):
+        try:
+            yield number, raw.decode("utf-8"), raw
+        except UnicodeDecodeError:
+            yield number, None, raw
 
 
 def _records(path: Path) -> Iterator[tuple[int, str, Any, str | None]]:

@@ -26,7 +26,13 @@ from comapoi_cli.chain import ChainContext, chain_order  # chain_order: re-expor
 from comapoi_cli.data.chain_inputs import ChainInputs, load_inputs
 from comapoi_cli.engines import EngineSpec
 from comapoi_cli.errors import DataError, UsageError
-from comapoi_cli.fileio import append_journal, read_journal, read_json, sha256_file, write_json_atomic
+from comapoi_cli.fileio import (
+    append_journal,
+    read_journal,
+    read_recorded_settings,
+    sha256_file,
+    write_json_atomic,
+)
 from comapoi_cli.models.http import redact_url
 from comapoi_cli.pipeline import checks
 from comapoi_cli.pipeline.scheduler import ChainPlan, frequent_pois, run_concurrent, run_lockstep  # noqa: F401
@@ -256,12 +262,7 @@ def _run_pipeline(request: PipelineRequest, registry: Registry, reporter: Report
     if predictions.exists() and predictions.stat().st_size and not request.overwrite:
         if not request.resume:
             raise UsageError(f"{predictions} already holds predictions; continue them with --resume, or start over with --overwrite.")
-        try:
-            previous = read_json(record_path).get("settings") if record_path.is_file() else None
-        except (ValueError, AttributeError):
-            previous = None
-        if not isinstance(previous, dict):
-            raise DataError(f"{record_path} is missing or unreadable: --resume cannot check the settings (use --overwrite).")
+        previous = read_recorded_settings(record_path)
         _check_resume_adapters(previous, settings, notes)
         changed = [key for key in settings if key not in RESUME_MAY_CHANGE and previous.get(key) != settings[key]]
         if changed:

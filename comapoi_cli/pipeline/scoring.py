@@ -30,6 +30,7 @@ from typing import Any, Collection, Iterable
 
 from comapoi_cli.errors import DataError
 from comapoi_cli.evaluation.predictions import MAX_SHOWN_PROBLEMS
+from comapoi_cli.fileio import iter_raw_lines
 from comapoi_cli.metrics import compute_metrics, outcome
 from comapoi_cli.presets import preset_for
 
@@ -289,25 +290,20 @@ def read_predictions(path: Path) -> PredictionRows:
         raise DataError(f"Cannot find the predictions file {path}." if not path.exists() else f"{path} is not a file.")
     rows = PredictionRows()
     first_of: dict[str, int] = {}
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, 1):
-            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            if not raw.strip():
+    for number, raw in iter_raw_lines(path):
+        value, problem = _parse_line(raw)
+        if problem is None:
+            problem = line_problem(value)
+        if problem is not None:
+            rows.invalid.append((number, problem))
+            continue
+        key = value.get("key")
+        if isinstance(key, str):
+            if key in first_of:
+                rows.duplicates.append((number, f"repeats line {first_of[key]}'s key {_short(key)}: scored once"))
                 continue
-            value, problem = _parse_line(raw)
-            if problem is None:
-                problem = line_problem(value)
-            if problem is not None:
-                rows.invalid.append((number, problem))
-                continue
-            key = value.get("key")
-            if isinstance(key, str):
-                if key in first_of:
-                    rows.duplicates.append((number, f"repeats line {first_of[key]}'s key {_short(key)}: scored once"))
-                    continue
-                first_of[key] = number
-            rows.append(value)
+            first_of[key] = number
+        rows.append(value)
     return rows
 
 

@@ -38,11 +38,13 @@ from comapoi_cli.engines import EngineSpec, Generation
 from comapoi_cli.errors import DataError, UsageError
 from comapoi_cli.fileio import (
     append_journal,
-    atomic_writer,
+    iter_jsonl,
     read_journal,
+    read_jsonl,
     read_recorded_settings,
     sha256_file,
     write_json_atomic,
+    write_jsonl,
 )
 from comapoi_cli.presets import preset_for
 from comapoi_cli.reporting import SILENT, Reporter
@@ -144,41 +146,36 @@ def _read_train(request: BuildRequest, world: Any, max_id: int) -> tuple[list[_I
     histories: dict[int, Any] = {}
     seen: set[str] = set()
     try:
-        handle = open(request.train, encoding="utf-8-sig")
+        open(request.train, "rb").close()
     except OSError as exc:
         raise DataError(f"Cannot read the training trajectories {request.train} ({exc.strerror}).") from None
-    with handle:
-        try:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    value = json.loads(line)
-                except ValueError as exc:
-                    rejects.append({"line": number, "reason": f"not JSON ({getattr(exc, 'msg', exc)})", "text": line.rstrip("\n")})
-                    continue
-                traj = synth.trajectory_from_record(value, world)
-                if isinstance(traj, str):
-                    rejects.append({"line": number, "reason": traj, "text": line.rstrip("\n")})
-                    continue
-                if not 0 <= traj.next_poi <= max_id:
-                    rejects.append({"line": number, "reason": f"the label {traj.next_poi} is outside 0..{max_id}",
-                                    "text": line.rstrip("\n")})
-                    continue
-                key = f"user_{traj.user}_subtrajectory_{traj.sub}"
-                if key in seen:
-                    rejects.append({"line": number, "reason": f"a second trajectory {key} (the first is kept)",
-                                    "text": line.rstrip("\n")})
-                    continue
-                seen.add(key)
-                trains.append(traj)
-                earlier = histories.get(traj.user)
-                hidden = synth.Trajectory(traj.user, traj.sub, traj.checkins, None)  # type: ignore[arg-type]
-                items.append(_Item(ChainItem(key=key, line=number, trajectory=hidden,
-                                             history=earlier.copy() if earlier is not None else None), traj.next_poi))
-                histories.setdefault(traj.user, synth._Stats()).add(traj.checkins, world)
-        except UnicodeDecodeError:
-            raise DataError(f"The training trajectories {request.train} are not UTF-8 text.") from None
+    for number, raw, value, error in iter_jsonl(request.train):
+        if isinstance(error, UnicodeDecodeError):
+            raise DataError(f"The training trajectories {request.train} are not UTF-8 text.")
+        text = raw.decode("utf-8").rstrip("\r\n")
+        if error is not None:
+            rejects.append({"line": number, "reason": f"not JSON ({getattr(error, 'msg', error)})", "text": text})
+            continue
+        traj = synth.trajectory_from_record(value, world)
+        if isinstance(traj, str):
+            rejects.append({"line": number, "reason": traj, "text": text})
+            continue
+        if not 0 <= traj.next_poi <= max_id:
+            rejects.append({"line": number, "reason": f"the label {traj.next_poi} is outside 0..{max_id}",
+                            "text": text})
+            continue
+        key = f"user_{traj.user}_subtrajectory_{traj.sub}"
+        if key in seen:
+            rejects.append({"line": number, "reason": f"a second trajectory {key} (the first is kept)",
+                            "text": text})
+            continue
+        seen.add(key)
+        trains.append(traj)
+        earlier = histories.get(traj.user)
+        hidden = synth.Trajectory(traj.user, traj.sub, traj.checkins, None)  # type: ignore[arg-type]
+        items.append(_Item(ChainItem(key=key, line=number, trajectory=hidden,
+                                     history=earlier.copy() if earlier is not None else None), traj.next_poi))
+        histories.setdefault(traj.user, synth._Stats()).add(traj.checkins, world)
     return items, trains, rejects
 
 
@@ -545,28 +542,12 @@ def _write_outputs(out: Path, roles: list[Any], items: list[_Item], rows: list[d
     counts: dict[str, int] = {}
     for role in roles:
         name = role.data_file_name()
-        with atomic_writer(out / name) as handle:
-            n = 0
-            for row in ordered:
-                for rec in (row.get("records") or {}).get(role.id, []):
-                    handle.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                    n += 1
-        counts[name] = n
+        counts[name] = write_jsonl(out / name, (rec for row in ordered for rec in (row.get("records") or {}).get(role.id, [])))
         if pairs and role.teacher_pairs():
             pname = PAIRS.format(id=role.id)
-            with atomic_writer(out / pname) as handle:
-                n = 0
-                for row in ordered:
-                    for pair in (row.get("pairs") or {}).get(role.id, []):
-                        handle.write(json.dumps(pair, ensure_ascii=False) + "\n")
-                        n += 1
-            counts[pname] = n
-    with atomic_writer(out / REJECTS) as handle:
-        for rej in input_rejects:
-            handle.write(json.dumps(rej, ensure_ascii=False) + "\n")
-        for row in ordered:
-            if row.get("rejected"):
-                handle.write(json.dumps({"key": row["key"], "line": row["line"], **row["rejected"]}, ensure_ascii=False) + "\n")
+            counts[pname] = write_jsonl(out / pname, (pair for row in ordered for pair in (row.get("pairs") or {}).get(role.id, [])))
+    write_jsonl(out / REJECTS, [*input_rejects, *({"key": row["key"], "line": row["line"], **row["rejected"]}
+                                                  for row in ordered if row.get("rejected"))])
     return counts
 
 
@@ -630,4 +611,4 @@ def synth_with_template(summary: Any, source: Path, poi_info: Any, trajectories:
 
 
 def _read_journal_rejects(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.exists() else []
+    return read_jsonl(path) if path.exists() else []

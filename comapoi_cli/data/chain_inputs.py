@@ -25,7 +25,7 @@ from typing import Any, Iterator
 from comapoi_cli.chain import ChainItem
 from comapoi_cli.data import synth
 from comapoi_cli.errors import DataError
-from comapoi_cli.fileio import iter_raw_lines
+from comapoi_cli.fileio import iter_jsonl
 
 POI_COLUMNS = ("poi_id", "category", "lat", "lon")
 #: The longest id (user, subtrajectory, POI) read, in digits: longer ones are not ids (and ``int()``
@@ -182,27 +182,18 @@ def _poi_row(row: dict[str, Any], world: Any, max_poi_id: int | None, areas: Cou
     return None
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str | None, bytes]]:
-    """``(line number, text or None when not UTF-8, raw bytes)`` of each non-blank line."""
-    for number, raw in iter_raw_lines(path):
-        try:
-            yield number, raw.decode("utf-8"), raw
-        except UnicodeDecodeError:
-            yield number, None, raw
-
-
 def _records(path: Path) -> Iterator[tuple[int, str, Any, str | None]]:
     """``(line number, text, value, problem)``: a line that is not UTF-8 JSON has a problem, never raises."""
-    for number, text, raw in _lines(path):
-        if text is None:
-            yield number, raw.decode("utf-8", errors="backslashreplace").rstrip("\r\n"), None, "not UTF-8 text"
-            continue
-        try:
-            yield number, text.rstrip("\r\n"), json.loads(text), None
-        except RecursionError:
-            yield number, text.rstrip("\r\n"), None, "not JSON (nested too deeply)"
-        except ValueError as exc:
-            yield number, text.rstrip("\r\n"), None, f"not JSON ({getattr(exc, 'msg', str(exc)[:120])})"
+    for number, raw, value, error in iter_jsonl(path):
+        text = raw.decode("utf-8", errors="backslashreplace").rstrip("\r\n")
+        if error is None:
+            yield number, text, value, None
+        elif isinstance(error, UnicodeDecodeError):
+            yield number, text, None, "not UTF-8 text"
+        elif isinstance(error, RecursionError):
+            yield number, text, None, "not JSON (nested too deeply)"
+        else:
+            yield number, text, None, f"not JSON ({getattr(error, 'msg', str(error)[:120])})"
 
 
 def _answer(answer: Any) -> int | str:

@@ -20,7 +20,6 @@ a failed run leaves any previous outputs untouched.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import stat
@@ -41,7 +40,7 @@ from comapoi_cli.data.blocks import (
 from comapoi_cli.data.policies import CHECK_NAMES, FAIL, KEEP, WARN, resolve_policies
 from comapoi_cli.data.records import BlockResult, KeyTable, RecordChecker, make_context, raw_fields
 from comapoi_cli.errors import DataError, UsageError
-from comapoi_cli.fileio import atomic_writer, fs_error, remove_stale_temps, temp_prefix
+from comapoi_cli.fileio import atomic_writer, fs_error, jsonl_line, read_jsonl, remove_stale_temps, temp_prefix
 from comapoi_cli.reporting import SILENT, Reporter
 from comapoi_cli.roles import AgentRole, RoleContext
 
@@ -409,10 +408,9 @@ def _without(runs: list[tuple[int, int]], dropped: set[int]):
 def _reject_line(line: int, reason: str, detail: str, raw: bytes) -> bytes:
     entry: dict[str, Any] = {"line": line, "reason": reason, "detail": detail}
     entry.update(raw_fields(raw))
-    return json.dumps(entry, ensure_ascii=False).encode("utf-8") + b"\n"
+    return jsonl_line(entry).encode("utf-8")
 
 
 def read_rejects(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The entries of a rejects file (for tests and tools)."""
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    return read_jsonl(path)

@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from comapoi_cli.errors import DataError, UsageError
-from comapoi_cli.fileio import atomic_writer, fs_error, remove_stale_temps, sha256_file, temp_prefix, write_json_atomic
+from comapoi_cli.fileio import (
+    atomic_writer,
+    fs_error,
+    loads,
+    remove_stale_temps,
+    sha256_file,
+    temp_prefix,
+    write_json_atomic,
+)
 
 
 @dataclass
@@ -113,7 +121,7 @@ def _tag(line: bytes, tag: bytes, role: str, summary: MergeSummary) -> bytes:
     if body.startswith(b"{") and body.endswith(b"}") and b'"agent"' not in body and body[1:-1].strip():
         return body[:-1].rstrip() + tag  # fast path: no parse, no re-serialisation
     try:
-        record = json.loads(body)
+        record = loads(body)
     except ValueError:
         return body
     if not isinstance(record, dict):
@@ -235,10 +243,7 @@ def weight_file(source: str | os.PathLike[str], output: str | os.PathLike[str], 
             body = line.rstrip(b"\r\n")
             if not body.strip():
                 continue
-            try:
-                role = json.loads(body).get("agent") or "-"
-            except (ValueError, AttributeError):
-                role = "-"
+            role = _agent(body)
             weight = weights.get(role, 1.0)
             whole, frac = int(weight), weight - int(weight)
             copies = whole + (1 if frac and rng.random() < frac else 0)
@@ -255,9 +260,14 @@ def role_counts(path: str | os.PathLike[str]) -> dict[str, int]:
         for line in handle:
             if not line.strip():
                 continue
-            try:
-                role = json.loads(line).get("agent") or "-"
-            except (ValueError, AttributeError):
-                role = "-"
+            role = _agent(line)
             counts[role] = counts.get(role, 0) + 1
     return counts
+
+
+def _agent(line: bytes) -> str:
+    """The ``agent`` of a JSON line; "-" when it names none or is not a JSON object."""
+    try:
+        return loads(line).get("agent") or "-"
+    except (ValueError, AttributeError):
+        return "-"

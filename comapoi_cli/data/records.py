@@ -12,7 +12,7 @@ import base64
 import json
 from array import array
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from comapoi_cli.data.policies import DROP, FAIL, KEEP, WARN, default_policies
 from comapoi_cli.leaks import find_label_leak, find_leak_in_messages
@@ -21,11 +21,7 @@ from comapoi_cli.roles import AgentRole, RoleContext
 if TYPE_CHECKING:  # typing only
     from comapoi_cli.data.tokens import TokenCounter
 
-fast_loads: Callable[[bytes], Any] | None
-try:  # a C JSON parser, 2-3x faster than json's on these records; json is the reference and the fallback
-    from orjson import loads as fast_loads
-except ImportError:  # pragma: no cover - orjson is a dependency, but cleaning must work without it
-    fast_loads = None
+from comapoi_cli.fileio import fast_loads  # orjson's loads, or None without it; json is the reference and the fallback
 
 ROLE_ALIASES = {
     "system": "system",

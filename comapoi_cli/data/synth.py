@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from comapoi_cli.errors import DataError, UsageError
-from comapoi_cli.fileio import atomic_writer
+from comapoi_cli.fileio import atomic_writer, iter_jsonl, jsonl_line
 from comapoi_cli.presets import PRESETS, DatasetPreset, preset_for
 from comapoi_cli.reporting import SILENT, Reporter
 from comapoi_cli.roles import AgentRole
@@ -206,20 +206,14 @@ def _simulated_users(preset: DatasetPreset, world: PoiWorld, centres, seed: int,
 
 # -- real trajectories -----------------------------------------------------------------------
 def _read_real(source: Path, world: PoiWorld, summary: SynthSummary) -> Iterator[Trajectory]:
-    with open(source, encoding="utf-8-sig") as handle:
-        for line in handle:
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                summary.skipped_lines += 1
-                continue
-            traj = trajectory_from_record(record, world)
-            if isinstance(traj, str):
-                summary.skipped_lines += 1
-                continue
-            yield traj
+    for _number, _raw, record, error in iter_jsonl(source):
+        if isinstance(error, UnicodeDecodeError):
+            raise DataError(f"The trajectory file {source} is not UTF-8 text.")
+        traj = trajectory_from_record(record, world) if error is None else "not JSON"
+        if isinstance(traj, str):
+            summary.skipped_lines += 1
+            continue
+        yield traj
 
 
 def trajectory_from_record(record: Any, world: PoiWorld) -> Trajectory | str:
@@ -529,7 +523,7 @@ def _can_synth(role: AgentRole) -> bool:
 
 
 def _encode(records: list[dict[str, Any]]) -> bytes:
-    return b"".join((json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8") for r in records)
+    return "".join(jsonl_line(r) for r in records).encode("utf-8")
 
 
 def _plain_record(traj: Trajectory) -> bytes:

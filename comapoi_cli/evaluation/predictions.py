@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
+from comapoi_cli import fileio
 from comapoi_cli.errors import DataError
 from comapoi_cli.evaluation.scoring import LabelError, Scorer, role_origin, summarize
 from comapoi_cli.metrics import RecordOutcome
@@ -76,27 +77,20 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     """Yield ``(line_number, value, problem)`` per non-blank line; ``problem`` set when the line is unreadable.
 
     Tolerates a UTF-8 BOM, CRLF line ends and a missing final newline; invalid UTF-8 or JSON
-    becomes a problem for that line only.
+    becomes a problem for that line only (:func:`comapoi_cli.fileio.iter_jsonl` reads the lines).
     """
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield number, None, f"not UTF-8 text (byte {exc.start + 1})"
-                continue
-            if not text.strip():
-                continue
-            try:
-                yield number, json.loads(text.strip()), None
-            except json.JSONDecodeError as exc:
-                yield number, None, f"not valid JSON ({exc.msg} at column {exc.colno})"
-            except RecursionError:
-                yield number, None, "not valid JSON (nested too deeply)"
-            except ValueError:  # an integer literal past Python's conversion limit
-                yield number, None, "not valid JSON (a number of more than 4,300 digits)"
+    for number, _raw, value, error in fileio.iter_jsonl(path):
+        yield number, value, None if error is None else _line_problem(error)
+
+
+def _line_problem(error: ValueError | RecursionError) -> str:
+    if isinstance(error, UnicodeDecodeError):
+        return f"not UTF-8 text (byte {error.start + 1})"
+    if isinstance(error, json.JSONDecodeError):
+        return f"not valid JSON ({error.msg} at column {error.colno})"
+    if isinstance(error, RecursionError):
+        return "not valid JSON (nested too deeply)"
+    return "not valid JSON (a number of more than 4,300 digits)"  # an integer literal past Python's conversion limit
 
 
 def _check_path(path: Path) -> None:

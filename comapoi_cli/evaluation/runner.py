@@ -23,7 +23,6 @@ print: what the runner has to say goes to the ``Reporter`` it is given.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
@@ -32,7 +31,7 @@ from comapoi_cli.errors import DataError, UsageError
 from comapoi_cli.evaluation.outputs import metrics_csv
 from comapoi_cli.evaluation.predictions import iter_jsonl
 from comapoi_cli.evaluation.scoring import LabelError, Scorer, role_origin, summarize
-from comapoi_cli.fileio import atomic_writer, now_iso, sha256_file, write_json_atomic, write_text_atomic
+from comapoi_cli.fileio import now_iso, sha256_file, write_json_atomic, write_jsonl, write_text_atomic
 from comapoi_cli.metrics import RecordOutcome
 from comapoi_cli.models.generation import prompt_hash, record_messages
 from comapoi_cli.models.loading import plan_device, tokenizer_folder
@@ -349,9 +348,7 @@ def evaluate_adapter(request: EvalRequest, registry: Registry, reporter: Reporte
     out_dir = request.output_dir or run.adapter_dir
     check_run_not_written(run)  # again: a training may have started while this one generated
     predictions_path = out_dir / PREDICTIONS_FILE
-    with atomic_writer(predictions_path) as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_jsonl(predictions_path, rows)
     entry: dict[str, Any] = {
         "data": str(data_path.resolve()),
         "data_sha256": data_sha,

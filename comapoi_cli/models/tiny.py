@@ -31,7 +31,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from comapoi_cli.fileio import read_json, sha256_file, write_json_atomic
+from comapoi_cli.fileio import iter_jsonl, read_json, sha256_file, write_json_atomic
 from comapoi_cli.reporting import Reporter
 
 ENV_CACHE = "COMAPOI_CACHE"
@@ -95,23 +95,18 @@ def _corpus_texts(corpus_files: Iterable[Path], max_chars: int) -> Iterator[str]
     """Every message content (and role name) of the JSONL conversations, up to ``max_chars``."""
     used = 0
     for path in corpus_files:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                try:
-                    record = json.loads(line)
-                except ValueError:
+        for _number, _raw, record, _error in iter_jsonl(path, errors="replace"):  # a broken line has no record
+            messages = record.get("messages") if isinstance(record, dict) else None
+            if not isinstance(messages, list):
+                continue
+            for message in messages:
+                if not isinstance(message, dict):
                     continue
-                messages = record.get("messages") if isinstance(record, dict) else None
-                if not isinstance(messages, list):
-                    continue
-                for message in messages:
-                    if not isinstance(message, dict):
-                        continue
-                    text = f"{message.get('role', '')}\n{message.get('content', '')}"
-                    yield text
-                    used += len(text)
-                    if used >= max_chars:
-                        return
+                text = f"{message.get('role', '')}\n{message.get('content', '')}"
+                yield text
+                used += len(text)
+                if used >= max_chars:
+                    return
 
 
 def _train_tokenizer(corpus_files: list[Path]):

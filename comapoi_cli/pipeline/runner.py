@@ -16,7 +16,6 @@ place.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +27,12 @@ from comapoi_cli.engines import EngineSpec
 from comapoi_cli.errors import DataError, UsageError
 from comapoi_cli.fileio import (
     append_journal,
+    loads,
     read_journal,
     read_recorded_settings,
     sha256_file,
     write_json_atomic,
+    write_jsonl,
 )
 from comapoi_cli.models.http import redact_url
 from comapoi_cli.pipeline import checks
@@ -271,11 +272,7 @@ def _run_pipeline(request: PipelineRequest, registry: Registry, reporter: Report
         done_rows = read_journal(predictions)
     elif predictions.exists():
         predictions.unlink()
-    from comapoi_cli.fileio import atomic_writer
-
-    with atomic_writer(rejects) as handle:
-        for rejected in inputs.rejected:
-            handle.write(json.dumps(rejected.to_dict(), ensure_ascii=False) + "\n")
+    write_jsonl(rejects, (rejected.to_dict() for rejected in inputs.rejected))
     if inputs.rejected:
         notes.append(f"{len(inputs.rejected)} test line{'s' if len(inputs.rejected) != 1 else ''} rejected, with reasons, in {rejects}")
     if inputs.train_skipped:
@@ -381,7 +378,7 @@ def _in_test_order(path: Path, keys: list[str]) -> None:
 
     def where(line: bytes) -> int:
         try:
-            key = json.loads(line).get("key")
+            key = loads(line).get("key")
         except (ValueError, AttributeError):
             return len(place)
         return place.get(key, len(place)) if isinstance(key, str) else len(place)

@@ -30,7 +30,7 @@ from typing import Any, Collection, Iterable
 
 from comapoi_cli.errors import DataError
 from comapoi_cli.evaluation.predictions import MAX_SHOWN_PROBLEMS
-from comapoi_cli.fileio import iter_raw_lines
+from comapoi_cli.fileio import iter_jsonl
 from comapoi_cli.metrics import compute_metrics, outcome
 from comapoi_cli.presets import preset_for
 
@@ -263,20 +263,15 @@ def line_problem(value: Any) -> str | None:
     return None
 
 
-def _parse_line(raw: bytes) -> tuple[Any, str | None]:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return None, f"not valid UTF-8 (byte {exc.start + 1})"
-    try:
-        return json.loads(text), None
-    except RecursionError:
-        return None, "nested too deeply to read"
-    except ValueError as exc:
-        reason = str(exc).split(":")[0]
-        if "digits" in str(exc) or "integer string conversion" in str(exc):
-            reason = "a number of more than 4,300 digits"
-        return None, f"not valid JSON ({reason})"
+def _line_problem(error: ValueError | RecursionError) -> str:
+    if isinstance(error, UnicodeDecodeError):
+        return f"not valid UTF-8 (byte {error.start + 1})"
+    if isinstance(error, RecursionError):
+        return "nested too deeply to read"
+    reason = str(error).split(":")[0]
+    if "digits" in str(error) or "integer string conversion" in str(error):
+        reason = "a number of more than 4,300 digits"
+    return f"not valid JSON ({reason})"
 
 
 def read_predictions(path: Path) -> PredictionRows:
@@ -290,10 +285,8 @@ def read_predictions(path: Path) -> PredictionRows:
         raise DataError(f"Cannot find the predictions file {path}." if not path.exists() else f"{path} is not a file.")
     rows = PredictionRows()
     first_of: dict[str, int] = {}
-    for number, raw in iter_raw_lines(path):
-        value, problem = _parse_line(raw)
-        if problem is None:
-            problem = line_problem(value)
+    for number, _raw, value, error in iter_jsonl(path):
+        problem = line_problem(value) if error is None else _line_problem(error)
         if problem is not None:
             rows.invalid.append((number, problem))
             continue

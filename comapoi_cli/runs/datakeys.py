@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from comapoi_cli.errors import DataError
-from comapoi_cli.fileio import sha256_file, write_json_atomic
+from comapoi_cli.fileio import iter_jsonl, sha256_file, write_json_atomic
 from comapoi_cli.models.generation import record_messages
 from comapoi_cli.poi_ids import is_id_list
 from comapoi_cli.runs.info import RunInfo, read_json_file
@@ -111,22 +111,17 @@ def _record_role(record: Any, role: str | None) -> str | None:
 def file_key_sets(path: Path, role: str | None) -> tuple[set[str], set[str], set[str]]:
     """The exact, content and trajectory keys of a JSONL file's records (``role``: the run's type)."""
     exact, content, trajectories = set(), set(), set()
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        for line in handle:
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except (ValueError, RecursionError):
-                continue
-            prompt, answer = _split(record)
-            if prompt is None:
-                continue
-            exact.add(prompt_key(prompt))
-            content.add(content_key(prompt))
-            key = trajectory_key(prompt, _record_role(record, role), answer)
-            if key is not None:
-                trajectories.add(key)
+    for _number, _raw, record, error in iter_jsonl(path, errors="replace"):
+        if error is not None:
+            continue
+        prompt, answer = _split(record)
+        if prompt is None:
+            continue
+        exact.add(prompt_key(prompt))
+        content.add(content_key(prompt))
+        key = trajectory_key(prompt, _record_role(record, role), answer)
+        if key is not None:
+            trajectories.add(key)
     return exact, content, trajectories
 
 
@@ -142,16 +137,10 @@ def record_key(record: Any) -> str | None:
 def file_keys(path: Path) -> list[str]:
     """The conversation keys of a JSONL file's records, in order (unreadable lines have none)."""
     keys = []
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        for line in handle:
-            if not line.strip():
-                continue
-            try:
-                key = record_key(json.loads(line))
-            except ValueError:
-                continue
-            if key is not None:
-                keys.append(key)
+    for _number, _raw, record, error in iter_jsonl(path, errors="replace"):
+        key = record_key(record) if error is None else None
+        if key is not None:
+            keys.append(key)
     return keys
 
 

@@ -23,13 +23,13 @@ template renders it, found in one of two ways, then mapped to tokens with the to
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from comapoi_cli.errors import TrainingError
+from comapoi_cli.fileio import iter_jsonl
 from comapoi_cli.training.errors import TrainingDataError
 
 MASK_MARKERS = "generation-markers"
@@ -185,18 +185,16 @@ class TokenStats:
 def read_records(path: str | Path, limit: int = 0) -> list[dict[str, Any]]:
     """The conversations of a prepared (cleaned) JSONL file; ``limit`` > 0 keeps the first ones."""
     records: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                messages = record["messages"]
-            except (ValueError, KeyError, TypeError):
-                raise TrainingDataError(f"{path} line {number} is not a chat record; prepare the data with comapoi data clean.") from None
-            records.append({"messages": messages, "agent": record.get("agent")})
-            if limit and len(records) >= limit:
-                break
+    for number, _raw, record, error in iter_jsonl(path):
+        try:
+            if error is not None:
+                raise error
+            messages = record["messages"]
+        except (ValueError, RecursionError, KeyError, TypeError):
+            raise TrainingDataError(f"{path} line {number} is not a chat record; prepare the data with comapoi data clean.") from None
+        records.append({"messages": messages, "agent": record.get("agent")})
+        if limit and len(records) >= limit:
+            break
     return records
 
 

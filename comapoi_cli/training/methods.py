@@ -12,13 +12,12 @@ Light: datasets / trl are imported by the caller.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from comapoi_cli.data.prepare import PreparedData
-from comapoi_cli.fileio import atomic_writer, sha256_file
+from comapoi_cli.fileio import iter_jsonl, sha256_file, write_jsonl
 from comapoi_cli.rewards import RewardSpec, reward_function_name
 from comapoi_cli.roles import AgentRole, RoleContext
 from comapoi_cli.training.errors import TrainingDataError
@@ -61,26 +60,24 @@ def reward_prompts(path: Path, role: AgentRole, context: RoleContext, tokenizer:
                    max_prompt_tokens: int) -> RewardPrompts:
     """Read the prepared training file of ``role`` into GRPO prompts with their reward specs."""
     out = RewardPrompts([], [])
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if not line.strip():
-                continue
-            record = json.loads(line)  # a prepared file: every line is a cleaned chat record
-            spec = role.rewards(record, context)
-            if spec is None:
-                out.text_steps += 1
-                continue
-            prompt = _prompt_turns(record.get("messages") or [])
-            tokens = len(tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"])
-            out.longest_prompt = max(out.longest_prompt, tokens)
-            if tokens > max_prompt_tokens:
-                out.too_long += 1
-                continue
-            out.prompts.append(prompt)
-            out.specs.append(spec)
-            out.prompt_tokens.append(tokens)
-            if limit and len(out.prompts) >= limit:
-                break
+    for number, _raw, record, error in iter_jsonl(path):
+        if error is not None:  # a prepared file: every line is a cleaned chat record
+            raise TrainingDataError(f"{path} line {number} is not a chat record; prepare the data with comapoi data clean.")
+        spec = role.rewards(record, context)
+        if spec is None:
+            out.text_steps += 1
+            continue
+        prompt = _prompt_turns(record.get("messages") or [])
+        tokens = len(tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"])
+        out.longest_prompt = max(out.longest_prompt, tokens)
+        if tokens > max_prompt_tokens:
+            out.too_long += 1
+            continue
+        out.prompts.append(prompt)
+        out.specs.append(spec)
+        out.prompt_tokens.append(tokens)
+        if limit and len(out.prompts) >= limit:
+            break
     return out
 
 
@@ -179,21 +176,17 @@ def prepare_pairs(path: Path) -> PreparedData:
     if not path.is_file():
         raise TrainingDataError(f"Preference pair file {path} does not exist.")
     kept, rejects, total = 0, [], 0
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            total += 1
-            try:
-                record = json.loads(line)
-            except ValueError as exc:
-                rejects.append({"line": number, "reason": f"not JSON ({str(exc).split(':')[0]})", "text": line.rstrip("\n")[:2000]})
-                continue
-            pair, reason = check_pair(record)
-            if pair is None:
-                rejects.append({"line": number, "reason": reason, "record": record})
-            else:
-                kept += 1
+    for number, raw, record, error in iter_jsonl(path, errors="replace"):
+        total += 1
+        if error is not None:
+            rejects.append({"line": number, "reason": f"not JSON ({str(error).split(':')[0]})",
+                            "text": raw.decode("utf-8", "replace").rstrip("\r\n")[:2000]})
+            continue
+        pair, reason = check_pair(record)
+        if pair is None:
+            rejects.append({"line": number, "reason": reason, "record": record})
+        else:
+            kept += 1
     summary: dict[str, Any] = {"in": total, "kept": kept, "rejected": len(rejects), "train": kept, "holdout": 0}
     if rejects:
         from comapoi_cli.data.prepare import _cache_dir_for, _writable_dir
@@ -201,9 +194,7 @@ def prepare_pairs(path: Path) -> PreparedData:
         folder = path.parent if _writable_dir(path.parent) else _cache_dir_for(path)
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / f"{path.stem}.pairs.rejects.jsonl"
-        with atomic_writer(target) as out:
-            for row in rejects:
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        write_jsonl(target, rejects)
         summary["rejects_files"] = [str(target)]
     if not kept:
         raise TrainingDataError(f"{path} holds no usable preference pair ({len(rejects)} lines rejected"
@@ -215,25 +206,19 @@ def prepare_pairs(path: Path) -> PreparedData:
 def read_pairs(path: Path, tokenizer: Any, *, limit: int, max_tokens: int) -> PreferencePairs:
     """The usable pairs of a checked pair file, without those longer than ``max_tokens`` (prompt + answer)."""
     out = PreferencePairs([])
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        for line in handle:
-            if not line.strip():
-                continue
-            try:
-                pair, _reason = check_pair(json.loads(line))
-            except ValueError:
-                continue
-            if pair is None:
-                continue
-            longest = max(len(tokenizer.apply_chat_template(pair["prompt"] + pair[key], tokenize=True, return_dict=True)["input_ids"])
-                          for key in ("chosen", "rejected"))
-            out.longest = max(out.longest, longest)
-            if longest > max_tokens:
-                out.too_long += 1
-                continue
-            out.pairs.append(pair)
-            if limit and len(out.pairs) >= limit:
-                break
+    for _number, _raw, record, error in iter_jsonl(path, errors="replace"):
+        pair = None if error is not None else check_pair(record)[0]
+        if pair is None:
+            continue
+        longest = max(len(tokenizer.apply_chat_template(pair["prompt"] + pair[key], tokenize=True, return_dict=True)["input_ids"])
+                      for key in ("chosen", "rejected"))
+        out.longest = max(out.longest, longest)
+        if longest > max_tokens:
+            out.too_long += 1
+            continue
+        out.pairs.append(pair)
+        if limit and len(out.pairs) >= limit:
+            break
     return out
 
 

@@ -45,6 +45,7 @@ from typing import Any, Sequence
 from comapoi_cli.checkins import CheckinTable, ReadOptions, arrow
 from comapoi_cli.data.checkins.readers import checkin_reader
 from comapoi_cli.errors import DataError, UsageError
+from comapoi_cli.fileio import jsonl_line
 from comapoi_cli.reporting import SILENT, Reporter
 
 #: Bounding boxes of named regions: (lat_min, lat_max, lon_min, lon_max), a union of boxes.
@@ -612,7 +613,7 @@ def _prepare(paths: Sequence[str | os.PathLike[str]], dataset: str, settings: Pr
         _write_csv(tmp / names["user_ids"], ["user_id", "raw_user_id"], user_rows)
         with open(tmp / names["rejects"], "w", encoding="utf-8", newline="") as handle:
             for reject in sorted(table.rejects, key=lambda r: (files.index(Path(r.file)) if Path(r.file) in files else -1, r.line)):
-                handle.write(json.dumps(reject.to_dict(), ensure_ascii=False) + "\n")
+                handle.write(jsonl_line(reject.to_dict()))
         (tmp / names["dataset"]).write_text(json.dumps(dataset_record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         inputs = [{"path": str(f), "sha256": hashed[i].result(), "bytes": f.stat().st_size,
                    "encoding": table.encodings.get(str(f))} for i, f in enumerate(files)]

@@ -10,7 +10,6 @@ where it still is an adapter, a row with what could be read. Nothing here import
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from comapoi_cli.errors import UsageError
+from comapoi_cli.models.weights import WeightsFileError, read_safetensors_header
 from comapoi_cli.runs.info import read_json_file
 from comapoi_cli.runs.layout import ADAPTER_CONFIG, CHECKPOINT_RE, RUN_JSON, TRAINER_STATE, checkpoint_names
 from comapoi_cli.runs.layout import ADAPTER_WEIGHT_NAMES as ADAPTER_WEIGHTS
@@ -250,24 +250,12 @@ def require_run_folder(folder: str | os.PathLike[str]) -> Path:
 
 
 def safetensors_parameters(path: str | os.PathLike[str]) -> int | None:
-    """The number of values stored in a .safetensors file, read from its JSON header (no torch)."""
+    """The number of values stored in a .safetensors file, read from its header (no torch); None when the
+    file cannot be read."""
     try:
-        with open(path, "rb") as handle:
-            size = int.from_bytes(handle.read(8), "little")
-            if not 0 < size < 100 * 1024 * 1024:
-                return None
-            header = json.loads(handle.read(size))
-    except (OSError, ValueError):
+        return read_safetensors_header(path).parameters
+    except WeightsFileError:
         return None
-    total = 0
-    for name, info in header.items():
-        if name == "__metadata__" or not isinstance(info, dict):
-            continue
-        count = 1
-        for dim in info.get("shape") or []:
-            count *= int(dim)
-        total += count
-    return total
 
 
 def _loss_entries(entries: Any) -> list[dict[str, Any]]:

@@ -39,6 +39,7 @@ from comapoi_cli.errors import DataError, UsageError
 from comapoi_cli.fileio import (
     append_journal,
     iter_jsonl,
+    now_iso,
     read_journal,
     read_jsonl,
     read_recorded_settings,
@@ -460,7 +461,7 @@ def build_dataset(request: BuildRequest, registry: Any, reporter: Reporter = SIL
             journal.unlink()
     for note in notes:
         reporter.info(note)
-    record: dict[str, Any] = {"settings": settings, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    record: dict[str, Any] = {"settings": settings, "started": now_iso()}
     write_json_atomic(record_path, record)
 
     done = {row["key"] for row in done_rows}
@@ -513,7 +514,7 @@ def build_dataset(request: BuildRequest, registry: Any, reporter: Reporter = SIL
     rejected = [row for row in rows_now if row.get("rejected")]
     reasons = Counter(row["rejected"]["reason"] for row in rejected)
     record.update({
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "teacher": description or record.get("teacher"),
+        "finished": now_iso(), "teacher": description or record.get("teacher"),
         "prompt_sha256": _prompt_hashes(rows_now, settings["steps"]),
         "counts": {"trajectories": len(items), "built": len(rows_now) - len(rejected), "rejected": len(rejected),
                    "input_rejects": len(input_rejects), "files": counts, "reject_reasons": dict(reasons.most_common()),

@@ -28,6 +28,7 @@ from comapoi_cli.errors import DataError, UsageError
 from comapoi_cli.fileio import (
     append_journal,
     loads,
+    now_iso,
     read_journal,
     read_recorded_settings,
     sha256_file,
@@ -283,7 +284,7 @@ def _run_pipeline(request: PipelineRequest, registry: Registry, reporter: Report
                      f"{shown}{'; ...' if inputs.poi_bad_rows > 3 else ''}; all in {RECORD})")
     for note in notes:
         reporter.info(note)
-    record: dict[str, Any] = {"settings": settings, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    record: dict[str, Any] = {"settings": settings, "started": now_iso()}
     if inputs.poi_rejected:
         record["poi_rejected"] = [r.to_dict() for r in inputs.poi_rejected]
     if overlap:
@@ -355,7 +356,7 @@ def _run_pipeline(request: PipelineRequest, registry: Registry, reporter: Report
     if overlap:
         scores["train_overlap"] = overlap
     seconds = time.monotonic() - started
-    record.update({"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "engine": engine_description or None,
+    record.update({"finished": now_iso(), "engine": engine_description or None,
                    "trajectories": len(rows), "rejected": len(inputs.rejected), "scores": scores,
                    "seconds_this_run": round(seconds, 3), "processed_this_run": processed})
     write_json_atomic(record_path, record)

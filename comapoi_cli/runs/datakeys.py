@@ -27,7 +27,6 @@ from the recorded training file when it is unchanged). Nothing here imports torc
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import unicodedata
@@ -37,7 +36,7 @@ from typing import Any, Sequence
 
 from comapoi_cli.errors import DataError
 from comapoi_cli.fileio import iter_jsonl, sha256_file, write_json_atomic
-from comapoi_cli.models.generation import record_messages
+from comapoi_cli.models.generation import prompt_hash, record_messages
 from comapoi_cli.poi_ids import is_id_list
 from comapoi_cli.runs.info import RunInfo, read_json_file
 from comapoi_cli.runs.layout import DATA_KEYS, RUN_JSON
@@ -50,10 +49,9 @@ _TRAJECTORY = (re.compile(r"\buser_(\d+)_subtrajectory_(\d+)", re.I),
 
 
 def prompt_key(prompt: Sequence[dict[str, str]]) -> str:
-    """The conversation key of a prompt (``[{"role", "content"}]`` without the answer)."""
-    canonical = json.dumps([{"role": m["role"], "content": m["content"]} for m in prompt],
-                           ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+    """The conversation key of a prompt (``[{"role", "content"}]`` without the answer): the first 16 hex
+    digits of its :func:`~comapoi_cli.models.generation.prompt_hash`."""
+    return prompt_hash(prompt)[:16]
 
 
 def _normal(text: str) -> str:

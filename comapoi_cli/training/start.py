@@ -10,7 +10,6 @@ and never follows a symlinked ``checkpoint-N``.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from comapoi_cli.errors import UsageError
+from comapoi_cli.models.weights import WeightsFileError, read_safetensors_header
 from comapoi_cli.runs.info import read_json_file, read_run_json
 from comapoi_cli.runs.layout import (
     ADAPTER_WEIGHTS,
@@ -82,19 +82,9 @@ def _clear(run_dir: Path) -> None:
 
 def _safetensors_problem(path: Path) -> str | None:
     try:
-        with open(path, "rb") as handle:
-            size = int.from_bytes(handle.read(8), "little")
-            if not 0 < size < 100 * 1024 * 1024:
-                return f"{path.name} has no valid header"
-            header = json.loads(handle.read(size))
-            if not isinstance(header, dict):
-                return f"{path.name} has no valid header"
-            end = max((int(v["data_offsets"][1]) for k, v in header.items()
-                       if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v), default=0)
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
-        return f"{path.name} is unreadable ({type(exc).__name__})"
-    if path.stat().st_size < 8 + size + end:
-        return f"{path.name} is truncated"
+        read_safetensors_header(path)
+    except WeightsFileError as exc:
+        return f"{path.name} {exc.reason}"
     return None
 
 

@@ -81,6 +81,17 @@ def preset_for(dataset: str | None) -> DatasetPreset | None:
     return PRESETS.get(dataset.lower()) or prepared_preset(dataset)
 
 
+def require_preset(dataset: str | None, needed_by: str) -> DatasetPreset:
+    """The preset of ``dataset``; a name comapoi does not know is one sentence (``UsageError``) saying that
+    ``needed_by`` ("the chain", "the build") needs its POI id range."""
+    from comapoi_cli.errors import UsageError
+
+    preset = preset_for(dataset)
+    if preset is None:
+        raise UsageError(f"Unknown dataset '{dataset}'; {needed_by} needs its POI id range (nyc, tky, ca).")
+    return preset
+
+
 # -- datasets prepared by ``comapoi data prepare`` ----------------------------------------------------------
 #: Where ``comapoi data prepare`` records a new city so that train, eval and pipeline know it by name:
 #: ``$COMAPOI_DATASETS_DIR/{name}.json`` (default ``$XDG_CONFIG_HOME/comapoi/datasets``, else

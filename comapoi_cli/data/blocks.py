@@ -27,7 +27,7 @@ import signal
 import sys
 import threading
 from collections import deque
-from typing import Any, Callable, Generator, Iterator
+from typing import IO, Any, Callable, Generator, Iterator
 
 BLOCK_SIZE = 4 << 20  # bytes judged at a time (and sent to a worker as one task)
 
@@ -156,6 +156,25 @@ def _init_worker_process(parent: int, initializer: Callable[..., None], initargs
     # the processes are the parallelism: a tokenizer in a worker tokenizes on one core
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     initializer(*initargs)
+
+
+_worker: Any = None
+_worker_file: IO[bytes] | None = None
+
+
+def init_block_worker(worker: Any, path: str) -> None:
+    """Set up a worker process of :func:`map_ranges` (its ``initializer``): the object that judges the
+    blocks, and the input file opened once (each block is read here: no data crosses the pipe)."""
+    global _worker, _worker_file
+    _worker = worker
+    _worker_file = open(path, "rb")
+
+
+def worker_block(start: int, end: int) -> tuple[Any, bytes]:
+    """In a worker process: the object given to :func:`init_block_worker` and bytes ``start:end`` of its file."""
+    assert _worker is not None and _worker_file is not None
+    _worker_file.seek(start)
+    return _worker, _worker_file.read(end - start)
 
 
 def map_ranges(path, size: int, workers: int, initializer: Callable[..., None], initargs: tuple,

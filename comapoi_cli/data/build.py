@@ -47,7 +47,7 @@ from comapoi_cli.fileio import (
     write_json_atomic,
     write_jsonl,
 )
-from comapoi_cli.presets import preset_for
+from comapoi_cli.presets import require_preset
 from comapoi_cli.reporting import SILENT, Reporter
 from comapoi_cli.retrievers import SIMILAR, RetrievalIndex
 from comapoi_cli.roles import TeacherAnswer, TeacherLabel
@@ -393,9 +393,7 @@ def build_dataset(request: BuildRequest, registry: Any, reporter: Reporter = SIL
     from comapoi_cli.chain import chain_order
 
     started = time.monotonic()
-    preset = preset_for(request.dataset)
-    if preset is None:
-        raise UsageError(f"Unknown dataset '{request.dataset}'; the build needs its POI id range (nyc, tky, ca).")
+    preset = require_preset(request.dataset, "the build")
     if request.label_rank not in ("first", "sampled"):
         raise UsageError(f"--label-rank must be first or sampled, not '{request.label_rank}'.")
     if request.retries < 0 or request.batch_size < 1 or request.limit < 0:

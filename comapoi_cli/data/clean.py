@@ -32,10 +32,12 @@ from typing import Any, Mapping
 from comapoi_cli.data.blocks import (
     BLOCK_SIZE,
     default_workers,
+    init_block_worker,
     map_ranges,
     pool_start_method,
     read_blocks,
     sigterm_as_interrupt,
+    worker_block,
 )
 from comapoi_cli.data.policies import CHECK_NAMES, FAIL, KEEP, WARN, resolve_policies
 from comapoi_cli.data.records import BlockResult, KeyTable, RecordChecker, make_context, raw_fields
@@ -96,21 +98,10 @@ def default_rejects_path(output: Path) -> Path:
     return output.with_name(f"{stem}.rejects.jsonl")
 
 
-_worker_checker: RecordChecker | None = None
-_worker_file = None
-
-
-def _init_worker(checker: RecordChecker, path: str) -> None:
-    global _worker_checker, _worker_file
-    _worker_checker = checker
-    _worker_file = open(path, "rb")
-
-
 def _work(start: int, end: int, size: int) -> BlockResult:
     """Judge the lines in bytes ``start:end`` of the input (read here: no data crosses the pipe)."""
-    assert _worker_checker is not None and _worker_file is not None
-    _worker_file.seek(start)
-    return _worker_checker.process_block(_worker_file.read(end - start), end >= size, start == 0)
+    checker, block = worker_block(start, end)
+    return checker.process_block(block, end >= size, start == 0)
 
 
 def _resolve_role(role: AgentRole | str | None, registry) -> AgentRole | None:
@@ -262,7 +253,7 @@ def _clean(source: Path, readable: Path, target: Path, rejects_path: Path, check
                             reporter.progress_update(end)
                 else:
                     with open(readable, "rb") as reader, contextlib.closing(
-                            map_ranges(readable, size, n_workers, _init_worker, (checker, str(readable)), _work,
+                            map_ranges(readable, size, n_workers, init_block_worker, (checker, str(readable)), _work,
                                        BLOCK_SIZE)) as results:
                         for start, end, result in results:
                             reader.seek(start)  # the worker judged these bytes; read them again to copy the kept lines

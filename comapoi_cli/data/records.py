@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
 from comapoi_cli.data.policies import DROP, FAIL, KEEP, WARN, default_policies
+from comapoi_cli.data.tokens import LazyTokenCounter
 from comapoi_cli.leaks import find_label_leak, find_leak_in_messages
 from comapoi_cli.roles import AgentRole, RoleContext
 
@@ -250,12 +251,7 @@ class RecordChecker:
         self.tokenizer_path = tokenizer
         self.seq_length = seq_length
         self.trust_remote_code = trust_remote_code
-        self._counter: TokenCounter | None = None
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_counter"] = None
-        return state
+        self._tokens = LazyTokenCounter(tokenizer, trust_remote_code)
 
     # -- helpers -------------------------------------------------------------------------
     def _issue(self, name: str, detail: str, warnings: list[tuple[str, str]]) -> None:
@@ -270,11 +266,7 @@ class RecordChecker:
         return Reject(name, detail)
 
     def counter(self) -> TokenCounter | None:
-        if self._counter is None and self.tokenizer_path:
-            from comapoi_cli.data.tokens import TokenCounter
-
-            self._counter = TokenCounter.load(self.tokenizer_path, trust_remote_code=self.trust_remote_code)
-        return self._counter
+        return self._tokens.get()
 
     # -- one record ----------------------------------------------------------------------
     def normalise(self, obj: Any, conversions: dict[str, int], warnings: list[tuple[str, str]]) -> tuple[dict[str, Any], bool]:

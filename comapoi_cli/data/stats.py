@@ -24,10 +24,12 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 from comapoi_cli.data.blocks import (
     BLOCK_SIZE,
     default_workers,
+    init_block_worker,
     map_ranges,
     pool_start_method,
     read_blocks,
     sigterm_as_interrupt,
+    worker_block,
 )
 from comapoi_cli.data.policies import KEEP, resolve_policies
 from comapoi_cli.data.records import (
@@ -38,7 +40,7 @@ from comapoi_cli.data.records import (
     find_leak_in_messages,
     make_context,
 )
-from comapoi_cli.data.tokens import DEFAULT_CHARS_PER_TOKEN
+from comapoi_cli.data.tokens import DEFAULT_CHARS_PER_TOKEN, LazyTokenCounter
 from comapoi_cli.errors import DataError, UsageError
 from comapoi_cli.poi_ids import answer_id_list, to_id
 from comapoi_cli.reporting import SILENT, Reporter
@@ -126,19 +128,10 @@ class _StatsWorker:
         self.context = context
         self.tokenizer = tokenizer
         self.trust_remote_code = trust_remote_code
-        self._counter: TokenCounter | None = None
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_counter"] = None
-        return state
+        self._tokens = LazyTokenCounter(tokenizer, trust_remote_code)
 
     def counter(self) -> TokenCounter | None:
-        if self._counter is None and self.tokenizer:
-            from comapoi_cli.data.tokens import TokenCounter
-
-            self._counter = TokenCounter.load(self.tokenizer, trust_remote_code=self.trust_remote_code)
-        return self._counter
+        return self._tokens.get()
 
     def process(self, block: bytes, bom: bool) -> tuple[list[tuple], dict[str, int]]:
         rows: list[tuple] = []
@@ -199,21 +192,14 @@ class _StatsWorker:
         return rows, unusable
 
 
-_worker: _StatsWorker | None = None
-_worker_file = None
-
-
 def _init(worker: _StatsWorker, path: str) -> None:
-    global _worker, _worker_file
-    _worker = worker
-    _worker_file = open(path, "rb")
+    init_block_worker(worker, path)
     worker.counter()
 
 
 def _work(start: int, end: int, size: int):
-    assert _worker is not None and _worker_file is not None
-    _worker_file.seek(start)
-    return _worker.process(_worker_file.read(end - start), start == 0)
+    worker, block = worker_block(start, end)
+    return worker.process(block, start == 0)
 
 
 # -- aggregation -------------------------------------------------------------------------

@@ -146,3 +146,22 @@ def _tokens_before(offsets: Sequence[Sequence[int]], cut: int) -> int:
         else:
             hi = mid
     return lo
+
+
+class LazyTokenCounter:
+    """A :class:`TokenCounter` loaded from ``tokenizer`` on first use and left out when pickled: each worker
+    process of ``data clean`` and ``data stats`` loads its own."""
+
+    def __init__(self, tokenizer: str | os.PathLike[str] | None, trust_remote_code: bool = False):
+        self.tokenizer = tokenizer
+        self.trust_remote_code = trust_remote_code
+        self._counter: TokenCounter | None = None
+
+    def get(self) -> TokenCounter | None:
+        """The counter (loaded now if not yet), or None without a tokenizer."""
+        if self._counter is None and self.tokenizer:
+            self._counter = TokenCounter.load(self.tokenizer, trust_remote_code=self.trust_remote_code)
+        return self._counter
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_counter": None}

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 
 from comapoi_cli.choices import DTYPE_CHOICES, QUANT_CHOICES
 from comapoi_cli.errors import ComapoiError, DataError, UsageError, first_line
-from comapoi_cli.fileio import read_json
+from comapoi_cli.fileio import read_json_object
 
 QUANTS = QUANT_CHOICES
 DTYPES = DTYPE_CHOICES
@@ -134,11 +134,8 @@ class LoadedModel:
 
 def base_is_quantised(base_model: str) -> bool:
     """The base model folder stores quantised weights (config.json holds a ``quantization_config``)."""
-    try:
-        config = read_json(Path(base_model) / "config.json")
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and isinstance(config.get("quantization_config"), dict)
+    config = read_json_object(Path(base_model) / "config.json")
+    return config is not None and isinstance(config.get("quantization_config"), dict)
 
 
 def has_tokenizer(folder: str | os.PathLike[str]) -> bool:

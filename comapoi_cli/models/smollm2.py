@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from comapoi_cli.errors import ComapoiError, DataError
-from comapoi_cli.fileio import atomic_folder, read_json, sha256_file, write_json_atomic
+from comapoi_cli.fileio import atomic_folder, read_json_object, sha256_file, write_json_atomic
 from comapoi_cli.reporting import Reporter
 
 SMOLLM2 = "smollm2-135m"  #: the ``--model`` name
@@ -62,22 +62,16 @@ def smollm2_home(cache: Path | None = None) -> Path:
 def cached_smollm2(cache: Path | None = None) -> Path | None:
     """The converted folder if it is complete and of this recipe, else None (no network, no work)."""
     folder = smollm2_home(cache) / "model"
-    try:
-        marker = read_json(folder / MARKER_FILE)
-    except (OSError, ValueError):
-        return None
-    if not isinstance(marker, dict) or marker.get("recipe_version") != RECIPE_VERSION:
+    marker = read_json_object(folder / MARKER_FILE)
+    if marker is None or marker.get("recipe_version") != RECIPE_VERSION:
         return None
     return folder if (folder / "config.json").is_file() else None
 
 
 def smollm2_description(folder: str | os.PathLike[str]) -> dict[str, Any]:
     """What run.json's ``base_model`` records of the converted model: ``sha256`` of its weights and the source."""
-    try:
-        marker = read_json(Path(folder) / MARKER_FILE)
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(marker, dict):
+    marker = read_json_object(Path(folder) / MARKER_FILE)
+    if marker is None:
         return {}
     return {"name": SMOLLM2, "sha256": marker.get("weights_sha256"), "source": marker.get("source")}
 

@@ -31,7 +31,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from comapoi_cli.fileio import iter_jsonl, read_json, sha256_file, write_json_atomic
+from comapoi_cli.fileio import iter_jsonl, read_json_object, sha256_file, write_json_atomic
 from comapoi_cli.reporting import Reporter
 
 ENV_CACHE = "COMAPOI_CACHE"
@@ -141,11 +141,8 @@ def tiny_corpus(dataset_folder: str | os.PathLike[str], data_file_names: Iterabl
 
 def tiny_label(folder: str | os.PathLike[str]) -> str:
     """``tiny:<dataset>:<key>`` of a tiny model folder (from its marker file), else ``tiny``."""
-    try:
-        marker = read_json(Path(folder) / MARKER_FILE)
-    except (OSError, ValueError):
-        return "tiny"
-    label = marker.get("label") if isinstance(marker, dict) else None
+    marker = read_json_object(Path(folder) / MARKER_FILE)
+    label = marker.get("label") if marker is not None else None
     return label if isinstance(label, str) and label else "tiny"
 
 
@@ -155,11 +152,8 @@ def tiny_description(folder: str | os.PathLike[str]) -> dict[str, Any]:
     ``corpus`` (``[{file, sha256}]``) lets ``comapoi eval`` and ``adapters merge`` rebuild the base
     when the cache is cleared.
     """
-    try:
-        marker = read_json(Path(folder) / MARKER_FILE)
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(marker, dict):
+    marker = read_json_object(Path(folder) / MARKER_FILE)
+    if marker is None:
         return {}
     return {"name": tiny_label(folder), "dataset": marker.get("dataset"), "key": marker.get("key"),
             "corpus": marker.get("corpus") or []}

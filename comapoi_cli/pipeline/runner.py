@@ -39,7 +39,7 @@ from comapoi_cli.models.http import redact_url
 from comapoi_cli.pipeline import checks
 from comapoi_cli.pipeline.scheduler import ChainPlan, frequent_pois, run_concurrent, run_lockstep  # noqa: F401
 from comapoi_cli.pipeline.scoring import read_predictions, score_lines
-from comapoi_cli.presets import preset_for
+from comapoi_cli.presets import require_preset
 from comapoi_cli.reporting import Reporter
 from comapoi_cli.retrievers import RetrievalIndex
 from comapoi_cli.roles import MERGED
@@ -231,9 +231,7 @@ def _check_resume_adapters(previous: dict[str, Any], settings: dict[str, Any], n
 
 def _run_pipeline(request: PipelineRequest, registry: Registry, reporter: Reporter, stack: contextlib.ExitStack) -> PipelineResult:
     started = time.monotonic()
-    preset = preset_for(request.dataset)
-    if preset is None:
-        raise UsageError(f"Unknown dataset '{request.dataset}'; the chain needs its POI id range (nyc, tky, ca).")
+    preset = require_preset(request.dataset, "the chain")
     if request.compat not in ("none", "comapoi"):
         raise UsageError(f"--compat must be none or comapoi, not '{request.compat}'.")
     if request.scheduler not in SCHEDULERS:

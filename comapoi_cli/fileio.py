@@ -271,7 +271,8 @@ def loads(data: bytes | str) -> Any:
     orjson where it is installed. orjson refuses NaN, unpaired surrogate escapes, nesting past 1024 and text
     that is not UTF-8: those are read again by :mod:`json`, the reference. orjson reads an integer beyond 64
     bits as a float, so a line with a run of 19 digits (anywhere) is read by :mod:`json` only."""
-    if fast_loads is not None and not (_LONG_DIGITS_BYTES if isinstance(data, bytes) else _LONG_DIGITS).search(data):
+    long_digits = _LONG_DIGITS_BYTES.search(data) if isinstance(data, bytes) else _LONG_DIGITS.search(data)
+    if fast_loads is not None and not long_digits:
         try:
             return fast_loads(data)
         except ValueError:  # orjson.JSONDecodeError is a ValueError

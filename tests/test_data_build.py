@@ -256,6 +256,23 @@ def test_synth_from_real_trajectories_is_the_template_teacher(nyc, tmp_path):
         assert (tmp_path / "synth" / "nyc" / name).read_bytes() == (tmp_path / "build" / name).read_bytes(), name
 
 
+def test_synth_counts_a_skipped_line_holding_a_line_separator(nyc, tmp_path):
+    """A skipped line whose text holds U+2028 (valid inside a JSON string, kept as it is in build.rejects.jsonl)
+    is one skipped line: the rejects file was read back with str.splitlines, which split the line there and
+    ended data synth with 'Unexpected JSONDecodeError'."""
+    folder = tmp_path / "nyc"
+    folder.mkdir()
+    lines = (nyc / "nyc_train.jsonl").read_text(encoding="utf-8").splitlines()
+    (folder / "nyc_train.jsonl").write_text("\n".join(lines[:3] + ['{"note": "a\u2028b\u0085c"}']) + "\n", encoding="utf-8")
+    synth = run_comapoi("data", "synth", "--dataset", "nyc", "--source", str(folder / "nyc_train.jsonl"), "--output-dir",
+                        str(tmp_path / "synth"), "--json")
+    assert synth.returncode == 0, synth.stdout + synth.stderr
+    summary = json.loads(synth.stdout)
+    assert summary["skipped_lines"] == 1 and summary["trajectories"] == 3
+    (reject,) = [json.loads(line) for line in (tmp_path / "synth" / "nyc" / "build.rejects.jsonl").read_bytes().split(b"\n") if line]
+    assert reject["line"] == 4 and reject["text"] == '{"note": "a\u2028b\u0085c"}'
+
+
 def test_train_tiny_runs_on_the_built_files(template_build, tmp_path):
     out, _ = template_build
     data = tmp_path / "data" / "nyc"

@@ -11,7 +11,6 @@ holdout in a seeded order until it holds at least ``test_size`` records.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from array import array
@@ -21,7 +20,7 @@ from typing import Any, Mapping
 
 from comapoi_cli.data.layout import split_names, stem_of
 from comapoi_cli.errors import DataError, UsageError
-from comapoi_cli.fileio import atomic_writer, read_json, sha256_file, write_json_atomic
+from comapoi_cli.fileio import atomic_writer, loads, read_json, sha256_file, write_json_atomic
 
 GROUP_BY = ("user",)
 
@@ -104,7 +103,7 @@ def _group_keys(path: Path, offsets: array, lengths: array, role, registry) -> l
             handle.seek(offset)
             raw = handle.read(length)
             try:
-                record = json.loads(raw)
+                record = loads(raw)
             except ValueError:
                 keys.append(None)
                 continue

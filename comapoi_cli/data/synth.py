@@ -529,10 +529,9 @@ def _encode(records: list[dict[str, Any]]) -> bytes:
 def _plain_record(traj: Trajectory) -> bytes:
     u, s = traj.user, traj.sub
     user_text = f"<historical trajectory of user_{u}_subtrajectory_{s}>\n" + " ".join(c.text(u) for c in traj.checkins)
-    return (json.dumps({"messages": [{"role": "system", "content": PLAIN_SYSTEM.format(u=u)},
-                                     {"role": "user", "content": user_text},
-                                     {"role": "assistant", "content": json.dumps({"next_poi_id": traj.next_poi})}]},
-                       ensure_ascii=False) + "\n").encode("utf-8")
+    return jsonl_line({"messages": [{"role": "system", "content": PLAIN_SYSTEM.format(u=u)},
+                                    {"role": "user", "content": user_text},
+                                    {"role": "assistant", "content": json.dumps({"next_poi_id": traj.next_poi})}]}).encode("utf-8")
 
 
 def synth_dataset(

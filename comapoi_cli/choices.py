@@ -14,3 +14,7 @@ QUANT_CHOICES: tuple[str, ...] = get_args(Quant)
 #: The torch dtypes a model is loaded or merged in.
 Dtype = Literal["bfloat16", "float16", "float32"]
 DTYPE_CHOICES: tuple[str, ...] = get_args(Dtype)
+#: The quantised ones of ``Quant`` (bitsandbytes, a CUDA GPU).
+QUANTISED: tuple[str, ...] = ("4bit", "8bit")
+#: The 16-bit ones of ``Dtype`` (a GPU keeps a recorded 16-bit dtype).
+HALF_DTYPES: tuple[str, ...] = ("bfloat16", "float16")

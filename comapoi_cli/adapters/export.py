@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from comapoi_cli.adapters.listing import require_run_folder
+from comapoi_cli.choices import QUANTISED
 from comapoi_cli.errors import ComapoiError, UsageError
 from comapoi_cli.fileio import atomic_folder, read_json, sha256_file, write_json_atomic
 from comapoi_cli.runs.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS
@@ -191,7 +192,7 @@ def _export(sources: list[_Source], serving_names: list[str], to: Path, base: st
     for name, source in zip(serving_names, sources):
         exported.append(_copy_adapter(source, to / name, name, overwrite, notes))
         quant = source.run.quant
-        if quant in ("4bit", "8bit"):
+        if quant in QUANTISED:
             notes.append(f"{name} was trained on a {quant} base (QLoRA); vLLM applies it to the 16-bit base model "
                          "named in the command, which is how QLoRA adapters are served")
         if source.config.get("modules_to_save"):

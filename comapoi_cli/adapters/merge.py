@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from comapoi_cli.adapters.export import strip_remote_code
 from comapoi_cli.adapters.listing import require_run_folder
-from comapoi_cli.choices import DTYPE_CHOICES
+from comapoi_cli.choices import DTYPE_CHOICES, HALF_DTYPES, QUANTISED
 from comapoi_cli.errors import ComapoiError, UsageError
 from comapoi_cli.fileio import atomic_folder, read_json, sha256_file, write_json_atomic
 
@@ -113,7 +113,7 @@ def choose_dtype(requested: str, base_model: str, device: str, recorded: str | N
                            "pass --dtype float16 to keep 16-bit")
     if stored:
         return stored, None
-    if recorded in ("bfloat16", "float16"):
+    if recorded in HALF_DTYPES:
         return recorded, None
     return "float32", None
 
@@ -251,7 +251,7 @@ def _merge(folder: Path, output: Path, *, model: str | None, dtype: str, device:
     dtype_name, dtype_note = choose_dtype(dtype, base, device, run.dtype, trust_remote_code)
     notes = [dtype_note] if dtype_note else []
     trained_quant = run.quant
-    if trained_quant in ("4bit", "8bit"):
+    if trained_quant in QUANTISED:
         notes.append(f"the adapter was trained on a {trained_quant} quantised base (QLoRA); it is merged into the "
                      f"base's {dtype_name} weights, never into {trained_quant} ones: rounding W + BA back to "
                      f"{trained_quant} would lose most of the small LoRA update, and a quantised model is no plain "

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from comapoi_cli.choices import DTYPE_CHOICES, QUANT_CHOICES
+from comapoi_cli.choices import DTYPE_CHOICES, HALF_DTYPES, QUANT_CHOICES, QUANTISED
 from comapoi_cli.errors import ComapoiError, DataError, UsageError, first_line
 from comapoi_cli.fileio import read_json_object
 
@@ -84,7 +84,7 @@ def plan_device(device: str, quant: str, recorded_quant: str | None = None) -> t
         recorded = (recorded_quant or "").lower()
         quant = ("4bit" if recorded in ("", "auto", "4bit") else recorded if recorded in ("8bit", "none") else "none") \
             if on_gpu else "none"
-    if quant in ("4bit", "8bit") and not on_gpu:
+    if quant in QUANTISED and not on_gpu:
         raise UsageError(f"--quant {quant} needs a CUDA GPU (bitsandbytes); on the CPU use --quant none.")
     return device, quant
 
@@ -93,7 +93,7 @@ def default_dtype(device: str, recorded: str | None = None) -> str:
     """The dtype to load in: on a GPU the recorded 16-bit dtype, else bfloat16 where supported, else float16; float32 on the CPU."""
     if not device.startswith("cuda"):
         return "float32"
-    if recorded in ("bfloat16", "float16"):
+    if recorded in HALF_DTYPES:
         return recorded
     import torch
 
@@ -204,7 +204,7 @@ def load_model(base_model: str, *, adapters: Mapping[str, str | os.PathLike[str]
     stored_quantised = dequantize and base_is_quantised(base_model)
     if stored_quantised:
         kwargs["device_map"] = {"": device if ":" in device or device == "cpu" else f"{device}:0"}
-    if quant in ("4bit", "8bit"):
+    if quant in QUANTISED:
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = (

@@ -55,6 +55,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from comapoi_cli.choices import QUANTISED
 from comapoi_cli.errors import UsageError
 
 GIB = 2**30
@@ -222,7 +223,7 @@ def estimate_memory(shape: ModelShape, *, profile: MemoryProfile, precision: str
     float_bytes = WEIGHT_BYTES[compute]
     layer_weights = shape.layers * shape.layer_matmul_params
     head_params = shape.embedding_params * (1 if shape.tied_embeddings else 2)
-    if quant in ("4bit", "8bit"):
+    if quant in QUANTISED:
         side = 4.0 if profile.upcasts_when_quantised else float_bytes
         weights = layer_weights * WEIGHT_BYTES[quant] + head_params * side
     else:
@@ -234,7 +235,7 @@ def estimate_memory(shape: ModelShape, *, profile: MemoryProfile, precision: str
     if padded:  # each layer's attention keeps an additive mask of the compute width, T x T per record
         per_token += compute_width * seq_length
     checkpoint_width = compute_width  # each layer's checkpointed input
-    if quant in ("4bit", "8bit") and profile.upcasts_when_quantised and compute != "fp32":
+    if quant in QUANTISED and profile.upcasts_when_quantised and compute != "fp32":
         per_token += QUANTISED_EXTRA_PER_INTERMEDIATE * shape.intermediate
         checkpoint_width = 4
     per_layer = tokens * per_token * profile.activation_scale

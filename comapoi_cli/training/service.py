@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from comapoi_cli.backends import Backend, unusable_reason
+from comapoi_cli.choices import QUANTISED
 from comapoi_cli.errors import ComapoiError
 from comapoi_cli.reporting import Reporter
 from comapoi_cli.training.job import TrainingJob, TrainingResult
@@ -52,7 +53,7 @@ def _gpu_present() -> bool:
 
 def device_report(job: TrainingJob) -> tuple[dict[str, Any], str | None]:
     """The device, precision and quantisation training would use here, and the refusal it would make (or None)."""
-    checks = job.bf16 or job.fp16 or job.liger or job.quant in ("4bit", "8bit")
+    checks = job.bf16 or job.fp16 or job.liger or job.quant in QUANTISED
     if not checks and not _gpu_present():
         return {"type": "cpu", "precision": job.precision(gpu=False, gpu_has_bf16=False),
                 "quant": "none" if job.quant == "auto" else job.quant}, None

@@ -305,9 +305,11 @@ def iter_jsonl(path: str | os.PathLike[str], errors: str = "strict",
     ``RecursionError`` (nested too deeply). ``raw`` keeps its line end; the caller words the reject."""
     for number, raw in iter_raw_lines(path):
         try:
-            yield number, raw, loads(raw.decode("utf-8", errors)), None
+            value = loads(raw.decode("utf-8", errors))
         except (ValueError, RecursionError) as exc:
             yield number, raw, None, exc
+        else:
+            yield number, raw, value, None
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[Any]:

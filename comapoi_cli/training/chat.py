@@ -186,13 +186,9 @@ def read_records(path: str | Path, limit: int = 0) -> list[dict[str, Any]]:
     """The conversations of a prepared (cleaned) JSONL file; ``limit`` > 0 keeps the first ones."""
     records: list[dict[str, Any]] = []
     for number, _raw, record, error in iter_jsonl(path):
-        try:
-            if error is not None:
-                raise error
-            messages = record["messages"]
-        except (ValueError, RecursionError, KeyError, TypeError):
-            raise TrainingDataError(f"{path} line {number} is not a chat record; prepare the data with comapoi data clean.") from None
-        records.append({"messages": messages, "agent": record.get("agent")})
+        if error is not None or not isinstance(record, dict) or "messages" not in record:
+            raise TrainingDataError(f"{path} line {number} is not a chat record; prepare the data with comapoi data clean.")
+        records.append({"messages": record["messages"], "agent": record.get("agent")})
         if limit and len(records) >= limit:
             break
     return records

@@ -52,6 +52,7 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
 
     target = Path(path)
     try:
+        open(target, "rb").close()  # the OS's own reason (safetensors' errors carry no errno)
         with safe_open(str(target), framework="numpy") as handle:
             metadata = dict(handle.metadata() or {})
             tensors = []
@@ -59,7 +60,7 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
                 part = handle.get_slice(name)
                 tensors.append(TensorInfo(name, tuple(int(d) for d in part.get_shape()), str(part.get_dtype())))
     except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
+        reason = exc.strerror or first_line(exc)
         raise WeightsFileError(target, f"is unreadable ({reason[:1].lower() + reason[1:]})") from None
     except SafetensorError as exc:
         detail = first_line(exc).removeprefix("Error while deserializing header: ")

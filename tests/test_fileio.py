@@ -79,11 +79,12 @@ def test_iter_jsonl_reads_a_bom_skips_blank_lines_and_gives_each_broken_line_its
     assert replaced[5] == "\ufffd"
 
 
-def test_loads_gives_json_values_and_errors_with_or_without_orjson():
+def test_loads_gives_json_values_and_errors_with_or_without_orjson(monkeypatch):
     import json
 
     from comapoi_cli import fileio
 
+    assert fileio.fast_loads is not None, "orjson is a dependency: the fast path must be in use"
     cases = ['{"a": [1, -2.5e3, true, null], "b": "\\u00e9"}', "NaN", '"\\ud800"', "1" * 30, "-" + "9" * 19,
              "0.1234567890123456789012", "1e400", "[1,]", "", "\ufeff1", b"\xef\xbb\xbf[2]", b'"\xff"', '{"a":1,"a":2}']
     for case in cases:
@@ -91,11 +92,13 @@ def test_loads_gives_json_values_and_errors_with_or_without_orjson():
             expected = ("value", repr(json.loads(case)))
         except ValueError as exc:
             expected = ("error", str(exc))
-        try:
-            got = ("value", repr(fileio.loads(case)))
-        except ValueError as exc:
-            got = ("error", str(exc))
-        assert got == expected, case
+        for fast in (fileio.fast_loads, None):
+            monkeypatch.setattr(fileio, "fast_loads", fast)
+            try:
+                got = ("value", repr(fileio.loads(case)))
+            except ValueError as exc:
+                got = ("error", str(exc))
+            assert got == expected, (case, fast)
 
 
 def test_write_jsonl_is_atomic_and_byte_stable(tmp_path):

@@ -84,7 +84,8 @@ def test_loads_gives_json_values_and_errors_with_or_without_orjson(monkeypatch):
 
     from comapoi_cli import fileio
 
-    assert fileio.fast_loads is not None, "orjson is a dependency: the fast path must be in use"
+    orjson_loads = fileio.fast_loads
+    assert orjson_loads is not None, "orjson is a dependency: the fast path must be in use"
     cases = ['{"a": [1, -2.5e3, true, null], "b": "\\u00e9"}', "NaN", '"\\ud800"', "1" * 30, "-" + "9" * 19,
              "0.1234567890123456789012", "1e400", "[1,]", "", "\ufeff1", b"\xef\xbb\xbf[2]", b'"\xff"', '{"a":1,"a":2}']
     for case in cases:
@@ -92,7 +93,7 @@ def test_loads_gives_json_values_and_errors_with_or_without_orjson(monkeypatch):
             expected = ("value", repr(json.loads(case)))
         except ValueError as exc:
             expected = ("error", str(exc))
-        for fast in (fileio.fast_loads, None):
+        for fast in (orjson_loads, None):
             monkeypatch.setattr(fileio, "fast_loads", fast)
             try:
                 got = ("value", repr(fileio.loads(case)))

@@ -9,12 +9,24 @@ with the training trajectories and the POI table, then ``retrieve(item, k)`` per
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 from comapoi_cli.chain import ChainItem
 
 #: How many similar POIs CoMaPOI retrieves (and ``data synth`` shows agent2).
 SIMILAR = 100
+
+
+def extend_unseen(out: list[int], pois: Iterable[int], seen: set[int], limit: int) -> bool:
+    """Append to ``out``, in order, the ``pois`` not in ``seen`` (adding each to ``seen``) until ``out`` holds
+    ``limit`` ids; True when it does. How a retriever (and ``data synth``'s nearby POIs) fills a candidate list."""
+    for poi in pois:
+        if poi not in seen:
+            seen.add(poi)
+            out.append(poi)
+            if len(out) >= limit:
+                return True
+    return False
 
 
 @dataclass

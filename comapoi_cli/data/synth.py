@@ -43,6 +43,7 @@ from comapoi_cli.errors import DataError, UsageError
 from comapoi_cli.fileio import atomic_writer, iter_jsonl, jsonl_line
 from comapoi_cli.presets import PRESETS, DatasetPreset, preset_for
 from comapoi_cli.reporting import SILENT, Reporter
+from comapoi_cli.retrievers import extend_unseen
 from comapoi_cli.roles import AgentRole
 
 if TYPE_CHECKING:  # typing only
@@ -136,12 +137,8 @@ class PoiWorld:
                         continue
                     ring.extend(self._grid.get((ci + di, cj + dj), ()))
             rng.shuffle(ring)
-            for poi in ring:
-                if poi not in exclude:
-                    exclude.add(poi)
-                    out.append(poi)
-                    if len(out) >= count:
-                        return out
+            if extend_unseen(out, ring, exclude, count):
+                return out
         return out
 
     def checkin(self, poi: int, when: datetime) -> Checkin:

@@ -18,7 +18,7 @@ from collections import Counter, defaultdict
 from typing import Any
 
 from comapoi_cli.hookspecs import hookimpl
-from comapoi_cli.retrievers import SIMILAR, RetrievalIndex, Retriever
+from comapoi_cli.retrievers import SIMILAR, RetrievalIndex, Retriever, extend_unseen
 
 
 def _km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
@@ -47,13 +47,7 @@ class TransitionsRetriever(Retriever):
         seen: set[int] = set()
 
         def take(pois: list[int]) -> bool:
-            for poi in pois:
-                if poi not in seen:
-                    seen.add(poi)
-                    out.append(poi)
-                    if len(out) >= k:
-                        return True
-            return False
+            return extend_unseen(out, pois, seen, k)
 
         last = traj.checkins[-1].poi
         if take([poi for poi, _ in sorted(self.after.get(last, Counter()).items(), key=lambda kv: (-kv[1], kv[0]))]):

@@ -75,6 +75,19 @@ def _hold_lock(path: Path, command: str) -> subprocess.Popen:
 
 
 # -- 1. dataset identity ---------------------------------------------------------------------------
+def test_an_unknown_dataset_is_one_sentence_for_the_chain_and_the_build(tmp_path):
+    """presets.require_preset: the chain and data build say which of them needs the POI id range."""
+    for command, needed_by in ((["pipeline", "run", "--test", str(REAL_DATA / "nyc_test.jsonl"), "--merged", str(tmp_path / "run"),
+                                 "--output-dir", str(tmp_path / "chain")], "the chain"),
+                               (["data", "build", "--train", str(REAL_DATA / "nyc_train.jsonl"), "--teacher", "template",
+                                 "--output-dir", str(tmp_path / "build")], "the build")):
+        result = run_comapoi(*command, "--dataset", "nowhere")
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert f"Unknown dataset 'nowhere'; {needed_by} needs its POI id range (nyc, tky, ca)." in " ".join(result.stderr.split())
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "chain").exists() and not (tmp_path / "build").exists()
+
+
 def test_dataset_identity_runs_flags_and_files_must_agree(trained_run, tmp_path):
     # the issue's case: tky test trajectories with --dataset nyc took nyc's POI table and history from beside the file
     tky = run_comapoi(*_chain(tmp_path / "a", test=REAL_DATA / "tky_test.jsonl", train=None, poi=None, run=trained_run.run_dir))

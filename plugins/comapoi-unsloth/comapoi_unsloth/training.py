@@ -16,7 +16,7 @@ import contextlib
 import sys
 from typing import Any
 
-from comapoi_cli.errors import ComapoiError
+from comapoi_cli.errors import ComapoiError, first_line
 from comapoi_cli.training.trl_trainer import TRLTrainingPath  # light: imports no torch/transformers/trl
 
 
@@ -83,7 +83,7 @@ class UnslothTrainingPath(TRLTrainingPath):
                     target_modules=targets, random_state=job.seed, max_seq_length=job.seq_length,
                     use_gradient_checkpointing=self.checkpointing())
         except (ValueError, TypeError) as exc:  # e.g. a module this architecture does not have
-            raise ComapoiError(f"Unsloth cannot apply LoRA: {str(exc).strip().splitlines()[0]}",
+            raise ComapoiError(f"Unsloth cannot apply LoRA: {first_line(exc)}",
                                hint="Check --target-modules against the model's module names.") from None
 
     def sft_config_kwargs(self, plan: Any, run_dir: Any, has_eval: bool) -> dict[str, Any]:

@@ -430,11 +430,13 @@ def build(
                                  "rejected answer, then write the trajectory to build.rejects.jsonl."),
     pairs: bool = typer.Option(False, "--pairs", help="Also write agent2/agent3 DPO pairs (prompt/chosen/rejected)."),
     limit: int = number_option(0, "--limit", whole=True, minimum=0, help="Only the first N trajectories (0 = all)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue a stopped build from its last whole batch."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a stopped build after its last written trajectory."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over, replacing the folder's build."),
     seed: int = number_option(42, "--seed", whole=True, help="Seeds the label ranks, the template answers and the retrieval folds."),
     batch_size: int = number_option(8, "--batch-size", whole=True, minimum=1, help="Trajectories whose asks go to the "
-                                    "teacher together (generation batch; the unit written and resumed)."),
+                                    "teacher together (a local teacher's generation batch)."),
+    concurrency: int = number_option(64, "--concurrency", whole=True, minimum=1, help="openai teacher: asks in flight "
+                                     "at most, over all trajectories (each moves on as soon as its answer arrives)."),
     max_new_tokens: Optional[int] = number_option(None, "--max-new-tokens", whole=True, minimum=1,
                                                   help="Cap every ask's own limit (CoMaPOI: 512 for texts, 256 for lists)."),
     device: str = typer.Option("auto", "--device", help="transformers teacher: auto, cpu, cuda or cuda:N."),
@@ -460,8 +462,8 @@ def build(
         names[key.strip()] = rest.strip()
     request = BuildRequest(dataset=dataset.lower(), train=train, teacher=teacher, output_dir=output_dir, poi_info=poi_info,
                            model=model, url=url, api_key=api_key, served_names=names, device=device, quant=quant,
-                           batch_size=batch_size, max_new_tokens=max_new_tokens, retriever=retriever,
-                           label_rank=label_rank.lower(), retries=retries, pairs=pairs, limit=limit, resume=resume,
+                           batch_size=batch_size, concurrency=concurrency, max_new_tokens=max_new_tokens,
+                           retriever=retriever, label_rank=label_rank.lower(), retries=retries, pairs=pairs, limit=limit, resume=resume,
                            overwrite=overwrite, seed=seed, trust_remote_code=trust_remote_code)
     if as_json:
         from comapoi_cli.reporting import Reporter

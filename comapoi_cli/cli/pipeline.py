@@ -229,6 +229,7 @@ def print_scores(scores: dict[str, Any], title: str, rejected: tuple[int, Path] 
     from rich.markup import escape
 
     from comapoi_cli.metrics import ACC_KS, NDCG_KS
+    from comapoi_cli.pipeline.scoring import grouped_lines
 
     keys = [*(f"acc@{k}" for k in ACC_KS), *(f"ndcg@{k}" for k in NDCG_KS), "mrr", "unparsable"]
     columns = [("chain", scores["chain"]), ("most frequent", scores["baselines"]["frequent"]),
@@ -260,9 +261,8 @@ def print_scores(scores: dict[str, Any], title: str, rejected: tuple[int, Path] 
     for kind, label in (("invalid_lines", "not scored"), ("duplicates", "scored once")):
         lines = scores.get(kind) or []
         if lines:
-            shown = "; ".join(f"line {item['line']}: {item['reason']}" for item in lines[:5])
-            more = f"; and {len(lines) - 5} more" if len(lines) > 5 else ""
-            summary.append(f"{len(lines)} line{'s' if len(lines) != 1 else ''} of the predictions file {label} ({shown}{more})")
+            shown = grouped_lines([(item["line"], item["reason"]) for item in lines], shown=5)
+            summary.append(f"{len(lines)} line{'s' if len(lines) != 1 else ''} of the predictions file {label} ({shown})")
     for line in summary:
         console.print(escape(line), soft_wrap=True, highlight=False)
     overlap = scores.get("train_overlap")

@@ -27,11 +27,11 @@ class Throttle:
         self.in_flight = 0
         self.answers = 0
 
-    async def __call__(self, adapter: str, messages: list[dict[str, str]], max_new_tokens: int) -> Generation:
+    async def __call__(self, adapter: str, messages: list[dict[str, str]], max_new_tokens: int, **options: Any) -> Generation:
         async with self.semaphore:
             self.in_flight += 1
             try:
-                return await self.session.agenerate(adapter, messages, max_new_tokens)
+                return await self.session.agenerate(adapter, messages, max_new_tokens, **options)
             finally:
                 self.in_flight -= 1
                 self.answers += 1

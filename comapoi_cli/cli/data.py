@@ -239,7 +239,7 @@ def merge(
 ) -> None:
     """Merge the agent files into one file, each record tagged with its role (an 'agent' field)."""
     from comapoi_cli.data import merge_files, parse_weights
-    from comapoi_cli.data.layout import MERGED_FILE, dataset_dir
+    from comapoi_cli.data.layout import MERGED_FILE, dataset_dir, no_agent_files
 
     registry = _registry()
     files: dict[str, Path] = {}
@@ -254,8 +254,7 @@ def merge(
             if path.is_file():
                 files[role_id] = path
         if not files:
-            raise DataError(f"Cannot find any agent training file in {folder}.",
-                            hint=f"Create them with: comapoi data synth --dataset {dataset} --output-dir {folder.parent}")
+            raise no_agent_files(dataset, folder)
     else:
         raise UsageError("Give ROLE=FILE pairs, or --dataset NAME.")
     if output is None:

@@ -16,9 +16,10 @@ import sys
 from typing import Any
 
 import typer
-from typer.core import TyperArgument, TyperCommand, TyperGroup
+from typer.core import TyperCommand
 
 from comapoi_cli import __version__
+from comapoi_cli.cli.base import App, Group
 from comapoi_cli.cli.fields import normalise_token
 from comapoi_cli.cli.render import error
 from comapoi_cli.errors import ComapoiError, first_line
@@ -33,18 +34,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "env": ("comapoi_cli.cli.env:app", "Show package versions, CUDA and GPUs, and which training backends are usable here."),
     "pipeline": ("comapoi_cli.cli.pipeline:command", "Run the three trained agents as CoMaPOI chains them, and score the chain."),
 }
-
-
-def _usage_name(self: Any) -> str:
-    """A positional argument in a usage line: ``FILE`` (required) or ``[FILE]``, as click writes it,
-    instead of typer's ``{file}`` (which reads like a template placeholder)."""
-    name = self.metavar or (self.name or "").upper()
-    name = name if self.required else f"[{name}]"
-    return name + ("..." if self.nargs != 1 else "")
-
-
-if hasattr(TyperArgument, "_usage_display_name"):
-    TyperArgument._usage_display_name = _usage_name  # type: ignore[method-assign]
 
 
 def load_command(name: str) -> Any:
@@ -62,7 +51,7 @@ def load_command(name: str) -> Any:
     return command
 
 
-class LazyGroup(TyperGroup):
+class LazyGroup(Group):
     """A Typer group whose built-in commands are imported only when they run (or their own help is asked)."""
 
     _listing = False
@@ -86,7 +75,7 @@ class LazyGroup(TyperGroup):
             self._listing = False
 
 
-app = typer.Typer(
+app = App(
     name="comapoi",
     cls=LazyGroup,
     help="Fine-tune the CoMaPOI agents (Profiler, Forecaster, Final_Predictor) with LoRA / QLoRA.",

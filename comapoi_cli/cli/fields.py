@@ -14,7 +14,6 @@ import math
 from typing import Any, Callable, List, Optional
 
 import typer
-from typer.core import TyperOption
 
 
 def _usage(message: str, hint: "str | None" = None) -> Exception:
@@ -205,17 +204,6 @@ TRUST_REMOTE_CODE_HELP = ("Run the Python code a model or tokenizer folder (or h
 def trust_remote_code_option(**kwargs: Any) -> Any:
     """``--trust-remote-code`` (``--trust_remote_code``), off by default, for every command that loads a model or tokenizer."""
     return typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP, **kwargs)
-
-
-def _display_type_rich(self: TyperOption, ctx: Any) -> "str | None":
-    """Typer's help shows a ``<bool>`` type after every flag; a flag takes no value, so show none."""
-    if getattr(self, "is_flag", False) or getattr(self, "count", False):
-        return None
-    return _typer_display_type_rich(self, ctx)
-
-
-_typer_display_type_rich = TyperOption.display_type_rich
-TyperOption.display_type_rich = _display_type_rich  # type: ignore[method-assign]
 
 
 def normalise_token(token: str) -> str:

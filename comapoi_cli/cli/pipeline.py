@@ -8,6 +8,7 @@ from typing import Any, List, Optional
 import typer
 
 from comapoi_cli.choices import QUANT_CHOICES
+from comapoi_cli.cli.base import App
 from comapoi_cli.cli.fields import with_signature
 from comapoi_cli.cli.render import console, err_console, print_json, success, table
 from comapoi_cli.errors import UsageError
@@ -63,7 +64,7 @@ def command(registry: Registry) -> typer.Typer:
         run(**values, role_runs={k: v for k, v in role_runs.items() if v is not None}, registry=registry)
 
     run_command.__doc__ = run.__doc__
-    app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich", help=HELP,
+    app = App(no_args_is_help=True, rich_markup_mode="rich", help=HELP,
                       context_settings={"help_option_names": ["-h", "--help"]})
     app.command("run", epilog=_RUN_EPILOG)(with_signature(run_command, params))
     app.command("score")(score)

@@ -94,6 +94,8 @@ def number_option(default: Any, *flags: str, whole: bool = False, minimum: "floa
     long_flags = [f for f in flags if f.startswith("--")]
     parser = Number(long_flags[0] if long_flags else "the value", whole=whole, minimum=minimum, above=above)
     kwargs.setdefault("metavar", parser.metavar)
+    if minimum is not None:
+        kwargs.setdefault("min", minimum)  # shown in help as [x>=N]; the parser, not Typer, checks it
     return typer.Option(default, *flags, parser=parser, **kwargs)
 
 
@@ -170,6 +172,8 @@ def options_from_fields(cls: type, *, choices: "dict[str, list[str]] | None" = N
             kwargs["metavar"] = parser.metavar
         if parser is not None:
             kwargs["parser"] = parser
+        if isinstance(parser, Number) and parser.minimum is not None:
+            kwargs["min"] = parser.minimum  # shown in help as [x>=N]; the parser, not Typer, checks it
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
                                         default=typer.Option(None, *flags, **kwargs)))
     return params

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
+from typer.models import CommandFunctionType
 
 __all__ = ["App", "Command", "Group"]
 
@@ -62,5 +63,6 @@ class App(typer.Typer):
     def __init__(self, *, cls: Any = None, **kwargs: Any) -> None:
         super().__init__(cls=cls or Group, **kwargs)
 
-    def command(self, *args: Any, cls: Any = None, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        return super().command(*args, cls=cls or Command, **kwargs)
+    def command(self, name: str | None = None, *, cls: type[TyperCommand] | None = None,
+                **kwargs: Any) -> Callable[[CommandFunctionType], CommandFunctionType]:
+        return super().command(name, cls=cls or Command, **kwargs)

@@ -3,8 +3,11 @@
 ``options_from_fields(cls, ...)`` turns each field made with ``comapoi_cli.training.job.option``
 into a Typer option (its spellings, help, panel, default and choices come from the field: the one
 source), the way TRL's ``TrlParser`` or axolotl's ``add_options_from_dataclass`` do. The value
-parsers (``Words``, ``Number``) refuse bad values with one sentence in the
-user's words (``unknown --type 'agent9'; choose merged, agent1, agent2, agent3``).
+parsers (``Words``, ``Number``), given to Typer through its ``parser=`` hook, refuse bad values with one
+sentence in the user's words (``unknown --type 'agent9'; choose merged, agent1, agent2, agent3``).
+Typer 0.29 has no Click parameter types to use instead (its copy of Click has no ``Choice`` or
+``IntRange``), and its own choices and ranges answer in pydantic's words and let ``inf`` through
+(docs/architecture.md, "Libraries"); Typer's ``min=`` is still passed, so help shows ``[x>=N]``.
 """
 
 # No "from __future__ import annotations": Typer reads these annotations at run time.

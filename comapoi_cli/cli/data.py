@@ -12,11 +12,12 @@ from typing import Any, List, Optional
 import typer
 from rich.markup import escape
 
+from comapoi_cli.cli.base import App
 from comapoi_cli.cli.fields import number_option, old_spelling, one_of, trust_remote_code_option
 from comapoi_cli.cli.render import console, markup, print_json, success, table, warn
 from comapoi_cli.errors import DataError, UsageError
 
-app = typer.Typer(help="Prepare CoMaPOI training data: prepare, clean, split, merge, stats, synth, build.", no_args_is_help=True)
+app = App(help="Prepare CoMaPOI training data: prepare, clean, split, merge, stats, synth, build.", no_args_is_help=True)
 
 _DATA_DIR_HELP = "Folder holding {dataset}/ (default: $COMAPOI_DATA_DIR or ./data)."
 _JSON_HELP = "Print the summary as JSON (for scripts)."

@@ -4,7 +4,9 @@ Two things differ from Typer's defaults, both through the documented extension p
 command classes (nothing in Typer is patched):
 
 - a flag (``--json``, ``--help``, ``--packing/--no-packing``) takes no value, so help shows no type
-  after it, where Typer would show ``<bool>``: ``get_params`` gives a flag an empty ``metavar``;
+  after it, where Typer would show ``<bool>``: ``get_params`` gives a flag an empty ``metavar``, and
+  an option's text or path value reads ``TEXT`` / ``PATH`` as in Click (beside the number parsers'
+  ``INTEGER`` / ``NUMBER``), not ``<str>`` / ``<path>``;
 - a positional argument in a usage line reads ``FILE`` (required) or ``[FILE]``, as Click writes it,
   not Typer's ``{file}`` (which reads like a template placeholder): ``collect_usage_pieces``.
 
@@ -15,19 +17,36 @@ the same. ``tests/test_cli_help.py`` fails on a command whose help still shows `
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, List, get_args, get_origin
 
 import typer
-from typer.core import TyperArgument, TyperCommand, TyperGroup
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 from typer.models import CommandFunctionType
 
 __all__ = ["App", "Command", "Group"]
 
 
+#: What help shows as the value of a text or path parameter, as Click writes it (Typer 0.29 would show
+#: the annotation: ``<str>``, ``<path>``, ``<list[Path]>``).
+_VALUE_NAMES: dict[Any, str] = {str: "TEXT", Path: "PATH"}
+
+
+def _value_name(param: Any) -> str | None:
+    annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+    if get_origin(annotation) in (list, List):
+        annotation = (get_args(annotation) or (None,))[0]
+    return _VALUE_NAMES.get(annotation)
+
+
 def _flags_without_type(params: list[Any]) -> list[Any]:
     for param in params:
-        if (getattr(param, "is_flag", False) or getattr(param, "count", False)) and param.metavar is None:
+        if param.metavar is not None:
+            continue
+        if getattr(param, "is_flag", False) or getattr(param, "count", False):
             param.metavar = ""  # Click's public Parameter.metavar: what help shows as the value
+        elif isinstance(param, TyperOption) and _value_name(param):
+            param.metavar = _value_name(param)
     return params
 
 

@@ -20,6 +20,8 @@ LIBRARIES = ("typer", "click", "rich")
 def _check_help(text: str, command: str) -> None:
     assert "Show this message and exit." in text, text[-2000:]  # the help itself was printed
     assert "<bool>" not in text, f"`{command} --help` shows a type after a flag"
+    options = text.split("Options", 1)[-1]
+    assert "<str>" not in options and "<path>" not in options, f"`{command} --help` shows <str>/<path>, not TEXT/PATH"
     usage = next(line for line in text.splitlines() if "Usage:" in line)
     assert "{" not in usage, f"`{command} --help`: {usage.strip()}"
 

@@ -476,7 +476,7 @@ def build(
     except KeyboardInterrupt:
         from comapoi_cli.errors import ComapoiError
 
-        raise ComapoiError("Interrupted; every whole batch is saved in build.samples.jsonl.",
+        raise ComapoiError("Interrupted; every trajectory done so far is saved in build.samples.jsonl.",
                            hint="Continue with the same command and --resume.", exit_code=130) from None
     if as_json:
         print_json(result.to_dict())

@@ -411,15 +411,15 @@ def _build_concurrently(todo: list[_Item], roles: list[Any], session: Any, adapt
     async def main() -> None:
         throttle = Throttle(session, request.concurrency)
 
-        def ask_for(item: _Item) -> Any:
+        def ask_for(index: int) -> Any:
             async def ask(adapter: Any, messages: list[dict[str, str]], tokens: int, role_id: str, step: str) -> Generation:
                 if takes_temperature:
-                    return await throttle(adapter, messages, tokens, temperature=temperatures[(role_id, step)])
-                return await throttle(adapter, messages, tokens)
+                    return await throttle(adapter, messages, tokens, priority=index, temperature=temperatures[(role_id, step)])
+                return await throttle(adapter, messages, tokens, priority=index)
             return ask
 
         try:
-            await ordered(len(todo), lambda i: _build_one(todo[i], roles, ask_for(todo[i]), adapter, context, settings,
+            await ordered(len(todo), lambda i: _build_one(todo[i], roles, ask_for(i), adapter, context, settings,
                                                           request, in_flight),
                           window=max(16 * request.concurrency, 256), emit=emit)
         finally:

@@ -170,7 +170,7 @@ def _settings(request: PipelineRequest, chain: list[Any], adapters: dict[str, Pa
 def run_pipeline(request: PipelineRequest, registry: Registry, reporter: Reporter) -> PipelineResult:
     """Run the chain on the test trajectories and score it (see the module doc).
 
-    SIGTERM stops it like Ctrl-C (``KeyboardInterrupt``): every whole batch is kept for ``--resume``;
+    SIGTERM stops it like Ctrl-C (``KeyboardInterrupt``): every line written (a whole batch, or a finished trajectory on a server) is kept for ``--resume``;
     the output folder is locked while it runs.
     """
     from comapoi_cli.data.blocks import sigterm_as_interrupt

@@ -42,7 +42,7 @@ from comapoi_cli.models.loading import quiet_libraries
 from comapoi_cli.models.smollm2 import SMOLLM2
 from comapoi_cli.reporting import Reporter
 from comapoi_cli.runs.datakeys import write_data_keys
-from comapoi_cli.runs.layout import DATA_KEYS, LOCK_FILE, RUN_JSON, checkpoints
+from comapoi_cli.runs.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, DATA_KEYS, LOCK_FILE, RUN_JSON, checkpoints
 from comapoi_cli.runs.record import RunRecord, versions
 from comapoi_cli.training import chat
 from comapoi_cli.training.devices import (
@@ -265,9 +265,9 @@ class TRLTrainingPath:
         """
         job = self.job
         if job.resume:
-            from comapoi_cli.runs.info import read_run_json
+            from comapoi_cli.runs.info import read_run
 
-            previous = (read_run_json(job.run_dir) or {}).get("fit")
+            previous = read_run(job.run_dir).fit
             if previous and checkpoints(job.run_dir):
                 execution = FitPlan.from_dict({**previous, "source": "resumed"})
                 plan.quant = execution.quant
@@ -549,13 +549,10 @@ class TRLTrainingPath:
         config = model.peft_config["default"]
         trainable, total = model.get_nb_trainable_parameters()
         targets = sorted(config.target_modules) if isinstance(config.target_modules, (set, list)) else [str(config.target_modules)]
-        previous = info.run or {}
         step = {"run_dir": str(info.run_dir.resolve()), "adapter": str(info.adapter_dir.resolve()),
-                "method": (previous.get("job") or {}).get("method") or previous.get("method") or "sft",
-                "type": info.type, "global_step": (previous.get("progress") or {}).get("global_step"),
-                "adapter_sha256": sha256_file(info.adapter_dir / "adapter_model.safetensors")
-                if (info.adapter_dir / "adapter_model.safetensors").is_file() else None}
-        chain = [*(previous.get("chain") or []), step]
+                "method": info.method, "type": info.type, "global_step": info.global_step,
+                "adapter_sha256": sha256_file(info.adapter_weights) if info.adapter_weights.is_file() else None}
+        chain = [*info.chain, step]
         from comapoi_cli.runs.datakeys import read_train_keys
 
         inherited = read_train_keys(info.run_dir)
@@ -649,7 +646,7 @@ class TRLTrainingPath:
                 trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
             trainer.save_model(str(start.run_dir))
             reference = start.run_dir / REFERENCE_ADAPTER
-            if job.method != "sft" and is_main_process() and (reference / "adapter_config.json").is_file():
+            if job.method != "sft" and is_main_process() and (reference / ADAPTER_CONFIG).is_file():
                 import shutil
 
                 # TRL's frozen copy of the starting adapter (the KL / DPO reference): not part of the result
@@ -664,8 +661,8 @@ class TRLTrainingPath:
             record.set(status=status)
             record.end_segment(status)
             write(state)
-            result.final_loss = (record.data.get("progress") or {}).get("final_loss")
-            result.summary = dict(record.data.get("progress") or {})
+            result.final_loss = record.progress.get("final_loss")
+            result.summary = dict(record.progress)
         found = checkpoints(start.run_dir)
         result.checkpoint = found[-1][1] if found else None
         return result
@@ -736,7 +733,7 @@ class TRLTrainingPath:
     def _check_resume_data(self, start: RunStart, train_sha: str) -> None:
         if start.previous is None or start.resume_from is None:
             return
-        before = (start.previous.get("data") or {}).get("train_sha256")
+        before = start.previous.data.get("train_sha256")
         if before and before != train_sha:
             raise UsageError("--resume needs the same training data, but the prepared training file changed since the run started.",
                              hint="Restore the data, or start again with --overwrite.")
@@ -744,7 +741,7 @@ class TRLTrainingPath:
     def _check_resume_world_size(self, start: RunStart, processes: int) -> None:
         if start.previous is None or start.resume_from is None:
             return
-        before = (start.previous.get("distributed") or {}).get("world_size", 1)
+        before = start.previous.distributed.get("world_size", 1)
         if before != processes:
             self.reporter.warn(f"The run started with {before} process{'es' if before != 1 else ''} and resumes with "
                                f"{processes}: the effective batch and the data order change from here on.")
@@ -973,7 +970,7 @@ def _small_summary(summary: dict[str, Any]) -> dict[str, Any]:
 def _describe_adapter(run_dir: Path) -> dict[str, Any]:
     files = sorted(p.name for p in run_dir.iterdir()
                    if p.is_file() and not p.is_symlink() and p.name not in (RUN_JSON, LOCK_FILE))
-    weights = run_dir / "adapter_model.safetensors"
+    weights = run_dir / ADAPTER_WEIGHTS
     return {"path": str(run_dir.resolve()), "files": files,
             "size_bytes": weights.stat().st_size if weights.is_file() else None,
             "sha256": sha256_file(weights) if weights.is_file() else None}

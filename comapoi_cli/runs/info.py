@@ -231,6 +231,28 @@ class RunInfo:
 
     # -- top-level values ----------------------------------------------------------------------
     @property
+    def schema(self) -> Any:
+        return self.run.get("schema")
+
+    @property
+    def comapoi_version(self) -> str | None:
+        return _text(self.run.get("comapoi_version"))
+
+    @property
+    def platform(self) -> str | None:
+        return _text(self.run.get("platform"))
+
+    @property
+    def recorded_run_dir(self) -> str | None:
+        """The run folder as the training process saw it (absolute, on its machine)."""
+        return _text(self.run.get("run_dir"))
+
+    @property
+    def recorded_checkpoints(self) -> list[str]:
+        """The checkpoint folders run.json last listed (``layout.checkpoints`` reads the folder itself)."""
+        return [str(name) for name in _list(self.run.get("checkpoints"))]
+
+    @property
     def status(self) -> str | None:
         return _text(self.run.get("status"))
 

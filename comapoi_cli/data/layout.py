@@ -39,6 +39,11 @@ def stem_of(path: str | os.PathLike[str]) -> str:
     return name[: -len(".jsonl")] if name.endswith(".jsonl") else Path(name).stem
 
 
+def plain_file_name(dataset: str, part: str) -> str:
+    """CoMaPOI's plain next-POI file of a dataset: ``{dataset}_{part}.jsonl`` (part: train, val, test)."""
+    return f"{dataset}_{part}.jsonl"
+
+
 def split_names(stem: str) -> tuple[str, str]:
     """The original's split output names of a file stem: ``(stem_all.jsonl, stem_100.jsonl)``."""
     return f"{stem}{TRAIN_SUFFIX}.jsonl", f"{stem}{HOLDOUT_SUFFIX}.jsonl"

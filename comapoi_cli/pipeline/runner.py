@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from comapoi_cli.chain import ChainContext, chain_order  # chain_order: re-exported
 from comapoi_cli.data.chain_inputs import ChainInputs, load_inputs
+from comapoi_cli.data.layout import plain_file_name
 from comapoi_cli.engines import EngineSpec
 from comapoi_cli.errors import DataError, UsageError
 from comapoi_cli.fileio import (
@@ -244,7 +245,7 @@ def _run_pipeline(request: PipelineRequest, registry: Registry, reporter: Report
     test = Path(request.test)
     folder = test.parent
     poi = Path(request.poi_info) if request.poi_info else folder / f"{request.dataset}_poi_info.csv"
-    train = Path(request.train) if request.train else folder / f"{request.dataset}_train.jsonl"
+    train = Path(request.train) if request.train else folder / plain_file_name(request.dataset, "train")
     runs, base, first_run = _resolve_runs(request)
     adapters, role_adapters = _adapters(request, runs)
     out = Path(request.out) if request.out else Path("output") / "pipeline" / request.dataset

@@ -34,12 +34,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import json
 import math
 import multiprocessing
 import os
 import platform
 import random
+import re
 import subprocess
 import sys
 import time
@@ -51,7 +53,25 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 REAL = REPO.parent / "shared" / "data" / "real"
 NAMES = ("agent1", "agent2", "agent3")
+TEACHER = "teacher"
 ANSWER = json.dumps({"next_poi_id": [1, 2, 3, 4, 5]})
+PROFILE = "The user keeps to a few familiar places and moves between them, mostly in the evening."
+
+
+def teacher_answer(request: dict[str, Any]) -> str:
+    """``data build``'s teacher by rules (an answer the roles accept at the first try): a fixed text for
+    the text asks; for a list ask the label, then the trajectory's POIs and the ids 1..59."""
+    prompt = next((m["content"] for m in request.get("messages", []) if m.get("role") == "user"), "")
+    if "comma-separated ids only" not in prompt:
+        return PROFILE
+    label = re.search(r"True Next POI Information.*?POI ID (\d+)", prompt, re.S)
+    truth = int(label.group(1)) if label else None
+    pool = [int(x) for x in re.findall(r"POI ID (\d+) \(", prompt)] + list(range(1, 60))
+    if "least likely" in prompt:
+        ids = [i for i in dict.fromkeys(reversed(pool)) if i != truth][:20]
+    else:
+        ids = list(dict.fromkeys(([truth] if truth is not None else []) + pool))[:25]
+    return ", ".join(map(str, ids))
 
 
 # -- the simulated server (child process) ----------------------------------------------------------------
@@ -61,7 +81,7 @@ def serve(median_ms: float, p99_ratio: float, cap: int, seed: int) -> None:
     sigma = math.log(p99_ratio) / 2.3263  # p99 of a lognormal = median * exp(2.3263 sigma)
     rng = random.Random(seed)
     drawn: list[float] = []
-    models = json.dumps({"object": "list", "data": [{"id": n, "object": "model"} for n in NAMES]}).encode()
+    models = json.dumps({"object": "list", "data": [{"id": n, "object": "model"} for n in (*NAMES, TEACHER)]}).encode()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, gate: asyncio.Semaphore) -> None:
         try:
@@ -85,8 +105,9 @@ def serve(median_ms: float, p99_ratio: float, cap: int, seed: int) -> None:
                     async with gate:
                         await asyncio.sleep(latency)
                     drawn.append(latency)
+                    content = teacher_answer(request) if request.get("model") == TEACHER else ANSWER
                     data = json.dumps({"id": "x", "object": "chat.completion", "model": request.get("model"),
-                                       "choices": [{"index": 0, "message": {"role": "assistant", "content": ANSWER},
+                                       "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                                                     "finish_reason": "stop"}],
                                        "usage": {"prompt_tokens": 100, "completion_tokens": 10}}).encode()
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
@@ -132,7 +153,9 @@ def build_plan(trajectories: int) -> tuple[Any, list[Any]]:
         base = inputs.items[n % len(inputs.items)]
         key = f"{base.key}#{n}"
         labels[key] = inputs.labels[base.key]
-        items.append(replace(base, key=key, line=n + 1))
+        # a trajectory of its own (not the repeated one's object), so that nothing one trajectory's
+        # steps cache (formatted check-ins) serves another: as in a real test file, every line is new
+        items.append(replace(base, key=key, line=n + 1, trajectory=copy.deepcopy(base.trajectory)))
     context = ChainContext(dataset="nyc", max_poi_id=preset.max_poi_id, world=inputs.world)
     plan = ChainPlan(chain=chain_order(registry, list(NAMES)), role_adapters={n: n for n in NAMES}, context=context,
                      labels=labels, retriever=retriever, max_new_tokens=256)
@@ -188,6 +211,27 @@ def run_lockstep(url: str, plan: Any, items: list[Any], batch_size: int) -> floa
     return seconds
 
 
+def run_build(url: str, trajectories: int, concurrency: int, work: Path) -> tuple[float, int]:
+    """``data build`` (the real ``build_dataset``, teacher ``openai``) on ``trajectories`` simulated nyc
+    training trajectories: the teacher pass's seconds and the asks it made."""
+    from comapoi_cli.data.build import BuildRequest, build_dataset
+    from comapoi_cli.data.synth import synth_dataset
+    from comapoi_cli.plugins import get_registry
+
+    registry = get_registry()
+    data = work / "data"
+    if not (data / "nyc" / "nyc_train.jsonl").exists():
+        synth_dataset("nyc", data, trajectories=trajectories, seed=0, min_checkins=4, max_checkins=8, registry=registry)
+    request = BuildRequest(dataset="nyc", train=data / "nyc" / "nyc_train.jsonl", teacher="openai", url=url,
+                           served_names={"teacher": TEACHER}, output_dir=work / f"build-{concurrency}", overwrite=True,
+                           retries=0, concurrency=concurrency)
+    build_dataset(request, registry)
+    record = json.loads((request.output_dir / "build.json").read_text())
+    if record["counts"]["rejected"] or record["counts"]["built"] != trajectories:
+        raise SystemExit(f"benchmark build broken: {record['counts']}")
+    return float(record["teacher_seconds_this_run"]), int(record["counts"]["asks"])
+
+
 _WORKER: dict[str, Any] = {}
 
 
@@ -230,7 +274,7 @@ def main() -> None:
     parser.add_argument("--p99-ratio", type=float, default=10.0)
     parser.add_argument("--server-cap", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--only", nargs="+", default=["concurrent", "lockstep", "comapoi"])
+    parser.add_argument("--only", nargs="+", default=["concurrent", "lockstep", "comapoi", "build"])
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -257,17 +301,24 @@ def main() -> None:
             elif name == "lockstep":
                 seconds = run_lockstep(url, plan, items, args.concurrency)
                 how = f"batches of {args.concurrency}"
+            elif name == "build":
+                import tempfile
+
+                with tempfile.TemporaryDirectory(prefix="bench-engine-build-") as work:
+                    seconds, asks = run_build(url, len(items), args.concurrency, Path(work))
+                how = f"data build, {args.concurrency} in flight, {asks / len(items):.2f} asks per trajectory"
             else:
                 seconds = run_workers(url, plan, items, args.workers)
                 how = f"{args.workers} worker processes"
             cpu = time.process_time() - cpu  # this process only (the comapoi workers' CPU is theirs)
             drawn = stats(url)
-            ideal = args.concurrency / (steps * drawn["mean_s"])
+            per_item = asks / len(items) if name == "build" else steps
+            ideal = args.concurrency / (per_item * drawn["mean_s"])
             rows.append({"scheduler": name, "how": how, "trajectories": len(items), "seconds": round(seconds, 3),
                          "traj_per_s": round(len(items) / seconds, 2), "mean_latency_ms": round(drawn["mean_s"] * 1000, 1),
                          "ideal_traj_per_s": round(ideal, 2), "of_ideal": round(len(items) / seconds / ideal, 3),
                          "load_before": round(load, 2),
-                         "client_cpu_ms_per_request": round(1000 * cpu / (len(items) * steps), 2) if name != "comapoi" else None})
+                         "client_cpu_ms_per_request": round(1000 * cpu / (len(items) * per_item), 2) if name != "comapoi" else None})
     finally:
         server.kill()
         server.wait()

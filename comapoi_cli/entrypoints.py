@@ -1,7 +1,9 @@
 """The ``comapoi`` entry points installed here, and what each plugin was last seen to register: both cached.
 
 Light (no pluggy, no ``importlib.metadata`` on a cache hit): ``comapoi --help`` asks
-:func:`plugins_may_add_commands` whether any plugin adds a command before it loads the plugins at all.
+:func:`cached_plugin_commands` which commands the plugins add (recorded the last time they loaded), and a
+command asks :func:`plugins_may_add_commands` whether any plugin may add one, before either loads the
+plugins at all.
 """
 
 from __future__ import annotations
@@ -156,6 +158,25 @@ def record_plugin_hooks(seen: dict[str, tuple[EntryPointSpec, list[str]]]) -> No
     _store(_hooks_file(), _path_key(), plugins)
 
 
+def _unchanged_plugins(specs: list[EntryPointSpec]) -> dict[str, Any] | None:
+    """What each installed third-party plugin was last seen to register (its record), when every one of them
+    was seen and is unchanged since; None when one is new, changed or never loaded."""
+    recorded = _cached(_hooks_file(), _path_key())
+    if not isinstance(recorded, dict):
+        return None
+    unchanged = {}
+    try:
+        for spec in specs:
+            seen = recorded.get(spec.name)
+            if (seen is None or seen["value"] != spec.value or seen["stamp"] is None
+                    or _source_stamp(seen["file"]) != seen["stamp"]):
+                return None
+            unchanged[spec.name] = seen
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return unchanged
+
+
 def plugins_may_add_commands() -> bool:
     """Whether a third-party plugin may add commands (``register_commands``), known without importing any:
     False when no plugin is installed, or when every installed one was seen, unchanged, without that
@@ -164,15 +185,42 @@ def plugins_may_add_commands() -> bool:
     specs = third_party_entry_points()
     if not specs:
         return False
-    recorded = _cached(_hooks_file(), _path_key())
-    if not isinstance(recorded, dict):
-        return True
-    try:
-        for spec in specs:
-            seen = recorded.get(spec.name)
-            if (seen is None or seen["value"] != spec.value or "register_commands" in seen["hooks"]
-                    or seen["stamp"] is None or _source_stamp(seen["file"]) != seen["stamp"]):
-                return True
-    except (OSError, ValueError, TypeError, KeyError):
-        return True
-    return False
+    seen = _unchanged_plugins(specs)
+    return seen is None or any("register_commands" in record["hooks"] for record in seen.values())
+
+
+def _commands_key(seen: dict[str, Any]) -> str:
+    """The plugins a command listing was taken with: the path key, then each plugin's entry point and source stamp."""
+    return "\n".join([_path_key(), *(f"{name}={record['value']}@{record['stamp']}" for name, record in sorted(seen.items()))])
+
+
+def cached_plugin_commands() -> dict[str, dict[str, Any]] | None:
+    """The commands the installed plugins added when they were last loaded (name -> what ``comapoi --help``
+    shows of it), known without importing a plugin: ``{}`` when none adds a command, None when unknown
+    (a plugin is new, changed or never loaded, or no listing was recorded since)."""
+    specs = third_party_entry_points()
+    if not specs:
+        return {}
+    seen = _unchanged_plugins(specs)
+    if seen is None:
+        return None
+    if not any("register_commands" in record["hooks"] for record in seen.values()):
+        return {}
+    listing = _cached(_commands_file(), _commands_key(seen))
+    return listing if isinstance(listing, dict) else None
+
+
+def record_plugin_commands(listing: dict[str, dict[str, Any]]) -> None:
+    """Remember the commands the installed plugins added (``comapoi --help`` after loading them), for as long as
+    no plugin changes: the next ``comapoi --help`` lists them without importing any plugin."""
+    seen = _unchanged_plugins(third_party_entry_points())
+    if seen is not None:
+        try:
+            _store(_commands_file(), _commands_key(seen), listing)
+        except (TypeError, ValueError):  # not JSON: not recorded, and the next start loads the plugins again
+            pass
+
+
+def _commands_file() -> Path | None:
+    cache = _cache_file()
+    return cache.with_name("plugin-commands.json") if cache is not None else None

@@ -374,6 +374,17 @@ def test_openai_teacher_over_a_real_local_server(nyc, tiny_model_dir, tmp_path):
         samples = _lines(out / "build.samples.jsonl")
         assert any((s["steps"].get("agent1.candidates", {}).get("notes") or {}).get("padded") for s in samples)
         _clean_finds_nothing(out)
+        # the asks of many trajectories in flight at once (each moving on as soon as its answer arrives) give
+        # the same files, in input order, as one ask at a time
+        files = {}
+        for concurrency in ("1", "16"):
+            folder = tmp_path / f"c{concurrency}"
+            _build(nyc, folder, "--teacher", "openai", "--url", url, "--served-name", "teacher=rules", "--pairs",
+                   "--concurrency", concurrency)
+            files[concurrency] = {p.name: p.read_bytes() for p in sorted(folder.glob("*.jsonl"))}
+        assert files["1"] == files["16"] and len(files["1"]) >= 5
+        agent_files = [name for name in files["1"] if name.startswith("agent")]
+        assert agent_files and all(files["1"][name] == (out / name).read_bytes() for name in agent_files)
         # the tiny model served by the server: a teacher whose answers fail, each trajectory in the rejects
         tiny = tmp_path / "tiny"
         summary = _build(nyc, tiny, "--teacher", "openai", "--url", url, "--served-name", "teacher=tiny", "--limit", "2",

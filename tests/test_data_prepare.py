@@ -276,6 +276,10 @@ def test_getnext_generated_and_comapoi_resplit(tmp_path, registry_env):
     real_pois = {line.split(",")[0]: line for line in (REAL_DATA / "nyc_poi_info.csv").read_text(encoding="utf-8").splitlines()}
     first = CHECKIN.findall(train[0]["messages"][1]["content"])[0]
     assert first[3] in real_pois  # the published id is kept
+    # a prepared folder holds trajectories, not agent files: the hint says how to read and build from them
+    stats = run_comapoi("data", "stats", "--dataset", "nycsplit", "--data-dir", str(out), env=registry_env)
+    assert stats.returncode != 0 and "Traceback" not in stats.stderr
+    assert "holds trajectories (nycsplit_train.jsonl)" in stats.stderr and "comapoi data build --dataset nycsplit" in stats.stderr
     _synth_and_stats(out, "nycsplit", registry_env)
 
 

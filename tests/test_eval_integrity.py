@@ -239,6 +239,10 @@ def test_pipeline_score_of_a_hostile_file_scores_or_reports_every_line(tmp_path)
     only_bad = _write(tmp_path / "bad.jsonl", [_line("t", True, [1], "1")])
     assert "No predictions to score (1 invalid line: line 1: label true" in _error_line(
         run_comapoi("pipeline", "score", str(only_bad)))
+    # a test file given instead of predictions: each reason once, with its lines
+    wrong = run_comapoi("pipeline", "score", str(REAL_DATA / "tky_test.jsonl"))
+    assert wrong.returncode != 0 and _error_line(wrong).count("no 'label'") == 1
+    assert "No predictions to score (24 invalid lines: lines 1-24: no 'label'" in _error_line(wrong)
 
 
 @pytest.mark.slow

@@ -164,3 +164,22 @@ def test_pipeline_input_errors_are_one_sentence(tmp_path, trained_run):
     assert bad.returncode != 0 and "lacks the columns lat, lon" in bad.stderr
     agents = run_comapoi("pipeline", "run", "--dataset", "nyc", "--test", str(REAL_DATA / "nyc_test.jsonl"), "--agent1", run)
     assert agents.returncode == 2 and "missing --agent2 --agent3" in agents.stderr
+
+
+def test_nearest_pois_agree_with_the_scalar_haversine_order_ties_included():
+    import numpy as np
+
+    from comapoi_cli.data.synth import _km
+    from comapoi_cli.default_plugins.pipeline_retrievers import nearest
+
+    inputs = load_inputs("nyc", 5091, 8, REAL_DATA / "nyc_test.jsonl", REAL_DATA / "nyc_poi_info.csv", REAL_DATA / "nyc_train.jsonl")
+    rows = sorted((poi, float(info[1]), float(info[2])) for poi, info in inputs.world.info.items())
+    # three POIs at one place (a tie the ids must break) and one far away
+    first = rows[0]
+    rows += [(9001, first[1], first[2]), (9000, first[1], first[2]), (9002, first[1] + 5, first[2])]
+    points = (np.array([r[0] for r in rows]), np.array([r[1] for r in rows]), np.array([r[2] for r in rows]))
+    for lat, lon in [(first[1], first[2]), (rows[len(rows) // 2][1], rows[len(rows) // 2][2]), (40.75, -73.99)]:
+        expected = [poi for poi, _, _ in sorted(rows, key=lambda r: (_km(lat, lon, r[1], r[2]), r[0]))]
+        for count in (1, 3, 10, 100, len(rows) + 5):
+            assert nearest(points, lat, lon, count) == expected[:count]
+    assert nearest(points, first[1], first[2], 3) == sorted([first[0], 9000, 9001])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -28,9 +29,14 @@ def make_entry_point_plugin(site: Path, name: str, module_source: str) -> None:
 def critic_site(tmp_path_factory) -> Path:
     """The example role plugin (plugins/comapoi-critic) really installed, with pip, into a folder of its own."""
     target = tmp_path_factory.mktemp("critic-site")
+    # built from a copy: a build in the checkout leaves build/ and *.egg-info there, and the
+    # plugin would then look installed to every later run with the checkout on the path
+    source = tmp_path_factory.mktemp("critic-source") / "comapoi-critic"
+    shutil.copytree(REPO / "plugins" / "comapoi-critic", source,
+                    ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--disable-pip-version-check", "--target", str(target), str(REPO / "plugins" / "comapoi-critic")],
+         "--disable-pip-version-check", "--target", str(target), str(source)],
         check=True, capture_output=True, text=True,
     )
     return target

@@ -80,3 +80,34 @@ def test_console_reporter_renders_literally_and_shows_generic_progress():
     assert "comapoi-unsloth[unsloth]" in text and "[bold]bracket[/bold]" in text
     assert "t[1]" in text and "col[a]" in text and "v[x]" in text
     assert "scoring" in text and "5/10" in text and "records" in text and "ETA" in text
+
+
+def test_progress_rate_and_eta_are_richs_on_a_terminal_and_in_plain_lines(monkeypatch):
+    import time
+
+    from rich.console import Console
+
+    from comapoi_cli.cli import reporting
+
+    monkeypatch.setattr(reporting, "PLAIN_EVERY_S", 0.0)
+    texts = {}
+    for terminal in (False, True):
+        out = io.StringIO()
+        reporter = reporting.ConsoleReporter(Console(file=out, force_terminal=terminal, width=160, color_system=None))
+        reporter.progress_start(6, 2, description="chain", unit="trajectories")
+        for done in range(3, 7):
+            time.sleep(0.02)
+            reporter.progress_update(done, rate=999.0, eta_s=999.0, in_flight=3)  # a service's own figures: not shown
+        reporter.progress_stop()
+        reporter.progress_start(3_000_000, description="cleaning f", unit="bytes")
+        for done in (1_000_000, 2_000_000, 3_000_000):
+            time.sleep(0.02)
+            reporter.progress_update(done)
+        reporter.progress_stop()
+        texts[terminal] = out.getvalue()
+    plain = texts[False].splitlines()
+    assert plain[0].startswith("chain: 3/6 trajectories  -  3 in flight  ETA")  # one update: no rate yet
+    assert plain[3].startswith("chain: 6/6 trajectories  ") and " trajectories/s  3 in flight  ETA 0:00" in plain[3], plain
+    assert "999" not in texts[False] and "999" not in texts[True]
+    assert "trajectories/s" in texts[True] and "6/6" in texts[True] and "0:00:00" in texts[True]  # TimeRemainingColumn
+    assert "3.0/3.0 MB" in texts[True] and "MB/s" in texts[True]  # DownloadColumn, TransferSpeedColumn

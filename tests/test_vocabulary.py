@@ -77,10 +77,17 @@ def test_non_finite_and_out_of_range_numbers_are_one_sentence():
                         (["train", "--max-steps", "0", "--dry-run"], "--max-steps must be at least 1"),
                         (["train", "--weight-decay", "-1", "--dry-run"], "--weight-decay must not be negative"),
                         (["eval", "--adapter", "x", "--batch-size", "0"], "--batch-size must be at least 1"),
-                        (["data", "stats", "--chars-per-token", "inf"], "--chars-per-token must be a finite number")):
+                        (["data", "stats", "--chars-per-token", "inf"], "--chars-per-token must be a finite number"),
+                        # pipeline's numbers in the same words (they were Typer's: "Input should be greater than ...")
+                        (["pipeline", "run", "--dataset", "nyc", "--test", "x", "--batch-size", "0"],
+                         "--batch-size must be at least 1"),
+                        (["pipeline", "run", "--dataset", "nyc", "--test", "x", "--request-timeout", "inf"],
+                         "--request-timeout must be a finite number"),
+                        (["pipeline", "score", "x", "--top-k", "0"], "--top-k must be at least 1")):
         result = run_comapoi(*args)
         assert result.returncode == 2, (args, result.stderr)
         assert words in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+        assert "Input should" not in result.stderr, (args, result.stderr)
 
 
 def test_output_folders_are_output_dir_and_old_spellings_still_work(tmp_path):

@@ -25,7 +25,7 @@ from comapoi_cli.adapters.listing import require_run_folder
 from comapoi_cli.choices import QUANTISED
 from comapoi_cli.errors import ComapoiError, UsageError
 from comapoi_cli.fileio import atomic_folder, read_json, sha256_file, write_json_atomic
-from comapoi_cli.runs.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from comapoi_cli.runs.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_PICKLED
 
 WEIGHTS = ADAPTER_WEIGHTS
 EXPORT_INFO = "comapoi_export.json"
@@ -95,7 +95,7 @@ def _read_source(folder: Path) -> _Source:
 
     run = locate_run(require_run_folder(folder))
     if not (run.adapter_dir / WEIGHTS).is_file():
-        pickled = (run.adapter_dir / "adapter_model.bin").is_file()
+        pickled = (run.adapter_dir / ADAPTER_WEIGHTS_PICKLED).is_file()
         raise ComapoiError(f"{run.adapter_dir} holds no {WEIGHTS}" + (
             " (only a pickled adapter_model.bin), and export copies safetensors only." if pickled else "."))
     try:

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Sequence
 
 from comapoi_cli.errors import UsageError
 from comapoi_cli.models.weights import WeightsFileError, read_safetensors_header
-from comapoi_cli.runs.info import read_json_file
+from comapoi_cli.runs.info import RunInfo, read_json_file, read_run
 from comapoi_cli.runs.layout import ADAPTER_CONFIG, CHECKPOINT_RE, RUN_JSON, TRAINER_STATE, checkpoint_names
 from comapoi_cli.runs.layout import ADAPTER_WEIGHT_NAMES as ADAPTER_WEIGHTS
 from comapoi_cli.runs.lock import process_alive
@@ -92,20 +92,6 @@ def _iso_mtime(path: Path) -> str:
 _process_alive = process_alive
 
 
-def _section(record: dict[str, Any], key: str) -> dict[str, Any]:
-    value = record.get(key)
-    return value if isinstance(value, dict) else {}
-
-
-def _latest_evaluation(evaluations: Any) -> dict[str, Any] | None:
-    if not isinstance(evaluations, list):
-        return None
-    entries = [e for e in evaluations if isinstance(e, dict) and isinstance(e.get("metrics"), dict)]
-    if not entries:
-        return None
-    return max(enumerate(entries), key=lambda pair: (str(pair[1].get("time") or ""), pair[0]))[1]
-
-
 def _from_names(run: AdapterRun, folder: Path) -> None:
     """Fill dataset/type/steps from the original's folder names: .../sft-{dataset}/bs..-gas..-ms..-{type}-lr.."""
     match = _SAVE_NAME.match(folder.name)
@@ -125,38 +111,34 @@ def load_run(folder: str | os.PathLike[str], root: str | os.PathLike[str] | None
     weights = _weights(folder)
     run.adapter = weights is not None and (folder / ADAPTER_CONFIG).is_file()
     run.size_bytes = weights.stat().st_size if weights is not None else None
-    record, problem = _read_json(folder / RUN_JSON)
-    if problem:
-        run.warnings.append(f"{problem}; listed from its other files")
+    info = read_run(folder)
+    if info.problem:
+        run.warnings.append(f"{info.problem}; listed from its other files")
         run.status = "unreadable"
-    if isinstance(record, dict):
-        job = _section(record, "job")
-        progress = _section(record, "progress")
-        lora = _section(record, "lora")
-        base = _section(record, "base_model")
-        backend = record.get("backend")
-        run.status = str(record.get("status") or "unknown")
+    if info.recorded:
+        job = info.job
+        run.status = str(info.status or "unknown")
         if run.status == "running":
-            alive = _process_alive(record.get("pid"), record.get("host"))
+            alive = _process_alive(info.pid, info.host)
             if alive is False:
                 run.status = "stopped"
         run.dataset = job.get("dataset") or (Path(job["data_path"]).stem if job.get("data_path") else None)
         run.type = job.get("type")
-        run.backend = backend.get("name") if isinstance(backend, dict) else (backend if isinstance(backend, str) else job.get("backend"))
-        run.base_model = base.get("name") or job.get("model")
-        run.lora_r = lora.get("r", job.get("lora_r"))
-        run.lora_alpha = lora.get("alpha", job.get("lora_alpha"))
-        run.steps = progress.get("global_step")
-        run.max_steps = progress.get("max_steps", job.get("max_steps"))
-        run.final_loss = progress.get("final_loss")
-        run.date = record.get("finished") or record.get("updated") or record.get("created")
-        run.evaluation = _latest_evaluation(record.get("evaluations"))
+        run.backend = info.backend_name
+        run.base_model = info.base_model_info.get("name") or job.get("model")
+        run.lora_r = info.lora.get("r", job.get("lora_r"))
+        run.lora_alpha = info.lora.get("alpha", job.get("lora_alpha"))
+        run.steps = info.global_step
+        run.max_steps = info.max_steps
+        run.final_loss = info.final_loss
+        run.date = info.date
+        run.evaluation = info.latest_evaluation
         if run.status == "finished" and not run.adapter:
             run.warnings.append("run.json says finished but the adapter files are missing")
-    elif record is not None:
+    elif info.not_object:
         run.warnings.append("run.json does not hold a JSON object; listed from its other files")
         run.status = "unreadable"
-    if not isinstance(record, dict):
+    if not info.recorded:
         config, problem = _read_json(folder / ADAPTER_CONFIG)
         if problem:
             run.warnings.append(problem)
@@ -289,18 +271,19 @@ def describe_run(folder: str | os.PathLike[str]) -> dict[str, Any]:
     path = require_run_folder(folder)
     summary = load_run(path)
     warnings = list(summary.warnings)
-    record, problem = _read_json(path / RUN_JSON)
-    parent_record = None
-    if record is None and _CHECKPOINT.match(path.name):
-        parent_record, _ = _read_json(path.parent / RUN_JSON)
-        if isinstance(parent_record, dict):
+    info = read_run(path)
+    problem = info.problem
+    source: dict[str, Any] = info.sections() if info.recorded else {}
+    absent = not info.recorded and not info.not_object  # no run.json, or one that cannot be read
+    if absent and _CHECKPOINT.match(path.name):
+        parent = read_run(path.parent)
+        if parent.recorded:
             warnings = [w for w in warnings if not w.startswith("no run.json")]
             # the run's sections that describe the checkpoint too (not its progress, final adapter, evaluations)
-            parent_record = {k: v for k, v in parent_record.items()
-                             if k not in ("progress", "adapter", "evaluations", "loss_history", "eval_history",
-                                          "checkpoints", "segments", "status", "finished", "error")}
-            parent_record["checkpoint_of"] = str(path.parent.resolve())
-    source = record if isinstance(record, dict) else parent_record if isinstance(parent_record, dict) else {}
+            source = parent.sections(leave_out=("progress", "adapter", "evaluations", "loss_history", "eval_history",
+                                                "checkpoints", "segments", "status", "finished", "error"))
+            source["checkpoint_of"] = str(path.parent.resolve())
+    described = RunInfo.from_record(source, path)
     config, config_problem = _read_json(path / ADAPTER_CONFIG)
     if config_problem:
         warnings.append(config_problem)
@@ -312,7 +295,7 @@ def describe_run(folder: str | os.PathLike[str]) -> dict[str, Any]:
     out["status"] = summary.status
     out["adapter_config"] = config
 
-    lora = dict(source.get("lora") or {}) if isinstance(source.get("lora"), dict) else {}
+    lora = dict(described.lora)
     if config:
         for key, name in (("r", "r"), ("alpha", "lora_alpha"), ("dropout", "lora_dropout"),
                           ("target_modules", "target_modules")):
@@ -331,7 +314,7 @@ def describe_run(folder: str | os.PathLike[str]) -> dict[str, Any]:
         lora["trainable_percent"] = round(100.0 * trainable / total, 4)
     out["lora"] = lora
 
-    base = dict(source.get("base_model") or {}) if isinstance(source.get("base_model"), dict) else {}
+    base = dict(described.base_model_info)
     if not base and config and config.get("base_model_name_or_path"):
         base = {"name": Path(str(config["base_model_name_or_path"])).name, "path": config["base_model_name_or_path"]}
     base_path = base.get("path")
@@ -345,8 +328,8 @@ def describe_run(folder: str | os.PathLike[str]) -> dict[str, Any]:
                                                                   if base.get("kind") == "tiny" else ""))
     out["base_model"] = base or None
 
-    history = _loss_entries(source.get("loss_history"))
-    if record is None:  # a checkpoint or a foreign adapter: trainer_state.json
+    history = _loss_entries(described.loss_history)
+    if absent:  # a checkpoint or a foreign adapter: trainer_state.json
         state = _trainer_state(path, summary.checkpoints)
         if state is not None:
             history = _loss_entries(state.get("log_history"))
@@ -368,7 +351,7 @@ def describe_run(folder: str | os.PathLike[str]) -> dict[str, Any]:
                             "size_bytes": cp_weights.stat().st_size if cp_weights is not None else None,
                             "loss": history_by_step.get(step)})
     out["checkpoints"] = checkpoints
-    out["evaluations"] = source.get("evaluations") if isinstance(source.get("evaluations"), list) else []
+    out["evaluations"] = described.evaluations
     out["metrics"] = (summary.evaluation or {}).get("metrics")
     out["adapter_files"] = sorted(p.name for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
     if problem:

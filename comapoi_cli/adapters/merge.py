@@ -305,7 +305,7 @@ def _merge(folder: Path, output: Path, *, model: str | None, dtype: str, device:
                     hint="Try --dtype float32; report it if it persists.")
         if (tmp / "config.json").is_file() and isinstance(read_json(tmp / "config.json").get("quantization_config"), dict):
             raise ComapoiError("The merged model still carries a quantization_config, so it was not written.")
-        adapter_weights = run.adapter_dir / "adapter_model.safetensors"
+        adapter_weights = run.adapter_weights
         result = MergeResult(output=output, run_dir=run.run_dir, base_model=base, dtype=dtype_name, device=device,
                              trained_quant=trained_quant, checks=checks, notes=notes)
         write_json_atomic(tmp / MERGE_INFO, {

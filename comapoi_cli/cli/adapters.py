@@ -12,10 +12,11 @@ from typing import Any, List, Optional
 import typer
 from rich.markup import escape
 
+from comapoi_cli.cli.base import App
 from comapoi_cli.cli.fields import number_option, old_spelling, one_of, trust_remote_code_option
 from comapoi_cli.cli.render import console, err_console, fit_columns, markup, print_json, success, table, warn
 
-app = typer.Typer(help="Inspect, merge and export trained adapters for serving.", no_args_is_help=True)
+app = App(help="Inspect, merge and export trained adapters for serving.", no_args_is_help=True)
 
 
 def _size(value: int | None) -> str:

@@ -16,9 +16,10 @@ import sys
 from typing import Any
 
 import typer
-from typer.core import TyperArgument, TyperCommand, TyperGroup
+from typer.core import TyperCommand
 
 from comapoi_cli import __version__
+from comapoi_cli.cli.base import App, Group
 from comapoi_cli.cli.fields import normalise_token
 from comapoi_cli.cli.render import error
 from comapoi_cli.errors import ComapoiError, first_line
@@ -33,18 +34,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "env": ("comapoi_cli.cli.env:app", "Show package versions, CUDA and GPUs, and which training backends are usable here."),
     "pipeline": ("comapoi_cli.cli.pipeline:command", "Run the three trained agents as CoMaPOI chains them, and score the chain."),
 }
-
-
-def _usage_name(self: Any) -> str:
-    """A positional argument in a usage line: ``FILE`` (required) or ``[FILE]``, as click writes it,
-    instead of typer's ``{file}`` (which reads like a template placeholder)."""
-    name = self.metavar or (self.name or "").upper()
-    name = name if self.required else f"[{name}]"
-    return name + ("..." if self.nargs != 1 else "")
-
-
-if hasattr(TyperArgument, "_usage_display_name"):
-    TyperArgument._usage_display_name = _usage_name  # type: ignore[method-assign]
 
 
 def load_command(name: str) -> Any:
@@ -62,21 +51,31 @@ def load_command(name: str) -> Any:
     return command
 
 
-class LazyGroup(TyperGroup):
+#: What of the plugins' commands ``comapoi --help`` shows (name -> help, short_help, hidden, deprecated,
+#: rich_help_panel), as recorded the last time the plugins loaded: set by ``main`` when it lists commands
+#: from that record instead of loading the plugins (``entrypoints.cached_plugin_commands``).
+_listed_plugin_commands: dict[str, dict[str, Any]] = {}
+_SHOWN = ("help", "short_help", "hidden", "deprecated", "rich_help_panel")
+
+
+class LazyGroup(Group):
     """A Typer group whose built-in commands are imported only when they run (or their own help is asked)."""
 
     _listing = False
 
     def list_commands(self, ctx: Any) -> list[str]:
         plugin_commands = [n for n in super().list_commands(ctx) if n not in COMMANDS]
-        return [*COMMANDS, *plugin_commands]
+        return [*COMMANDS, *plugin_commands, *(n for n in _listed_plugin_commands if n not in plugin_commands)]
 
     def get_command(self, ctx: Any, cmd_name: str) -> Any:
         if cmd_name in COMMANDS:
             if self._listing:  # `comapoi --help`: the one-line help is enough
                 return TyperCommand(cmd_name, help=COMMANDS[cmd_name][1])
             return load_command(cmd_name)
-        return super().get_command(ctx, cmd_name)
+        command = super().get_command(ctx, cmd_name)
+        if command is None and cmd_name in _listed_plugin_commands:  # listed from the record: what help shows of it
+            return TyperCommand(cmd_name, **_listed_plugin_commands[cmd_name])
+        return command
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
         self._listing = True
@@ -84,9 +83,19 @@ class LazyGroup(TyperGroup):
             super().format_help(ctx, formatter)
         finally:
             self._listing = False
+        if _plugin_commands_added:  # the plugins were loaded to list their commands: record them for next time
+            from comapoi_cli.entrypoints import record_plugin_commands
+
+            shown = {}
+            for name in super().list_commands(ctx):
+                command = None if name in COMMANDS else super().get_command(ctx, name)
+                if command is not None:
+                    values = {key: getattr(command, key, None) for key in _SHOWN}  # Typer's unset ones are placeholders
+                    shown[name] = {k: v for k, v in values.items() if v is None or isinstance(v, (str, bool))}
+            record_plugin_commands(shown)
 
 
-app = typer.Typer(
+app = App(
     name="comapoi",
     cls=LazyGroup,
     help="Fine-tune the CoMaPOI agents (Profiler, Forecaster, Final_Predictor) with LoRA / QLoRA.",
@@ -127,13 +136,20 @@ def add_plugin_commands() -> None:
 
 def _may_run_a_plugin_command(argv: list[str]) -> bool:
     """Whether this command line may need a plugin's command: not when it names a built-in command
-    (which builds the registry itself if it needs it), nor when no installed plugin adds a command
-    (``comapoi --help`` then loads no plugin: the cached entry-point metadata says so)."""
+    (which builds the registry itself if it needs it), nor when no installed plugin adds a command, nor
+    when it names no command at all (``comapoi``, ``comapoi --help``) and the commands the plugins
+    added were recorded the last time they loaded: that listing is shown, and no plugin is loaded."""
+    global _listed_plugin_commands
     first = next((arg for arg in argv if not arg.startswith("-")), None)
     if first is not None and normalise_token(first) in COMMANDS:
         return False
-    from comapoi_cli.entrypoints import plugins_may_add_commands
+    from comapoi_cli.entrypoints import cached_plugin_commands, plugins_may_add_commands
 
+    if first is None:
+        listing = cached_plugin_commands()
+        if listing is not None:
+            _listed_plugin_commands = listing
+            return False
     return plugins_may_add_commands()
 
 

@@ -12,11 +12,12 @@ from typing import Any, List, Optional
 import typer
 from rich.markup import escape
 
+from comapoi_cli.cli.base import App
 from comapoi_cli.cli.fields import number_option, old_spelling, one_of, trust_remote_code_option
 from comapoi_cli.cli.render import console, markup, print_json, success, table, warn
 from comapoi_cli.errors import DataError, UsageError
 
-app = typer.Typer(help="Prepare CoMaPOI training data: prepare, clean, split, merge, stats, synth, build.", no_args_is_help=True)
+app = App(help="Prepare CoMaPOI training data: prepare, clean, split, merge, stats, synth, build.", no_args_is_help=True)
 
 _DATA_DIR_HELP = "Folder holding {dataset}/ (default: $COMAPOI_DATA_DIR or ./data)."
 _JSON_HELP = "Print the summary as JSON (for scripts)."
@@ -239,7 +240,7 @@ def merge(
 ) -> None:
     """Merge the agent files into one file, each record tagged with its role (an 'agent' field)."""
     from comapoi_cli.data import merge_files, parse_weights
-    from comapoi_cli.data.layout import MERGED_FILE, dataset_dir
+    from comapoi_cli.data.layout import MERGED_FILE, dataset_dir, no_agent_files
 
     registry = _registry()
     files: dict[str, Path] = {}
@@ -254,8 +255,7 @@ def merge(
             if path.is_file():
                 files[role_id] = path
         if not files:
-            raise DataError(f"Cannot find any agent training file in {folder}.",
-                            hint=f"Create them with: comapoi data synth --dataset {dataset} --output-dir {folder.parent}")
+            raise no_agent_files(dataset, folder)
     else:
         raise UsageError("Give ROLE=FILE pairs, or --dataset NAME.")
     if output is None:
@@ -430,11 +430,13 @@ def build(
                                  "rejected answer, then write the trajectory to build.rejects.jsonl."),
     pairs: bool = typer.Option(False, "--pairs", help="Also write agent2/agent3 DPO pairs (prompt/chosen/rejected)."),
     limit: int = number_option(0, "--limit", whole=True, minimum=0, help="Only the first N trajectories (0 = all)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue a stopped build from its last whole batch."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a stopped build after its last written trajectory."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over, replacing the folder's build."),
     seed: int = number_option(42, "--seed", whole=True, help="Seeds the label ranks, the template answers and the retrieval folds."),
     batch_size: int = number_option(8, "--batch-size", whole=True, minimum=1, help="Trajectories whose asks go to the "
-                                    "teacher together (generation batch; the unit written and resumed)."),
+                                    "teacher together (a local teacher's generation batch)."),
+    concurrency: int = number_option(64, "--concurrency", whole=True, minimum=1, help="openai teacher: asks in flight "
+                                     "at most, over all trajectories (each moves on as soon as its answer arrives)."),
     max_new_tokens: Optional[int] = number_option(None, "--max-new-tokens", whole=True, minimum=1,
                                                   help="Cap every ask's own limit (CoMaPOI: 512 for texts, 256 for lists)."),
     device: str = typer.Option("auto", "--device", help="transformers teacher: auto, cpu, cuda or cuda:N."),
@@ -460,8 +462,8 @@ def build(
         names[key.strip()] = rest.strip()
     request = BuildRequest(dataset=dataset.lower(), train=train, teacher=teacher, output_dir=output_dir, poi_info=poi_info,
                            model=model, url=url, api_key=api_key, served_names=names, device=device, quant=quant,
-                           batch_size=batch_size, max_new_tokens=max_new_tokens, retriever=retriever,
-                           label_rank=label_rank.lower(), retries=retries, pairs=pairs, limit=limit, resume=resume,
+                           batch_size=batch_size, concurrency=concurrency, max_new_tokens=max_new_tokens,
+                           retriever=retriever, label_rank=label_rank.lower(), retries=retries, pairs=pairs, limit=limit, resume=resume,
                            overwrite=overwrite, seed=seed, trust_remote_code=trust_remote_code)
     if as_json:
         from comapoi_cli.reporting import Reporter
@@ -474,7 +476,7 @@ def build(
     except KeyboardInterrupt:
         from comapoi_cli.errors import ComapoiError
 
-        raise ComapoiError("Interrupted; every whole batch is saved in build.samples.jsonl.",
+        raise ComapoiError("Interrupted; every trajectory done so far is saved in build.samples.jsonl.",
                            hint="Continue with the same command and --resume.", exit_code=130) from None
     if as_json:
         print_json(result.to_dict())

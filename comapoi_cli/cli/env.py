@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 from rich.markup import escape
 
+from comapoi_cli.cli.base import App
 from comapoi_cli.cli.render import console, markup, print_json, table
 
 
@@ -46,5 +47,5 @@ def env(as_json: bool = typer.Option(False, "--json", help="Print JSON instead o
         console.print(f"[red]Plugin {escape(p['name'])} failed:[/red] {escape(str(p['error']))}", soft_wrap=True)
 
 
-app = typer.Typer(rich_markup_mode="rich", pretty_exceptions_enable=False, add_completion=False)
+app = App(rich_markup_mode="rich", pretty_exceptions_enable=False, add_completion=False)
 app.command("env")(env)

@@ -12,11 +12,12 @@ from typing import Any, Optional
 import typer
 
 from comapoi_cli.choices import QUANT_CHOICES
+from comapoi_cli.cli.base import App
 from comapoi_cli.cli.fields import number_option, trust_remote_code_option
 from comapoi_cli.cli.render import console, err_console, print_json, success, table, warn
 from comapoi_cli.errors import UsageError
 
-app = typer.Typer(
+app = App(
     no_args_is_help=True,
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},

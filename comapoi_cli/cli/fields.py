@@ -3,8 +3,11 @@
 ``options_from_fields(cls, ...)`` turns each field made with ``comapoi_cli.training.job.option``
 into a Typer option (its spellings, help, panel, default and choices come from the field: the one
 source), the way TRL's ``TrlParser`` or axolotl's ``add_options_from_dataclass`` do. The value
-parsers (``Words``, ``Number``) refuse bad values with one sentence in the
-user's words (``unknown --type 'agent9'; choose merged, agent1, agent2, agent3``).
+parsers (``Words``, ``Number``), given to Typer through its ``parser=`` hook, refuse bad values with one
+sentence in the user's words (``unknown --type 'agent9'; choose merged, agent1, agent2, agent3``).
+Typer 0.29 has no Click parameter types to use instead (its copy of Click has no ``Choice`` or
+``IntRange``), and its own choices and ranges answer in pydantic's words and let ``inf`` through
+(docs/architecture.md, "Libraries"); Typer's ``min=`` is still passed, so help shows ``[x>=N]``.
 """
 
 # No "from __future__ import annotations": Typer reads these annotations at run time.
@@ -14,7 +17,6 @@ import math
 from typing import Any, Callable, List, Optional
 
 import typer
-from typer.core import TyperOption
 
 
 def _usage(message: str, hint: "str | None" = None) -> Exception:
@@ -95,6 +97,8 @@ def number_option(default: Any, *flags: str, whole: bool = False, minimum: "floa
     long_flags = [f for f in flags if f.startswith("--")]
     parser = Number(long_flags[0] if long_flags else "the value", whole=whole, minimum=minimum, above=above)
     kwargs.setdefault("metavar", parser.metavar)
+    if minimum is not None:
+        kwargs.setdefault("min", minimum)  # shown in help as [x>=N]; the parser, not Typer, checks it
     return typer.Option(default, *flags, parser=parser, **kwargs)
 
 
@@ -171,6 +175,8 @@ def options_from_fields(cls: type, *, choices: "dict[str, list[str]] | None" = N
             kwargs["metavar"] = parser.metavar
         if parser is not None:
             kwargs["parser"] = parser
+        if isinstance(parser, Number) and parser.minimum is not None:
+            kwargs["min"] = parser.minimum  # shown in help as [x>=N]; the parser, not Typer, checks it
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
                                         default=typer.Option(None, *flags, **kwargs)))
     return params
@@ -205,17 +211,6 @@ TRUST_REMOTE_CODE_HELP = ("Run the Python code a model or tokenizer folder (or h
 def trust_remote_code_option(**kwargs: Any) -> Any:
     """``--trust-remote-code`` (``--trust_remote_code``), off by default, for every command that loads a model or tokenizer."""
     return typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP, **kwargs)
-
-
-def _display_type_rich(self: TyperOption, ctx: Any) -> "str | None":
-    """Typer's help shows a ``<bool>`` type after every flag; a flag takes no value, so show none."""
-    if getattr(self, "is_flag", False) or getattr(self, "count", False):
-        return None
-    return _typer_display_type_rich(self, ctx)
-
-
-_typer_display_type_rich = TyperOption.display_type_rich
-TyperOption.display_type_rich = _display_type_rich  # type: ignore[method-assign]
 
 
 def normalise_token(token: str) -> str:

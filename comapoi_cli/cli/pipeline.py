@@ -8,7 +8,8 @@ from typing import Any, List, Optional
 import typer
 
 from comapoi_cli.choices import QUANT_CHOICES
-from comapoi_cli.cli.fields import with_signature
+from comapoi_cli.cli.base import App
+from comapoi_cli.cli.fields import number_option, with_signature
 from comapoi_cli.cli.render import console, err_console, print_json, success, table
 from comapoi_cli.errors import UsageError
 from comapoi_cli.plugins import Registry
@@ -63,7 +64,7 @@ def command(registry: Registry) -> typer.Typer:
         run(**values, role_runs={k: v for k, v in role_runs.items() if v is not None}, registry=registry)
 
     run_command.__doc__ = run.__doc__
-    app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich", help=HELP,
+    app = App(no_args_is_help=True, rich_markup_mode="rich", help=HELP,
                       context_settings={"help_option_names": ["-h", "--help"]})
     app.command("run", epilog=_RUN_EPILOG)(with_signature(run_command, params))
     app.command("score")(score)
@@ -99,17 +100,17 @@ def run(
                                         show_default=False, rich_help_panel="Engine"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.", rich_help_panel="Engine"),
     quant: str = typer.Option("auto", "--quant", help="auto, 4bit, 8bit or none.", rich_help_panel="Engine"),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="transformers engine: trajectories per generation "
+    batch_size: int = number_option(8, "--batch-size", whole=True, minimum=1, help="transformers engine: trajectories per generation "
                                    "batch (each chain step runs on the whole batch).", rich_help_panel="Engine"),
-    concurrency: Optional[int] = typer.Option(None, "--concurrency", min=1, help="openai engine: requests in flight at "
+    concurrency: Optional[int] = number_option(None, "--concurrency", whole=True, minimum=1, help="openai engine: requests in flight at "
                                               "once; each trajectory moves on as soon as its answer arrives. Default: 64.",
                                               show_default=False, rich_help_panel="Engine"),
-    request_timeout: float = typer.Option(600.0, "--request-timeout", min=0.001, help="openai engine: seconds for one "
+    request_timeout: float = number_option(600.0, "--request-timeout", above=0, help="openai engine: seconds for one "
                                           "whole answer (a timeout is a miss with its reason).", rich_help_panel="Engine"),
-    retries: int = typer.Option(3, "--retries", min=0, help="openai engine: attempts after the first on connection "
+    retries: int = number_option(3, "--retries", whole=True, minimum=0, help="openai engine: attempts after the first on connection "
                                 "errors, 429 and 5xx (with backoff; Retry-After honoured).", rich_help_panel="Engine"),
     scheduler: str = typer.Option("auto", "--scheduler", hidden=True, help="auto, concurrent or lockstep (benchmarks)."),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Tokens per agent answer (CoMaPOI: 256).",
+    max_new_tokens: int = number_option(256, "--max-new-tokens", whole=True, minimum=1, help="Tokens per agent answer (CoMaPOI: 256).",
                                        rich_help_panel="Engine"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code.",
                                            rich_help_panel="Engine"),
@@ -117,13 +118,13 @@ def run(
                                   rich_help_panel="Engine"),
     out: Optional[Path] = typer.Option(None, "--output-dir", "--out", help="Output folder. Default: output/pipeline/{ds}.",
                                        show_default=False, rich_help_panel="Output"),
-    limit: int = typer.Option(0, "--limit", min=0, help="Run only the first N test trajectories (0 = all).",
+    limit: int = number_option(0, "--limit", whole=True, minimum=0, help="Run only the first N test trajectories (0 = all).",
                               rich_help_panel="Output"),
     resume: bool = typer.Option(False, "--resume", help="Continue a run that stopped, from its last whole line.",
                                 rich_help_panel="Output"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over, replacing the folder's predictions.",
                                    rich_help_panel="Output"),
-    top_k: int = typer.Option(10, "--top-k", min=1, help="The final list length scored as 'final top-k'.",
+    top_k: int = number_option(10, "--top-k", whole=True, minimum=1, help="The final list length scored as 'final top-k'.",
                               rich_help_panel="Output"),
     compat: str = typer.Option("none", "--compat", help="comapoi: also report what CoMaPOI's own evaluation would print.",
                                rich_help_panel="Output"),
@@ -199,7 +200,7 @@ def run(
 def score(
     file: Path = typer.Argument(..., help="A predictions.jsonl of 'comapoi pipeline run'.", show_default=False,
                                 metavar="FILE"),
-    top_k: int = typer.Option(10, "--top-k", min=1, help="The final list length scored as 'final top-k'."),
+    top_k: int = number_option(10, "--top-k", whole=True, minimum=1, help="The final list length scored as 'final top-k'."),
     compat: str = typer.Option("none", "--compat", help="comapoi: also report what CoMaPOI's own evaluation would print."),
     as_json: bool = typer.Option(False, "--json", help="Print the scores as JSON."),
 ) -> None:
@@ -229,6 +230,7 @@ def print_scores(scores: dict[str, Any], title: str, rejected: tuple[int, Path] 
     from rich.markup import escape
 
     from comapoi_cli.metrics import ACC_KS, NDCG_KS
+    from comapoi_cli.pipeline.scoring import grouped_lines
 
     keys = [*(f"acc@{k}" for k in ACC_KS), *(f"ndcg@{k}" for k in NDCG_KS), "mrr", "unparsable"]
     columns = [("chain", scores["chain"]), ("most frequent", scores["baselines"]["frequent"]),
@@ -260,9 +262,8 @@ def print_scores(scores: dict[str, Any], title: str, rejected: tuple[int, Path] 
     for kind, label in (("invalid_lines", "not scored"), ("duplicates", "scored once")):
         lines = scores.get(kind) or []
         if lines:
-            shown = "; ".join(f"line {item['line']}: {item['reason']}" for item in lines[:5])
-            more = f"; and {len(lines) - 5} more" if len(lines) > 5 else ""
-            summary.append(f"{len(lines)} line{'s' if len(lines) != 1 else ''} of the predictions file {label} ({shown}{more})")
+            shown = grouped_lines([(item["line"], item["reason"]) for item in lines], shown=5)
+            summary.append(f"{len(lines)} line{'s' if len(lines) != 1 else ''} of the predictions file {label} ({shown})")
     for line in summary:
         console.print(escape(line), soft_wrap=True, highlight=False)
     overlap = scores.get("train_overlap")

@@ -7,9 +7,10 @@ from typing import Any
 import typer
 from rich.markup import escape
 
+from comapoi_cli.cli.base import App
 from comapoi_cli.cli.render import console, markup, print_json, table
 
-app = typer.Typer(help="Inspect plugins: backends, agent roles, engines, retrievers, and plugins that failed to load.", no_args_is_help=True)
+app = App(help="Inspect plugins: backends, agent roles, engines, retrievers, and plugins that failed to load.", no_args_is_help=True)
 
 
 @app.command("list")

@@ -4,7 +4,10 @@ It writes to standard error: sentences (printed literally, never as markup), tab
 and a progress bar on a terminal, or one plain line per logging step when the output is a file or a
 pipe. A training run's progress shows step/total, loss, learning rate, tokens/s and ETA; any other
 progress (``description`` and ``unit`` given to ``progress_start``) shows its description, done/total
-in its unit, its rate and ETA. Only the main process gets a console reporter (see ``distributed``).
+in its unit (bytes as MB), its rate and ETA. The rate and the ETA are Rich's own (``Task.speed`` and
+``Task.time_remaining``, the columns ``TimeRemainingColumn``, ``TransferSpeedColumn``), on a terminal and
+in the plain lines alike; a training run's tokens/s, and the ETA of its plain log lines, are the
+trainer callback's. Only the main process gets a console reporter (see ``distributed``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ __all__ = ["ConsoleReporter"]
 
 #: Off a terminal, a long step other than training prints one plain progress line at most this often.
 PLAIN_EVERY_S = 10.0
+#: The rate and the ETA are Rich's estimate over the updates of this many last seconds (Rich's default, 30 s,
+#: leaves no estimate when one training step or one chain batch takes longer).
+SPEED_WINDOW_S = 300.0
 
 
 class ConsoleReporter(Reporter):
@@ -36,8 +42,6 @@ class ConsoleReporter(Reporter):
         self._task: Any = None
         self._training = False
         self._unit = ""
-        self._started = 0.0
-        self._first_done = 0
         self._description = ""
         self._last_line = 0.0
 
@@ -66,52 +70,57 @@ class ConsoleReporter(Reporter):
         self._training = not description or description == "training"
         self._unit = unit
         self._description = description
-        self._started = time.monotonic()
-        self._first_done = done
-        if not self.console.is_terminal:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+        if self._training and not self.console.is_terminal:
+            return  # a training run off a terminal logs through log_line
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
 
+        eta = [TextColumn("ETA"), TimeRemainingColumn()]
         if self._training:
             columns = [TextColumn("[bold]training[/bold]"), BarColumn(), MofNCompleteColumn(),
                        TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
-                       TextColumn("{task.fields[tps]} tok/s"), TextColumn("ETA {task.fields[eta]}")]
+                       TextColumn("{task.fields[tps]} tok/s"), *eta]
+        elif unit == "bytes":
+            columns = [TextColumn(f"[bold]{escape(description)}[/bold]"), BarColumn(), DownloadColumn(),
+                       TransferSpeedColumn(), TextColumn("{task.fields[flow]}"), *eta]
         else:
             columns = [TextColumn(f"[bold]{escape(description)}[/bold]"), BarColumn(), MofNCompleteColumn(),
-                       TextColumn(escape(unit)), TextColumn("{task.fields[rate]}"), TextColumn("ETA {task.fields[eta]}")]
-        self._progress = Progress(*columns, console=self.console, transient=False)
+                       TextColumn(escape(unit)), _rate_column(unit), TextColumn("{task.fields[flow]}"), *eta]
+        # off a terminal the Progress only keeps the count: Rich's rate and ETA feed the plain lines
+        self._progress = Progress(*columns, console=self.console, transient=False, disable=not self.console.is_terminal,
+                                  speed_estimate_period=SPEED_WINDOW_S)
         self._progress.start()
         self._task = self._progress.add_task(description or "train", total=total, completed=done,
-                                             loss="-", lr="-", tps="-", eta="-", rate="-")
+                                             loss="-", lr="-", tps="-", flow="")
 
     def progress_update(self, done: int, *, loss: float | None = None, lr: float | None = None,
-                        tokens_per_s: float | None = None, eta_s: float | None = None, rate: float | None = None,
-                        **fields: Any) -> None:
-        if self._progress is None and (self._training or self.console.is_terminal):
-            return  # a training run off a terminal logs through log_line
-        if not self._training:
-            elapsed = time.monotonic() - self._started
-            if rate is None and elapsed > 0 and done > self._first_done:
-                rate = (done - self._first_done) / elapsed
-            if eta_s is None and rate and self._total:
-                eta_s = max(0.0, (self._total - done) / rate)
-        unit = f" {self._unit}/s" if self._unit else "/s"
-        extra = _flow(fields)
-        if self._progress is None:  # not a terminal: a plain line, at most every PLAIN_EVERY_S seconds
-            now = time.monotonic()
-            if now - self._last_line >= PLAIN_EVERY_S or (self._total is not None and done >= self._total):
-                self._last_line = now
-                total = "?" if self._total is None else str(self._total)
-                rate_text = ("-" if not rate else f"{rate:,.{2 if rate < 10 else 1}f}{unit}") + extra
-                self.console.print(f"{self._description or 'progress'}: {done}/{total} {self._unit}  {rate_text}  "
-                                   f"ETA {format_duration(eta_s)}", highlight=False, markup=False, soft_wrap=True)
+                        tokens_per_s: float | None = None, **fields: Any) -> None:
+        """Rate and ETA are Rich's (its ``Task.speed`` over the last ``SPEED_WINDOW_S`` seconds of updates,
+        and ``Task.time_remaining``): a service's own ``rate`` / ``eta_s`` fields are not needed."""
+        if self._progress is None:
             return
         self._progress.update(
-            self._task, completed=done,
+            self._task, completed=done, flow=_flow(fields).strip(),
             loss="-" if loss is None else f"{loss:.4f}", lr="-" if lr is None else f"{lr:.2e}",
-            tps="-" if tokens_per_s is None else f"{tokens_per_s:,.0f}", eta=format_duration(eta_s),
-            rate=("-" if not rate else f"{rate:,.{2 if rate < 10 else 1}f}{unit}") + extra,
+            tps="-" if tokens_per_s is None else f"{tokens_per_s:,.0f}",
         )
+        if not self._progress.disable:
+            return
+        now = time.monotonic()  # not a terminal: a plain line, at most every PLAIN_EVERY_S seconds
+        if now - self._last_line >= PLAIN_EVERY_S or (self._total is not None and done >= self._total):
+            self._last_line = now
+            task = next(t for t in self._progress.tasks if t.id == self._task)
+            total = "?" if self._total is None else str(self._total)
+            self.console.print(f"{self._description or 'progress'}: {done}/{total} {self._unit}  "
+                               f"{_rate_text(task.finished_speed or task.speed, self._unit)}{_flow(fields)}  "
+                               f"ETA {format_duration(task.time_remaining)}", highlight=False, markup=False, soft_wrap=True)
 
     def log_line(self, step: int, total: int, logs: dict[str, Any], tokens_per_s: float | None, eta_s: float | None) -> None:
         parts = [f"step {step}/{total}"]
@@ -139,6 +148,23 @@ class ConsoleReporter(Reporter):
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+
+def _rate_text(speed: float | None, unit: str) -> str:
+    return "-" if not speed else f"{speed:,.{2 if speed < 10 else 1}f}{f' {unit}/s' if unit else '/s'}"
+
+
+def _rate_column(unit: str) -> Any:
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class RateColumn(ProgressColumn):
+        """Rich's speed of the task (``Task.speed``) in the task's unit: ``12.5 trajectories/s``."""
+
+        def render(self, task: Any) -> Text:
+            return Text(_rate_text(task.finished_speed or task.speed, unit), style="progress.data.speed")
+
+    return RateColumn()
 
 
 def _flow(fields: dict[str, Any]) -> str:

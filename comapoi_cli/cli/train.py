@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import typer
 
+from comapoi_cli.cli.base import App
 from comapoi_cli.cli.fields import options_from_fields, with_signature
 from comapoi_cli.cli.render import err_console, print_json, success, warn
 from comapoi_cli.plugins import Registry
@@ -61,7 +62,7 @@ def command(registry: Registry) -> typer.Typer:
         run(registry, values)
 
     train.__doc__ = HELP
-    app = typer.Typer(rich_markup_mode="rich", pretty_exceptions_enable=False, add_completion=False)
+    app = App(rich_markup_mode="rich", pretty_exceptions_enable=False, add_completion=False)
     app.command("train", context_settings={"help_option_names": ["-h", "--help"]})(with_signature(train, params))
     return app
 

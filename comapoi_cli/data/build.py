@@ -81,6 +81,7 @@ class BuildRequest:
     quant: str = "auto"
     dtype: str | None = None
     batch_size: int = 8
+    concurrency: int = 64                       # a server teacher (openai): asks in flight at most
     max_new_tokens: int | None = None           # a cap on every ask's own limit
     retriever: str = "transitions"
     label_rank: str = "sampled"
@@ -244,6 +245,9 @@ class _Asks:
     def register(self, messages: list[dict[str, str]], ask: TeacherAsk) -> None:
         self.asks[_sha(messages[:2])] = ask
 
+    def forget(self, messages: list[dict[str, str]]) -> None:
+        self.asks.pop(_sha(messages[:2]), None)
+
     def __call__(self, messages: list[dict[str, str]]) -> TeacherAsk | None:
         return self.asks.get(_sha(messages[:2]))
 
@@ -255,85 +259,172 @@ def _generate(session: Any, adapter: Any, prompts: list[list[dict[str, str]]], t
     return session.generate(adapter, prompts, tokens)
 
 
+# -- one trajectory's steps (shared by the lockstep batches and the concurrent path) ------------------------
+
+
+def _new_state(item: _Item) -> dict[str, Any]:
+    return {"key": item.chain.key, "line": item.chain.line, "label": item.label, "similar": item.chain.similar,
+            "ranks": {}, "records": {}, "steps": {}, "upstream": {}, "rejected": None, "asks": 0}
+
+
+def _draw_label(role: Any, item: _Item, st: dict[str, Any], context: ChainContext, request: BuildRequest) -> TeacherLabel:
+    """The label block the teacher sees for ``role`` (its rank drawn from the seed), recorded in the state."""
+    info = context.world.info.get(item.label)
+    rank = draw_rank(request.label_rank, request.seed, item.chain.key, role.id)
+    st["ranks"][role.id] = rank
+    return TeacherLabel(item.label, rank, info[0] if info else None, info[3] if info else None, info[4] if info else None)
+
+
+def _open_step(role: Any, step: str, item: _Item, st: dict[str, Any], context: ChainContext, label: TeacherLabel,
+               request: BuildRequest, in_flight: _Asks) -> list[dict[str, str]] | None:
+    """The teacher's prompt of this step, or None when the role derives the answer itself (already accepted)."""
+    derived = role.derive_teacher_answer(step, item.chain, st["upstream"], context, label)
+    if derived is not None:
+        _accept(role, step, item, st, derived, context, None, [], label)
+        return None
+    prompt = role.build_teacher_prompt(item.chain, st["upstream"], context, step, label)
+    in_flight.register(prompt, TeacherAsk(role.id, step, item.chain, st["upstream"], context, label, request.seed))
+    return prompt
+
+
+def _ask_messages(prompt: list[dict[str, str]], tries: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """The prompt, followed by each earlier unusable answer and the reason it was refused."""
+    messages = list(prompt)
+    for earlier in tries:
+        messages += [{"role": "assistant", "content": earlier["raw"] or ""},
+                     {"role": "user", "content": f"That answer cannot be used: {earlier['reason']}. "
+                                                 "Answer again, following the instructions exactly."}]
+    return messages
+
+
+def _take_answer(role: Any, step: str, item: _Item, st: dict[str, Any], answer: Generation, context: ChainContext,
+                 label: TeacherLabel, prompt: list[dict[str, str]], tries: list[dict[str, Any]]) -> bool:
+    """Accept the teacher's answer (True), or add it to ``tries`` with the reason it cannot be used (False)."""
+    if answer.problem or answer.text is None:
+        outcome: TeacherAnswer | str = answer.problem or "no answer"
+    else:
+        outcome = role.parse_teacher_answer(step, answer.text, item.chain, st["upstream"], context, label)
+    if isinstance(outcome, str):
+        tries.append({"reason": outcome, "raw": answer.text})
+        return False
+    _accept(role, step, item, st, outcome, context, answer.text, tries, label, _sha(prompt))
+    return True
+
+
+def _reject(role: Any, step: str, st: dict[str, Any], tries: list[dict[str, Any]]) -> None:
+    last = tries[-1]
+    st["rejected"] = {"role": role.id, "step": step, "reason": last["reason"], "raw": last["raw"],
+                      "attempts": len(tries), "tries": tries}
+
+
+def _finish_row(st: dict[str, Any], roles: list[Any], request: BuildRequest) -> dict[str, Any]:
+    st.pop("upstream")
+    if st["rejected"] is not None:
+        st.pop("records")
+    elif request.pairs:
+        st["pairs"] = _pairs(roles, st)
+    return st
+
+
 def _run_batch(batch: list[_Item], roles: list[Any], session: Any, adapter: Any, context: ChainContext,
                settings: dict[str, Any], request: BuildRequest, in_flight: _Asks, takes_temperature: bool) -> list[dict[str, Any]]:
-    state: dict[str, dict[str, Any]] = {}
-    for item in batch:
-        state[item.chain.key] = {"key": item.chain.key, "line": item.chain.line, "label": item.label,
-                                 "similar": item.chain.similar, "ranks": {}, "records": {}, "steps": {},
-                                 "upstream": {}, "rejected": None, "asks": 0}
+    """A batch session (a local model): each step of the chain on the whole batch at once, its retries before the next step."""
+    state = {item.chain.key: _new_state(item) for item in batch}
     for role in roles:
-        labels: dict[str, TeacherLabel] = {}
-        for item in batch:
-            info = context.world.info.get(item.label)
-            rank = draw_rank(request.label_rank, request.seed, item.chain.key, role.id)
-            labels[item.chain.key] = TeacherLabel(item.label, rank, info[0] if info else None,
-                                                  info[3] if info else None, info[4] if info else None)
-            state[item.chain.key]["ranks"][role.id] = rank
+        labels = {item.chain.key: _draw_label(role, item, state[item.chain.key], context, request) for item in batch}
         for step in role.teacher_steps():
-            name = f"{role.id}.{step}"
-            ask = settings["requests"][name]
-            alive = [item for item in batch if state[item.chain.key]["rejected"] is None]
+            ask = settings["requests"][f"{role.id}.{step}"]
             pending: list[tuple[_Item, list[dict[str, str]]]] = []
-            for item in alive:
+            for item in batch:
                 st = state[item.chain.key]
-                label = labels[item.chain.key]
-                derived = role.derive_teacher_answer(step, item.chain, st["upstream"], context, label)
-                if derived is not None:
-                    _accept(role, step, item, st, derived, context, None, [], label)
-                    continue
-                prompt = role.build_teacher_prompt(item.chain, st["upstream"], context, step, label)
-                in_flight.register(prompt, TeacherAsk(role.id, step, item.chain, st["upstream"], context, label, request.seed))
-                pending.append((item, prompt))
+                if st["rejected"] is None:
+                    prompt = _open_step(role, step, item, st, context, labels[item.chain.key], request, in_flight)
+                    if prompt is not None:
+                        pending.append((item, prompt))
             tries: dict[str, list[dict[str, Any]]] = {item.chain.key: [] for item, _ in pending}
             attempt = 0
             while pending:
-                prompts = []
-                for item, prompt in pending:
-                    messages = list(prompt)
-                    for earlier in tries[item.chain.key]:
-                        messages += [{"role": "assistant", "content": earlier["raw"] or ""},
-                                     {"role": "user", "content": f"That answer cannot be used: {earlier['reason']}. "
-                                                                 "Answer again, following the instructions exactly."}]
-                    prompts.append(messages)
+                prompts = [_ask_messages(prompt, tries[item.chain.key]) for item, prompt in pending]
                 for item, _prompt in pending:
                     state[item.chain.key]["asks"] += 1
                 answers = _generate(session, adapter, prompts, int(ask["max_new_tokens"]), float(ask["temperature"]),
                                     takes_temperature)
-                failed = []
-                for (item, prompt), answer in zip(pending, answers):
-                    st = state[item.chain.key]
-                    if answer.problem or answer.text is None:
-                        outcome: TeacherAnswer | str = answer.problem or "no answer"
-                    else:
-                        outcome = role.parse_teacher_answer(step, answer.text, item.chain, st["upstream"], context,
-                                                            labels[item.chain.key])
-                    if isinstance(outcome, str):
-                        tries[item.chain.key].append({"reason": outcome, "raw": answer.text})
-                        failed.append((item, prompt))
-                    else:
-                        _accept(role, step, item, st, outcome, context, answer.text, tries[item.chain.key],
-                                labels[item.chain.key], _sha(prompt))
+                failed = [(item, prompt) for (item, prompt), answer in zip(pending, answers)
+                          if not _take_answer(role, step, item, state[item.chain.key], answer, context,
+                                              labels[item.chain.key], prompt, tries[item.chain.key])]
                 attempt += 1
                 if attempt > request.retries:
                     for item, _prompt in failed:
-                        last = tries[item.chain.key][-1]
-                        state[item.chain.key]["rejected"] = {
-                            "role": role.id, "step": step, "reason": last["reason"], "raw": last["raw"],
-                            "attempts": len(tries[item.chain.key]), "tries": tries[item.chain.key]}
+                        _reject(role, step, state[item.chain.key], tries[item.chain.key])
                     failed = []
                 pending = failed
     in_flight.asks.clear()
-    rows = []
-    for item in batch:
-        st = state[item.chain.key]
-        st.pop("upstream")
-        if st["rejected"] is not None:
-            st.pop("records")
-        elif request.pairs:
-            st["pairs"] = _pairs(roles, st)
-        rows.append(st)
-    return rows
+    return [_finish_row(state[item.chain.key], roles, request) for item in batch]
+
+
+async def _build_one(item: _Item, roles: list[Any], ask: Any, adapter: Any, context: ChainContext,
+                     settings: dict[str, Any], request: BuildRequest, in_flight: _Asks) -> dict[str, Any]:
+    """A concurrent session (a server): one trajectory's steps one after another, each ask as soon as the
+    one before has its answer (``ask`` bounds the requests in flight over all trajectories)."""
+    st = _new_state(item)
+    for role in roles:
+        label = _draw_label(role, item, st, context, request)
+        for step in role.teacher_steps():
+            if st["rejected"] is not None:
+                break
+            prompt = _open_step(role, step, item, st, context, label, request, in_flight)
+            if prompt is None:
+                continue
+            tries: list[dict[str, Any]] = []
+            tokens = int(settings["requests"][f"{role.id}.{step}"]["max_new_tokens"])
+            while True:
+                st["asks"] += 1
+                answer = await ask(adapter, _ask_messages(prompt, tries), tokens, role.id, step)
+                if _take_answer(role, step, item, st, answer, context, label, prompt, tries):
+                    break
+                if len(tries) > request.retries:
+                    _reject(role, step, st, tries)
+                    break
+            in_flight.forget(prompt)
+    return _finish_row(st, roles, request)
+
+
+def _build_concurrently(todo: list[_Item], roles: list[Any], session: Any, adapter: Any, context: ChainContext,
+                        settings: dict[str, Any], request: BuildRequest, in_flight: _Asks,
+                        emit: Any) -> bool:
+    """Every trajectory on its own, ``request.concurrency`` asks in flight over all of them, rows emitted in
+    input order (the chain's scheduler: :func:`comapoi_cli.models.answering.ordered`). True when the
+    session takes a temperature (then each step's is applied)."""
+    import asyncio
+
+    from comapoi_cli.models.answering import Throttle, ordered
+
+    try:
+        takes_temperature = "temperature" in inspect.signature(session.agenerate).parameters
+    except (TypeError, ValueError):
+        takes_temperature = False
+    temperatures = {(role.id, step): float(settings["requests"][f"{role.id}.{step}"]["temperature"])
+                    for role in roles for step in role.teacher_steps()}
+
+    async def main() -> None:
+        throttle = Throttle(session, request.concurrency)
+
+        def ask_for(index: int) -> Any:
+            async def ask(adapter: Any, messages: list[dict[str, str]], tokens: int, role_id: str, step: str) -> Generation:
+                if takes_temperature:
+                    return await throttle(adapter, messages, tokens, priority=index, temperature=temperatures[(role_id, step)])
+                return await throttle(adapter, messages, tokens, priority=index)
+            return ask
+
+        try:
+            await ordered(len(todo), lambda i: _build_one(todo[i], roles, ask_for(i), adapter, context, settings,
+                                                          request, in_flight),
+                          window=max(16 * request.concurrency, 256), emit=emit)
+        finally:
+            await session.aclose()
+
+    asyncio.run(main())
+    return takes_temperature
 
 
 def _accept(role: Any, step: str, item: _Item, st: dict[str, Any], answer: TeacherAnswer, context: ChainContext,
@@ -396,8 +487,8 @@ def build_dataset(request: BuildRequest, registry: Any, reporter: Reporter = SIL
     preset = require_preset(request.dataset, "the build")
     if request.label_rank not in ("first", "sampled"):
         raise UsageError(f"--label-rank must be first or sampled, not '{request.label_rank}'.")
-    if request.retries < 0 or request.batch_size < 1 or request.limit < 0:
-        raise UsageError("--retries and --limit must be 0 or more, --batch-size at least 1.")
+    if request.retries < 0 or request.batch_size < 1 or request.limit < 0 or request.concurrency < 1:
+        raise UsageError("--retries and --limit must be 0 or more, --batch-size and --concurrency at least 1.")
     if request.resume and request.overwrite:
         raise UsageError("--resume and --overwrite exclude each other.")
     train = Path(request.train)
@@ -478,7 +569,8 @@ def build_dataset(request: BuildRequest, registry: Any, reporter: Reporter = SIL
             adapters, adapter = {}, None
         spec = EngineSpec(base_model=request.model, adapters=adapters, role_adapters={"teacher": adapter or ""},
                           tokenizer=request.model, device=request.device, quant=request.quant, dtype=request.dtype,
-                          batch_size=request.batch_size, trust_remote_code=request.trust_remote_code, url=request.url,
+                          batch_size=request.batch_size, concurrency=request.concurrency,
+                          trust_remote_code=request.trust_remote_code, url=request.url,
                           api_key=request.api_key, extra={"teacher_asks": in_flight})
         session = engine.open(spec, reporter)
         description = session.description or request.teacher
@@ -491,17 +583,25 @@ def build_dataset(request: BuildRequest, registry: Any, reporter: Reporter = SIL
                       f"steps {', '.join(settings['steps'])}")
         reporter.progress_start(len(items), len(items) - len(todo), description="build", unit="samples")
         loop_started = time.monotonic()
+
+        def emit(rows: list[dict[str, Any]]) -> None:
+            nonlocal processed, loop_seconds
+            append_journal(journal, rows)
+            done_rows.extend(rows)
+            processed += len(rows)
+            elapsed = loop_seconds = time.monotonic() - loop_started
+            rate = processed / elapsed if elapsed > 0 else None
+            remaining = len(todo) - processed
+            reporter.progress_update(len(items) - remaining, rate=rate, eta_s=(remaining / rate) if rate else None)
+
         try:
-            for start in range(0, len(todo), request.batch_size):
-                batch = todo[start:start + request.batch_size]
-                rows = _run_batch(batch, roles, session, adapter, context, settings, request, in_flight, takes_temperature)
-                append_journal(journal, rows)
-                done_rows.extend(rows)
-                processed += len(batch)
-                elapsed = loop_seconds = time.monotonic() - loop_started
-                rate = processed / elapsed if elapsed > 0 else None
-                remaining = len(todo) - processed
-                reporter.progress_update(len(items) - remaining, rate=rate, eta_s=(remaining / rate) if rate else None)
+            if session.concurrent:
+                record["temperature_applied"] = _build_concurrently(todo, roles, session, adapter, context, settings,
+                                                                    request, in_flight, emit)
+            else:
+                for start in range(0, len(todo), request.batch_size):
+                    batch = todo[start:start + request.batch_size]
+                    emit(_run_batch(batch, roles, session, adapter, context, settings, request, in_flight, takes_temperature))
         finally:
             reporter.progress_stop()
             session.close()

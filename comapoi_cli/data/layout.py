@@ -39,6 +39,11 @@ def stem_of(path: str | os.PathLike[str]) -> str:
     return name[: -len(".jsonl")] if name.endswith(".jsonl") else Path(name).stem
 
 
+def plain_file_name(dataset: str, part: str) -> str:
+    """CoMaPOI's plain next-POI file of a dataset: ``{dataset}_{part}.jsonl`` (part: train, val, test)."""
+    return f"{dataset}_{part}.jsonl"
+
+
 def split_names(stem: str) -> tuple[str, str]:
     """The original's split output names of a file stem: ``(stem_all.jsonl, stem_100.jsonl)``."""
     return f"{stem}{TRAIN_SUFFIX}.jsonl", f"{stem}{HOLDOUT_SUFFIX}.jsonl"
@@ -54,3 +59,16 @@ def missing_input(path: Path, dataset: str | None = None, role: str | None = Non
         hint = "Pass an existing JSONL file, or create sample data with: comapoi data synth --dataset nyc"
     what = f"the {role} training file" if role else "the training file"
     return DataError(f"Cannot find {what} {path}.", hint=hint)
+
+
+def no_agent_files(dataset: str, folder: Path) -> DataError:
+    """The one-sentence error for a dataset folder without agent training files; when it holds prepared
+    trajectories (``data prepare``'s ``{dataset}_train.jsonl``), the hint says how to read or build from them."""
+    trajectories = folder / f"{dataset}_train.jsonl"
+    if trajectories.is_file():
+        hint = (f"{folder} holds trajectories ({trajectories.name}), not agent files: see them with "
+                f"comapoi data stats {trajectories}, or write agent files from them with "
+                f"comapoi data build --dataset {dataset} --train {trajectories}")
+    else:
+        hint = f"Create them with: comapoi data synth --dataset {dataset} --output-dir {folder.parent}"
+    return DataError(f"Cannot find any agent training file in {folder}.", hint=hint)

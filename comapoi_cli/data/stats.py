@@ -404,14 +404,13 @@ def _finish(report, accs, token_path, chars_per_token, seq_length, started) -> S
 
 def dataset_files(dataset: str, data_dir, registry) -> dict[str, str]:
     """``{path: role}`` of the registered roles' training files that exist for ``dataset``."""
-    from comapoi_cli.data.layout import dataset_dir
+    from comapoi_cli.data.layout import dataset_dir, no_agent_files
 
     folder = dataset_dir(dataset, data_dir)
     found = {str(folder / r.data_file_name()): role_id for role_id, r in registry.roles.items()
              if (folder / r.data_file_name()).is_file()}
     if not found:
-        raise DataError(f"Cannot find any agent training file in {folder}.",
-                        hint=f"Create them with: comapoi data synth --dataset {dataset} --output-dir {folder.parent}")
+        raise no_agent_files(dataset, folder)
     return found
 
 

@@ -73,8 +73,10 @@ class Checkin:
     lon: str
 
     def text(self, user: int) -> str:
-        return (f"At {self.time:%Y-%m-%d %H:%M:%S}, {self.time:%A}, user {user} visit POI ID {self.poi} "
-                f"({self.category}, {self.lat},{self.lon}).")
+        when = self.__dict__.get("_when")  # formatted once: every step of a chain shows the trajectory again
+        if when is None:
+            when = self.__dict__["_when"] = f"{self.time:%Y-%m-%d %H:%M:%S}, {self.time:%A}"
+        return f"At {when}, user {user} visit POI ID {self.poi} ({self.category}, {self.lat},{self.lon})."
 
 
 @dataclass

@@ -38,10 +38,6 @@ def write_metrics(path: str | os.PathLike[str], entry: dict[str, Any]) -> None:
 
 def latest_metrics(run: dict[str, Any]) -> dict[str, Any] | None:
     """The metrics of a run's latest evaluation (what ``adapters list`` shows), or None."""
-    evaluations = run.get("evaluations") if isinstance(run, dict) else None
-    if not isinstance(evaluations, list):
-        return None
-    for entry in reversed(evaluations):
-        if isinstance(entry, dict) and isinstance(entry.get("metrics"), dict):
-            return entry["metrics"]
-    return None
+    from comapoi_cli.runs.info import RunInfo
+
+    return RunInfo.from_record(run).last_metrics

@@ -3,7 +3,8 @@
 The engine-independent half of scheduling, used by ``eval`` (:func:`answer_all`), ``data build``'s teacher
 and the chain's scheduler (``comapoi_cli/pipeline/scheduler.py``: :class:`Throttle`, :func:`ordered`).
 
-- :class:`Throttle`: at most ``concurrency`` requests in flight on a concurrent session (a server).
+- :class:`Throttle`: at most ``concurrency`` requests in flight on a concurrent session (a server), the
+  earliest trajectories first.
 - :func:`ordered`: run numbered pieces of work with a window, hand the results on in order (a reorder buffer).
 - :func:`answer_all`: one answer per prompt, in order, with either kind of session.
 
@@ -13,28 +14,61 @@ Light module: no torch.
 from __future__ import annotations
 
 import asyncio
+import heapq
 from typing import Any, Awaitable, Callable, Sequence
 
 from comapoi_cli.engines import EngineSession, Generation
 
 
 class Throttle:
-    """``concurrency`` requests in flight at most; counts what is in flight and what was answered."""
+    """``concurrency`` requests in flight at most; counts what is in flight and what was answered.
+
+    A free slot goes to the waiting request with the smallest ``priority`` (then the earliest): the
+    chain and ``data build`` pass the trajectory's index, so the earliest trajectories finish first
+    and their lines are written early (the output is in input order), instead of every started
+    trajectory creeping forward together and the first line coming near the end.
+    """
 
     def __init__(self, session: EngineSession, concurrency: int):
         self.session = session
-        self.semaphore = asyncio.Semaphore(max(1, concurrency))
+        self.limit = max(1, concurrency)
         self.in_flight = 0
         self.answers = 0
+        self._waiting: list[tuple[int, int, asyncio.Future]] = []
+        self._arrivals = 0
 
-    async def __call__(self, adapter: str, messages: list[dict[str, str]], max_new_tokens: int) -> Generation:
-        async with self.semaphore:
+    async def __call__(self, adapter: str, messages: list[dict[str, str]], max_new_tokens: int, *, priority: int = 0,
+                      **options: Any) -> Generation:
+        await self._acquire(priority)
+        try:
+            return await self.session.agenerate(adapter, messages, max_new_tokens, **options)
+        finally:
+            self.in_flight -= 1
+            self.answers += 1
+            self._grant()
+
+    async def _acquire(self, priority: int) -> None:
+        if self.in_flight < self.limit and not self._waiting:
             self.in_flight += 1
-            try:
-                return await self.session.agenerate(adapter, messages, max_new_tokens)
-            finally:
+            return
+        slot: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._arrivals += 1
+        heapq.heappush(self._waiting, (priority, self._arrivals, slot))
+        try:
+            await slot  # the slot is counted in in_flight when it is granted
+        except asyncio.CancelledError:
+            if slot.done() and not slot.cancelled():  # granted, then cancelled before it was used
                 self.in_flight -= 1
-                self.answers += 1
+                self._grant()
+            slot.cancel()
+            raise
+
+    def _grant(self) -> None:
+        while self._waiting and self.in_flight < self.limit:
+            _priority, _arrival, slot = heapq.heappop(self._waiting)
+            if not slot.done():
+                self.in_flight += 1
+                slot.set_result(None)
 
 
 async def ordered(count: int, work: Callable[[int], Awaitable[Any]], *, window: int,

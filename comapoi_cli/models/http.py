@@ -45,6 +45,8 @@ MAX_BACKOFF_S = 8.0
 CONNECT_TIMEOUT_S = 10.0
 MAX_REDIRECTS = 5
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+#: connections per pool (the client opens ``concurrency / POOL_CONNECTIONS`` pools)
+POOL_CONNECTIONS = 8
 REDACTED = "[redacted]"
 
 
@@ -252,6 +254,27 @@ def parse_models(payload: Any, url: str) -> set[str]:
     return {entry["id"] for entry in data if isinstance(entry, dict) and isinstance(entry.get("id"), str) and entry["id"]}
 
 
+def _encode(body: dict[str, Any]) -> bytes:
+    """A request body as JSON bytes (orjson where installed: the prompts are most of every request's bytes)."""
+    try:
+        import orjson
+    except ImportError:  # pragma: no cover - depends on the environment
+        return json.dumps(body).encode("utf-8")
+    try:
+        return orjson.dumps(body)
+    except TypeError:  # orjson.JSONEncodeError: e.g. a lone surrogate (from a "\\ud800" in an input file)
+        return json.dumps(body).encode("utf-8")
+
+
+async def _within(work: Any, seconds: float) -> Any:
+    """``await work`` with a deadline (``asyncio.timeout`` where there is one: no extra task per request)."""
+    timeout = getattr(asyncio, "timeout", None)
+    if timeout is None:  # Python 3.10
+        return await asyncio.wait_for(work, seconds)
+    async with timeout(seconds):
+        return await work
+
+
 def _decode(body: bytes) -> Any:
     try:
         return json.loads(body.decode("utf-8"))
@@ -274,20 +297,43 @@ class AsyncOpenAIClient:
         self.settings = settings
         self.base = _without_userinfo(api_base(settings.url))  # credentials go in the header we build
         self.secrets = settings.secrets()
-        limits = httpx.Limits(max_connections=max(1, settings.concurrency), max_keepalive_connections=max(1, settings.concurrency))
-        self.client = httpx.AsyncClient(timeout=_timeout(httpx, settings), follow_redirects=False, limits=limits,
-                                        headers=_headers(settings), trust_env=False)
+        # Several small connection pools, not one big one: httpcore walks its whole pool on every
+        # request and every response (O(connections) each), which at 64 connections was the largest
+        # single CPU cost per request; a request goes to the pool with the fewest in flight.
+        total = max(1, settings.concurrency)
+        pools = -(-total // POOL_CONNECTIONS)
+        # one TLS context for all of them (building one reads the CA bundle: about 20 ms each)
+        verify = httpx.create_ssl_context() if hasattr(httpx, "create_ssl_context") else True
+        self.clients = []
+        for index in range(pools):
+            size = -(-(total - index) // pools)  # the connections shared out as evenly as they go
+            limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
+            self.clients.append(httpx.AsyncClient(timeout=_timeout(httpx, settings), follow_redirects=False, limits=limits,
+                                                  headers=_headers(settings), trust_env=False, verify=verify))
+        self.busy = [0] * pools
+        self.urls: dict[str, Any] = {}
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        for client in self.clients:
+            await client.aclose()
 
     async def _attempt(self, method: str, path: str, body: dict[str, Any] | None) -> Any:
+        pool = min(range(len(self.busy)), key=self.busy.__getitem__) if len(self.busy) > 1 else 0
+        self.busy[pool] += 1
+        try:
+            return await self._attempt_on(self.clients[pool], method, path, body)
+        finally:
+            self.busy[pool] -= 1
+
+    async def _attempt_on(self, client: Any, method: str, path: str, body: dict[str, Any] | None) -> Any:
         httpx = self.httpx
-        url = httpx.URL(self.base + path)
-        content = None if body is None else json.dumps(body).encode("utf-8")
+        url = self.urls.get(path)
+        if url is None:
+            url = self.urls[path] = httpx.URL(self.base + path)
+        content = None if body is None else _encode(body)
         for _ in range(MAX_REDIRECTS + 1):
             try:
-                async with self.client.stream(method, url, content=content) as response:
+                async with client.stream(method, url, content=content) as response:
                     if 300 <= response.status_code < 400:
                         url = _redirect_target(httpx, response, method, self.settings)
                         continue
@@ -314,7 +360,7 @@ class AsyncOpenAIClient:
         while True:
             attempt += 1
             try:
-                return await asyncio.wait_for(self._attempt(method, path, body), self.settings.timeout_s), attempt
+                return await _within(self._attempt(method, path, body), self.settings.timeout_s), attempt
             except asyncio.TimeoutError:
                 failure = _Failure(f"no whole answer within --request-timeout {self.settings.timeout_s:g} s")
             except _Failure as exc:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import Mapping, Protocol
 
 from comapoi_cli.errors import DataError, UsageError
 from comapoi_cli.models.smollm2 import SMOLLM2
@@ -37,6 +37,12 @@ class RunLike(Protocol):
 
     @property
     def train_file(self) -> tuple[Path, str | None] | None: ...
+
+    @property
+    def base_model_corpus(self) -> list[tuple[Path, str | None]] | None: ...
+
+    @property
+    def base_model_dataset(self) -> str | None: ...
 
 
 def looks_like_hub_id(name: str) -> bool:
@@ -133,7 +139,7 @@ def tiny_base(run: RunLike) -> str:
     if run.base_model_kind != TINY:
         raise UsageError("--model tiny is built from a run's training data, and this run was not trained on it.",
                          hint="Pass the base model folder with --model DIR.")
-    corpus = _recorded_corpus(run)
+    corpus = run.base_model_corpus  # the tiny model's corpus as run.json's base_model.corpus records it
     dataset = None
     if corpus is None:  # a run from before the tiny base was shared by the dataset's roles: its training file
         train = run.train_file
@@ -142,7 +148,7 @@ def tiny_base(run: RunLike) -> str:
                              hint="Pass the tiny model folder with --model DIR.")
         corpus = [train]
     else:
-        dataset = _recorded_dataset(run)
+        dataset = run.base_model_dataset
     for path, digest in corpus:
         if not path.is_file() or (digest and _sha256(path) != digest):
             raise DataError(f"The tiny base model of this run is gone from the cache and cannot be rebuilt: its "
@@ -151,30 +157,6 @@ def tiny_base(run: RunLike) -> str:
     from comapoi_cli.models.tiny import ensure_tiny_model
 
     return str(ensure_tiny_model([p for p, _ in corpus], dataset=dataset))
-
-
-def _base_section(run: Any) -> dict[str, Any]:
-    record = getattr(run, "run", None)
-    section = record.get("base_model") if isinstance(record, dict) else None
-    return section if isinstance(section, dict) else {}
-
-
-def _recorded_corpus(run: Any) -> list[tuple[Path, str | None]] | None:
-    """The tiny model's corpus as run.json's ``base_model.corpus`` records it (``[{file, sha256}]``)."""
-    corpus = _base_section(run).get("corpus")
-    if not isinstance(corpus, list) or not corpus:
-        return None
-    out = []
-    for item in corpus:
-        if not isinstance(item, dict) or not isinstance(item.get("file"), str):
-            return None
-        out.append((Path(item["file"]), item.get("sha256") if isinstance(item.get("sha256"), str) else None))
-    return out
-
-
-def _recorded_dataset(run: Any) -> str | None:
-    value = _base_section(run).get("dataset")
-    return value if isinstance(value, str) and value else None
 
 
 def _sha256(path: Path) -> str:

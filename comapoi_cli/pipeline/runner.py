@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from comapoi_cli.chain import ChainContext, chain_order  # chain_order: re-exported
 from comapoi_cli.data.chain_inputs import ChainInputs, load_inputs
+from comapoi_cli.data.layout import plain_file_name
 from comapoi_cli.engines import EngineSpec
 from comapoi_cli.errors import DataError, UsageError
 from comapoi_cli.fileio import (
@@ -172,7 +173,7 @@ def _settings(request: PipelineRequest, chain: list[Any], adapters: dict[str, Pa
 def run_pipeline(request: PipelineRequest, registry: Registry, reporter: Reporter) -> PipelineResult:
     """Run the chain on the test trajectories and score it (see the module doc).
 
-    SIGTERM stops it like Ctrl-C (``KeyboardInterrupt``): every whole batch is kept for ``--resume``;
+    SIGTERM stops it like Ctrl-C (``KeyboardInterrupt``): every line written (a whole batch, or a finished trajectory on a server) is kept for ``--resume``;
     the output folder is locked while it runs.
     """
     from comapoi_cli.data.blocks import sigterm_as_interrupt
@@ -244,7 +245,7 @@ def _run_pipeline(request: PipelineRequest, registry: Registry, reporter: Report
     test = Path(request.test)
     folder = test.parent
     poi = Path(request.poi_info) if request.poi_info else folder / f"{request.dataset}_poi_info.csv"
-    train = Path(request.train) if request.train else folder / f"{request.dataset}_train.jsonl"
+    train = Path(request.train) if request.train else folder / plain_file_name(request.dataset, "train")
     runs, base, first_run = _resolve_runs(request)
     adapters, role_adapters = _adapters(request, runs)
     out = Path(request.out) if request.out else Path("output") / "pipeline" / request.dataset

@@ -23,6 +23,7 @@ Light module: no torch; the chain's roles and the engine do the heavy work.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -173,7 +174,7 @@ def run_concurrent(items: Sequence[ChainItem], plan: ChainPlan, session: EngineS
     async def main() -> None:
         throttle = Throttle(session, concurrency)
         try:
-            await ordered(len(items), lambda i: chain_one(items[i], plan, throttle),
+            await ordered(len(items), lambda i: chain_one(items[i], plan, functools.partial(throttle, priority=i)),
                           window=window or max(16 * concurrency, 256), emit=emit,
                           tick=lambda done: progress(done, throttle.answers, throttle.in_flight))
         finally:

@@ -152,6 +152,26 @@ class PredictionRows(list):
         self.duplicates: list[tuple[int, str]] = duplicates or []
 
 
+def grouped_lines(problems: list[tuple[int, str]], shown: int = MAX_SHOWN_PROBLEMS) -> str:
+    """``(line, reason)`` pairs as one text, each reason once with its lines (``lines 1-3, 7: reason``),
+    the first ``shown`` reasons in the order they first appear."""
+    by_reason: dict[str, list[int]] = {}
+    for line, why in problems:
+        by_reason.setdefault(why, []).append(line)
+    parts = []
+    for why, lines in list(by_reason.items())[:shown]:
+        runs: list[list[int]] = []
+        for line in sorted(set(lines)):
+            if runs and line == runs[-1][1] + 1:
+                runs[-1][1] = line
+            else:
+                runs.append([line, line])
+        spans = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+        parts.append(f"line{'s' if len(lines) > 1 else ''} {spans}: {why}")
+    more = len(by_reason) - shown
+    return "; ".join(parts) + (f"; and {more} other reason{'s' if more != 1 else ''}" if more > 0 else "")
+
+
 def score_lines(lines: Iterable[dict[str, Any]], *, top_k: int = 10, compat: str = "none",
                 max_poi_id: int | None = None, retrieval_roles: Collection[str] = ()) -> dict[str, Any]:
     """Score predictions lines (see the module doc); ``lines`` from :func:`read_predictions` carry the
@@ -161,8 +181,7 @@ def score_lines(lines: Iterable[dict[str, Any]], *, top_k: int = 10, compat: str
     duplicates = list(getattr(lines, "duplicates", []))
     rows = list(lines)
     if not rows:
-        detail = f" ({len(invalid)} invalid line{'s' if len(invalid) != 1 else ''}: " + "; ".join(
-            f"line {n}: {why}" for n, why in invalid[:MAX_SHOWN_PROBLEMS]) + ")" if invalid else ""
+        detail = f" ({len(invalid)} invalid line{'s' if len(invalid) != 1 else ''}: {grouped_lines(invalid)})" if invalid else ""
         raise DataError(f"No predictions to score{detail}.")
     chain, frequent, retrieved, compat_outcomes = [], [], [], []
     names = stage_names(rows[0], top_k, retrieval_roles)

@@ -24,7 +24,8 @@ RUN_JSON_MAX_BYTES = 32 * 1024 * 1024
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 #: The adapter weights PEFT may write (the pickled one only by old PEFT versions; never read here).
-ADAPTER_WEIGHT_NAMES = (ADAPTER_WEIGHTS, "adapter_model.bin")
+ADAPTER_WEIGHTS_PICKLED = "adapter_model.bin"
+ADAPTER_WEIGHT_NAMES = (ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_PICKLED)
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 TRAINER_STATE = "trainer_state.json"
 CHECKPOINT_PREFIX = "checkpoint-"

@@ -18,7 +18,7 @@ from typing import Any
 from comapoi_cli import __version__
 from comapoi_cli.errors import ComapoiError
 from comapoi_cli.fileio import now_iso, write_json_atomic
-from comapoi_cli.runs.info import read_json_file, read_run_json
+from comapoi_cli.runs.info import RunInfo, read_json_file, read_run_json
 from comapoi_cli.runs.layout import RUN_JSON, RUN_SCHEMA, checkpoints
 
 VERSION_PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "tokenizers")
@@ -92,16 +92,15 @@ def _reward_progress(train: list[dict[str, Any]]) -> dict[str, Any]:
 class RunRecord:
     """The run.json of one run, section by section."""
 
-    def __init__(self, run_dir: Path, previous: dict[str, Any] | None = None):
+    def __init__(self, run_dir: Path, previous: RunInfo | None = None):
         self.run_dir = run_dir
-        previous = previous or {}
         self.data: dict[str, Any] = {
             "schema": RUN_SCHEMA,
             "comapoi_version": __version__,
             "status": "running",
             "error": None,
             "run_dir": str(run_dir.resolve()),
-            "created": previous.get("created") or now_iso(),
+            "created": (previous.created if previous is not None else None) or now_iso(),
             "updated": now_iso(),
             "finished": None,
             "pid": os.getpid(),
@@ -109,11 +108,17 @@ class RunRecord:
             "command": ["comapoi", *sys.argv[1:]],
             "platform": platform.platform(),
         }
-        self.segments: list[dict[str, Any]] = list(previous.get("segments") or [])
+        self.segments: list[dict[str, Any]] = list(previous.segments) if previous is not None else []
         self.segment: dict[str, Any] = {"started": now_iso(), "ended": None, "from_step": 0, "to_step": 0,
                                         "status": "running", "wall_seconds": 0.0, "train_seconds": 0.0,
                                         "tokens": 0, "pid": os.getpid()}
         self.segments.append(self.segment)
+
+    @property
+    def progress(self) -> dict[str, Any]:
+        """The ``progress`` section as last computed (empty before the first ``update_progress``)."""
+        value = self.data.get("progress")
+        return value if isinstance(value, dict) else {}
 
     def set(self, **sections: Any) -> None:
         self.data.update(sections)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 from comapoi_cli.errors import UsageError, first_line
 from comapoi_cli.models.smollm2 import SMOLLM2
 from comapoi_cli.roles import MERGED
+from comapoi_cli.runs.layout import ADAPTER_CONFIG
 from comapoi_cli.training.job import DEFAULT_TARGET_MODULES, TINY, TINY_LEARNING_RATE, TrainingJob, _safe_name
 
 if TYPE_CHECKING:  # typing only
@@ -216,7 +217,7 @@ def _check_folder(folder: Path, name: str) -> ModelLocation:
     folder = folder.expanduser().resolve()
     if (folder / "config.json").is_file():
         return ModelLocation("local", str(folder), name)
-    if (folder / "adapter_config.json").is_file():
+    if (folder / ADAPTER_CONFIG).is_file():
         return ModelLocation("missing", str(folder), name, f"{folder} holds a LoRA adapter, not a base model.",
                              "Pass the adapter's base model (its adapter_config.json names it), or merge the adapter first.")
     return ModelLocation("missing", str(folder), name, f"{folder} is not a Hugging Face model folder (it has no config.json).",

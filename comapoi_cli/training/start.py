@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from comapoi_cli.errors import UsageError
 from comapoi_cli.models.weights import WeightsFileError, read_safetensors_header
-from comapoi_cli.runs.info import read_json_file, read_run_json
+from comapoi_cli.runs.info import RunInfo, previous_run, read_json_file
 from comapoi_cli.runs.layout import (
     ADAPTER_WEIGHTS,
     LEFTOVERS,
@@ -38,7 +38,7 @@ class RunStart:
 
     run_dir: Path
     resume_from: Path | None
-    previous: dict[str, Any] | None
+    previous: RunInfo | None
     notes: list[str]
     #: the highest folder this start created (run_dir or one of its parents), None if it created none:
     #: a run that fails before writing anything removes what it created, and no more
@@ -61,12 +61,12 @@ def _first_missing(folder: Path) -> Path | None:
     return missing
 
 
-def _describe(previous: dict[str, Any] | None, run_dir: Path) -> str:
-    if not previous:
+def _describe(previous: RunInfo | None, run_dir: Path) -> str:
+    if previous is None or not previous.sections():
         steps = checkpoints(run_dir)
         return f"checkpoints up to step {steps[-1][0]}" if steps else "files"
-    progress = previous.get("progress") or {}
-    return f"a {previous.get('status', 'unknown')} run, step {progress.get('global_step', 0)} of {progress.get('max_steps', '?')}"
+    progress = previous.progress
+    return f"a {previous.status or 'unknown'} run, step {progress.get('global_step', 0)} of {progress.get('max_steps', '?')}"
 
 
 def _clear(run_dir: Path) -> None:
@@ -150,7 +150,7 @@ def _prepare_locked(job: Any, run_dir: Path, notes: list[str], created: Path | N
 
     entries = {p.name for p in run_dir.iterdir()} - {LOCK_FILE}
     if entries and entries <= LEFTOVERS:  # a run that failed or stopped before its first checkpoint
-        previous = read_run_json(run_dir)
+        previous = previous_run(run_dir)
         _refuse_alive(previous, run_dir)
         notes.append(f"Replacing the previous attempt in {run_dir}, which saved no checkpoint.")
         _clear(run_dir)
@@ -160,7 +160,7 @@ def _prepare_locked(job: Any, run_dir: Path, notes: list[str], created: Path | N
         if job.resume:
             notes.append(f"Nothing to resume in {run_dir}: starting at step 0.")
         return RunStart(run_dir, None, None, notes, created)
-    previous = read_run_json(run_dir)
+    previous = previous_run(run_dir)
     _refuse_alive(previous, run_dir)
     if job.overwrite:
         _clear(run_dir)
@@ -169,14 +169,14 @@ def _prepare_locked(job: Any, run_dir: Path, notes: list[str], created: Path | N
     if not job.resume:
         raise run_exists(f"{run_dir} already holds {_describe(previous, run_dir)}.",
                          hint="Continue it with --resume, replace it with --overwrite, or choose another folder with --run-tag NAME.")
-    if previous and previous.get("job"):
-        differences = job.training_differences(TrainingJob.from_dict(previous["job"]))
+    if previous is not None and previous.job:
+        differences = job.training_differences(TrainingJob.from_dict(previous.job))
         if differences:
             listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (new, old) in sorted(differences.items()))
             raise UsageError(f"--resume needs the options the run started with; these differ: {listed}.",
                              hint="Resume with the original options, or start again with --overwrite.")
-    if previous and previous.get("status") == "finished" and has_final_adapter(run_dir):
-        raise UsageError(f"{run_dir} already finished (step {(previous.get('progress') or {}).get('global_step')}): nothing to resume.",
+    if previous is not None and previous.status == "finished" and has_final_adapter(run_dir):
+        raise UsageError(f"{run_dir} already finished (step {previous.global_step}): nothing to resume.",
                          hint="Start it again with --overwrite, or train longer under a new --max_steps.")
     for link in symlinked_checkpoints(run_dir):
         notes.append(f"{link.name} is a symbolic link: not followed, not removed and not resumed from.")
@@ -202,12 +202,12 @@ def _prepare_locked(job: Any, run_dir: Path, notes: list[str], created: Path | N
     return RunStart(run_dir, folder, previous, notes)
 
 
-def _refuse_alive(previous: dict[str, Any] | None, run_dir: Path) -> None:
+def _refuse_alive(previous: RunInfo | None, run_dir: Path) -> None:
     """A run.json saying "running" for a live process of this host that is not us (no lock: an older comapoi)."""
-    if not previous or previous.get("status") != "running" or previous.get("pid") == os.getpid():
+    if previous is None or previous.status != "running" or previous.pid == os.getpid():
         return
-    if process_alive(previous.get("pid"), previous.get("host")):
-        holder = {"pid": previous.get("pid"), "host": previous.get("host"), "command": previous.get("command")}
+    if process_alive(previous.pid, previous.host):
+        holder = {"pid": previous.pid, "host": previous.host, "command": previous.command}
         raise LockedError(f"The run folder {run_dir} is being written by {describe_holder(holder)}; "
                           "wait until it ends or stop it.")
 

@@ -42,7 +42,7 @@ from comapoi_cli.models.loading import quiet_libraries
 from comapoi_cli.models.smollm2 import SMOLLM2
 from comapoi_cli.reporting import Reporter
 from comapoi_cli.runs.datakeys import write_data_keys
-from comapoi_cli.runs.layout import DATA_KEYS, LOCK_FILE, RUN_JSON, checkpoints
+from comapoi_cli.runs.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, DATA_KEYS, LOCK_FILE, RUN_JSON, checkpoints
 from comapoi_cli.runs.record import RunRecord, versions
 from comapoi_cli.training import chat
 from comapoi_cli.training.devices import (
@@ -121,6 +121,43 @@ class TrainOutcome:
 
     status: str
     state: Any
+
+
+@dataclass
+class PreparedFiles:
+    """``prepare_step``: the prepared data (``comapoi_cli.data.PreparedData``) and the hashes run.json records."""
+
+    prepared: Any
+    train_sha: str
+    holdout: Path | None  #: the held-out file, when there is one
+    holdout_sha: str | None
+
+
+@dataclass
+class TrainingCallbacks:
+    """``callbacks_step``: the Trainer's callbacks, and ``write`` (run.json's progress, main process only)."""
+
+    job: TrainingJob
+    plan: DevicePlan
+    t_start: float
+    progress: Any
+    interrupt: Any
+    guard: Any
+    record: RunRecord | None = None  #: set once ``record_step`` made it
+
+    def write(self, state: Any) -> None:
+        """Progress, loss history and throughput from the Trainer's state into run.json."""
+        record, progress = self.record, self.progress
+        if not is_main_process() or record is None:
+            return
+        record.segment["from_step"] = progress.start_step
+        record.update_progress(state, max_steps=self.job.max_steps, wall_seconds=time.monotonic() - self.t_start,
+                               train_seconds=progress.train_seconds(), start_tokens=progress.start_tokens,
+                               peak_memory=peak_memory(self.plan.type))
+        record.write()
+
+    def as_list(self) -> list[Any]:
+        return [self.progress, self.interrupt, self.guard, _record_callback(self.write)]
 
 
 def require_model(job: TrainingJob) -> None:
@@ -265,9 +302,9 @@ class TRLTrainingPath:
         """
         job = self.job
         if job.resume:
-            from comapoi_cli.runs.info import read_run_json
+            from comapoi_cli.runs.info import read_run
 
-            previous = (read_run_json(job.run_dir) or {}).get("fit")
+            previous = read_run(job.run_dir).fit
             if previous and checkpoints(job.run_dir):
                 execution = FitPlan.from_dict({**previous, "source": "resumed"})
                 plan.quant = execution.quant
@@ -373,11 +410,59 @@ class TRLTrainingPath:
         return RunStart(job.run_dir, found[-1][1] if found else None, None, [])
 
     def run(self) -> TrainingResult:
-        """Train the job: check, start the run folder, then the steps ``load_step`` (base model and
-        tokenizer), ``data_step`` (the method's training set), ``adapter_step`` (a new LoRA, or
-        ``--init-adapter``), ``trainer_step`` (the method's TRL trainer), ``train_step``, ``save_step``."""
-        job, say = self.job, self.reporter
+        """Train the job: ``preflight_step`` (checks, the device and memory plan), the run folder, then
+        ``prepare_step`` (the cleaned and split data files), ``load_step`` (base model and tokenizer),
+        ``data_step`` (the method's training set), ``adapter_step`` (a new LoRA, or ``--init-adapter``),
+        ``build_config`` (the method's TRL config), ``record_step`` (run.json and data_keys.json),
+        ``setup_step`` (the method's TRL trainer), ``train_step``, ``save_step``; ``fail_step`` when it stops early.
+        Each step returns a typed result (``PreparedFiles``, ``LoadedModel``, ``TrainingData``, ``AdapterStart``,
+        ``TrainingCallbacks``, ``TrainOutcome``, ``TrainingResult``)."""
         t_start = time.monotonic()
+        plan = self.preflight_step()
+        start = self._start()
+        for note in start.notes:
+            self.reporter.info(note)
+        record: RunRecord | None = None
+        try:
+            files = self.prepare_step(start)
+            loaded = self.load_step(files.prepared, plan)
+            data = self.data_step(loaded, files.prepared)
+            from transformers import set_seed
+
+            set_seed(self.job.seed)  # LoRA's A matrices are drawn here: the same seed gives the same run
+            adapter = self.adapter_step(loaded, plan)
+            args = self.build_config(plan, start.run_dir, data.eval_dataset is not None)
+            callbacks = self.callbacks_step(t_start, plan)
+            record = callbacks.record = RunRecord(start.run_dir, start.previous)
+            self.record_step(record, start, plan, files, loaded, data, adapter)
+            trainer = self.setup_step(start, record, adapter, loaded, args, data, callbacks)
+            outcome = self.train_step(trainer, start, plan, callbacks.progress, callbacks.interrupt, callbacks.guard)
+            return self.save_step(trainer, start, outcome, record, callbacks.write)
+        except BaseException as exc:
+            self.fail_step(exc, start, record)
+            raise
+        finally:
+            start.release()
+
+    def fail_step(self, exc: BaseException, start: RunStart, record: RunRecord | None) -> None:
+        """A run that stops with ``exc``: run.json says interrupted or failed (and why); a run folder this
+        start created and nothing was written into is removed again."""
+        if record is not None and is_main_process():
+            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            record.end_segment(status)
+            record.set(status=status, error=None if status == "interrupted" else
+                       (exc.message if isinstance(exc, ComapoiError) else f"{type(exc).__name__}: {str(exc)[:500]}"))
+            with contextlib.suppress(Exception):
+                record.write()
+        elif is_main_process() and start.created is not None:
+            start.release()
+            _remove_if_empty(start.run_dir, start.created)
+
+    def preflight_step(self) -> DevicePlan:
+        """Everything that can refuse the job before the run folder is touched: the base model found
+        (smollm2-135m fetched and converted once), ``--report-to``'s package, the device plan and (but
+        for the tiny model, whose shape is known once built) the memory plan."""
+        job = self.job
         require_model(job)
         # smollm2-135m is had (fetched, converted once) before the run folder is touched
         built = self.model_dir(None) if job.base_model == SMOLLM2 else job.base_model
@@ -390,92 +475,73 @@ class TRLTrainingPath:
         plan = plan_training_device(job)  # before the run folder is touched: a refusal must not cost an --overwrite
         if not job.is_tiny:  # likewise a run that does not fit (the tiny model's shape is known once it is built)
             self.execution = self.plan_execution(plan, built)
-        start = self._start()
-        for note in start.notes:
-            say.info(note)
-        record: RunRecord | None = None
-        try:
-            prepared = self.prepare_data()
-            train_sha = sha256_file(prepared.train_path)
-            self._check_resume_data(start, train_sha)
-            holdout = Path(prepared.holdout_path) if prepared.holdout_path and Path(prepared.holdout_path).is_file() else None
-            holdout_sha = sha256_file(holdout) if holdout is not None else None
-            noun = "preference pairs" if job.method == "dpo" else "training records"
-            say.info(f"Data: {prepared.summary.get('train', '?')} {noun} in {prepared.train_path}"
-                     + (f", {prepared.summary.get('holdout')} held out" if prepared.holdout_path else "")
-                     + (" (reused)" if prepared.summary.get("reused") else ""))
-            loaded = self.load_step(prepared, plan)
-            data = self.data_step(loaded, prepared)
-            from transformers import set_seed
+        return plan
 
-            set_seed(job.seed)  # LoRA's A matrices are drawn here: the same seed gives the same run
-            adapter = self.adapter_step(loaded, plan)
-            args = self.build_config(plan, start.run_dir, data.eval_dataset is not None)
-            progress = _progress_callback(say, job.max_steps)
-            interrupt = _interrupt_callback(say)
-            record = RunRecord(start.run_dir, start.previous)
-            if is_main_process():  # what eval checks: the holdout's hash, the conversation keys trained on (the chain's too)
-                write_data_keys(start.run_dir, Path(prepared.train_path), train_sha, holdout, holdout_sha, job.type,
-                                train_keys=data.train_keys, inherited_keys=adapter.inherited_keys)
-            record.set(
-                backend={"name": self.backend_name, "path": type(self).__module__ + "." + type(self).__qualname__},
-                job=job.to_dict(),
-                method=job.method,
-                versions=versions(self.extra_version_packages),
-                device=plan.to_dict(),
-                fit=self.execution.to_dict(),
-                base_model=_describe_model(job, loaded.model_dir, loaded.model),
-                tokenizer=_describe_tokenizer(loaded.tokenizer, loaded.pad_note),
-                chat_template=loaded.fmt.describe(),
-                data={"train_file": str(prepared.train_path), "train_sha256": train_sha,
-                      "holdout_file": str(prepared.holdout_path) if prepared.holdout_path else None,
-                      "holdout_sha256": holdout_sha, "data_keys": DATA_KEYS,
-                      "input_hashes": prepared.input_hashes, "prepare_summary": _small_summary(prepared.summary),
-                      "tokens": data.description, "eval_records": data.eval_records},
-                lora=adapter.lora,
-                init_adapter=adapter.init,
-                chain=adapter.chain,
-                rewards=data.rewards,
-                adapter=None,
-            )
+    def prepare_step(self, start: RunStart) -> PreparedFiles:
+        """The job's data cleaned and split (``prepare_data``), hashed, and checked against a resumed run's."""
+        job = self.job
+        prepared = self.prepare_data()
+        train_sha = sha256_file(prepared.train_path)
+        self._check_resume_data(start, train_sha)
+        holdout = Path(prepared.holdout_path) if prepared.holdout_path and Path(prepared.holdout_path).is_file() else None
+        holdout_sha = sha256_file(holdout) if holdout is not None else None
+        noun = "preference pairs" if job.method == "dpo" else "training records"
+        self.reporter.info(f"Data: {prepared.summary.get('train', '?')} {noun} in {prepared.train_path}"
+                           + (f", {prepared.summary.get('holdout')} held out" if prepared.holdout_path else "")
+                           + (" (reused)" if prepared.summary.get("reused") else ""))
+        return PreparedFiles(prepared, train_sha, holdout, holdout_sha)
 
-            def write(state: Any) -> None:
-                if not is_main_process():
-                    return
-                record.segment["from_step"] = progress.start_step
-                record.update_progress(state, max_steps=job.max_steps, wall_seconds=time.monotonic() - t_start,
-                                       train_seconds=progress.train_seconds(), start_tokens=progress.start_tokens,
-                                       peak_memory=peak_memory(plan.type))
-                record.write()
+    def callbacks_step(self, t_start: float, plan: DevicePlan) -> TrainingCallbacks:
+        """The Trainer's callbacks: progress lines, Ctrl-C, the NaN guard, and run.json kept current."""
+        return TrainingCallbacks(self.job, plan, t_start, _progress_callback(self.reporter, self.job.max_steps),
+                                 _interrupt_callback(self.reporter), _finite_callback())
 
-            guard = _finite_callback()
-            callbacks = [progress, interrupt, guard, _record_callback(write)]
-            trainer = self.trainer_step(adapter.model, loaded.tokenizer, args, data, callbacks)
-            distributed = describe_distributed(trainer, self.execution)
-            record.set(distributed=distributed)
-            say.info(batch_line(self.execution.micro_batch, distributed["world_size"], self.execution.gradient_accumulation_steps)
-                     + (f" ({distributed['mode']}, {distributed['backend']})" if distributed["world_size"] > 1 else ""))
-            self._check_resume_world_size(start, distributed["world_size"])
-            if os.environ.get(DEBUG_SEEN_ENV) and data.rows:
-                _record_seen_samples(trainer, Path(os.environ[DEBUG_SEEN_ENV]), data.rows)
-            if is_main_process():
-                record.write()
-            outcome = self.train_step(trainer, start, plan, progress, interrupt, guard)
-            return self.save_step(trainer, start, outcome, record, write)
-        except BaseException as exc:
-            if record is not None and is_main_process():
-                status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-                record.end_segment(status)
-                record.set(status=status, error=None if status == "interrupted" else
-                           (exc.message if isinstance(exc, ComapoiError) else f"{type(exc).__name__}: {str(exc)[:500]}"))
-                with contextlib.suppress(Exception):
-                    record.write()
-            elif is_main_process() and start.created is not None:
-                start.release()
-                _remove_if_empty(start.run_dir, start.created)
-            raise
-        finally:
-            start.release()
+    def record_step(self, record: RunRecord, start: RunStart, plan: DevicePlan, files: PreparedFiles,
+                    loaded: LoadedModel, data: TrainingData, adapter: AdapterStart) -> None:
+        """run.json's sections (into ``record``, written by ``setup_step``) and, on the main process,
+        data_keys.json: what eval checks (the holdout's hash, the conversation keys trained on, the chain's too)."""
+        job, prepared = self.job, files.prepared
+        if is_main_process():
+            write_data_keys(start.run_dir, Path(prepared.train_path), files.train_sha, files.holdout, files.holdout_sha,
+                            job.type, train_keys=data.train_keys, inherited_keys=adapter.inherited_keys)
+        record.set(
+            backend={"name": self.backend_name, "path": type(self).__module__ + "." + type(self).__qualname__},
+            job=job.to_dict(),
+            method=job.method,
+            versions=versions(self.extra_version_packages),
+            device=plan.to_dict(),
+            fit=self.execution.to_dict(),
+            base_model=_describe_model(job, loaded.model_dir, loaded.model),
+            tokenizer=_describe_tokenizer(loaded.tokenizer, loaded.pad_note),
+            chat_template=loaded.fmt.describe(),
+            data={"train_file": str(prepared.train_path), "train_sha256": files.train_sha,
+                  "holdout_file": str(prepared.holdout_path) if prepared.holdout_path else None,
+                  "holdout_sha256": files.holdout_sha, "data_keys": DATA_KEYS,
+                  "input_hashes": prepared.input_hashes, "prepare_summary": _small_summary(prepared.summary),
+                  "tokens": data.description, "eval_records": data.eval_records},
+            lora=adapter.lora,
+            init_adapter=adapter.init,
+            chain=adapter.chain,
+            rewards=data.rewards,
+            adapter=None,
+        )
+
+    def setup_step(self, start: RunStart, record: RunRecord, adapter: AdapterStart, loaded: LoadedModel, args: Any,
+                   data: TrainingData, callbacks: TrainingCallbacks) -> Any:
+        """The method's trainer (``trainer_step``), how it spreads over processes (run.json ``distributed``),
+        and run.json written before the first step."""
+        say = self.reporter
+        trainer = self.trainer_step(adapter.model, loaded.tokenizer, args, data, callbacks.as_list())
+        distributed = describe_distributed(trainer, self.execution)
+        record.set(distributed=distributed)
+        say.info(batch_line(self.execution.micro_batch, distributed["world_size"], self.execution.gradient_accumulation_steps)
+                 + (f" ({distributed['mode']}, {distributed['backend']})" if distributed["world_size"] > 1 else ""))
+        self._check_resume_world_size(start, distributed["world_size"])
+        if os.environ.get(DEBUG_SEEN_ENV) and data.rows:
+            _record_seen_samples(trainer, Path(os.environ[DEBUG_SEEN_ENV]), data.rows)
+        if is_main_process():
+            record.write()
+        return trainer
 
     def load_step(self, prepared: Any, plan: DevicePlan) -> LoadedModel:
         """The base model and its tokenizer (pad token, chat template installed), planned for the device."""
@@ -549,13 +615,10 @@ class TRLTrainingPath:
         config = model.peft_config["default"]
         trainable, total = model.get_nb_trainable_parameters()
         targets = sorted(config.target_modules) if isinstance(config.target_modules, (set, list)) else [str(config.target_modules)]
-        previous = info.run or {}
         step = {"run_dir": str(info.run_dir.resolve()), "adapter": str(info.adapter_dir.resolve()),
-                "method": (previous.get("job") or {}).get("method") or previous.get("method") or "sft",
-                "type": info.type, "global_step": (previous.get("progress") or {}).get("global_step"),
-                "adapter_sha256": sha256_file(info.adapter_dir / "adapter_model.safetensors")
-                if (info.adapter_dir / "adapter_model.safetensors").is_file() else None}
-        chain = [*(previous.get("chain") or []), step]
+                "method": info.method, "type": info.type, "global_step": info.global_step,
+                "adapter_sha256": sha256_file(info.adapter_weights) if info.adapter_weights.is_file() else None}
+        chain = [*info.chain, step]
         from comapoi_cli.runs.datakeys import read_train_keys
 
         inherited = read_train_keys(info.run_dir)
@@ -649,7 +712,7 @@ class TRLTrainingPath:
                 trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
             trainer.save_model(str(start.run_dir))
             reference = start.run_dir / REFERENCE_ADAPTER
-            if job.method != "sft" and is_main_process() and (reference / "adapter_config.json").is_file():
+            if job.method != "sft" and is_main_process() and (reference / ADAPTER_CONFIG).is_file():
                 import shutil
 
                 # TRL's frozen copy of the starting adapter (the KL / DPO reference): not part of the result
@@ -664,8 +727,8 @@ class TRLTrainingPath:
             record.set(status=status)
             record.end_segment(status)
             write(state)
-            result.final_loss = (record.data.get("progress") or {}).get("final_loss")
-            result.summary = dict(record.data.get("progress") or {})
+            result.final_loss = record.progress.get("final_loss")
+            result.summary = dict(record.progress)
         found = checkpoints(start.run_dir)
         result.checkpoint = found[-1][1] if found else None
         return result
@@ -736,7 +799,7 @@ class TRLTrainingPath:
     def _check_resume_data(self, start: RunStart, train_sha: str) -> None:
         if start.previous is None or start.resume_from is None:
             return
-        before = (start.previous.get("data") or {}).get("train_sha256")
+        before = start.previous.data.get("train_sha256")
         if before and before != train_sha:
             raise UsageError("--resume needs the same training data, but the prepared training file changed since the run started.",
                              hint="Restore the data, or start again with --overwrite.")
@@ -744,7 +807,7 @@ class TRLTrainingPath:
     def _check_resume_world_size(self, start: RunStart, processes: int) -> None:
         if start.previous is None or start.resume_from is None:
             return
-        before = (start.previous.get("distributed") or {}).get("world_size", 1)
+        before = start.previous.distributed.get("world_size", 1)
         if before != processes:
             self.reporter.warn(f"The run started with {before} process{'es' if before != 1 else ''} and resumes with "
                                f"{processes}: the effective batch and the data order change from here on.")
@@ -973,7 +1036,7 @@ def _small_summary(summary: dict[str, Any]) -> dict[str, Any]:
 def _describe_adapter(run_dir: Path) -> dict[str, Any]:
     files = sorted(p.name for p in run_dir.iterdir()
                    if p.is_file() and not p.is_symlink() and p.name not in (RUN_JSON, LOCK_FILE))
-    weights = run_dir / "adapter_model.safetensors"
+    weights = run_dir / ADAPTER_WEIGHTS
     return {"path": str(run_dir.resolve()), "files": files,
             "size_bytes": weights.stat().st_size if weights.is_file() else None,
             "sha256": sha256_file(weights) if weights.is_file() else None}

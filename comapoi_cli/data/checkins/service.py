@@ -44,6 +44,7 @@ from typing import Any, Sequence
 
 from comapoi_cli.checkins import CheckinTable, ReadOptions, arrow
 from comapoi_cli.data.checkins.readers import checkin_reader
+from comapoi_cli.data.layout import plain_file_name
 from comapoi_cli.errors import DataError, UsageError
 from comapoi_cli.fileio import jsonl_line
 from comapoi_cli.reporting import SILENT, Reporter
@@ -254,7 +255,8 @@ def _prepare(paths: Sequence[str | os.PathLike[str]], dataset: str, settings: Pr
         raise DataError(f"Cannot find the spots file {settings.spots}.")
     folder = out_root / dataset
     names = {
-        "train": f"{dataset}_train.jsonl", "val": f"{dataset}_val.jsonl", "test": f"{dataset}_test.jsonl",
+        "train": plain_file_name(dataset, "train"), "val": plain_file_name(dataset, "val"),
+        "test": plain_file_name(dataset, "test"),
         "poi_info": f"{dataset}_poi_info.csv", "poi_ids": f"{dataset}_poi_ids.csv",
         "user_ids": f"{dataset}_user_ids.csv", "rejects": REJECTS_FILE, "dataset": DATASET_FILE,
         "record": PREPARE_RECORD,

@@ -81,6 +81,7 @@ def serve(median_ms: float, p99_ratio: float, cap: int, seed: int) -> None:
     sigma = math.log(p99_ratio) / 2.3263  # p99 of a lognormal = median * exp(2.3263 sigma)
     rng = random.Random(seed)
     drawn: list[float] = []
+    since = [time.process_time()]  # the server's own CPU time since the last /stats
     models = json.dumps({"object": "list", "data": [{"id": n, "object": "model"} for n in (*NAMES, TEACHER)]}).encode()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, gate: asyncio.Semaphore) -> None:
@@ -97,8 +98,11 @@ def serve(median_ms: float, p99_ratio: float, cap: int, seed: int) -> None:
                 if method == "GET" and path.startswith("/v1/models"):
                     data = models
                 elif method == "GET" and path.startswith("/stats"):
-                    data = json.dumps({"n": len(drawn), "mean_s": sum(drawn) / len(drawn) if drawn else None}).encode()
+                    cpu = time.process_time()
+                    data = json.dumps({"n": len(drawn), "mean_s": sum(drawn) / len(drawn) if drawn else None,
+                                       "cpu_s": cpu - since[0]}).encode()
                     drawn.clear()
+                    since[0] = cpu
                 else:
                     request = json.loads(body)
                     latency = median_ms / 1000 * math.exp(rng.gauss(0.0, sigma))
@@ -318,7 +322,8 @@ def main() -> None:
                          "traj_per_s": round(len(items) / seconds, 2), "mean_latency_ms": round(drawn["mean_s"] * 1000, 1),
                          "ideal_traj_per_s": round(ideal, 2), "of_ideal": round(len(items) / seconds / ideal, 3),
                          "load_before": round(load, 2),
-                         "client_cpu_ms_per_request": round(1000 * cpu / (len(items) * per_item), 2) if name != "comapoi" else None})
+                         "client_cpu_ms_per_request": round(1000 * cpu / (len(items) * per_item), 2) if name != "comapoi" else None,
+                         "server_cpu_ms_per_request": round(1000 * drawn["cpu_s"] / drawn["n"], 2)})
     finally:
         server.kill()
         server.wait()
@@ -329,12 +334,13 @@ def main() -> None:
                "server_cap": args.server_cap}
     print(json.dumps(machine))
     print("| scheduler | how | trajectories | seconds | traj/s | server mean latency | ideal traj/s | of ideal "
-          "| client CPU per request | load before |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| client CPU per request | server CPU per request | load before |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         cpu_text = "-" if row["client_cpu_ms_per_request"] is None else f"{row['client_cpu_ms_per_request']} ms"
         print(f"| {row['scheduler']} | {row['how']} | {row['trajectories']} | {row['seconds']} | {row['traj_per_s']} | "
-              f"{row['mean_latency_ms']} ms | {row['ideal_traj_per_s']} | {row['of_ideal']} | {cpu_text} | {row['load_before']} |")
+              f"{row['mean_latency_ms']} ms | {row['ideal_traj_per_s']} | {row['of_ideal']} | {cpu_text} | "
+              f"{row['server_cpu_ms_per_request']} ms | {row['load_before']} |")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
 

@@ -397,7 +397,7 @@ def _build_concurrently(todo: list[_Item], roles: list[Any], session: Any, adapt
     session takes a temperature (then each step's is applied)."""
     import asyncio
 
-    from comapoi_cli.models.answering import Throttle, ordered
+    from comapoi_cli.models.answering import Throttle, frozen_heap, ordered
 
     try:
         takes_temperature = "temperature" in inspect.signature(session.agenerate).parameters
@@ -423,7 +423,8 @@ def _build_concurrently(todo: list[_Item], roles: list[Any], session: Any, adapt
         finally:
             await session.aclose()
 
-    asyncio.run(main())
+    with frozen_heap():
+        asyncio.run(main())
     return takes_temperature
 
 

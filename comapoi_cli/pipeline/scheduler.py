@@ -31,7 +31,7 @@ from typing import Any, Awaitable, Callable, Sequence
 
 from comapoi_cli.chain import RANKING, ChainContext, ChainItem
 from comapoi_cli.engines import EngineSession, Generation
-from comapoi_cli.models.answering import Throttle, ordered
+from comapoi_cli.models.answering import Throttle, frozen_heap, ordered
 from comapoi_cli.models.generation import prompt_hash
 from comapoi_cli.retrievers import SIMILAR
 
@@ -180,4 +180,5 @@ def run_concurrent(items: Sequence[ChainItem], plan: ChainPlan, session: EngineS
         finally:
             await session.aclose()
 
-    asyncio.run(main())
+    with frozen_heap():
+        asyncio.run(main())

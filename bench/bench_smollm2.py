@@ -15,8 +15,8 @@
 4. On the run's held-out records, with ONE loaded base model and the adapter switched on and off
    (comapoi's ``load_model`` / ``use_adapter``, greedy decoding, ``--gen-batch`` prompts a batch):
    agent3's parse rate (100 - ``unparsable``; lenient, as ``comapoi eval``: ids read out of broken
-   JSON or a numbered list count), the share of answers in the requested form (JSON with exactly 10
-   distinct ids) and Acc@1/5/10 for the base model and after SFT (then step 3 runs, then the row
+   JSON or a numbered list count), the share of answers that are a JSON id list and of those in the
+   requested form (JSON with exactly 10 distinct ids) and Acc@1/5/10 for the base model and after SFT (then step 3 runs, then the row
    after GRPO), scored by comapoi's agent3 scorer, beside two no-model baselines read from the same
    prompts: the Profiler's first 10 candidates in the order given, and the trajectory's POIs (most
    visited, the latest first among equals), the second being what ``comapoi pipeline``'s
@@ -30,7 +30,7 @@ minutes, so the defaults are for a GPU or an idle many-core machine; the run rec
 docs/performance.md used ``--max-steps 40 --batch-size 1 --grpo-steps 3 --holdout 20``.
 ``--max-steps 1 --grpo-steps 1 --trajectories 12 --holdout 2`` checks that the script runs. On a
 loaded CPU set ``OMP_NUM_THREADS=1``: with other processes on the cores, two torch threads made a
-decoding step about 10x slower than one (measured here, load average 10).
+decoding step about 11x slower than one (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -81,16 +81,19 @@ def _score(scorer, records, outputs: list[str] | None = None, ranked: list[list[
             "n": metrics["n"]}
 
 
-def _form(texts: list[str]) -> float:
-    """Percent of answers in agent3's requested form: JSON with exactly 10 distinct ids (the scorer's parse
-    rate is lenient: it reads ids out of broken JSON and numbered lists too)."""
+def _form(texts: list[str]) -> dict[str, float]:
+    """Percent of answers that are a JSON id list (``json_answers``) and of those in agent3's requested form,
+    JSON with exactly 10 distinct ids (``answer_form``); the scorer's parse rate is lenient: it reads ids
+    out of broken JSON and numbered lists too."""
     from comapoi_cli.poi_ids import answer_ids
 
-    good = 0
+    json_lists = exact = 0
     for text in texts:
         ids, form = answer_ids(text)
-        good += form == "json" and ids is not None and len(ids) == 10 and len(set(ids)) == 10
-    return round(100.0 * good / len(texts), 2) if texts else 0.0
+        json_lists += form == "json" and bool(ids)
+        exact += form == "json" and ids is not None and len(ids) == 10 and len(set(ids)) == 10
+    n = len(texts) or 1
+    return {"json_answers": round(100.0 * json_lists / n, 2), "answer_form": round(100.0 * exact / n, 2)}
 
 
 def _load() -> list[float]:
@@ -215,7 +218,7 @@ def main() -> None:
         texts = generate(loaded, token_ids, batch_size=args.gen_batch, max_new_tokens=args.max_new_tokens)
         timings[f"generate_{adapter or 'base'}_s"] = round(time.monotonic() - started, 1)
         loads[f"generate_{adapter or 'base'}_end"] = _load()
-        rows[name] = _score(scorer, records, outputs=texts) | {"answer_form": _form(texts)}
+        rows[name] = _score(scorer, records, outputs=texts) | _form(texts)
         rows[name]["answers"] = texts
         print(f"{name}: { {k: v for k, v in rows[name].items() if k != 'answers'} }", flush=True)
         save()
@@ -239,10 +242,10 @@ def main() -> None:
     loads["end"] = _load()
     save()
 
-    print(f"{'':45} {'parse %':>8} {'JSON10 %':>8} {'Acc@1':>7} {'Acc@5':>7} {'Acc@10':>7}")
+    print(f"{'':45} {'parse %':>8} {'JSON %':>8} {'JSON10 %':>8} {'Acc@1':>7} {'Acc@5':>7} {'Acc@10':>7}")
     for name, entry in rows.items():
-        form = f"{entry['answer_form']:8.1f}" if "answer_form" in entry else f"{'':8}"
-        print(f"{name:45} {entry['parse_rate']:8.1f} {form} {entry['acc@1']:7.1f} {entry['acc@5']:7.1f} {entry['acc@10']:7.1f}")
+        form = "".join(f"{entry[k]:9.1f}" if k in entry else f"{'':9}" for k in ("json_answers", "answer_form"))
+        print(f"{name:45} {entry['parse_rate']:8.1f}{form} {entry['acc@1']:7.1f} {entry['acc@5']:7.1f} {entry['acc@10']:7.1f}")
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1))
 
 

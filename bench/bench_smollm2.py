@@ -187,6 +187,8 @@ def main() -> None:
     loaded_records = load_eval_records(holdout, "agent3", "nyc", registry)
     records = loaded_records.records
     scorer = loaded_records.scorers["agent3"]
+    if len(records) != args.holdout:  # train caps the holdout at a fraction of the records
+        print(f"held out: {len(records)} records, not --holdout {args.holdout} (see {out / 'sft.log'})", flush=True)
     loaded = load_model(str(base), adapters=adapters, device=args.device, quant="none")
     token_ids = render_prompts(loaded.tokenizer, [r.prompt for r in records])
     rows: dict[str, dict] = {}

@@ -36,10 +36,10 @@ def _empty(value):
 def test_runinfo_exposes_every_section_of_a_real_run(trained_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(trained_run.run_dir, run_dir)
-    # an evaluation as comapoi eval appends it (the fixture's run has none of its own)
+    # an evaluation as comapoi eval appends it, the latest (the shared fixture's run may already hold evaluations of earlier tests)
     from comapoi_cli.runs.record import append_evaluation
 
-    append_evaluation(run_dir / RUN_JSON, {"time": "2026-01-01T00:00:00", "metrics": {"acc@1": 0.5}})
+    append_evaluation(run_dir / RUN_JSON, {"time": "9999-12-31T23:59:59", "metrics": {"acc@1": 0.5}})
     raw = json.loads((run_dir / RUN_JSON).read_text())
     info = locate_run(run_dir)
     assert info.recorded and info.run_json == run_dir / RUN_JSON and not info.is_checkpoint
@@ -64,7 +64,7 @@ def test_runinfo_exposes_every_section_of_a_real_run(trained_run, tmp_path):
     assert info.holdout == Path(raw["data"]["holdout_file"]) and info.holdout_sha256 == raw["data"]["holdout_sha256"]
     assert info.data_keys == run_dir / DATA_KEYS and info.data_keys.is_file()
     assert info.adapter_weights == run_dir / ADAPTER_WEIGHTS and info.adapter_weights.is_file()
-    assert info.latest_evaluation == {"time": "2026-01-01T00:00:00", "metrics": {"acc@1": 0.5}}
+    assert info.latest_evaluation == {"time": "9999-12-31T23:59:59", "metrics": {"acc@1": 0.5}}
     assert info.last_metrics == {"acc@1": 0.5}
     assert info.recorded_checkpoints == ["checkpoint-4", "checkpoint-8"]
 

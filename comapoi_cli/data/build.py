@@ -252,6 +252,14 @@ class _Asks:
         return self.asks.get(_sha(messages[:2]))
 
 
+def _takes_temperature(method: Any) -> bool:
+    """Whether an engine session's ``generate`` / ``agenerate`` takes a ``temperature`` keyword."""
+    try:
+        return "temperature" in inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _generate(session: Any, adapter: Any, prompts: list[list[dict[str, str]]], tokens: int, temperature: float,
               takes_temperature: bool) -> list[Generation]:
     if takes_temperature:
@@ -376,10 +384,11 @@ async def _build_one(item: _Item, roles: list[Any], ask: Any, adapter: Any, cont
             if prompt is None:
                 continue
             tries: list[dict[str, Any]] = []
-            tokens = int(settings["requests"][f"{role.id}.{step}"]["max_new_tokens"])
+            limits = settings["requests"][f"{role.id}.{step}"]
             while True:
                 st["asks"] += 1
-                answer = await ask(adapter, _ask_messages(prompt, tries), tokens, role.id, step)
+                answer = await ask(adapter, _ask_messages(prompt, tries), int(limits["max_new_tokens"]),
+                                   float(limits["temperature"]))
                 if _take_answer(role, step, item, st, answer, context, label, prompt, tries):
                     break
                 if len(tries) > request.retries:
@@ -391,29 +400,21 @@ async def _build_one(item: _Item, roles: list[Any], ask: Any, adapter: Any, cont
 
 def _build_concurrently(todo: list[_Item], roles: list[Any], session: Any, adapter: Any, context: ChainContext,
                         settings: dict[str, Any], request: BuildRequest, in_flight: _Asks,
-                        emit: Any) -> bool:
+                        emit: Any, takes_temperature: bool) -> None:
     """Every trajectory on its own, ``request.concurrency`` asks in flight over all of them, rows emitted in
-    input order (the chain's scheduler: :func:`comapoi_cli.models.answering.ordered`). True when the
-    session takes a temperature (then each step's is applied)."""
+    input order (the chain's scheduler: :func:`comapoi_cli.models.answering.ordered`); each step's
+    temperature is passed when the session takes one."""
     import asyncio
 
     from comapoi_cli.models.answering import Throttle, frozen_heap, ordered
-
-    try:
-        takes_temperature = "temperature" in inspect.signature(session.agenerate).parameters
-    except (TypeError, ValueError):
-        takes_temperature = False
-    temperatures = {(role.id, step): float(settings["requests"][f"{role.id}.{step}"]["temperature"])
-                    for role in roles for step in role.teacher_steps()}
 
     async def main() -> None:
         throttle = Throttle(session, request.concurrency)
 
         def ask_for(index: int) -> Any:
-            async def ask(adapter: Any, messages: list[dict[str, str]], tokens: int, role_id: str, step: str) -> Generation:
-                if takes_temperature:
-                    return await throttle(adapter, messages, tokens, priority=index, temperature=temperatures[(role_id, step)])
-                return await throttle(adapter, messages, tokens, priority=index)
+            async def ask(adapter: Any, messages: list[dict[str, str]], tokens: int, temperature: float) -> Generation:
+                options = {"temperature": temperature} if takes_temperature else {}
+                return await throttle(adapter, messages, tokens, priority=index, **options)
             return ask
 
         try:
@@ -425,7 +426,6 @@ def _build_concurrently(todo: list[_Item], roles: list[Any], session: Any, adapt
 
     with frozen_heap():
         asyncio.run(main())
-    return takes_temperature
 
 
 def _accept(role: Any, step: str, item: _Item, st: dict[str, Any], answer: TeacherAnswer, context: ChainContext,
@@ -575,10 +575,7 @@ def build_dataset(request: BuildRequest, registry: Any, reporter: Reporter = SIL
                           api_key=request.api_key, extra={"teacher_asks": in_flight})
         session = engine.open(spec, reporter)
         description = session.description or request.teacher
-        try:
-            takes_temperature = "temperature" in inspect.signature(session.generate).parameters
-        except (TypeError, ValueError):
-            takes_temperature = False
+        takes_temperature = _takes_temperature(session.agenerate if session.concurrent else session.generate)
         record["temperature_applied"] = takes_temperature
         reporter.info(f"teacher {description}: {len(items)} trajectories ({len(done)} done before), "
                       f"steps {', '.join(settings['steps'])}")
@@ -597,8 +594,8 @@ def build_dataset(request: BuildRequest, registry: Any, reporter: Reporter = SIL
 
         try:
             if session.concurrent:
-                record["temperature_applied"] = _build_concurrently(todo, roles, session, adapter, context, settings,
-                                                                    request, in_flight, emit)
+                _build_concurrently(todo, roles, session, adapter, context, settings, request, in_flight, emit,
+                                    takes_temperature)
             else:
                 for start in range(0, len(todo), request.batch_size):
                     batch = todo[start:start + request.batch_size]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Awaitable, Callable
 
 import pytest
 
@@ -14,29 +15,21 @@ ANSWER = json.dumps({"choices": [{"message": {"role": "assistant", "content": "[
                      "usage": {"prompt_tokens": 5}}).encode()
 
 
-async def _serve_and_ask(concurrency: int, requests: int) -> tuple[int, int, list[str]]:
-    """Each request is held until ``concurrency`` are in flight (or 10 s pass), then all are answered."""
-    state = {"in_flight": 0, "most": 0, "connections": 0}
-    full = asyncio.Event()
+async def _loopback(answer: Callable[[bytes, bytes], Awaitable[bytes]]) -> tuple[asyncio.AbstractServer, str, dict[str, int]]:
+    """A keep-alive HTTP/1.1 server on 127.0.0.1 whose responses are ``await answer(request line, body)``;
+    the server, its ``/v1`` address, and how many connections it was opened."""
+    seen = {"connections": 0}
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        state["connections"] += 1
+        seen["connections"] += 1
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
-                length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
-                await reader.readexactly(length)
-                state["in_flight"] += 1
-                state["most"] = max(state["most"], state["in_flight"])
-                if state["in_flight"] >= concurrency:
-                    full.set()
-                try:
-                    await asyncio.wait_for(full.wait(), 10)
-                except asyncio.TimeoutError:
-                    pass
-                state["in_flight"] -= 1
+                lines = head.split(b"\r\n")
+                length = next((int(line.split(b":", 1)[1]) for line in lines if line.lower().startswith(b"content-length:")), 0)
+                data = await answer(lines[0], await reader.readexactly(length) if length else b"")
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
-                             + str(len(ANSWER)).encode() + b"\r\n\r\n" + ANSWER)
+                             + str(len(data)).encode() + b"\r\n\r\n" + data)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -44,15 +37,35 @@ async def _serve_and_ask(concurrency: int, requests: int) -> tuple[int, int, lis
             writer.close()
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    client = AsyncOpenAIClient(ClientSettings(url=f"http://127.0.0.1:{port}/v1", concurrency=concurrency, timeout_s=30, retries=0))
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1", seen
+
+
+async def _serve_and_ask(concurrency: int, requests: int) -> tuple[int, int, list[str]]:
+    """Each request is held until ``concurrency`` are in flight (or 10 s pass), then all are answered."""
+    state = {"in_flight": 0, "most": 0}
+    full = asyncio.Event()
+
+    async def answer(_request_line: bytes, _body: bytes) -> bytes:
+        state["in_flight"] += 1
+        state["most"] = max(state["most"], state["in_flight"])
+        if state["in_flight"] >= concurrency:
+            full.set()
+        try:
+            await asyncio.wait_for(full.wait(), 10)
+        except asyncio.TimeoutError:
+            pass
+        state["in_flight"] -= 1
+        return ANSWER
+
+    server, url, seen = await _loopback(answer)
+    client = AsyncOpenAIClient(ClientSettings(url=url, concurrency=concurrency, timeout_s=30, retries=0))
     try:
         answers = await asyncio.gather(*(client.chat("agent3", [{"role": "user", "content": f"q{i}"}], 8) for i in range(requests)))
     finally:
         await client.aclose()
         server.close()
     assert all(answer.problem is None for answer in answers), [a.problem for a in answers]
-    return state["most"], state["connections"], [answer.text or "" for answer in answers]
+    return state["most"], seen["connections"], [answer.text or "" for answer in answers]
 
 
 @pytest.mark.parametrize("concurrency", [1, POOL_CONNECTIONS + 1, 20, 64])
@@ -61,7 +74,6 @@ def test_the_pools_hold_exactly_concurrency_requests_in_flight(concurrency):
     assert most == concurrency  # never more than asked for, and no pool left a request waiting while another idled
     assert connections == concurrency
     assert texts == ["[1, 2, 3]"] * (concurrency + 5)
-
 
 
 def test_the_earliest_trajectories_are_answered_first_so_lines_are_written_early():
@@ -78,39 +90,24 @@ def test_the_earliest_trajectories_are_answered_first_so_lines_are_written_early
     events: list[str] = []
     models = json.dumps({"data": [{"id": "agent3"}]}).encode()
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                lines = head.split(b"\r\n")
-                length = next((int(line.split(b":", 1)[1]) for line in lines if line.lower().startswith(b"content-length:")), 0)
-                body = await reader.readexactly(length) if length else b""
-                if lines[0].startswith(b"GET"):
-                    data = models
-                else:
-                    events.append("ask " + json.loads(body)["messages"][-1]["content"])
-                    await asyncio.sleep(0.02)
-                    data = ANSWER
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
-                             + str(len(data)).encode() + b"\r\n\r\n" + data)
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+    async def answer(request_line: bytes, body: bytes) -> bytes:
+        if request_line.startswith(b"GET"):
+            return models
+        events.append("ask " + json.loads(body)["messages"][-1]["content"])
+        await asyncio.sleep(0.02)
+        return ANSWER
 
-    async def main(url_holder: list[str]) -> None:
-        server = await asyncio.start_server(handle, "127.0.0.1", 0)
-        url_holder.append(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1")
+    async def main() -> None:
+        server, url, _seen = await _loopback(answer)
         session = await asyncio.to_thread(OpenAIEngine().open, EngineSpec(
-            base_model=None, adapters={"agent3": Path(".")}, role_adapters={"agent3": "agent3"}, url=url_holder[0],
+            base_model=None, adapters={"agent3": Path(".")}, role_adapters={"agent3": "agent3"}, url=url,
             concurrency=2, batch_size=2, timeout_s=30, retries=0), Reporter())
         throttle = Throttle(session, 2)
 
         async def trajectory(index: int) -> int:
             for step in "abc":
-                answer = await throttle("agent3", [{"role": "user", "content": f"{index}{step}"}], 8, priority=index)
-                assert answer.problem is None, answer.problem
+                reply = await throttle("agent3", [{"role": "user", "content": f"{index}{step}"}], 8, priority=index)
+                assert reply.problem is None, reply.problem
             return index
 
         try:
@@ -119,7 +116,7 @@ def test_the_earliest_trajectories_are_answered_first_so_lines_are_written_early
             await session.aclose()
             server.close()
 
-    asyncio.run(main([]))
+    asyncio.run(main())
     assert [e for e in events if e.startswith("line")] == [f"line {i}" for i in range(6)]
     assert sorted(e for e in events if e.startswith("ask")) == sorted(f"ask {i}{s}" for i in range(6) for s in "abc")
     assert events.index("line 0") < events.index("ask 5a"), events

@@ -102,6 +102,20 @@ def test_loads_gives_json_values_and_errors_with_or_without_orjson(monkeypatch):
             assert got == expected, (case, fast)
 
 
+def test_wire_json_reads_back_as_the_value_with_or_without_orjson(monkeypatch):
+    import json
+
+    from comapoi_cli import fileio
+
+    assert fileio.fast_dumps is not None, "orjson is a dependency: the fast path must be in use"
+    body = {"model": "agent3", "messages": [{"role": "user", "content": "é ✓ \u2028 \"q\""}], "temperature": 0, "max_tokens": 8}
+    lone = {"messages": [{"role": "user", "content": json.loads('"\\ud800"')}]}  # orjson refuses it: json writes it
+    for fast in (fileio.fast_dumps, None):
+        monkeypatch.setattr(fileio, "fast_dumps", fast)
+        assert json.loads(fileio.wire_json(body)) == body
+        assert fileio.wire_json(lone) == json.dumps(lone).encode("utf-8")
+
+
 def test_write_jsonl_is_atomic_and_byte_stable(tmp_path):
     from comapoi_cli.fileio import jsonl_line, read_jsonl, write_jsonl
 

@@ -36,6 +36,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from comapoi_cli.engines import Generation
 from comapoi_cli.errors import ComapoiError, UsageError
+from comapoi_cli.fileio import wire_json
 
 #: the largest response body read (an answer of 256 tokens is a few kB)
 MAX_ANSWER_BYTES = 1_000_000
@@ -254,24 +255,14 @@ def parse_models(payload: Any, url: str) -> set[str]:
     return {entry["id"] for entry in data if isinstance(entry, dict) and isinstance(entry.get("id"), str) and entry["id"]}
 
 
-def _encode(body: dict[str, Any]) -> bytes:
-    """A request body as JSON bytes (orjson where installed: the prompts are most of every request's bytes)."""
-    try:
-        import orjson
-    except ImportError:  # pragma: no cover - depends on the environment
-        return json.dumps(body).encode("utf-8")
-    try:
-        return orjson.dumps(body)
-    except TypeError:  # orjson.JSONEncodeError: e.g. a lone surrogate (from a "\\ud800" in an input file)
-        return json.dumps(body).encode("utf-8")
+_TIMEOUT = getattr(asyncio, "timeout", None)  # Python 3.11+
 
 
 async def _within(work: Any, seconds: float) -> Any:
     """``await work`` with a deadline (``asyncio.timeout`` where there is one: no extra task per request)."""
-    timeout = getattr(asyncio, "timeout", None)
-    if timeout is None:  # Python 3.10
+    if _TIMEOUT is None:  # Python 3.10
         return await asyncio.wait_for(work, seconds)
-    async with timeout(seconds):
+    async with _TIMEOUT(seconds):
         return await work
 
 
@@ -330,7 +321,7 @@ class AsyncOpenAIClient:
         url = self.urls.get(path)
         if url is None:
             url = self.urls[path] = httpx.URL(self.base + path)
-        content = None if body is None else _encode(body)
+        content = None if body is None else wire_json(body)
         for _ in range(MAX_REDIRECTS + 1):
             try:
                 async with client.stream(method, url, content=content) as response:
